@@ -1,0 +1,16 @@
+"""Diagnostics of trained checkpoints: routing report and batch dependence.
+
+- :mod:`moe.analysis.run`: load a run folder (config + checkpoint -> model) and held-out
+  windows per corpus source.
+- :mod:`moe.analysis.routing`: load per expert, drops, router entropy and code/prose
+  specialisation per MoE layer (``scripts/routing_report.py``).
+- :mod:`moe.analysis.batch`: how a prompt's next-token distribution changes with the other
+  sequences of its capacity group (``scripts/batch_dependence.py``).
+"""
+
+from moe.analysis.batch import batch_dependence, group_forward
+from moe.analysis.routing import routing_report, write_routing_report
+from moe.analysis.run import LoadedRun, load_run, source_windows, val_windows
+
+__all__ = ["LoadedRun", "load_run", "source_windows", "val_windows", "routing_report",
+           "write_routing_report", "batch_dependence", "group_forward"]

@@ -1,0 +1,338 @@
+"""Training-step throughput and model-FLOPs utilisation (MFU); the engine of scripts/bench.py.
+
+A step is what the trainer (moe/train.py) does for one global batch: forward, cross-entropy,
+backward (the MoE layers inject their router-loss gradients themselves) for each of the
+``batch_size / micro_batch_size`` micro-batches, gradient clipping when train.grad_clip > 0,
+the trainer's AdamW (moe.optim.build_optimizer) step, zero_grad. Tokens are synthetic (uniform random
+ids, seeded), so routing is whatever the freshly initialised router makes of them.
+
+FLOP convention: the project's (``moe.accounting``), times 3 for training (forward 1x,
+backward 2x). Per trained token:
+
+    6 * N_active  +  3 * 2 * 2 * n_layers * n_heads * head_dim * (seq_len + 1) / 2
+
+``N_active`` = ``ParamCounts.active_matmul_params``: the weights a token's forward multiplies by
+-- attention, dense FFNs, router gates, ``top_k / n_experts`` of the experts, and the output head
+(a matmul, counted even when tied); not the input-embedding lookup, not the norms. Assignments
+dropped past capacity still count (nominal FLOPs, as in any MFU). The attention term is the
+q.k^T and probs @ v matmuls at the mean causal context (seq_len + 1) / 2 (what a causal kernel
+has to do; PaLM's 12 L H D S counts the full square, about 2x this term). MFU = achieved FLOP/s
+over a matmul peak measured in the same run (best of a few 2048^3 matmuls in the step's dtype):
+how close the step comes to this machine's own matmul speed, not to a datasheet figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from moe import accounting
+from moe.accounting import ParamCounts
+from moe.config import Config, ModelConfig
+from moe.model import build_model
+from moe.model.experts import resolve_impl
+from moe.optim import build_optimizer
+
+IMPLS = ("grouped", "bmm", "loop")
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, dtype, threads
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    if want in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA for dtype auto/bf16; on CPU only when asked (dtype=bf16)."""
+    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def set_threads(cfg: Config) -> int:
+    """train.threads, or one torch thread per available core when it is 0."""
+    n = cfg.train.threads
+    if n <= 0:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting
+
+
+def dense_equivalent(m: ModelConfig) -> ModelConfig:
+    """Same model with every feed-forward dense, hidden = top_k * expert_hidden: the same ACTIVE
+    parameters as the MoE (less the router gates). Layer i is MoE when (i+1) % moe_every == 0,
+    so moe_every = n_layers + 1 makes none of them MoE."""
+    d = copy.deepcopy(m)
+    d.moe_every = m.n_layers + 1
+    d.ffn_hidden = m.top_k * m.expert_hidden
+    d.validate()
+    return d
+
+
+def train_flops_per_token(m: ModelConfig, counts: ParamCounts, seq_len: int) -> float:
+    """3 x moe.accounting's forward FLOPs per token (backward costs twice the forward)."""
+    return 3.0 * accounting.flops_per_token(m, counts, seq_len)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` FLOP/s of an n x n x n matmul in ``dtype`` (after one warm-up)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step
+
+
+class Stepper:
+    """A model, its AdamW and a fixed set of synthetic batches; ``step()`` runs one global step."""
+
+    def __init__(self, cfg: Config, mcfg: ModelConfig, device: torch.device,
+                 amp: torch.dtype | None, n_batches: int = 4):
+        seed_everything(cfg.train.seed)
+        t = cfg.train
+        self.device, self.amp = device, amp
+        self.model = build_model(mcfg, device)
+        self.model.train()
+        self.opt = build_optimizer(self.model, t)  # the trainer's AdamW and param groups
+        self.grad_clip = t.grad_clip
+        self.n_micro = t.batch_size // t.micro_batch_size
+        self.model.set_loss_scale(1.0 / self.n_micro)
+        g = torch.Generator(device="cpu").manual_seed(t.seed + 1)
+        self.batches = [torch.randint(0, mcfg.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1),
+                                      generator=g).to(device)
+                        for _ in range(max(n_batches, self.n_micro))]
+        self.i = 0
+        self.tokens_per_step = t.batch_size * cfg.data.seq_len
+        counts = accounting.count_model_params(self.model)
+        self.n_active = counts.active_matmul_params
+        self.flops_per_step = train_flops_per_token(mcfg, counts, cfg.data.seq_len) \
+            * self.tokens_per_step
+        self.last_loss = float("nan")
+
+    def set_impl(self, impl: str) -> None:
+        for m in self.model.moe_layers():
+            m.experts.impl = impl
+
+    def step(self) -> None:
+        for _ in range(self.n_micro):
+            batch = self.batches[self.i % len(self.batches)]
+            self.i += 1
+            x, y = batch[:, :-1], batch[:, 1:]
+            with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                enabled=self.amp is not None):
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            (loss / self.n_micro).backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+
+    def timed_step(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def summarise(times: list[float], stepper: Stepper, peak: float) -> dict:
+    med = statistics.median(times)
+    tps = stepper.tokens_per_step / med
+    return {
+        "step_s_median": med,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "tokens_per_s": tps,
+        "mfu": stepper.flops_per_step / med / peak,
+        "n_steps": len(times),
+    }
+
+
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, repeats: int = 3,
+              impls: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Time the MoE step and the active-matched dense step, interleaved.
+
+    ``repeats`` rounds; each round times ``steps`` consecutive steps of every variant in turn
+    (MoE, dense, then each expert implementation with ``impls``), so slow phases of a noisy
+    machine fall on all variants alike. Reported: the median over all timed steps of a variant
+    (``steps * repeats`` of them). ``warmup`` untimed steps per variant come first: they absorb
+    first-call costs (allocator growth, oneDNN primitive creation, lazy kernel set-up).
+    """
+    log = log or (lambda s: None)
+    threads = set_threads(cfg)
+    device = resolve_device(cfg)
+    amp = autocast_dtype(cfg, device)
+    run_dtype = amp or torch.float32
+    mcfg = cfg.model
+    n_moe = sum(mcfg.is_moe_layer(i) for i in range(mcfg.n_layers))
+    if n_moe == 0:
+        raise ValueError("the config has no MoE layer (model.moe_every > model.n_layers): "
+                         "nothing to compare with the dense model")
+
+    log(f"device {device}, torch {torch.__version__}, threads {threads}, dtype "
+        f"{'bf16 autocast' if amp else 'fp32'}")
+    t0 = time.perf_counter()
+    peak = matmul_peak(device, run_dtype)
+    log(f"matmul peak (2048^3, {str(run_dtype).replace('torch.', '')}, best of 5): "
+        f"{peak / 1e9:.1f} GFLOP/s")
+
+    moe_stepper = Stepper(cfg, mcfg, device, amp)
+    dense_stepper = Stepper(cfg, dense_equivalent(mcfg), device, amp)
+    probe = torch.empty(0, device=device, dtype=run_dtype)
+    with torch.autocast(device.type, dtype=run_dtype, enabled=amp is not None):
+        auto_impl = resolve_impl(mcfg.expert_impl, probe)
+    # name -> (stepper, expert impl to set before its steps; None for the dense model).
+    # The --impls variants reuse the MoE model (same weights and batches, another kernel).
+    variants: dict[str, tuple[Stepper, str | None]] = {
+        "moe": (moe_stepper, mcfg.expert_impl), "dense": (dense_stepper, None)}
+    if impls:
+        variants.update({impl: (moe_stepper, impl) for impl in IMPLS})
+
+    def run_steps(name: str, n: int) -> list[float]:
+        s, impl = variants[name]
+        if impl is not None:
+            s.set_impl(impl)
+        return [s.timed_step() for _ in range(n)]
+
+    first_step = {}
+    for name in variants:
+        if warmup > 0:
+            first_step[name] = run_steps(name, 1)[0]
+            run_steps(name, warmup - 1)
+            log(f"warm-up {name}: {warmup} steps, first {first_step[name]:.2f} s")
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(repeats):
+        for name in variants:
+            times[name] += run_steps(name, steps)
+        log(f"round {r + 1}/{repeats}: " + ", ".join(
+            f"{n} {statistics.median(times[n][-steps:]) * 1e3:.0f} ms" for n in variants))
+    moe_stepper.set_impl(mcfg.expert_impl)
+
+    res = {name: summarise(times[name], variants[name][0], peak) for name in variants}
+    moe, dense = res["moe"], res["dense"]
+    out = {
+        "moe_tokens_per_s": moe["tokens_per_s"],
+        "dense_tokens_per_s": dense["tokens_per_s"],
+        "ratio": moe["tokens_per_s"] / dense["tokens_per_s"],
+        "mfu": moe["mfu"],
+        "dense_mfu": dense["mfu"],
+        "peak_flops": peak,
+        "moe_step_s": moe["step_s_median"],
+        "dense_step_s": dense["step_s_median"],
+        "moe_step_s_min": moe["step_s_min"],
+        "dense_step_s_min": dense["step_s_min"],
+        "moe_first_step_s": first_step.get("moe"),
+        "dense_first_step_s": first_step.get("dense"),
+        "moe_active_params": moe_stepper.n_active,
+        "dense_active_params": dense_stepper.n_active,
+        "moe_total_params": sum(p.numel() for p in moe_stepper.model.parameters()),
+        "moe_flops_per_step": moe_stepper.flops_per_step,
+        "dense_flops_per_step": dense_stepper.flops_per_step,
+        "tokens_per_step": moe_stepper.tokens_per_step,
+        "expert_impl": mcfg.expert_impl,
+        "expert_impl_resolved": auto_impl,
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else _cpu_name()),
+        "torch": torch.__version__,
+        "threads": threads,
+        "dtype": "bf16" if amp else "fp32",
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "timed_steps_per_variant": steps * repeats,
+        "flop_convention": "3 x moe.accounting.flops_per_token: 6*N_active + "
+                           "6*n_layers*n_heads*head_dim*(seq_len+1) per token; N_active = "
+                           "active_matmul_params (output head and top_k/n_experts of the experts "
+                           "in, input embedding and norms out)",
+        "wall_s": time.perf_counter() - t0,
+    }
+    if impls:
+        out["impls"] = {impl: {"tokens_per_s": res[impl]["tokens_per_s"], "mfu": res[impl]["mfu"],
+                               "step_s": res[impl]["step_s_median"],
+                               "ratio_to_dense": res[impl]["tokens_per_s"] / dense["tokens_per_s"]}
+                        for impl in IMPLS}
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def profile_step(cfg: Config, steps: int = 3, warmup: int = 2, rows: int = 25) -> str:
+    """torch.profiler table (self time) of ``steps`` MoE training steps after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_threads(cfg)
+    device = resolve_device(cfg)
+    s = Stepper(cfg, cfg.model, device, autocast_dtype(cfg, device))
+    for _ in range(warmup):
+        s.step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            s.step()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)

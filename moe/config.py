@@ -1,0 +1,372 @@
+"""One typed config: defaults < YAML file < ``--section.key=value`` overrides.
+
+Every key lives in a dataclass below; an unknown key, a value of the wrong type or an
+impossible combination raises :class:`ConfigError` with a one-line message that names the key
+and says what to change. ``Config.to_dict()`` is what each run folder saves as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config; the message is one line naming the key."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats such as ``3e-3`` (1.1 wants ``3.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    # 1 = multi-query attention, n_heads = multi-head, in between = grouped-query.
+    n_kv_heads: int = 1
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    activation: str = "swiglu"  # swiglu | gelu
+    init_std: float = 0.02
+    # Feed-forward: layer i is MoE when (i + 1) % moe_every == 0 (1: every layer, 2: every other).
+    moe_every: int = 1
+    ffn_hidden: int = 1024  # hidden size of the dense feed-forward in non-MoE layers
+    n_experts: int = 16
+    top_k: int = 2
+    expert_hidden: int = 512
+    # capacity = ceil(capacity_factor * tokens_in_group * top_k / n_experts), at least min_capacity;
+    # null = dropless. The eval factor applies in model.eval().
+    capacity_factor: Optional[float] = 1.25
+    eval_capacity_factor: Optional[float] = 2.0
+    min_capacity: int = 4
+    drop_policy: str = "position"  # position | probs
+    # A capacity group is this many whole sequences: dropping never depends on the machine layout.
+    capacity_group_seqs: int = 1
+    router_jitter: float = 0.0  # multiplicative input noise U(1-eps, 1+eps) in training (Switch)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    expert_impl: str = "auto"  # auto | grouped | bmm | loop (loop is the readable reference)
+
+    def validate(self) -> None:
+        _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                  "max_seq_len", "moe_every", "ffn_hidden", "n_experts", "top_k",
+                  "expert_hidden", "capacity_group_seqs")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads="
+                              f"{self.n_heads}: change one of them or set model.head_dim")
+        if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
+            raise ConfigError(f"model.head_dim={self.head_dim} must be a positive even number")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
+                              f"{self.n_kv_heads}: use 1 (MQA), n_heads (MHA) or a divisor")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"model.top_k={self.top_k} must be <= model.n_experts="
+                              f"{self.n_experts}: lower top_k or add experts")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ConfigError(f"model.{key}={v} must be > 0, or null for dropless routing")
+        _nonnegative(self, "min_capacity", "router_jitter", "aux_loss_coef", "z_loss_coef")
+        if self.router_jitter >= 1:
+            raise ConfigError(f"model.router_jitter={self.router_jitter} must be in [0, 1)")
+        _choice(self, "activation", ("swiglu", "gelu"))
+        _choice(self, "drop_policy", ("position", "probs"))
+        _choice(self, "expert_impl", ("auto", "grouped", "bmm", "loop"))
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be > 0")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (i + 1) % self.moe_every == 0
+
+
+@dataclass
+class DataConfig:
+    # builtin: the running interpreter's standard library (code) + pydoc_data.topics (prose).
+    # hf: a Hugging Face hub dataset by name. files: local text / JSONL / parquet files.
+    source: str = "builtin"
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    files: list = field(default_factory=list)  # paths or globs, for source=files
+    text_field: str = "text"
+    # Per-source epochs of the built-in mixture (the reports: text twice, code four times).
+    code_epochs: float = 4.0
+    text_epochs: float = 2.0
+    code_max_mb: Optional[float] = None  # cap on stdlib source read (None: all of it)
+    val_fraction: float = 0.02  # of documents, chosen by a stable hash of the document name
+    seq_len: int = 256
+    cache_dir: str = "data/cache"
+    tokenizer_train_mb: float = 64.0  # at most this much training text feeds the BPE trainer
+
+    def validate(self) -> None:
+        _choice(self, "source", ("builtin", "hf", "files"))
+        if self.source == "hf" and not self.hf_name:
+            raise ConfigError("data.hf_name is required when data.source=hf")
+        if self.source == "files" and not self.files:
+            raise ConfigError("data.files is required when data.source=files (paths or globs)")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _positive(self, "seq_len", "tokenizer_train_mb")
+        _nonnegative(self, "code_epochs", "text_epochs")
+        if self.code_epochs + self.text_epochs <= 0:
+            raise ConfigError("data.code_epochs + data.text_epochs must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    batch_size: int = 16  # global batch, in sequences
+    micro_batch_size: int = 16  # sequences per forward; accumulation = batch / micro
+    # Batch-size ramp-up: the global batch grows linearly from batch_ramp_start to batch_size
+    # over the first batch_ramp_tokens tokens (0 disables), rounded to micro-batches.
+    batch_ramp_tokens: int = 0
+    batch_ramp_start: int = 0
+    max_steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    # Length of the cosine decay; null = max_steps. Set it when a run will be extended later
+    # (a larger max_steps on resume), so the schedule, and the losses, match an unbroken run.
+    decay_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/tiny"
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+
+    def validate(self) -> None:
+        _positive(self, "batch_size", "micro_batch_size", "max_steps", "eval_every",
+                  "eval_batches", "ckpt_every", "keep_checkpoints", "sample_temperature")
+        _nonnegative(self, "lr", "warmup_steps", "weight_decay", "grad_clip", "batch_ramp_tokens",
+                     "batch_ramp_start", "sample_tokens", "sample_top_k", "threads")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ConfigError(f"train.decay_steps={self.decay_steps} must be > 0 or null")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+        if self.batch_ramp_start > self.batch_size:
+            raise ConfigError(f"train.batch_ramp_start={self.batch_ramp_start} must be <= "
+                              f"train.batch_size={self.batch_size}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("train.beta1 and train.beta2 must be in [0, 1)")
+        _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "dtype", ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+    def validate(self) -> None:
+        _positive(self, "tp", "pp", "dp", "ep")
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "moe"
+    wandb_group: Optional[str] = None
+    log_every: int = 10
+    progress: bool = True
+
+    def validate(self) -> None:
+        _choice(self, "wandb", ("disabled", "offline", "online"))
+        _positive(self, "log_every")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        m, d, t = self.model, self.data, self.train
+        if d.seq_len > m.max_seq_len:
+            raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len="
+                              f"{m.max_seq_len}: raise max_seq_len or shorten seq_len")
+        g = m.capacity_group_seqs
+        for key in ("micro_batch_size", "batch_size"):
+            if getattr(t, key) % g:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be a multiple of "
+                                  f"model.capacity_group_seqs={g} (groups are whole sequences)")
+        if t.batch_ramp_start % g:
+            raise ConfigError(f"train.batch_ramp_start={t.batch_ramp_start} must be a multiple "
+                              f"of model.capacity_group_seqs={g}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: defaults < YAML < CLI
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated Config from an optional YAML file and ``--section.key=value`` strings."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = _yaml_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        raw = loaded
+    cfg = from_dict(raw)
+    apply_overrides(cfg, overrides or [])
+    return cfg.validate()
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in _sections():
+            raise ConfigError(f"unknown config section '{section}': use one of "
+                              f"{', '.join(_sections())}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping")
+        for key, value in values.items():
+            set_key(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """``--model.top_k=2`` -> ("model.top_k", 2); values are parsed as YAML scalars."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"bad override '{arg}': write --section.key=value")
+    key, text = arg[2:].split("=", 1)
+    return key, _yaml_load(text) if text != "" else ""
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for arg in overrides:
+        key, value = parse_override(arg)
+        set_key(cfg, key, value)
+    return cfg
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in _sections():
+        raise ConfigError(f"unknown config key '{dotted}': keys look like section.key with "
+                          f"section one of {', '.join(_sections())}")
+    section = getattr(cfg, parts[0])
+    hints = typing.get_type_hints(type(section))
+    if parts[1] not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"unknown config key '{dotted}'; {parts[0]} keys are: {known}")
+    setattr(section, parts[1], _coerce(dotted, value, hints[parts[1]]))
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is list or typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return list(value)
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"config key '{key}' expects {name}, got {value!r}")
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _section_name(obj: Any) -> str:
+    return {ModelConfig: "model", DataConfig: "data", TrainConfig: "train",
+            ParallelConfig: "parallel", LogConfig: "log"}.get(type(obj), type(obj).__name__)
+
+
+def _positive(obj: Any, *keys: str) -> None:
+    for k in keys:
+        v = getattr(obj, k)
+        if not v > 0:
+            raise ConfigError(f"{_section_name(obj)}.{k}={v} must be > 0")
+
+
+def _nonnegative(obj: Any, *keys: str) -> None:
+    for k in keys:
+        v = getattr(obj, k)
+        if v < 0:
+            raise ConfigError(f"{_section_name(obj)}.{k}={v} must be >= 0")
+
+
+def _choice(obj: Any, key: str, options: tuple[str, ...]) -> None:
+    v = getattr(obj, key)
+    if v not in options:
+        raise ConfigError(f"{_section_name(obj)}.{key}={v!r} must be one of {', '.join(options)}")

@@ -1,0 +1,151 @@
+"""``prepare_data(cfg)``: corpus -> split -> tokenizer -> token caches, built once and reused.
+
+The cache folder is ``<data.cache_dir>/<source>-<fingerprint>/`` holding tokenizer.json,
+``train_<source>.bin`` per source, val.bin and meta.json (written last). The fingerprint hashes
+what the data is (see ``Corpus.identity``) plus every setting that changes the files, so a new
+Python, other files or another vocab size get a fresh folder instead of a stale cache.
+seq_len and epochs are not in it: they only change how the loader reads the streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .cache import (TOKENIZER, build_lock, log, open_tokens, read_meta, token_dtype,
+                    write_meta, write_tokens)
+from .corpus import Corpus, Document, open_corpus
+from .loader import PackedLoader
+from .split import name_hash, split_names
+from .tokenizer import BPETokenizer, train_bpe, training_sample
+
+# Bump when the cache layout or tokenization changes, so old folders are not reused.
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TokenData:
+    tokenizer: BPETokenizer
+    train: dict[str, np.memmap]  # source name -> token ids
+    val: np.memmap  # all sources' val documents, mixed in split-hash order
+    epochs: dict[str, float]  # per-source epochs in one loader pass
+    fingerprint: str
+    cache_path: Path
+    meta: dict
+
+    def train_loader(self, seq_len: int, seed: int) -> PackedLoader:
+        return PackedLoader(self.train, self.epochs, seq_len, seed)
+
+
+def fingerprint(corpus: Corpus, cfg) -> str:
+    """Short sha256 of the corpus identity and the settings that shape the cache files."""
+    key = {"format": FORMAT_VERSION, "kind": corpus.kind, "identity": corpus.identity,
+           "vocab_size": cfg.model.vocab_size, "val_fraction": cfg.data.val_fraction,
+           "tokenizer_train_mb": cfg.data.tokenizer_train_mb}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(cfg) -> str:
+    """The cache fingerprint for a config, without reading or building anything."""
+    return fingerprint(open_corpus(cfg.data), cfg)
+
+
+def prepare_data(cfg) -> TokenData:
+    """Open the token cache for ``cfg``, building it first if it does not exist yet."""
+    corpus = open_corpus(cfg.data)
+    fp = fingerprint(corpus, cfg)
+    folder = Path(cfg.data.cache_dir) / f"{corpus.kind}-{fp}"
+    meta = read_meta(folder, fp)
+    if meta is None:
+        with build_lock(folder):
+            meta = read_meta(folder, fp)  # another process may have built it while we waited
+            if meta is None:
+                meta = _build(corpus, cfg, fp, folder)
+    else:
+        log(f"using cached tokens in {folder}")
+    return _open(folder, meta, corpus.epochs, fp)
+
+
+def _build(corpus: Corpus, cfg, fp: str, folder: Path) -> dict:
+    start = time.perf_counter()
+    log(f"building token cache {folder}")
+    train, train_hashed, val, counts = _split(corpus.load(), cfg.data.val_fraction)
+    tok = _tokenizer(folder, train_hashed, cfg)
+    dtype = token_dtype(cfg.model.vocab_size)
+    files = {}
+    for source, texts in train.items():
+        name = f"train_{source}.bin"
+        files[name] = write_tokens(folder / name, tok, texts, dtype, f"train {source}")
+    files["val.bin"] = write_tokens(folder / "val.bin", tok, val, dtype, "val")
+    meta = {
+        "format": FORMAT_VERSION, "fingerprint": fp, "source": corpus.kind,
+        "identity": corpus.identity, "vocab_size": cfg.model.vocab_size,
+        "tokenizer_vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype.name,
+        "val_fraction": cfg.data.val_fraction, "tokenizer_train_mb": cfg.data.tokenizer_train_mb,
+        "train_sources": sorted(train), "docs": counts, "tokens": files,
+        "build_seconds": round(time.perf_counter() - start, 2),
+    }
+    write_meta(folder, meta)  # last: its presence marks the cache complete
+    log(f"token cache built in {meta['build_seconds']}s")
+    return meta
+
+
+def _split(docs: dict[str, list[Document]], val_fraction: float):
+    """Per-source train texts, all train (hash, text) pairs, val texts, and doc counts."""
+    train: dict[str, list[str]] = {}
+    train_hashed: list[tuple[float, str]] = []
+    val: list[tuple[float, str, str]] = []  # (hash, name, text)
+    counts = {}
+    for source, items in docs.items():
+        flags = split_names([name for name, _ in items], val_fraction, source)
+        train[source] = []
+        for (name, text), is_val in zip(items, flags):
+            if is_val:
+                val.append((name_hash(name), name, text))
+            else:
+                train[source].append(text)
+                train_hashed.append((name_hash(name), text))
+        counts[source] = {"train_docs": len(train[source]), "val_docs": sum(flags)}
+    # Hash order mixes the sources, so the first val windows (used for eval) cover all of them.
+    val.sort()
+    return train, train_hashed, [text for _, _, text in val], counts
+
+
+def _tokenizer(folder: Path, train_hashed: list[tuple[float, str]], cfg) -> BPETokenizer:
+    """Train the BPE on training documents, unless a tokenizer.json is already there."""
+    tok_path = folder / TOKENIZER
+    if tok_path.is_file():  # left by a build that stopped after training: do not retrain
+        log(f"reusing {tok_path}")
+    else:
+        # Hash order is a deterministic shuffle, so a size cap still samples every source.
+        train_hashed = sorted(train_hashed, key=lambda ht: ht[0])
+        sample = training_sample((t for _, t in train_hashed), cfg.data.tokenizer_train_mb)
+        t0 = time.perf_counter()
+        log(f"training BPE tokenizer (vocab {cfg.model.vocab_size}) on "
+            f"{sum(len(t) for t in sample) / 1e6:.1f} M chars ...")
+        train_bpe(sample, cfg.model.vocab_size).save(tok_path)
+        log(f"  tokenizer trained in {time.perf_counter() - t0:.1f}s")
+    # Reload from disk: the streams then come from exactly the cached tokenizer, and a freshly
+    # trained in-memory tokenizer encodes several times slower than a loaded one.
+    tok = BPETokenizer.load(tok_path)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"{tok_path} has {tok.vocab_size} tokens, more than model.vocab_size="
+                         f"{cfg.model.vocab_size}: delete {folder} to retrain")
+    return tok
+
+
+def _open(folder: Path, meta: dict, epochs: dict[str, float], fp: str) -> TokenData:
+    if sorted(meta["train_sources"]) != sorted(epochs):
+        raise ValueError(f"{folder} holds sources {meta['train_sources']}, expected "
+                         f"{sorted(epochs)}: delete it to rebuild")
+    tok = BPETokenizer.load(folder / TOKENIZER)
+    dtype, counts = meta["dtype"], meta["tokens"]
+    train = {s: open_tokens(folder / f"train_{s}.bin", dtype, counts[f"train_{s}.bin"])
+             for s in meta["train_sources"]}
+    val = open_tokens(folder / "val.bin", dtype, counts["val.bin"])
+    return TokenData(tok, train, val, dict(epochs), fp, folder, meta)

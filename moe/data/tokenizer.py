@@ -1,0 +1,97 @@
+"""Byte-level BPE tokenizer (GPT-2 style) trained with the `tokenizers` library.
+
+Byte-level means every string encodes losslessly (``decode(encode(s)) == s``) with no unknown
+token. Id 0 is ``<|endoftext|>``, the separator placed after every document in the token
+streams; text that happens to contain that literal string is encoded as ordinary bytes, so only
+the separator the pipeline inserts ever produces id 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+EOT_ID = 0
+MIN_VOCAB = 257  # 256 byte tokens + <|endoftext|>
+
+
+class BPETokenizer:
+    """A thin wrapper over ``tokenizers.Tokenizer`` with the calls the project needs."""
+
+    eot = EOT
+    eot_id = EOT_ID
+
+    def __init__(self, tok: Tokenizer):
+        if tok.token_to_id(EOT) != EOT_ID:
+            raise ValueError(f"tokenizer must map {EOT} to id {EOT_ID}; delete the cached "
+                             "tokenizer.json to retrain it")
+        # Not saved in tokenizer.json, so set on every load: document text never yields id 0.
+        tok.encode_special_tokens = True
+        self.tok = tok
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BPETokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        return cls(Tokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically, so a crash never leaves a half-written tokenizer.json."""
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        self.tok.save(str(tmp))
+        os.replace(tmp, path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # The fast variant skips character offsets we never use: about 1.7x quicker.
+        return [e.ids for e in self.tok.encode_batch_fast(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Keep <|endoftext|> visible so decoded streams show document boundaries.
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """Train a byte-level BPE with ``vocab_size`` entries (fewer if the text runs out of merges)."""
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"model.vocab_size={vocab_size} is too small for byte-level BPE: use "
+                         f">= {MIN_VOCAB} (256 bytes + {EOT})")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],  # first, so it gets id 0
+        # All 256 bytes up front: any input stays encodable even if absent from training text.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return BPETokenizer(tok)
+
+
+def training_sample(texts: Iterable[str], max_mb: float) -> list[str]:
+    """The first ``max_mb`` megabytes (UTF-8) of ``texts``; the last document is cut to fit."""
+    budget = int(max_mb * 1_000_000)
+    out = []
+    for text in texts:
+        if budget <= 0:
+            break
+        data = text.encode("utf-8")
+        if len(data) > budget:
+            text = data[:budget].decode("utf-8", errors="ignore")  # never split a character
+        out.append(text)
+        budget -= len(data)
+    return out

@@ -1,0 +1,216 @@
+"""Export a :class:`moe.model.Transformer` to Hugging Face ``MixtralForCausalLM``.
+
+Mixtral is this architecture with every layer an MoE of SwiGLU experts, so the export is a pure
+renaming (plus transposes: our experts store ``x @ w`` weights, nn.Linear stores ``[out, in]``):
+
+    ours                                        MixtralForCausalLM
+    tok_embeddings.weight                       model.embed_tokens.weight
+    layers.{i}.attention.w{q,k,v,o}.weight      model.layers.{i}.self_attn.{q,k,v,o}_proj.weight
+    layers.{i}.attention_norm.weight            model.layers.{i}.input_layernorm.weight
+    layers.{i}.ffn_norm.weight                  model.layers.{i}.post_attention_layernorm.weight
+    layers.{i}.feed_forward.router.gate.weight  model.layers.{i}.{MOE}.gate[.weight]
+    layers.{i}.feed_forward.experts.w1[e]       expert e's gate projection  (w1[e].T)
+    layers.{i}.feed_forward.experts.w3[e]       expert e's up projection    (w3[e].T)
+    layers.{i}.feed_forward.experts.w2[e]       expert e's down projection  (w2[e].T)
+    norm.weight                                 model.norm.weight
+    output.weight                               lm_head.weight
+
+The MoE block's layout depends on the installed transformers version, and is read from a
+meta-device skeleton of ``MixtralForCausalLM`` rather than assumed:
+
+- transformers >= 5: ``mlp.gate.weight`` and fused 3-D experts ``mlp.experts.gate_up_proj``
+  ``[E, 2 * hidden, dim]`` (gate rows first, then up) and ``mlp.experts.down_proj``
+  ``[E, dim, hidden]``. ``save_pretrained`` writes the classic per-expert names on disk.
+- transformers 4.x: ``block_sparse_moe.gate.weight`` and per-expert
+  ``block_sparse_moe.experts.{e}.w{1,2,3}.weight``.
+
+What Mixtral cannot express raises :class:`ExportError`: dense (non-MoE) layers
+(``moe_every != 1``), GELU experts, a pipeline stage whose layers or embeddings were pruned.
+
+Capacity: Hugging Face Mixtral is dropless. A model with ``eval_capacity_factor`` set is exported
+anyway (with a warning), but its logits match ours only on inputs where no token is dropped;
+export a model trained with capacity limits and compare with ``eval_capacity_factor=None``.
+Router jitter (ours jitters only the router input; HF jitters the experts' input too) is not
+carried over, and HF's ``router_aux_loss_coef`` is set to ``aux_loss_coef / top_k`` because HF's
+load-balancing loss is ``top_k`` times ours (it also pools all layers, and has no z-loss), so
+fine-tuning in transformers optimises a close, not identical, objective.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe.config import ModelConfig
+
+
+class ExportError(ValueError):
+    """The model uses a feature that Hugging Face Mixtral cannot express."""
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("exporting to Hugging Face needs transformers: "
+                          "pip install transformers") from e
+    return transformers
+
+
+def check_exportable(model: torch.nn.Module) -> ModelConfig:
+    """Raise ExportError when ``model`` cannot become a MixtralForCausalLM; return its config."""
+    cfg: ModelConfig = model.cfg
+    if cfg.moe_every != 1:
+        raise ExportError(f"model.moe_every={cfg.moe_every}: Mixtral has an MoE in every layer, "
+                          "so only moe_every=1 can be exported")
+    if cfg.activation != "swiglu":
+        raise ExportError(f"model.activation={cfg.activation!r}: Mixtral experts are SwiGLU "
+                          "(silu); only activation=swiglu can be exported")
+    missing = [str(i) for i in range(cfg.n_layers) if str(i) not in model.layers]
+    if missing or model.tok_embeddings is None or model.norm is None or model.output is None:
+        raise ExportError("the model is a pruned pipeline stage (layers "
+                          f"{missing or 'all present'}, embeddings/norm/output may be None): "
+                          "export the full model")
+    if cfg.eval_capacity_factor is not None:
+        warnings.warn(f"model.eval_capacity_factor={cfg.eval_capacity_factor}: Hugging Face "
+                      "Mixtral is dropless, so its logits match this model's eval logits only "
+                      "when no token is dropped (eval_capacity_factor=None always matches)",
+                      stacklevel=3)
+    return cfg
+
+
+def mixtral_config(cfg: ModelConfig, **overrides: Any):
+    """The ``transformers.MixtralConfig`` for ``cfg``; ``overrides`` go to MixtralConfig
+    (e.g. ``bos_token_id``, ``eos_token_id`` for your tokenizer)."""
+    transformers = _require_transformers()
+    kwargs: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.expert_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_size,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,  # v4: an attribute; v5: moved into rope_parameters
+        tie_word_embeddings=cfg.tie_embeddings,
+        sliding_window=None,
+        num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k,
+        router_aux_loss_coef=cfg.aux_loss_coef / cfg.top_k,
+        router_jitter_noise=0.0,
+        initializer_range=cfg.init_std,
+    )
+    kwargs.update(overrides)
+    hf_cfg = transformers.MixtralConfig(**kwargs)
+    rope = getattr(hf_cfg, "rope_parameters", None)
+    theta = rope["rope_theta"] if isinstance(rope, dict) else getattr(hf_cfg, "rope_theta", None)
+    if theta != cfg.rope_theta:
+        raise ExportError(f"this transformers version did not take rope_theta={cfg.rope_theta} "
+                          f"(got {theta}); update moe/export.py")
+    return hf_cfg
+
+
+def _skeleton_shapes(hf_cfg) -> dict[str, torch.Size]:
+    """Parameter names and shapes of MixtralForCausalLM as installed (built on meta: free)."""
+    transformers = _require_transformers()
+    with torch.device("meta"):
+        skeleton = transformers.MixtralForCausalLM(hf_cfg)
+    return {k: v.shape for k, v in skeleton.state_dict().items()}
+
+
+def to_mixtral(model: torch.nn.Module, **config_overrides: Any):
+    """``(transformers.MixtralConfig, state_dict)`` for ``MixtralForCausalLM(config)``.
+
+    The state dict uses the installed transformers' in-memory parameter names (load it with
+    ``load_state_dict(sd, strict=True)``); its tensors are detached copies.
+    """
+    cfg = check_exportable(model)
+    hf_cfg = mixtral_config(cfg, **config_overrides)
+    shapes = _skeleton_shapes(hf_cfg)
+    fused = any(k.endswith("experts.gate_up_proj") for k in shapes)
+    moe = "mlp" if fused else "block_sparse_moe"
+
+    def t(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().clone().contiguous()
+
+    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": t(model.tok_embeddings.weight),
+                                   "model.norm.weight": t(model.norm.weight)}
+    if "lm_head.weight" in shapes:
+        sd["lm_head.weight"] = t(model.output.weight)
+    for i in range(cfg.n_layers):
+        layer = model.layers[str(i)]
+        p = f"model.layers.{i}."
+        att = layer.attention
+        for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"),
+                             ("wo", "o_proj")):
+            sd[f"{p}self_attn.{theirs}.weight"] = t(getattr(att, ours).weight)
+        sd[f"{p}input_layernorm.weight"] = t(layer.attention_norm.weight)
+        sd[f"{p}post_attention_layernorm.weight"] = t(layer.ffn_norm.weight)
+        ff = layer.feed_forward
+        sd[f"{p}{moe}.gate.weight"] = t(ff.router.gate.weight)
+        w1, w2, w3 = (w.detach().transpose(1, 2) for w in (ff.experts.w1, ff.experts.w2,
+                                                            ff.experts.w3))
+        if fused:  # [E, 2 * hidden, dim] (gate, then up) and [E, dim, hidden]
+            sd[f"{p}mlp.experts.gate_up_proj"] = t(torch.cat([w1, w3], dim=1))
+            sd[f"{p}mlp.experts.down_proj"] = t(w2)
+        else:
+            for e in range(cfg.n_experts):
+                for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+                    sd[f"{p}block_sparse_moe.experts.{e}.{name}.weight"] = t(w[e])
+
+    missing, unexpected = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
+    bad = [k for k in sd if k in shapes and sd[k].shape != shapes[k]]
+    if missing or unexpected or bad:
+        raise ExportError(f"transformers {_require_transformers().__version__}'s Mixtral layout "
+                          f"is not the one moe/export.py knows: missing {missing[:4]}, "
+                          f"unexpected {unexpected[:4]}, wrong shapes {bad[:4]}")
+    return hf_cfg, sd
+
+
+def to_mixtral_model(model: torch.nn.Module, **config_overrides: Any):
+    """A ``MixtralForCausalLM`` holding ``model``'s weights (eval mode, same dtype)."""
+    transformers = _require_transformers()
+    hf_cfg, sd = to_mixtral(model, **config_overrides)
+    dtype = next(model.parameters()).dtype
+    hf = transformers.MixtralForCausalLM(hf_cfg).to(dtype)
+    hf.load_state_dict(sd, strict=True)
+    if hf_cfg.tie_word_embeddings:
+        assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    return hf.eval()
+
+
+def export_hf(model: torch.nn.Module, out_dir: str | Path, **config_overrides: Any) -> Path:
+    """Write ``model`` as a Hugging Face Mixtral folder (``config.json`` + safetensors) that
+    ``MixtralForCausalLM.from_pretrained(out_dir)`` loads. Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    hf = to_mixtral_model(model, **config_overrides)
+    hf.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_checkpoint_model(checkpoint: str | Path) -> torch.nn.Module:
+    """The model saved in a training checkpoint (``moe/checkpoint.py``: a ``step_*`` folder or
+    its ``state.pt``, whose state holds ``model`` and ``config``; or a run folder, meaning its
+    latest checkpoint), in eval mode on the CPU."""
+    from moe.checkpoint import latest_checkpoint, load_checkpoint
+    from moe.config import from_dict
+    from moe.model import build_model
+
+    path = Path(checkpoint)
+    if path.is_dir() and not (path / "state.pt").is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {path} (nor in {path}/checkpoints)")
+        path = latest
+    state = load_checkpoint(path)
+    cfg = from_dict(state["config"]).validate()
+    model = build_model(cfg.model)  # build_model keeps tied embeddings tied
+    sd = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    model.load_state_dict(sd, strict=True)
+    return model.eval()

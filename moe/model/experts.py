@@ -1,0 +1,115 @@
+"""The experts: E feed-forward networks stored as 3-D weights, run on expert-sorted tokens.
+
+Input is the ragged layout: the kept (token, expert) assignments sorted by expert, ``x`` of
+shape [M, dim] with ``counts[e]`` rows for expert e. Three implementations, tested equal in
+forward and backward (``tests/test_experts.py``):
+
+- ``loop``: one matmul per expert; the readable reference.
+- ``grouped``: ``torch._grouped_mm`` over the ragged layout; no padding. Fastest on CPU in our
+  measurements (see ``scripts/bench.py``) and the usual winner on GPU (bf16).
+- ``bmm``: tokens copied into zero-padded capacity buffers [E, C, dim], then ``torch.bmm``.
+
+Weights (per expert e): w1[e], w3[e]: [dim, hidden]; w2[e]: [hidden, dim].
+Mixtral's ``experts.{e}.w1.weight`` is ``w1[e].T`` (nn.Linear stores [out, in]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe.model.layers import activate
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    ``torch._grouped_mm``'s backward rejects expanded gradients (e.g. from ``y.sum()``).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def resolve_impl(impl: str, x: torch.Tensor) -> str:
+    """``auto``: grouped matmul on CPU, and on CUDA when running in bf16; padded bmm otherwise."""
+    if impl != "auto":
+        return impl
+    if not hasattr(torch, "_grouped_mm"):
+        return "bmm"
+    if x.device.type == "cpu":
+        return "grouped"
+    autocast_bf16 = (torch.is_autocast_enabled(x.device.type)
+                     and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
+    return "grouped" if x.dtype == torch.bfloat16 or autocast_bf16 else "bmm"
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, n_experts: int, dim: int, hidden: int, activation: str = "swiglu",
+                 impl: str = "auto"):
+        super().__init__()
+        self.impl = impl
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden)) if activation == "swiglu" else None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.trunc_normal_(self.w1, std=std, a=-3 * std, b=3 * std)
+        if self.w3 is not None:
+            nn.init.trunc_normal_(self.w3, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.w2, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+        """x: [M, dim] sorted by expert; counts: [E] rows per expert (sum M); capacity: an
+        upper bound on counts (the bmm buffer size). Returns [M, dim]."""
+        impl = resolve_impl(self.impl, x)
+        if torch.is_autocast_enabled(x.device.type):
+            # Custom matmuls are not on autocast's lists: cast explicitly to its dtype.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if impl == "grouped":
+            return self._grouped(x, counts)
+        if impl == "bmm":
+            return self._bmm(x, counts, capacity)
+        if impl == "loop":
+            return self._loop(x, counts)
+        raise ValueError(f"unknown expert implementation {impl!r}: use auto, grouped, bmm or loop")
+
+    def _weights(self, dtype: torch.dtype):
+        w = [self.w1, self.w2, self.w3]
+        return [None if t is None else t.to(dtype) for t in w]
+
+    def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self._weights(x.dtype)
+        outs = []
+        for e, xe in enumerate(torch.split(x, counts.tolist())):
+            up = xe @ w3[e] if w3 is not None else None
+            outs.append(activate(xe @ w1[e], up) @ w2[e])
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[1])
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self._weights(x.dtype)
+        offs = counts.cumsum(0).to(torch.int32)
+
+        def mm(a, b):
+            return torch._grouped_mm(_ContiguousGrad.apply(a), b, offs=offs)
+
+        up = mm(x, w3) if w3 is not None else None
+        return _ContiguousGrad.apply(mm(activate(mm(x, w1), up), w2))
+
+    def _bmm(self, x: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+        w1, w2, w3 = self._weights(x.dtype)
+        n_experts = counts.shape[0]
+        expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts,
+                                         output_size=x.shape[0])
+        slot = torch.arange(x.shape[0], device=x.device) - (counts.cumsum(0) - counts)[expert]
+        flat_slot = expert * capacity + slot
+        buf = x.new_zeros(n_experts * capacity, x.shape[1]).index_copy(0, flat_slot, x)
+        buf = buf.view(n_experts, capacity, -1)  # [E, C, dim]; padding rows stay zero
+        up = torch.bmm(buf, w3) if w3 is not None else None
+        out = torch.bmm(activate(torch.bmm(buf, w1), up), w2)
+        return out.reshape(n_experts * capacity, -1).index_select(0, flat_slot)

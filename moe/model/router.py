@@ -1,0 +1,136 @@
+"""Top-k router, expert capacity, token dropping and the router losses.
+
+Everything here works on flat token tensors ``[T, ...]`` whose tokens are laid out as
+``G`` capacity groups of ``n = T / G`` consecutive tokens. A capacity group is a fixed number of
+whole sequences, so dropping decisions depend on the data only, never on how a batch is split
+across devices or micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def expert_capacity(tokens_in_group: int, top_k: int, n_experts: int,
+                    capacity_factor: float | None, min_capacity: int) -> int:
+    """Slots per expert per group: ceil(cf * n * k / E), at least min_capacity.
+
+    ``capacity_factor=None`` is dropless. An expert can receive a token at most once, so no
+    capacity above ``tokens_in_group`` can ever bind: we cap there (dropless = that cap).
+    """
+    if capacity_factor is None:
+        return tokens_in_group
+    # The epsilon keeps float noise (1.1 * 100 / 10 = 11.000000000000002) from adding a slot.
+    cap = max(min_capacity,
+              math.ceil(capacity_factor * tokens_in_group * top_k / n_experts - 1e-9))
+    return min(cap, tokens_in_group)
+
+
+class Router(nn.Module):
+    """Linear gate in fp32, softmax over experts, top-k, chosen weights renormalised (Mixtral).
+
+    The gate is ``gate`` (an ``nn.Linear(dim, n_experts, bias=False)``), Mixtral's name.
+    """
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0):
+        super().__init__()
+        self.top_k = top_k
+        self.jitter = jitter
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+
+    def forward(self, x: torch.Tensor):
+        """x: [T, dim] -> logits [T, E] fp32, probs [T, E], weights [T, k], experts [T, k]."""
+        if self.training and self.jitter > 0:
+            # Multiplicative input jitter (Switch Transformer, sec. 2.4).
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(x.float(), self.gate.weight.float())
+        probs = logits.softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, experts
+
+
+def plan_capacity(weights: torch.Tensor, experts: torch.Tensor, n_groups: int, n_experts: int,
+                  capacity: int, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decide which (token, expert) assignments keep a slot.
+
+    weights, experts: [T, k]. Within each group every expert has a queue of the assignments
+    routed to it; the first ``capacity`` of the queue keep their slot, the rest are dropped.
+    Queue order: ``position`` = token order (earlier tokens first, as in GShard/Switch and
+    Megatron's "position" policy); ``probs`` = higher combine weight first, ties by position.
+
+    Returns keep [T, k] bool and rank [T, k] (the assignment's place in its expert's queue).
+    Vectorised with two stable sorts; ``tests/test_routing.py`` checks it against a Python loop.
+    """
+    t, k = experts.shape
+    a = (t // n_groups) * k  # assignments per group
+    e = experts.reshape(n_groups, a)  # assignment i of a group is token i // k, slot i % k
+    if policy == "probs":
+        prio = torch.sort(-weights.detach().reshape(n_groups, a), dim=1, stable=True).indices
+    elif policy == "position":
+        prio = torch.arange(a, device=e.device).expand(n_groups, a)
+    else:
+        raise ValueError(f"unknown drop policy {policy!r}: use position or probs")
+    e_prio = e.gather(1, prio)
+    order = torch.sort(e_prio, dim=1, stable=True).indices  # by expert, priority kept inside
+    sorted_e = e_prio.gather(1, order)
+    counts = torch.zeros(n_groups, n_experts, dtype=torch.long, device=e.device)
+    counts.scatter_add_(1, e, torch.ones_like(e))
+    starts = counts.cumsum(1) - counts
+    rank_sorted = torch.arange(a, device=e.device) - starts.gather(1, sorted_e)
+    rank = torch.empty_like(rank_sorted).scatter_(1, prio.gather(1, order), rank_sorted)
+    rank = rank.reshape(t, k)
+    return rank < capacity, rank
+
+
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Switch/GShard load-balancing loss, per capacity group, averaged over groups.
+
+    For a group of n tokens, top-k routing and E experts:
+        f_e = (number of assignments routed to e, counted BEFORE dropping) / (n * k)
+        P_e = (1/n) * sum_tokens probs[token, e]          (softmax probabilities, all experts)
+        L_group = E * sum_e f_e * P_e
+    L = mean over groups of L_group. Perfectly uniform routing gives exactly 1.0 whatever E and k
+    (Switch eq. 4 with f normalised over the k choices; HF Mixtral's value is k times this).
+    Defining it per group makes it independent of how groups are split across devices.
+    probs: [T, E] fp32, experts: [T, k].
+    """
+    t, n_experts = probs.shape
+    k = experts.shape[1]
+    n = t // n_groups
+    counts = torch.zeros(n_groups, n_experts, device=probs.device, dtype=probs.dtype)
+    counts.scatter_add_(1, experts.reshape(n_groups, n * k),
+                        torch.ones(n_groups, n * k, device=probs.device, dtype=probs.dtype))
+    f = counts / (n * k)
+    p = probs.reshape(n_groups, n, n_experts).mean(1)
+    return (n_experts * (f * p).sum(1)).mean()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+@dataclass
+class RoutingStats:
+    """Per-layer statistics of one forward, as detached tensors (no host sync in forward)."""
+
+    tokens_per_expert: torch.Tensor  # [E] assignments routed to each expert, before dropping
+    kept_per_expert: torch.Tensor  # [E] after dropping
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    entropy: torch.Tensor  # mean over tokens of the router's softmax entropy (nats)
+    n_tokens: int
+
+    def drop_frac(self) -> float:
+        total = float(self.tokens_per_expert.sum())
+        return 0.0 if total == 0 else 1.0 - float(self.kept_per_expert.sum()) / total
+
+    def max_over_mean_load(self) -> float:
+        load = self.tokens_per_expert.float()
+        return float(load.max() / load.mean().clamp_min(1e-9))

@@ -1,0 +1,67 @@
+"""Optimizer, learning-rate schedule and batch-size ramp-up."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moe.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases and the input embedding.
+
+    Norm weights and biases are 1-D; the embedding is named ``tok_embeddings`` (module names are
+    an API). A tied output head shares the embedding and so is not decayed either.
+    """
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim < 2 or name.startswith("tok_embeddings"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` at
+    ``decay_steps`` (default ``max_steps``), flat after. ``step`` counts from 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    total = cfg.decay_steps or cfg.max_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * coeff)
+
+
+def batch_size_at(tokens_seen: int, cfg: TrainConfig, seq_len: int, group_seqs: int) -> int:
+    """Global batch (sequences) for the next step.
+
+    Ramp-up (as reported for GPT-4 and used by GPT-3): the batch grows linearly from
+    ``batch_ramp_start`` to ``batch_size`` over the first ``batch_ramp_tokens`` tokens, rounded
+    down to whole capacity groups (at least one group).
+    """
+    if cfg.batch_ramp_tokens <= 0 or tokens_seen >= cfg.batch_ramp_tokens:
+        return cfg.batch_size
+    start = cfg.batch_ramp_start or group_seqs
+    b = start + (cfg.batch_size - start) * tokens_seen / cfg.batch_ramp_tokens
+    return max(group_seqs, int(b) // group_seqs * group_seqs)
+
+
+def micro_batches(batch: int, micro: int) -> list[int]:
+    """Split a global batch into micro-batches of at most ``micro`` sequences."""
+    sizes = [micro] * (batch // micro)
+    if batch % micro:
+        sizes.append(batch % micro)
+    return sizes

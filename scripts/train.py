@@ -1,0 +1,28 @@
+"""Train a model: python scripts/train.py --config configs/tiny.yaml [--section.key=value ...]"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moe.cli import parse_config  # noqa: E402
+from moe.config import ConfigError  # noqa: E402
+from moe.train import train  # noqa: E402
+
+
+def main() -> None:
+    cfg, _ = parse_config(description=__doc__)
+    try:
+        summary = train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if summary.get("val_loss") is not None:
+        print(f"step {summary['step']}: val loss {summary['val_loss']:.4f}")
+    if "sample" in summary:
+        print("--- sample ---")
+        print(summary["sample"])
+
+
+if __name__ == "__main__":
+    main()

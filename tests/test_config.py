@@ -1,0 +1,189 @@
+"""moe/config.py: precedence, key and type checking, impossible combinations."""
+
+import dataclasses
+
+import pytest
+
+from moe.config import Config, ConfigError, ModelConfig, from_dict, load_config
+
+
+def write_yaml(tmp_path, text):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def config_error(path=None, overrides=()):
+    with pytest.raises(ConfigError) as e:
+        load_config(path, list(overrides))
+    msg = str(e.value)
+    assert "\n" not in msg, f"message is not one line: {msg!r}"
+    return msg
+
+
+# --- precedence --------------------------------------------------------------------------------
+
+
+def test_defaults_when_nothing_given():
+    cfg = load_config(None, [])
+    assert cfg == Config()
+    assert cfg.model.top_k == ModelConfig.top_k == 2
+    assert cfg.model.capacity_factor == 1.25
+
+
+def test_defaults_lt_yaml_lt_cli(tmp_path):
+    path = write_yaml(tmp_path, "model:\n  n_experts: 8\n  top_k: 1\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(path, [])
+    assert (cfg.model.n_experts, cfg.model.top_k, cfg.train.lr) == (8, 1, 0.01)
+    assert cfg.model.d_model == 256  # untouched keys keep their defaults
+    cfg = load_config(path, ["--model.top_k=2", "--train.lr=0.5"])
+    assert (cfg.model.n_experts, cfg.model.top_k, cfg.train.lr) == (8, 2, 0.5)
+    # The last of repeated overrides wins.
+    cfg = load_config(path, ["--model.top_k=2", "--model.top_k=4"])
+    assert cfg.model.top_k == 4
+
+
+def test_empty_yaml_and_empty_section(tmp_path):
+    assert load_config(write_yaml(tmp_path, ""), []) == Config()
+    assert load_config(write_yaml(tmp_path, "model:\n"), []) == Config()
+
+
+def test_to_dict_round_trips():
+    cfg = load_config(None, ["--model.n_experts=4", "--model.capacity_factor=null",
+                             "--data.files=a.txt", "--data.source=files"])
+    assert from_dict(cfg.to_dict()).validate() == cfg
+
+
+# --- unknown keys and wrong types --------------------------------------------------------------
+
+
+def test_unknown_section_in_yaml(tmp_path):
+    msg = config_error(write_yaml(tmp_path, "modle:\n  top_k: 2\n"))
+    assert "modle" in msg
+
+
+def test_unknown_section_and_key_on_cli():
+    assert "modle.top_k" in config_error(overrides=["--modle.top_k=2"])
+    msg = config_error(overrides=["--model.topk=2"])
+    assert "model.topk" in msg and "top_k" in msg  # names the bad key and lists the good ones
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    assert "train.learning_rate" in config_error(write_yaml(tmp_path,
+                                                            "train:\n  learning_rate: 1\n"))
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    assert "model.top_k=2" in config_error(overrides=["model.top_k=2"])
+    assert "--model.top_k" in config_error(overrides=["--model.top_k"])
+    assert "nope.yaml" in config_error(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--model.n_layers=abc", "model.n_layers"),
+    ("--model.activation=3", "model.activation"),
+    ("--train.compile=1", "train.compile"),  # an int is not a bool
+    ("--train.compile=yes please", "train.compile"),
+    ("--model.capacity_factor=fast", "model.capacity_factor"),
+    ("--model.n_layers=null", "model.n_layers"),  # null only for Optional keys
+    ("--model.d_model=[1, 2]", "model.d_model"),
+])
+def test_wrong_type_names_key(override, key):
+    assert key in config_error(overrides=[override])
+
+
+# --- coercion ----------------------------------------------------------------------------------
+
+
+def test_null_is_none_for_optional_float(tmp_path):
+    cfg = load_config(None, ["--model.capacity_factor=null", "--model.eval_capacity_factor=~"])
+    assert cfg.model.capacity_factor is None and cfg.model.eval_capacity_factor is None
+    path = write_yaml(tmp_path, "model:\n  capacity_factor: null\n  head_dim: null\n")
+    cfg = load_config(path, [])
+    assert cfg.model.capacity_factor is None and cfg.model.head_dim is None
+
+
+def test_int_accepted_for_float_key():
+    cfg = load_config(None, ["--model.capacity_factor=2", "--train.lr=1"])
+    assert cfg.model.capacity_factor == 2.0 and type(cfg.model.capacity_factor) is float
+    assert type(cfg.train.lr) is float
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    assert load_config(None, ["--train.lr=3e-3"]).train.lr == 3e-3
+    assert load_config(write_yaml(tmp_path, "model:\n  norm_eps: 1e-6\n"), []).model.norm_eps \
+        == 1e-6
+
+
+def test_exponent_with_dot_is_a_float():
+    assert load_config(None, ["--train.lr=3.0e-3"]).train.lr == 3e-3
+
+
+def test_integral_float_accepted_for_int_key_and_converted():
+    cfg = load_config(None, ["--model.n_layers=2.0"])
+    assert cfg.model.n_layers == 2 and type(cfg.model.n_layers) is int
+
+
+@pytest.mark.parametrize("value", ["2.5", "true", "false", "'3'", ".inf"])
+def test_rejected_for_int_key(value):
+    assert "model.n_layers" in config_error(overrides=[f"--model.n_layers={value}"])
+
+
+@pytest.mark.parametrize("value", ["true", ".nan", ".inf", "'1.0'"])
+def test_rejected_for_float_key(value):
+    assert "train.lr" in config_error(overrides=[f"--train.lr={value}"])
+
+
+def test_bool_key_takes_yaml_booleans_only(tmp_path):
+    assert load_config(None, ["--train.compile=true"]).train.compile is True
+    assert load_config(None, ["--model.tie_embeddings=false"]).model.tie_embeddings is False
+    assert "train.compile" in config_error(write_yaml(tmp_path, "train:\n  compile: 0\n"))
+
+
+def test_string_and_list_keys():
+    cfg = load_config(None, ["--data.source=files", "--data.files=a/*.txt"])
+    assert cfg.data.files == ["a/*.txt"]  # a single string becomes a one-element list
+    cfg = load_config(None, ["--data.source=files", "--data.files=[a.txt, b.txt]"])
+    assert cfg.data.files == ["a.txt", "b.txt"]
+    assert load_config(None, ["--train.sample_prompt="]).train.sample_prompt == ""
+
+
+# --- impossible values -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--model.n_experts=4", "--model.top_k=5"], "model.top_k"),
+    (["--model.n_heads=8", "--model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["--model.n_heads=6"], "model.n_heads"),  # 256 % 6 != 0
+    (["--model.capacity_factor=0"], "model.capacity_factor"),
+    (["--model.capacity_factor=-1.5"], "model.capacity_factor"),
+    (["--model.eval_capacity_factor=0.0"], "model.eval_capacity_factor"),
+    (["--train.batch_size=12", "--train.micro_batch_size=8"], "train.batch_size"),
+    (["--data.seq_len=512"], "data.seq_len"),  # > max_seq_len 256
+    (["--model.capacity_group_seqs=3"], "model.capacity_group_seqs"),  # 16 % 3
+    (["--model.min_capacity=-1"], "model.min_capacity"),
+    (["--model.router_jitter=1.0"], "model.router_jitter"),
+    (["--model.head_dim=7"], "model.head_dim"),
+    (["--model.drop_policy=random"], "model.drop_policy"),
+    (["--model.expert_impl=cuda"], "model.expert_impl"),
+    (["--model.top_k=0"], "model.top_k"),
+    (["--data.val_fraction=1"], "data.val_fraction"),
+    (["--data.source=hf"], "data.hf_name"),
+])
+def test_impossible_values_name_the_key(overrides, key):
+    assert key in config_error(overrides=overrides)
+
+
+def test_seq_len_equal_to_max_is_fine():
+    cfg = load_config(None, ["--data.seq_len=256", "--model.max_seq_len=256"])
+    assert cfg.data.seq_len == cfg.model.max_seq_len
+
+
+def test_every_key_accepts_its_own_default():
+    # The type hints and the coercion rules agree for every key (a new key whose type the
+    # coercion does not handle fails here).
+    cfg = Config()
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            assert from_dict({section.name: {f.name: value}}) == cfg, f"{section.name}.{f.name}"

@@ -1,0 +1,153 @@
+"""End-to-end training on the built-in corpus: learning, exact resume, accumulation, checkpoints."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from moe.config import ConfigError, load_config
+from moe.optim import batch_size_at, lr_at, micro_batches
+from moe.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough for seconds-long runs on 2 cores, on a slice of the stdlib.
+TINY = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
+        "--model.n_heads=4", "--model.n_kv_heads=1", "--model.n_experts=4", "--model.top_k=2",
+        "--model.expert_hidden=64", "--model.max_seq_len=32", "--data.seq_len=32",
+        "--data.code_max_mb=0.3", "--train.batch_size=8", "--train.micro_batch_size=8",
+        "--train.warmup_steps=5", "--train.lr=3e-3", "--train.eval_batches=4",
+        "--train.sample_tokens=0", "--log.progress=false", "--log.log_every=1"]
+
+
+def _cfg(tmp_path, name, *extra):
+    return load_config(None, TINY + [f"--data.cache_dir={tmp_path / 'cache'}",
+                                     f"--train.run_dir={tmp_path / name}", *extra])
+
+
+def _rows(run_dir):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_training_learns_and_writes_run_folder(tmp_path):
+    cfg = _cfg(tmp_path, "run", "--train.max_steps=60", "--train.eval_every=20",
+               "--train.sample_tokens=20")
+    summary = train(cfg)
+    rows = _rows(cfg.train.run_dir)
+    train_rows = [r for r in rows if "lm_loss" in r]
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 61))
+    for key in ("step", "tokens", "loss", "lm_loss", "aux_loss", "z_loss", "drop_frac", "lr",
+                "grad_norm", "tokens_per_s", "layers"):
+        assert key in train_rows[0], key
+    assert train_rows[-1]["tokens"] == 60 * 8 * 32
+    # The logged loss is the LM loss plus the weighted router losses.
+    r = train_rows[-1]
+    assert r["loss"] == pytest.approx(r["lm_loss"] + r["router_loss"], rel=1e-9)
+    assert 0 < r["aux_loss"] < 4 and r["z_loss"] > 0 and 0 <= r["drop_frac"] < 1
+    assert set(r["layers"]) == {"0", "1"} and len(r["layers"]["0"]["tokens_per_expert"]) == 4
+    # Visibly learns: from ln(512) = 6.24 at init to well below, and val improves at each eval.
+    assert train_rows[0]["lm_loss"] > 6.0
+    assert sum(r["lm_loss"] for r in train_rows[-10:]) / 10 < train_rows[0]["lm_loss"] - 0.7
+    val = [r["val_loss"] for r in val_rows]
+    assert len(val) == 3 and val[0] > val[1] > val[2]
+    assert summary["val_loss"] == val_rows[-1]["val_loss"]
+    assert isinstance(summary["sample"], str) and summary["sample"]
+    saved = (Path(cfg.train.run_dir) / "config.yaml").read_text()
+    assert "n_experts: 4" in saved
+    assert latest_checkpoint(cfg.train.run_dir).name == "step_00000060"
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    # jitter draws from the RNG, the ramp changes batch sizes, accumulation splits them
+    ["--model.router_jitter=0.1", "--train.batch_ramp_tokens=1024",
+     "--train.batch_ramp_start=2", "--train.micro_batch_size=4"],
+])
+def test_resume_continues_exactly(tmp_path, extra):
+    common = ["--train.decay_steps=12", "--train.eval_every=100", "--train.ckpt_every=100", *extra]
+    full = _cfg(tmp_path, "full", "--train.max_steps=12", *common)
+    train(full)
+    part = _cfg(tmp_path, "part", "--train.max_steps=6", *common)
+    train(part)
+    assert latest_checkpoint(part.train.run_dir).name == "step_00000006"
+    train(_cfg(tmp_path, "part", "--train.max_steps=12", *common))
+    a = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(full.train.run_dir) if "lm_loss" in r]
+    b = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(part.train.run_dir) if "lm_loss" in r]
+    assert a == b  # bit-identical on CPU, the resumed half included
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    """Micro-batching is a layout choice: with per-sequence capacity groups the step is the same."""
+    one = _cfg(tmp_path, "one", "--train.max_steps=3", "--model.capacity_factor=1.0")
+    four = _cfg(tmp_path, "four", "--train.max_steps=3", "--model.capacity_factor=1.0",
+                "--train.micro_batch_size=2")
+    train(one)
+    train(four)
+    ra = [r for r in _rows(one.train.run_dir) if "lm_loss" in r]
+    rb = [r for r in _rows(four.train.run_dir) if "lm_loss" in r]
+    assert ra[0]["drop_frac"] > 0  # dropping is active
+    for x, y in zip(ra, rb):
+        for key in ("loss", "aux_loss", "z_loss", "drop_frac", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
+        assert x["layers"]["1"]["tokens_per_expert"] == y["layers"]["1"]["tokens_per_expert"]
+
+
+def test_changed_model_cannot_resume(tmp_path):
+    train(_cfg(tmp_path, "run", "--train.max_steps=2"))
+    with pytest.raises(ConfigError, match="model.n_experts"):
+        train(_cfg(tmp_path, "run", "--train.max_steps=4", "--model.n_experts=2"))
+
+
+def test_parallel_sizes_need_distributed_trainer(tmp_path):
+    with pytest.raises(ConfigError, match="parallel"):
+        train(_cfg(tmp_path, "run", "--parallel.tp=2"))
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"x": torch.ones(2)})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 2, {"x": torch.zeros(2)})
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
+    # Pruning keeps the newest `keep`.
+    for s in (2, 3, 4):
+        save_checkpoint(tmp_path, s, {"x": torch.zeros(1)}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+
+
+def test_schedules():
+    cfg = load_config(None, ["--train.lr=1.0", "--train.warmup_steps=10", "--train.max_steps=110",
+                             "--train.min_lr_ratio=0.1", "--train.batch_size=64",
+                             "--train.micro_batch_size=16", "--train.batch_ramp_tokens=1000",
+                             "--train.batch_ramp_start=16"]).train
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    assert lr_at(500, cfg) == pytest.approx(0.1)
+    assert batch_size_at(0, cfg, seq_len=10, group_seqs=1) == 16
+    assert batch_size_at(500, cfg, seq_len=10, group_seqs=1) == 40
+    assert batch_size_at(500, cfg, seq_len=10, group_seqs=16) == 32
+    assert batch_size_at(1000, cfg, seq_len=10, group_seqs=1) == 64
+    assert micro_batches(40, 16) == [16, 16, 8]
+
+
+def test_train_cli_rejects_bad_config_in_one_line():
+    out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/tiny.yaml",
+                          "--model.top_k=99"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "model.top_k" in out.stderr
+    out = subprocess.run([sys.executable, "scripts/train.py", "--model.n_expert=4"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "model.n_expert" in out.stderr
