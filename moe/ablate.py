@@ -234,8 +234,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def is_finished(run_dir: Path, max_steps: int) -> bool:
     """Final checkpoint at max_steps and a val row at max_steps in metrics.jsonl."""
-    ckpt = Path(run_dir) / "checkpoints" / f"step_{max_steps:08d}" / "state.pt"
-    return ckpt.is_file() and any(r.get("step") == max_steps and "val_loss" in r
+    from moe.checkpoint import list_checkpoints
+
+    done = any(p.name == f"step_{max_steps:08d}" for p in list_checkpoints(run_dir))
+    return done and any(r.get("step") == max_steps and "val_loss" in r
                                   for r in read_metrics(run_dir))
 
 

@@ -199,15 +199,17 @@ def summarise(times: list[float], stepper: Stepper, peak: float) -> dict:
     }
 
 
-def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, repeats: int = 3,
-              impls: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Time the MoE step and the active-matched dense step, interleaved.
+def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False,
+              log: Callable[[str], None] | None = None) -> dict:
+    """Time the MoE step and the active-matched dense step, interleaved step by step.
 
-    ``repeats`` rounds; each round times ``steps`` consecutive steps of every variant in turn
-    (MoE, dense, then each expert implementation with ``impls``), so slow phases of a noisy
-    machine fall on all variants alike. Reported: the median over all timed steps of a variant
-    (``steps * repeats`` of them). ``warmup`` untimed steps per variant come first: they absorb
-    first-call costs (allocator growth, oneDNN primitive creation, lazy kernel set-up).
+    ``warmup`` untimed steps per variant first (they absorb first-call costs: allocator growth,
+    lazy kernel set-up, first-touch page faults). Then ``steps`` timed steps of each variant,
+    taken in turns (MoE, dense, then each expert implementation with ``impls``; the order
+    reversed every other turn), so the slow phases of a shared, noisy machine fall on all
+    variants alike. Reported per variant: the median step time (tokens/s = tokens per step /
+    median). ``ratio_paired`` is the median over turns of dense time / MoE time, the
+    estimate least disturbed by load that drifts during the run.
     """
     log = log or (lambda s: None)
     threads = set_threads(cfg)
@@ -223,6 +225,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, repeats: int = 3,
     log(f"device {device}, torch {torch.__version__}, threads {threads}, dtype "
         f"{'bf16 autocast' if amp else 'fp32'}")
     t0 = time.perf_counter()
+    load0 = _loadavg()
     peak = matmul_peak(device, run_dtype)
     log(f"matmul peak (2048^3, {str(run_dtype).replace('torch.', '')}, best of 5): "
         f"{peak / 1e9:.1f} GFLOP/s")
@@ -253,11 +256,13 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, repeats: int = 3,
             log(f"warm-up {name}: {warmup} steps, first {first_step[name]:.2f} s")
 
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(repeats):
-        for name in variants:
-            times[name] += run_steps(name, steps)
-        log(f"round {r + 1}/{repeats}: " + ", ".join(
-            f"{n} {statistics.median(times[n][-steps:]) * 1e3:.0f} ms" for n in variants))
+    names = list(variants)
+    for i in range(steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            times[name] += run_steps(name, 1)
+        if (i + 1) % max(1, steps // 4) == 0 or i + 1 == steps:
+            log(f"timed {i + 1}/{steps}: median " + ", ".join(
+                f"{n} {statistics.median(times[n]) * 1e3:.0f} ms" for n in names))
     moe_stepper.set_impl(mcfg.expert_impl)
 
     res = {name: summarise(times[name], variants[name][0], peak) for name in variants}
@@ -266,6 +271,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, repeats: int = 3,
         "moe_tokens_per_s": moe["tokens_per_s"],
         "dense_tokens_per_s": dense["tokens_per_s"],
         "ratio": moe["tokens_per_s"] / dense["tokens_per_s"],
+        "ratio_paired": statistics.median(d / m for d, m in zip(times["dense"], times["moe"])),
         "mfu": moe["mfu"],
         "dense_mfu": dense["mfu"],
         "peak_flops": peak,
@@ -291,8 +297,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, repeats: int = 3,
         "dtype": "bf16" if amp else "fp32",
         "steps": steps,
         "warmup": warmup,
-        "repeats": repeats,
-        "timed_steps_per_variant": steps * repeats,
+        "loadavg_start": load0,
+        "loadavg_end": _loadavg(),
         "flop_convention": "3 x moe.accounting.flops_per_token: 6*N_active + "
                            "6*n_layers*n_heads*head_dim*(seq_len+1) per token; N_active = "
                            "active_matmul_params (output head and top_k/n_experts of the experts "
@@ -305,6 +311,14 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, repeats: int = 3,
                                "ratio_to_dense": res[impl]["tokens_per_s"] / dense["tokens_per_s"]}
                         for impl in IMPLS}
     return out
+
+
+def _loadavg() -> float | None:
+    """1-minute load average (how busy the machine was: numbers from a shared box vary)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _cpu_name() -> str:

@@ -1,67 +1,71 @@
-"""Single-process checkpoints: one folder per step, written atomically.
+"""Checkpoints in one process: the same sharded DCP format as distributed runs (mesh None).
 
-Layout: ``<run_dir>/checkpoints/step_00000100/state.pt``. A checkpoint is first written to a
-hidden temporary folder and renamed into place only when complete, so a crash mid-save leaves
-the previous checkpoints untouched and never a half-written one that looks complete.
+The format, its layout on disk and how saves stay atomic are described in
+moe/parallel/checkpoint.py; this module is the single-process front end the trainer and the
+analysis tools use::
+
+    save_checkpoint(run_dir, step, {"model": model, "optimizer": opt, "step": ..., ...})
+    extra = read_extra(ckpt)                         # config, step, loader, RNG (no tensors)
+    restore_checkpoint(ckpt, model, optimizer)       # in place, exact
+    state = load_checkpoint(ckpt)                    # {"model": full plain state dict,
+                                                     #  "optimizer": name-keyed, "config", ...}
+
+The trainer, which runs in one process or under torchrun, uses the layout-aware pair
+``save_training_state(run_dir, step, parts, optimizer, extra, mesh, keep)`` and
+``load_training_state(ckpt, parts, optimizer, mesh) -> extra`` (moe.parallel.checkpoint's
+``save`` / ``load``; ``mesh=None`` in one process).
+
+A checkpoint written by any layout (tp x pp x dp x ep) loads here, and one written here
+resumes any layout. Folders from before this format (``step_*/state.pt``) still load.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
-
 import torch
+from torch import nn
 
-STATE_FILE = "state.pt"
+from moe.parallel.checkpoint import (MODEL, checkpoint_dir, full_state, is_checkpoint,
+                                     latest_checkpoint, list_checkpoints, load, model_state,
+                                     optimizer_state, read_extra, save, save_state)
 
+__all__ = ["checkpoint_dir", "is_checkpoint", "latest_checkpoint", "list_checkpoints",
+           "load_checkpoint", "load_training_state", "read_extra", "restore_checkpoint",
+           "save_checkpoint", "save_training_state"]
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step_*") if (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+save_training_state = save  # (run_dir, step, parts, optimizer, extra, mesh=None, keep=2)
+load_training_state = load  # (path, parts, optimizer=None, mesh=None) -> extra
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # re-saving a step: swap, never leave a gap without a checkpoint
-        old = root / f".old_step_{step:08d}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+    """Save ``state`` as the checkpoint of ``step``, atomically; keep the newest ``keep``.
+
+    ``state["model"]``: the model (``nn.Module``) or a plain state dict; ``state["optimizer"]``
+    (optional): the optimizer itself, which needs the module to name its parameters. Every
+    other entry (step, tokens, loader state, RNG, config dict, ...) is stored as is.
+    """
+    extra = dict(state)
+    model, optimizer = extra.pop("model", None), extra.pop("optimizer", None)
+    if isinstance(model, nn.Module):
+        tensors = model_state([model])
+        if optimizer is not None:
+            tensors.update(optimizer_state([model], optimizer))
     else:
-        os.replace(tmp, final)
-    for stale in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+        if optimizer is not None:
+            raise TypeError('save_checkpoint: pass state["model"] as the nn.Module when saving '
+                            'an optimizer (its state is keyed by parameter name)')
+        tensors = {MODEL + k: v.detach() for k, v in (model or {}).items()}
+    return save_state(run_dir, step, tensors, extra, mesh=None, keep=keep)
+
+
+def restore_checkpoint(path: str | Path, model: nn.Module,
+                       optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load the weights (and AdamW state) of any checkpoint into ``model`` / ``optimizer`` in
+    place, exactly as saved; returns the checkpoint's extra dict."""
+    return load(path, [model], optimizer, mesh=None)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Any checkpoint (a ``step_*`` folder or a file in it), unsharded:
+    ``{"model": full plain state dict, "optimizer": {...}, "config": ..., **extra}``."""
+    return full_state(path, map_location)

@@ -198,12 +198,12 @@ def load_checkpoint_model(checkpoint: str | Path) -> torch.nn.Module:
     """The model saved in a training checkpoint (``moe/checkpoint.py``: a ``step_*`` folder or
     its ``state.pt``, whose state holds ``model`` and ``config``; or a run folder, meaning its
     latest checkpoint), in eval mode on the CPU."""
-    from moe.checkpoint import latest_checkpoint, load_checkpoint
+    from moe.checkpoint import is_checkpoint, latest_checkpoint, load_checkpoint
     from moe.config import from_dict
     from moe.model import build_model
 
     path = Path(checkpoint)
-    if path.is_dir() and not (path / "state.pt").is_file():
+    if path.is_dir() and not is_checkpoint(path):
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"no checkpoint in {path} (nor in {path}/checkpoints)")

@@ -16,53 +16,67 @@ class RoutingAccumulator:
     """Sums one step's routing statistics over its micro-batches, per MoE layer.
 
     Counts are summed; losses and entropy are averaged with each micro-batch's share of the
-    global batch as weight, so the step's numbers are those of the whole global batch.
+    global batch as weight, so after summing over data ranks (``pack`` -> all-reduce ->
+    ``summary``) the step's numbers are those of the whole global batch. ``layer_names`` are
+    the full model's MoE layers, so ranks holding different pipeline stages pack alike.
     """
 
-    def __init__(self, layers: dict[str, MoE]):
-        self.layers = layers
-        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+    FIELDS = ("aux_loss", "z_loss", "entropy", "router_loss")
 
-    def add(self, weight: float) -> None:
-        for name, layer in self.layers.items():
-            st = layer.last_stats
-            acc = self.sums.setdefault(name, {
-                "tokens_per_expert": torch.zeros_like(st.tokens_per_expert),
-                "kept_per_expert": torch.zeros_like(st.kept_per_expert),
-                "aux_loss": 0.0, "z_loss": 0.0, "entropy": 0.0, "router_loss": 0.0})
-            acc["tokens_per_expert"] += st.tokens_per_expert
-            acc["kept_per_expert"] += st.kept_per_expert
-            acc["aux_loss"] += weight * st.aux_loss
-            acc["z_loss"] += weight * st.z_loss
-            acc["entropy"] += weight * st.entropy
-            acc["router_loss"] += weight * layer.router_loss()
+    def __init__(self, layer_names: list[str], n_experts: int):
+        self.names = list(layer_names)
+        self.n_experts = n_experts
+        n = len(self.names)
+        self.tokens = torch.zeros(n, n_experts, dtype=torch.float64)
+        self.kept = torch.zeros(n, n_experts, dtype=torch.float64)
+        self.scalars = torch.zeros(n, len(self.FIELDS), dtype=torch.float64)
+
+    def add_layer(self, name: str, layer: MoE, weight: float) -> None:
+        i = self.names.index(name)
+        st = layer.last_stats
+        self.tokens[i] += st.tokens_per_expert.detach().double().cpu()
+        self.kept[i] += st.kept_per_expert.detach().double().cpu()
+        vals = torch.stack([st.aux_loss, st.z_loss, st.entropy, layer.router_loss()])
+        self.scalars[i] += weight * vals.detach().double().cpu()
+
+    def add(self, layers: dict[str, MoE], weight: float) -> None:
+        for name, layer in layers.items():
+            self.add_layer(name, layer, weight)
+
+    def pack(self) -> torch.Tensor:
+        return torch.cat([self.tokens.flatten(), self.kept.flatten(), self.scalars.flatten()])
+
+    def unpack(self, flat: torch.Tensor) -> None:
+        n, e, f = len(self.names), self.n_experts, len(self.FIELDS)
+        flat = flat.double().cpu()
+        self.tokens = flat[: n * e].view(n, e).clone()
+        self.kept = flat[n * e: 2 * n * e].view(n, e).clone()
+        self.scalars = flat[2 * n * e:].view(n, f).clone()
 
     def summary(self) -> tuple[dict, dict]:
         """(scalars over all layers, per-layer details) as plain Python numbers."""
-        per_layer, total, kept = {}, 0, 0
-        for name, acc in self.sums.items():
-            tpe = acc["tokens_per_expert"].cpu()
-            kpe = acc["kept_per_expert"].cpu()
-            t, k = int(tpe.sum()), int(kpe.sum())
-            total, kept = total + t, kept + k
+        per_layer = {}
+        for i, name in enumerate(self.names):
+            tpe, kpe = self.tokens[i], self.kept[i]
+            t, k = float(tpe.sum()), float(kpe.sum())
+            aux, z, ent, _ = self.scalars[i].tolist()
             per_layer[name] = {
-                "tokens_per_expert": tpe.tolist(),
-                "kept_per_expert": kpe.tolist(),
+                "tokens_per_expert": [int(v) for v in tpe.tolist()],
+                "kept_per_expert": [int(v) for v in kpe.tolist()],
                 "drop_frac": 1.0 - k / t if t else 0.0,
-                "max_over_mean_load": float(tpe.max() / tpe.float().mean().clamp_min(1e-9)),
-                "aux_loss": float(acc["aux_loss"]),
-                "z_loss": float(acc["z_loss"]),
-                "entropy": float(acc["entropy"]),
+                "max_over_mean_load": float(tpe.max() / tpe.mean().clamp_min(1e-9)),
+                "aux_loss": aux, "z_loss": z, "entropy": ent,
             }
         n = max(1, len(per_layer))
+        total, kept = float(self.tokens.sum()), float(self.kept.sum())
         scalars = {
-            "aux_loss": sum(v["aux_loss"] for v in per_layer.values()) / n,
-            "z_loss": sum(v["z_loss"] for v in per_layer.values()) / n,
-            "router_loss": float(sum(acc["router_loss"] for acc in self.sums.values())),
+            "aux_loss": float(self.scalars[:, 0].sum()) / n,
+            "z_loss": float(self.scalars[:, 1].sum()) / n,
+            "router_loss": float(self.scalars[:, 3].sum()),
             "drop_frac": 1.0 - kept / total if total else 0.0,
             "max_over_mean_load": max((v["max_over_mean_load"] for v in per_layer.values()),
                                       default=1.0),
-            "router_entropy": sum(v["entropy"] for v in per_layer.values()) / n,
+            "router_entropy": float(self.scalars[:, 2].sum()) / n,
         }
         return scalars, per_layer
 

@@ -10,14 +10,16 @@ from torch import nn
 from moe.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module | list[nn.Module], weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on norms, biases and the input embedding.
 
     Norm weights and biases are 1-D; the embedding is named ``tok_embeddings`` (module names are
     an API). A tied output head shares the embedding and so is not decayed either.
+    ``model`` may be a list of parts (pipeline stages held by one rank).
     """
+    parts = model if isinstance(model, list) else [model]
     decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
+    for name, p in ((n, p) for part in parts for n, p in part.named_parameters()):
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
@@ -29,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module | list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                              betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 

@@ -1,7 +1,11 @@
-"""The single-process training loop: data, model, AdamW, schedule, eval, checkpoints, logs.
+"""The training loop: data, model, AdamW, schedule, eval, checkpoints, logs.
 
-Running again with the same ``train.run_dir`` resumes from its latest checkpoint and continues
-exactly as an unbroken run would (model, optimizer, data position and RNG are all restored).
+The same loop runs in one process and under ``torchrun`` with any tp x pp x dp x ep layout;
+what differs per layout lives in ``moe.parallel.runtime.Runtime``. Every rank builds the same
+full model from the same seed and reads the same global batch; the runtime keeps this rank's
+part of both. Running again with the same ``train.run_dir`` resumes from its latest checkpoint
+and continues exactly as an unbroken run would (model, optimizer, data position, RNG), also on
+another layout.
 """
 
 from __future__ import annotations
@@ -13,16 +17,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
-from moe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe.checkpoint import (latest_checkpoint, load_training_state, read_extra,
+                            save_training_state)
 from moe.config import Config, ConfigError
 from moe.data import PackedLoader, prepare_data, val_batches
 from moe.generate import generate
 from moe.metrics import MetricsLogger, RoutingAccumulator
 from moe.model import build_model
-from moe.optim import batch_size_at, build_optimizer, lr_at, micro_batches
+from moe.optim import batch_size_at, build_optimizer, lr_at
+from moe.parallel.mesh import init_distributed
+from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
+
+__all__ = ["train", "lm_loss", "resolve_device", "autocast_context"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,23 +49,6 @@ def autocast_context(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-@torch.no_grad()
-def evaluate(model, batches, device, cfg: Config) -> float:
-    """Mean LM loss over fixed validation batches, in eval mode (eval capacity factor)."""
-    model.eval()
-    total = 0.0
-    for x, y in batches:
-        with autocast_context(device, cfg.train.dtype):
-            logits = model(x.to(device))
-        total += float(lm_loss(logits, y.to(device)))
-    model.train()
-    return total / len(batches)
-
-
 def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
     """A checkpoint can only continue the same model and data: name what differs."""
     now = cfg.to_dict()
@@ -70,11 +61,12 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
 
 def train(cfg: Config) -> dict:
     """Train per ``cfg``; returns a summary dict (final step, losses, sample text)."""
-    if cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp * cfg.parallel.ep != 1:
-        raise ConfigError("parallel.tp/pp/dp/ep > 1 need the distributed trainer, which is not "
-                          "available yet: set them to 1")
     tc, mc = cfg.train, cfg.model
-    device = resolve_device(tc.device)
+    dims, mesh, dist_device = init_distributed(cfg)
+    if mesh is None and dims.world_size != 1:
+        raise ConfigError(f"{dims.describe()} needs {dims.world_size} processes: launch with "
+                          f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
+    device = dist_device or resolve_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_dir = Path(tc.run_dir)
@@ -86,69 +78,59 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"data: {e}") from e
     seq_len = cfg.data.seq_len
     torch.manual_seed(tc.seed)
-    model = build_model(mc, device)
-    optimizer = build_optimizer(model, tc)
+    # Every rank builds the full model from the same seed; the runtime keeps its own part.
+    model = build_model(mc, "cpu" if mesh is not None else device)
+    runtime = Runtime(cfg, model, mesh, device,
+                      autocast=lambda: autocast_context(device, tc.dtype))
+    main = runtime.is_main
+    optimizer = build_optimizer(runtime.parts, tc)
     loader = PackedLoader(data.train, data.epochs, seq_len, tc.seed)
     val = val_batches(data.val, seq_len, tc.micro_batch_size, tc.eval_batches)
 
     step, tokens = 0, 0
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        state = load_checkpoint(ckpt, map_location=device)
-        _check_resume_config(state["config"], cfg, ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu())
-        step, tokens = state["step"], state["tokens"]
-        print(f"resuming from {ckpt} at step {step}", file=sys.stderr)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    logger = MetricsLogger(run_dir, cfg, resume_step=step)
-    fwd = torch.compile(model) if tc.compile else model
-    moe_layers = {name: layer.feed_forward for name, layer in model.layers.items()
-                  if hasattr(layer.feed_forward, "router")}
-    progress = _progress_bar(cfg, step)
+        _check_resume_config(read_extra(ckpt)["config"], cfg, ckpt)
+        extra = load_training_state(ckpt, runtime.parts, optimizer, mesh)
+        loader.load_state_dict(extra["loader"])
+        torch.set_rng_state(extra["rng"]["torch"].cpu())
+        if device.type == "cuda" and "cuda" in extra["rng"]:
+            torch.cuda.set_rng_state(extra["rng"]["cuda"].cpu())
+        step, tokens = extra["step"], extra["tokens"]
+        if main:
+            print(f"resuming from {ckpt} at step {step}", file=sys.stderr)
+    if main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    logger = MetricsLogger(run_dir, cfg, resume_step=step) if main else None
+    if tc.compile:
+        runtime.compile()
+    progress = _progress_bar(cfg, step, enabled=main)
     summary: dict = {"val_loss": None}
 
     def save() -> None:
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(run_dir, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "loader": loader.state_dict(), "rng": rng, "step": step, "tokens": tokens,
-            "config": cfg.to_dict()}, keep=tc.keep_checkpoints)
+        extra = {"loader": loader.state_dict(), "rng": rng, "step": step, "tokens": tokens,
+                 "config": cfg.to_dict()}
+        save_training_state(run_dir, step, runtime.parts, optimizer, extra, mesh,
+                            keep=tc.keep_checkpoints)
 
-    model.train()
+    runtime.train(True)
+    layer_names = moe_layer_names(cfg)
     while step < tc.max_steps:
         t0 = time.perf_counter()
-        batch = batch_size_at(tokens, tc, seq_len, mc.capacity_group_seqs)
+        batch = batch_size_at(tokens, tc, seq_len, mc.capacity_group_seqs * dims.data_shards)
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        routing = RoutingAccumulator(moe_layers)
-        step_lm = 0.0
-        for mb in micro_batches(batch, tc.micro_batch_size):
-            share = mb / batch  # token-weighted: the step's gradient is the global batch's
-            x, y = loader.next_batch(mb)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            model.set_loss_scale(share)
-            with autocast_context(device, tc.dtype):
-                logits = fwd(x)
-            loss = lm_loss(logits, y)
-            (loss * share).backward()  # router losses inject their own gradient (moe.py)
-            step_lm += share * float(loss.detach())
-            routing.add(share)
-        if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
-                                                       if p.grad is not None])
+        routing = RoutingAccumulator(layer_names, mc.n_experts)
+        x, y = loader.next_batch(batch)  # the global batch, identical on every rank
+        step_lm = runtime.forward_backward(x, y, routing)
+        grad_norm = runtime.reduce_and_clip(tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_lm = runtime.reduce_step_metrics(step_lm, routing)
         step += 1
         tokens += batch * seq_len
         if device.type == "cuda":
@@ -162,11 +144,12 @@ def train(cfg: Config) -> dict:
         if not math.isfinite(row["loss"]):
             raise FloatingPointError(f"loss is {row['loss']} at step {step}: lower train.lr or "
                                      f"check the data; last checkpoint is kept")
-        if step % cfg.log.log_every == 0 or step in (1, tc.max_steps):
+        if main and (step % cfg.log.log_every == 0 or step in (1, tc.max_steps)):
             logger.log({**row, "layers": per_layer})
         if step % tc.eval_every == 0 or step == tc.max_steps:
-            summary["val_loss"] = evaluate(fwd, val, device, cfg)
-            logger.log({"step": step, "tokens": tokens, "val_loss": summary["val_loss"]})
+            summary["val_loss"] = runtime.evaluate(val)
+            if main:
+                logger.log({"step": step, "tokens": tokens, "val_loss": summary["val_loss"]})
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             save()
         progress.update(1)
@@ -174,15 +157,21 @@ def train(cfg: Config) -> dict:
                              drop=f"{row['drop_frac']:.3f}",
                              val="-" if summary["val_loss"] is None else f"{summary['val_loss']:.3f}")
     progress.close()
-    logger.close()
+    if logger is not None:
+        logger.close()
 
     summary.update(step=step, tokens=tokens)
     if tc.sample_tokens:
-        summary["sample"] = sample(model, data.tokenizer, cfg, device)
+        if runtime.pipeline is None:
+            summary["sample"] = sample(runtime.parts[0], data.tokenizer, cfg, device)
+        elif main:
+            print("(no sample under pipeline parallelism: run scripts/generate.py --run "
+                  f"{run_dir} in one process)", file=sys.stderr)
     return summary
 
 
 def sample(model, tokenizer, cfg: Config, device: torch.device) -> str:
+    """Sample from the model; under tp/ep every rank runs it (same seed, same tokens)."""
     tc = cfg.train
     ids = tokenizer.encode(tc.sample_prompt)
     prompt = torch.tensor([ids or [tokenizer.eot_id]], device=device)
@@ -193,8 +182,9 @@ def sample(model, tokenizer, cfg: Config, device: torch.device) -> str:
     return tokenizer.decode(out[0].tolist())
 
 
-def _progress_bar(cfg: Config, step: int):
+def _progress_bar(cfg: Config, step: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.train.max_steps, initial=step, disable=not cfg.log.progress,
-                desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=cfg.train.max_steps, initial=step,
+                disable=not (cfg.log.progress and enabled), desc="train", unit="step",
+                dynamic_ncols=True, file=sys.stderr)

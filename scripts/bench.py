@@ -8,9 +8,9 @@ parameters (every FFN dense, hidden = top_k * expert_hidden).
     python scripts/bench.py --config configs/bench.yaml --model.n_experts=8 --steps 20
 
 Runs on CUDA when available and train.device allows (bf16 autocast for train.dtype auto/bf16),
-else on CPU (fp32 unless train.dtype=bf16). Tokens/s is the median over ``--steps x --repeats``
-timed steps after ``--warmup`` untimed ones per variant; variants are timed in interleaved rounds
-so a noisy machine slows them alike. The FLOP convention is in moe/bench.py's docstring.
+else on CPU (fp32 unless train.dtype=bf16). Tokens/s is the median of ``--steps`` timed steps
+after ``--warmup`` untimed ones per variant; the variants' steps are taken in turns so a noisy
+machine slows them alike. The FLOP convention is in moe/bench.py's docstring.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Any --section.key=value overrides the config.")
     p.add_argument("--config", default="configs/bench.yaml")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     p.add_argument("--impls", action="store_true",
                    help="also time the MoE with each expert implementation (grouped, bmm, loop)")
     p.add_argument("--profile", action="store_true",
@@ -42,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like --section.key=value)")
-    if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1, --warmup >= 0")
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
@@ -55,14 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     log = None if args.json else (lambda s: print(s, flush=True))
-    r = run_bench(cfg, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                  impls=args.impls, log=log)
+    r = run_bench(cfg, steps=args.steps, warmup=args.warmup, impls=args.impls, log=log)
     if args.json:
         print(json.dumps(r))
         return 0
-    n = r["timed_steps_per_variant"]
-    print(f"\n{r['tokens_per_step']} tokens/step, median of {n} timed steps "
-          f"({r['repeats']} rounds x {r['steps']}), {r['warmup']} warm-up steps per variant")
+    print(f"\n{r['tokens_per_step']} tokens/step, median of {r['steps']} timed steps per variant "
+          f"(taken in turns) after {r['warmup']} warm-up steps; load average "
+          f"{r['loadavg_start']} -> {r['loadavg_end']}")
     print(f"peak (measured matmul): {r['peak_flops'] / 1e9:.1f} GFLOP/s")
     print(f"{'':8s} {'tokens/s':>10s} {'step ms':>8s} {'MFU':>6s} {'active params':>14s}")
     print(f"{'moe':8s} {r['moe_tokens_per_s']:10.0f} {r['moe_step_s'] * 1e3:8.1f} "
@@ -73,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     for impl, v in r.get("impls", {}).items():
         print(f"{'  ' + impl:8s} {v['tokens_per_s']:10.0f} {v['step_s'] * 1e3:8.1f} "
               f"{v['mfu']:6.1%}   moe/dense {v['ratio_to_dense']:.2f}")
-    print(f"moe / dense tokens/s: {r['ratio']:.3f}")
+    print(f"moe / dense tokens/s: {r['ratio']:.3f} (median of per-turn ratios "
+          f"{r['ratio_paired']:.3f})")
     return 0
 
 

@@ -1,0 +1,167 @@
+"""Parallel sizes, their validation, the device mesh, and how each parameter is sharded.
+
+Mesh dimensions, outermost first: ``("pp", "dp", "ep", "tp")``; tensor parallelism innermost
+so its ranks share a node's fast links. A rank's data shard is its (dp, ep) coordinate: expert-
+parallel ranks hold different experts *and* see different data, so dense parameters are
+replicated over dp * ep ranks and expert parameters over dp ranks.
+
+Every parameter carries a small record of how it is split (``shard_spec``):
+``{"tp": dim}`` / ``{"ep": dim}`` for tensor/expert sharding, plus ``tp_partial_grad`` for a
+parameter replicated over tp whose gradient each tp rank only partly computes (the shared K/V
+projections of multi-query attention). Gradient reduction, the gradient norm and checkpoints
+all read these records, so they never need to know which module a parameter came from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe.config import Config, ConfigError
+
+MESH_DIMS = ("pp", "dp", "ep", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "ParallelDims":
+        p = cfg.parallel
+        return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.ep
+
+    @property
+    def data_shards(self) -> int:
+        """Ranks that see different data: dp * ep."""
+        return self.dp * self.ep
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.pp, self.dp, self.ep, self.tp)
+
+    def describe(self) -> str:
+        return (f"parallel.tp={self.tp} x parallel.pp={self.pp} x parallel.dp={self.dp} x "
+                f"parallel.ep={self.ep}")
+
+    def validate(self, cfg: Config, world_size: int) -> None:
+        """Check the sizes against the world and the model; errors name every size."""
+        if self.world_size != world_size:
+            raise ConfigError(f"{self.describe()} = {self.world_size}, but the world size is "
+                              f"{world_size}: make their product equal the number of processes")
+        m, t, p = cfg.model, cfg.train, cfg.parallel
+        if m.n_heads % self.tp:
+            raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tp="
+                              f"{self.tp} ({self.describe()}, world size {world_size})")
+        if m.n_kv_heads % self.tp and m.n_kv_heads != 1:
+            raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must be 1 (replicated) or "
+                              f"divisible by parallel.tp={self.tp}")
+        n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+        if n_moe and m.expert_hidden % self.tp:
+            raise ConfigError(f"model.expert_hidden={m.expert_hidden} is not divisible by "
+                              f"parallel.tp={self.tp}")
+        if n_moe < m.n_layers and m.ffn_hidden % self.tp:
+            raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by "
+                              f"parallel.tp={self.tp}")
+        if m.n_experts % self.ep:
+            raise ConfigError(f"model.n_experts={m.n_experts} is not divisible by parallel.ep="
+                              f"{self.ep} ({self.describe()}, world size {world_size})")
+        if self.ep > 1 and n_moe == 0:
+            raise ConfigError(f"parallel.ep={self.ep} needs MoE layers (model.moe_every)")
+        n_stages = self.pp * (p.pp_stages_per_rank if p.pp_schedule == "interleaved_1f1b"
+                              and self.pp > 1 else 1)
+        if p.pp_layers is not None:
+            if len(p.pp_layers) != n_stages or sum(p.pp_layers) != m.n_layers:
+                raise ConfigError(f"parallel.pp_layers={p.pp_layers} must list {n_stages} stage "
+                                  f"sizes summing to model.n_layers={m.n_layers}")
+        elif m.n_layers < n_stages:
+            raise ConfigError(f"model.n_layers={m.n_layers} is fewer than the {n_stages} "
+                              f"pipeline stages of parallel.pp={self.pp}")
+        if self.pp > 1 and m.tie_embeddings:
+            raise ConfigError("model.tie_embeddings=true is not supported with parallel.pp > 1 "
+                              "(the embedding and the head live on different stages)")
+        g = m.capacity_group_seqs
+        if t.batch_size % (self.data_shards * g):
+            raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
+                              f"parallel.dp x parallel.ep = {self.data_shards} times "
+                              f"model.capacity_group_seqs={g}")
+        local = t.batch_size // self.data_shards
+        if self.pp > 1:
+            n_micro = p.pp_microbatches or max(1, local // t.micro_batch_size)
+            if local % n_micro or (local // n_micro) % g:
+                raise ConfigError(f"the local batch of {local} sequences (train.batch_size / "
+                                  f"(dp x ep)) must split into parallel.pp_microbatches="
+                                  f"{n_micro} micro-batches of whole capacity groups of {g}")
+            if p.pp_schedule != "gpipe" and n_micro < self.pp:
+                raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} needs at least "
+                                  f"parallel.pp={self.pp} micro-batches, got {n_micro}")
+            if t.batch_ramp_tokens:
+                raise ConfigError("train.batch_ramp_tokens is not supported with parallel.pp > 1")
+
+
+def shard_spec(p: torch.Tensor) -> dict:
+    """How a parameter is split: {"tp": dim, "ep": dim, "tp_partial_grad": bool} (may be empty)."""
+    return getattr(p, "_moe_shard", {})
+
+
+def mark_shard(p: torch.Tensor, **spec) -> None:
+    setattr(p, "_moe_shard", {**shard_spec(p), **spec})
+
+
+def shard_param(module: nn.Module, name: str, mesh_dim: str, dim: int, rank: int,
+                size: int) -> None:
+    """Replace ``module.<name>`` by its ``rank``-th of ``size`` equal chunks along ``dim``.
+
+    The full parameter is built identically on every rank (same seed), so slicing it keeps the
+    initial values those of a single process.
+    """
+    full = getattr(module, name)
+    if full.shape[dim] % size:
+        raise ValueError(f"{name} of shape {tuple(full.shape)} does not split into {size} "
+                         f"along dim {dim}")
+    local = full.detach().chunk(size, dim=dim)[rank].clone()
+    param = nn.Parameter(local, requires_grad=full.requires_grad)
+    mark_shard(param, **shard_spec(full), **{mesh_dim: dim})
+    setattr(module, name, param)
+
+
+def init_distributed(cfg: Config):
+    """Initialise the process group from torchrun's environment and build the mesh.
+
+    Returns (dims, mesh, device). Without torchrun (no WORLD_SIZE) and all sizes 1, returns
+    (dims, None, device) and stays single-process.
+    """
+    import torch.distributed as dist
+    from datetime import timedelta
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dims = ParallelDims.from_config(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and dims.world_size == 1 and not dist.is_initialized():
+        return dims, None, None
+    if "RANK" not in os.environ:
+        raise ConfigError(f"{dims.describe()} needs {dims.world_size} processes: launch with "
+                          f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
+    dims.validate(cfg, world)
+    backend = cfg.parallel.backend
+    use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    mesh = init_device_mesh(device.type, dims.shape, mesh_dim_names=MESH_DIMS)
+    return dims, mesh, device

@@ -1,0 +1,261 @@
+"""Expert parallelism (moe/parallel/expert.py) against one process, on gloo.
+
+Each data rank takes its slice of the global batch and backpropagates CE mean x share (share =
+local sequences / global sequences; the same share scales the injected router-loss gradients).
+Then, against one process on the whole batch:
+- the gathered logits and the summed losses (LM and router) agree;
+- routing and dropping agree (tokens / kept per expert summed over ranks);
+- expert gradients on their rank equal the single process's gradients of those experts, with
+  no reduction (the all-to-all backward already brought every rank's contribution), and dense
+  gradients summed over the ep ranks equal the single process's (the trainer's reduction rule).
+Several cases run inside one spawned job, since process start-up costs seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe.config import ModelConfig
+from tests.dist_utils import run_ranks
+
+SEED = 7
+SEQ = 8
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=16,
+                n_experts=8, top_k=2, expert_hidden=32, ffn_hidden=48, capacity_factor=1.0,
+                min_capacity=1, router_jitter=0.0)
+    base.update(kw)
+    cfg = ModelConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def make_batch(cfg: ModelConfig, n_seqs: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (n_seqs, SEQ + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def lm_step(model, inputs, targets, share: float):
+    """Forward + backward of CE mean x share; returns logits, loss, router loss, routing stats."""
+    model.train()
+    model.set_loss_scale(share)
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) * share
+    loss.backward()
+    layers = model.moe_layers()
+    router = sum(m.router_loss() for m in layers) * share
+    stats = torch.stack([torch.stack([m.last_stats.tokens_per_expert, m.last_stats.kept_per_expert])
+                         for m in layers])  # [n_moe, 2, E]
+    return logits.detach(), loss.detach(), router.detach(), stats
+
+
+def local_shard(full: torch.Tensor, spec: dict, coords: dict) -> torch.Tensor:
+    """The part of a full-model tensor a rank holds, from its shard record and mesh coordinates
+    (coords: mesh dim -> (coordinate, size))."""
+    for mesh_dim in ("tp", "ep"):
+        if mesh_dim in spec and mesh_dim in coords:
+            r, n = coords[mesh_dim]
+            full = full.chunk(n, dim=spec[mesh_dim])[r]
+    return full
+
+
+def check_grads(model, ref, coords, ep_group, tag):
+    """Expert grads as is vs the reference's slice; dense grads summed over ep vs the reference."""
+    import torch.distributed as dist
+
+    from moe.parallel.mesh import shard_spec
+
+    ref_params = dict(ref.named_parameters())
+    n_expert = 0
+    for name, p in model.named_parameters():
+        spec = shard_spec(p)
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        if "ep" in spec:
+            n_expert += 1
+        else:
+            dist.all_reduce(g, group=ep_group)
+        rp = ref_params[name]
+        want = rp.grad if rp.grad is not None else torch.zeros_like(rp)
+        torch.testing.assert_close(g, local_shard(want, spec, coords), rtol=1e-5, atol=1e-7,
+                                   msg=lambda m: f"{tag}: grad of {name}: {m}")
+    return n_expert
+
+
+def gather_cat(t: torch.Tensor, group, n: int) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def sum_over(t: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def run_lm_case(case: dict, ep_mesh, n_seqs: int, tp_mesh=None) -> dict:
+    """One parity case: the data rank is the ep coordinate (tp ranks share data)."""
+    from moe.model import build_model
+    from moe.parallel.expert import ExpertParallelExperts, apply_expert_parallel
+    from moe.parallel.tensor import apply_tensor_parallel, sync_partial_grads
+
+    cfg = tiny_cfg(**case)
+    ep, ep_rank, ep_group = ep_mesh.size(), ep_mesh.get_local_rank(), ep_mesh.get_group()
+    inputs, targets = make_batch(cfg, n_seqs, seed=SEED + 1)
+    local = slice(ep_rank * n_seqs // ep, (ep_rank + 1) * n_seqs // ep)
+    share = (n_seqs // ep) / n_seqs
+
+    torch.manual_seed(SEED)
+    ref = build_model(cfg)
+    ref_logits, ref_loss, ref_router, ref_stats = lm_step(ref, inputs, targets, 1.0)
+
+    torch.manual_seed(SEED)
+    model = build_model(cfg)
+    coords = {"ep": (ep_rank, ep)}
+    if tp_mesh is not None:  # the trainer's order: tensor parallel, then expert parallel
+        apply_tensor_parallel(model, tp_mesh)
+        coords["tp"] = (tp_mesh.get_local_rank(), tp_mesh.size())
+    apply_expert_parallel(model, ep_mesh)
+    assert all(isinstance(m.experts, ExpertParallelExperts) for m in model.moe_layers())
+    logits, loss, router, stats = lm_step(model, inputs[local], targets[local], share)
+    if tp_mesh is not None:
+        sync_partial_grads(model, tp_mesh)  # multi-query K/V: summed over tp
+
+    tag = f"{case} ep={ep} tp={tp_mesh.size() if tp_mesh is not None else 1}"
+    torch.testing.assert_close(gather_cat(logits, ep_group, ep), ref_logits, rtol=1e-5,
+                               atol=1e-5, msg=lambda m: f"{tag}: logits: {m}")
+    torch.testing.assert_close(sum_over(loss, ep_group), ref_loss, rtol=1e-5, atol=0,
+                               msg=lambda m: f"{tag}: loss: {m}")
+    torch.testing.assert_close(sum_over(router, ep_group), ref_router, rtol=1e-5, atol=0,
+                               msg=lambda m: f"{tag}: router loss: {m}")
+    assert torch.equal(sum_over(stats, ep_group), ref_stats), f"{tag}: routing / dropping differ"
+    n_expert = check_grads(model, ref, coords, ep_group, tag)
+    assert n_expert == len(model.moe_layers()) * (3 if cfg.activation == "swiglu" else 2)
+    return {"dropped": bool((ref_stats[:, 1].sum() < ref_stats[:, 0].sum()).item()),
+            # an expert this rank sends no rows to: an empty split in the exchange
+            "empty_split": bool((stats[:, 1] == 0).any().item())}
+
+
+def run_pruned_stage_case(ep_mesh, n_seqs: int) -> None:
+    """A middle pipeline stage (layer 0, embeddings, norm and head removed) on hidden states."""
+    from moe.model import build_model
+    from moe.parallel.expert import apply_expert_parallel
+
+    cfg = tiny_cfg(n_layers=3, expert_impl="grouped")
+    ep, ep_rank, ep_group = ep_mesh.size(), ep_mesh.get_local_rank(), ep_mesh.get_group()
+    g = torch.Generator().manual_seed(SEED + 2)
+    h = torch.randn(n_seqs, SEQ, cfg.d_model, generator=g)
+    dy = torch.randn(n_seqs, SEQ, cfg.d_model, generator=g)
+    local = slice(ep_rank * n_seqs // ep, (ep_rank + 1) * n_seqs // ep)
+
+    def stage():
+        torch.manual_seed(SEED)
+        m = build_model(cfg)
+        del m.layers["0"]
+        m.tok_embeddings = m.norm = m.output = None
+        return m
+
+    def step(m, x, grad, share):
+        m.train()
+        m.set_loss_scale(share)
+        out = m(x)
+        (out * grad).sum().backward()  # a sum splits over ranks without a share
+        return out.detach()
+
+    ref = stage()
+    ref_out = step(ref, h, dy, 1.0)
+    model = apply_expert_parallel(stage(), ep_mesh)
+    out = step(model, h[local], dy[local], (n_seqs // ep) / n_seqs)
+    torch.testing.assert_close(gather_cat(out, ep_group, ep), ref_out, rtol=1e-5, atol=1e-5)
+    check_grads(model, ref, {"ep": (ep_rank, ep)}, ep_group, "pruned stage")
+
+
+CASES_2 = [
+    dict(expert_impl="grouped", capacity_factor=1.0),
+    dict(expert_impl="grouped", capacity_factor=None),
+    dict(expert_impl="loop", capacity_factor=1.0),
+    dict(expert_impl="loop", capacity_factor=None, moe_every=2),  # layer 0 dense
+    dict(expert_impl="bmm", capacity_factor=1.0, capacity_group_seqs=2),
+    dict(expert_impl="bmm", capacity_factor=None, activation="gelu"),
+]
+
+
+def _two_ranks(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moe.model import build_model
+    from moe.model.experts import GroupedExperts
+    from moe.parallel.expert import apply_expert_parallel
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    results = [run_lm_case(case, mesh["ep"], n_seqs=4) for case in CASES_2]
+    run_pruned_stage_case(mesh["ep"], n_seqs=4)
+
+    # ep = 1 (here dp = 2): a no-op.
+    one = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "ep"))["ep"]
+    torch.manual_seed(SEED)
+    model = build_model(tiny_cfg())
+    before = {n: p for n, p in model.named_parameters()}
+    apply_expert_parallel(model, one)
+    assert {n: p for n, p in model.named_parameters()} == before
+    assert all(type(m.experts) is GroupedExperts for m in model.moe_layers())
+    return results
+
+
+def _four_ranks(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))
+    results = [run_lm_case(dict(expert_impl="grouped", capacity_factor=1.0), mesh["ep"], 4,
+                           tp_mesh=mesh["tp"]),
+               run_lm_case(dict(expert_impl="bmm", capacity_factor=None), mesh["ep"], 4,
+                           tp_mesh=mesh["tp"])]
+    ep4 = init_device_mesh("cpu", (4,), mesh_dim_names=("ep",))["ep"]
+    results.append(run_lm_case(dict(expert_impl="loop", capacity_factor=1.0), ep4, 8))
+    return results
+
+
+def test_expert_parallel_two_ranks_matches_one_process():
+    results = run_ranks(_two_ranks, 2)
+    dropping = [i for i, c in enumerate(CASES_2) if c["capacity_factor"] is not None]
+    for i in dropping:
+        assert results[0][i]["dropped"], f"{CASES_2[i]}: no assignment was dropped"
+    assert any(r["empty_split"] for per_rank in results for r in per_rank), \
+        "no case sent zero rows for some expert"
+
+
+def test_expert_parallel_with_tensor_parallel_and_ep4():
+    """(ep=2, tp=2) with moe/parallel/tensor.py applied first: each tp coordinate exchanges
+    within its own ep group, inside TP's hooks on the experts; then ep=4 over the same 4 ranks
+    (2 local experts each)."""
+    results = run_ranks(_four_ranks, 4)
+    assert results[0][0]["dropped"] and results[0][2]["dropped"]
+
+
+def test_apply_rejects_indivisible_experts():
+    from moe.model import build_model
+    from moe.parallel.expert import apply_expert_parallel
+
+    class FakeMesh:
+        def size(self):
+            return 3
+
+        def get_local_rank(self):
+            return 0
+
+        def get_group(self):
+            return None
+
+    torch.manual_seed(SEED)
+    model = build_model(tiny_cfg())
+    with pytest.raises(ValueError, match="do not split over ep=3"):
+        apply_expert_parallel(model, FakeMesh())
