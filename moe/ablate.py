@@ -101,7 +101,7 @@ def cli_value(value: Any) -> str:
 
 def short_keys(keys: list[str]) -> dict[str, str]:
     """``model.n_experts`` -> ``n_experts``, unless two grid keys share the short name."""
-    shorts = [k.split(".")[1] for k in keys]
+    shorts = [k.split(".")[-1] for k in keys]
     return {k: (s if shorts.count(s) == 1 else k) for k, s in zip(keys, shorts)}
 
 
@@ -263,22 +263,31 @@ def params(cfg: Config) -> dict:
     return {"total_params": c.total_params, "active_params": c.active_params}
 
 
-def log_tail(path: Path, n: int = 5) -> str:
+def log_tail(path: Path, n: int = 5, offset: int = 0) -> str:
+    """The last ``n`` lines of a log written after byte ``offset``, joined with " | "."""
     if not path.is_file():
         return ""
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    # Skip blank lines and the ^^^^ markers of Python tracebacks.
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not re.fullmatch(r"\s*[\^~]+\s*", ln)]
     return " | ".join(lines[-n:])[-1000:]
 
 
-def run_point(point: Point, cmd: list[str], env: dict | None = None) -> tuple[int, float]:
-    """Run the training process; its stdout and stderr go to <run>/train.log (appended)."""
+def run_point(point: Point, cmd: list[str], env: dict | None = None) -> tuple[int, float, int]:
+    """Run the training process; its stdout and stderr are appended to <run>/train.log.
+
+    Returns (exit status, wall seconds, the log's size before this attempt)."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
     with open(point.run_dir / "train.log", "a") as log:
+        offset = log.tell()
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
-    return rc, time.perf_counter() - t0
+    return rc, time.perf_counter() - t0, offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,11 +340,13 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
         else:
             cmd = train_command(p, config, nproc, python, script)
             echo(f"[{i}/{len(points)}] {p.name}: training ...")
-            rc, wall = run_point(p, cmd)
-            ok = rc == 0 and is_finished(p.run_dir, max_steps)
+            rc, wall, offset = run_point(p, cmd)
+            # Judged by its final checkpoint and val row, not the exit status alone: a job that
+            # used torch.distributed.checkpoint may abort at exit after finishing its work.
+            ok = is_finished(p.run_dir, max_steps)
             row.update(status="ok" if ok else "failed", wall_s=round(wall, 2))
             if not ok:
-                row["error"] = f"exit {rc}: {log_tail(p.run_dir / 'train.log')}"
+                row["error"] = f"exit {rc}: {log_tail(p.run_dir / 'train.log', offset=offset)}"
             record.write_text(json.dumps({"name": p.name, "status": row["status"], "rc": rc,
                                           "wall_s": row["wall_s"], "cmd": cmd}, indent=2) + "\n")
         row.update(run_stats(p.run_dir, max_steps))
@@ -431,7 +442,7 @@ def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: 
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""]
-        lines += [f"- `{r['name']}`: {r.get('error', '')}" for r in failed]
+        lines += [f"- `{r.get('name', '?')}`: {r.get('error', '')}" for r in failed]
     return "\n".join(lines) + "\n"
 
 

@@ -409,8 +409,9 @@ def stage_layers(m: ModelConfig, p: ParallelConfig) -> list[tuple[int, ...]]:
         if m.n_layers < n_stages:
             raise ConfigError(f"model.n_layers={m.n_layers} is fewer than the {n_stages} "
                               f"pipeline stages of parallel.pp={p.pp}")
-        base, rem = divmod(m.n_layers, n_stages)
-        sizes = [base + (s >= n_stages - rem) for s in range(n_stages)]  # remainder: later
+        from moe.parallel.pipeline import split_layers  # one rule for trainer and accounting
+
+        sizes = [len(s) for s in split_layers(m.n_layers, n_stages)]
     per_rank: list[list[int]] = [[] for _ in range(p.pp)]
     start = 0
     for s, n in enumerate(sizes):

@@ -158,7 +158,9 @@ class Stepper:
         for m in self.model.moe_layers():
             m.experts.impl = impl
 
-    def step(self) -> None:
+    def step(self) -> dict[str, float]:
+        """One global step; returns its phases' wall times (s): fwd_bwd, clip, optimizer."""
+        t0 = time.perf_counter()
         for _ in range(self.n_micro):
             batch = self.batches[self.i % len(self.batches)]
             self.i += 1
@@ -168,34 +170,46 @@ class Stepper:
                 logits = self.model(x)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             (loss / self.n_micro).backward()
+        sync(self.device)
+        t1 = time.perf_counter()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        sync(self.device)
+        t2 = time.perf_counter()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
+        t3 = time.perf_counter()
         self.last_loss = loss.detach()
+        return {"fwd_bwd": t1 - t0, "clip": t2 - t1, "optimizer": t3 - t2}
 
-    def timed_step(self) -> float:
+    def timed_step(self) -> dict[str, float]:
+        """``step()`` between device syncs; adds ``total`` (s)."""
         sync(self.device)
         t0 = time.perf_counter()
-        self.step()
+        phases = self.step()
         sync(self.device)
-        return time.perf_counter() - t0
+        phases["total"] = time.perf_counter() - t0
+        return phases
 
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 
 
-def summarise(times: list[float], stepper: Stepper, peak: float) -> dict:
+def summarise(phases: list[dict[str, float]], stepper: Stepper, peak: float) -> dict:
+    times = [p["total"] for p in phases]
     med = statistics.median(times)
-    tps = stepper.tokens_per_step / med
     return {
         "step_s_median": med,
         "step_s_min": min(times),
         "step_s_max": max(times),
-        "tokens_per_s": tps,
+        "tokens_per_s": stepper.tokens_per_step / med,
         "mfu": stepper.flops_per_step / med / peak,
         "n_steps": len(times),
+        # Medians of each phase (they need not add up to the median step exactly).
+        "phases_s": {k: statistics.median(p[k] for p in phases)
+                     for k in ("fwd_bwd", "clip", "optimizer")},
     }
 
 
@@ -242,7 +256,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     if impls:
         variants.update({impl: (moe_stepper, impl) for impl in IMPLS})
 
-    def run_steps(name: str, n: int) -> list[float]:
+    def run_steps(name: str, n: int) -> list[dict[str, float]]:
         s, impl = variants[name]
         if impl is not None:
             s.set_impl(impl)
@@ -251,18 +265,19 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     first_step = {}
     for name in variants:
         if warmup > 0:
-            first_step[name] = run_steps(name, 1)[0]
+            first_step[name] = run_steps(name, 1)[0]["total"]
             run_steps(name, warmup - 1)
             log(f"warm-up {name}: {warmup} steps, first {first_step[name]:.2f} s")
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     names = list(variants)
     for i in range(steps):
         for name in (names if i % 2 == 0 else names[::-1]):
             times[name] += run_steps(name, 1)
         if (i + 1) % max(1, steps // 4) == 0 or i + 1 == steps:
             log(f"timed {i + 1}/{steps}: median " + ", ".join(
-                f"{n} {statistics.median(times[n]) * 1e3:.0f} ms" for n in names))
+                f"{n} {statistics.median(t['total'] for t in times[n]) * 1e3:.0f} ms"
+                for n in names))
     moe_stepper.set_impl(mcfg.expert_impl)
 
     res = {name: summarise(times[name], variants[name][0], peak) for name in variants}
@@ -271,12 +286,17 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
         "moe_tokens_per_s": moe["tokens_per_s"],
         "dense_tokens_per_s": dense["tokens_per_s"],
         "ratio": moe["tokens_per_s"] / dense["tokens_per_s"],
-        "ratio_paired": statistics.median(d / m for d, m in zip(times["dense"], times["moe"])),
+        "ratio_paired": statistics.median(d["total"] / m["total"]
+                                          for d, m in zip(times["dense"], times["moe"])),
         "mfu": moe["mfu"],
         "dense_mfu": dense["mfu"],
         "peak_flops": peak,
         "moe_step_s": moe["step_s_median"],
         "dense_step_s": dense["step_s_median"],
+        "moe_phases_s": moe["phases_s"],
+        "dense_phases_s": dense["phases_s"],
+        # fwd + bwd only: the step without the optimizer, whose cost follows TOTAL parameters.
+        "ratio_fwd_bwd": dense["phases_s"]["fwd_bwd"] / moe["phases_s"]["fwd_bwd"],
         "moe_step_s_min": moe["step_s_min"],
         "dense_step_s_min": dense["step_s_min"],
         "moe_first_step_s": first_step.get("moe"),
@@ -308,6 +328,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     if impls:
         out["impls"] = {impl: {"tokens_per_s": res[impl]["tokens_per_s"], "mfu": res[impl]["mfu"],
                                "step_s": res[impl]["step_s_median"],
+                               "phases_s": res[impl]["phases_s"],
                                "ratio_to_dense": res[impl]["tokens_per_s"] / dense["tokens_per_s"]}
                         for impl in IMPLS}
     return out

@@ -22,6 +22,7 @@ resumes any layout. Folders from before this format (``step_*/state.pt``) still 
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 from torch import nn
 

@@ -59,20 +59,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r))
         return 0
     print(f"\n{r['tokens_per_step']} tokens/step, median of {r['steps']} timed steps per variant "
-          f"(taken in turns) after {r['warmup']} warm-up steps; load average "
-          f"{r['loadavg_start']} -> {r['loadavg_end']}")
+          f"(taken in turns) after {r['warmup']} warm-up steps; 1-min load average "
+          f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
     print(f"peak (measured matmul): {r['peak_flops'] / 1e9:.1f} GFLOP/s")
-    print(f"{'':8s} {'tokens/s':>10s} {'step ms':>8s} {'MFU':>6s} {'active params':>14s}")
-    print(f"{'moe':8s} {r['moe_tokens_per_s']:10.0f} {r['moe_step_s'] * 1e3:8.1f} "
-          f"{r['mfu']:6.1%} {r['moe_active_params']:14,d}   (expert_impl "
-          f"{r['expert_impl']} -> {r['expert_impl_resolved']})")
-    print(f"{'dense':8s} {r['dense_tokens_per_s']:10.0f} {r['dense_step_s'] * 1e3:8.1f} "
-          f"{r['dense_mfu']:6.1%} {r['dense_active_params']:14,d}")
+    print(f"{'':8s} {'tokens/s':>10s} {'step ms':>8s} {'fwd+bwd':>8s} {'clip':>6s} {'optim':>6s} "
+          f"{'MFU':>6s} {'active params':>14s}")
+
+    def row(name, tps, step_s, ph, mfu, extra):
+        print(f"{name:8s} {tps:10.0f} {step_s * 1e3:8.1f} {ph['fwd_bwd'] * 1e3:8.1f} "
+              f"{ph['clip'] * 1e3:6.1f} {ph['optimizer'] * 1e3:6.1f} {mfu:6.1%} {extra}")
+
+    row("moe", r["moe_tokens_per_s"], r["moe_step_s"], r["moe_phases_s"], r["mfu"],
+        f"{r['moe_active_params']:14,d}   (expert_impl {r['expert_impl']} -> "
+        f"{r['expert_impl_resolved']})")
+    row("dense", r["dense_tokens_per_s"], r["dense_step_s"], r["dense_phases_s"], r["dense_mfu"],
+        f"{r['dense_active_params']:14,d}")
     for impl, v in r.get("impls", {}).items():
-        print(f"{'  ' + impl:8s} {v['tokens_per_s']:10.0f} {v['step_s'] * 1e3:8.1f} "
-              f"{v['mfu']:6.1%}   moe/dense {v['ratio_to_dense']:.2f}")
+        row("  " + impl, v["tokens_per_s"], v["step_s"], v["phases_s"], v["mfu"],
+            f"{'':14s}   moe/dense {v['ratio_to_dense']:.2f}")
     print(f"moe / dense tokens/s: {r['ratio']:.3f} (median of per-turn ratios "
-          f"{r['ratio_paired']:.3f})")
+          f"{r['ratio_paired']:.3f}; fwd+bwd only {r['ratio_fwd_bwd']:.3f})")
     return 0
 
 

@@ -89,6 +89,11 @@ def layout_table(cfg, lay) -> str:
                   else f"split over tp={lay.tp}"))
     expert_note = (f"{-(-m.n_experts // lay.ep)} of {m.n_experts} experts (ep={lay.ep}), "
                    f"hidden {-(-m.expert_hidden // lay.tp)} of {m.expert_hidden} (tp={lay.tp})")
+    if lay.kv_replicated_over_tp:
+        kv_note = (f"the {'MQA K/V head' if m.n_kv_heads == 1 else 'K/V heads'} replicated on "
+                   f"each of {lay.tp} tp ranks")
+    else:
+        kv_note = f"{m.n_kv_heads // lay.tp} of {m.n_kv_heads} KV heads on the rank"
     zero_div = f"dense over dp x ep = {lay.dp * lay.ep}, experts over dp = {lay.dp}"
     rows = [
         ("layout", f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp} x ep {lay.ep} = {lay.world_size} "
@@ -123,11 +128,7 @@ def layout_table(cfg, lay) -> str:
         ("  weights+grads+AdamW", f"{format_gb(lay.train_state_bytes_per_gpu)}  (zero1 "
                                   f"{'on' if lay.zero1 else 'off'}; activations not counted)"),
         ("  KV cache / token", f"{format_bytes(lay.kv_cache_bytes_per_token_per_gpu)}  "
-                               f"({len(lay.rank_layers)} layers" +
-                               (f", the MQA K/V head replicated on each of {lay.tp} tp ranks)"
-                                if lay.kv_replicated_over_tp and lay.tp > 1 else
-                                f", {m.n_kv_heads // lay.tp if m.n_kv_heads % lay.tp == 0 else m.n_kv_heads}"
-                                f" KV heads on the rank)")),
+                               f"({len(lay.rank_layers)} layers, {kv_note})"),
         (f"per node ({lay.gpus_per_node} GPUs)",
          f"{format_count(lay.params_per_node):>8}  ({lay.params_per_node:,}) on node {lay.node} "
          f"(ranks {lay.node_ranks[0]}-{lay.node_ranks[1]}, pp stage"

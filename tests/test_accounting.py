@@ -200,3 +200,312 @@ def test_script_config_error_exits_2(args, key):
     assert r.stdout == ""
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and key in err[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-GPU layout (layout_accounting): exact values on a small model, cross-checked against the
+# trainer's own sharding code, and the GPT-4 config at tp 8 x pp 16 against the reports.
+
+from moe.accounting import (ADAM_BYTES_PER_PARAM, layout_accounting,  # noqa: E402
+                            params_per_rank, stage_layers)
+from moe.config import Config, ConfigError  # noqa: E402
+from moe.parallel.mesh import ParallelDims  # noqa: E402
+
+A100_CONFIGS = ["a100x8_tp2pp2dp2", "a100x8_tp8"]
+
+
+def layout_cfg(model=None, batch_size=16, micro_batch_size=1, **parallel) -> Config:
+    """A small Config (SMALL model, overrides in ``model``) with the given parallel sizes."""
+    cfg = Config(model=small(**(model or {})))
+    cfg.data.seq_len = cfg.model.max_seq_len
+    cfg.train.batch_size, cfg.train.micro_batch_size = batch_size, micro_batch_size
+    for k, v in parallel.items():
+        setattr(cfg.parallel, k, v)
+    return cfg.validate()
+
+
+def _layer(d, hd, h_local, kv_local, experts_local, hidden_local, n_experts):
+    """Hand count of one MoE layer on one rank: attention, experts, router, 2 norms."""
+    attn = 2 * d * h_local * hd + 2 * d * kv_local * hd
+    return attn, experts_local * 3 * d * hidden_local, d * n_experts, 2 * d
+
+
+def test_tp2_mqa_exact():
+    cfg = layout_cfg(tp=2)  # 6 heads of 8, MQA, 4 experts of hidden 40, 3 layers, vocab 97
+    lay = layout_accounting(cfg)
+    assert lay.valid and lay.warnings == ()
+    d, hd, v = 48, 8, 97
+    attn, exp, router, norms = _layer(d, hd, h_local=3, kv_local=1, experts_local=4,
+                                      hidden_local=20, n_experts=4)
+    assert attn == 24 * 48 + 48 * 24 + 8 * 48 + 8 * 48  # wq rows halved, K/V replicated
+    cat = lay.params_per_gpu_by_category
+    assert cat["attention"] == 3 * attn and cat["expert"] == 3 * exp
+    assert cat["router"] == 3 * router and cat["norm"] == 3 * norms + d
+    assert cat["embedding"] == 2 * v * d  # embedding and head replicated over tp
+    assert lay.params_per_gpu == 3 * (attn + exp + router + norms) + d + 2 * v * d == 54000
+    assert (lay.rank, lay.params_per_gpu_min) == (0, 54000)  # both tp ranks alike
+    # MQA: each tp rank keeps the full KV cache of its layers.
+    assert lay.kv_replicated_over_tp
+    assert lay.kv_cache_bytes_per_token_per_gpu == kv_cache_bytes_per_token(cfg.model) == 96
+    assert lay.weight_bytes_per_gpu == 2 * 54000 and lay.grad_bytes_per_gpu == 2 * 54000
+    assert lay.optimizer_bytes_per_gpu == lay.optimizer_bytes_per_gpu_zero1 == 12 * 54000
+    # A node holding both tp ranks holds the whole model once.
+    assert lay.params_per_node == count_params(cfg.model).total_params
+
+
+def test_tp2_gqa_splits_kv():
+    cfg = layout_cfg(model=dict(n_kv_heads=2), tp=2)
+    lay = layout_accounting(cfg)
+    attn, *_ = _layer(48, 8, h_local=3, kv_local=1, experts_local=4, hidden_local=20,
+                      n_experts=4)
+    assert lay.params_per_gpu_by_category["attention"] == 3 * attn
+    assert not lay.kv_replicated_over_tp
+    assert 2 * lay.kv_cache_bytes_per_token_per_gpu == kv_cache_bytes_per_token(cfg.model)
+
+
+def test_ep2_halves_experts_and_zero1():
+    cfg = layout_cfg(ep=2, dp=2, zero1=True)
+    lay = layout_accounting(cfg)
+    full = count_params(cfg.model)
+    assert lay.expert_params_per_gpu == full.expert_params // 2 == 3 * 2 * 3 * 48 * 40
+    dense = full.total_params - full.expert_params
+    assert lay.params_per_gpu == dense + full.expert_params // 2
+    # ZeRO-1: dense state over dp * ep = 4 ranks, expert state over dp = 2.
+    assert lay.optimizer_bytes_per_gpu == lay.optimizer_bytes_per_gpu_zero1 == (
+        ADAM_BYTES_PER_PARAM * (-(-dense // 4) + full.expert_params // 4))
+    assert lay.optimizer_bytes_per_gpu_no_zero1 == 12 * lay.params_per_gpu
+    assert lay.train_state_bytes_per_gpu == 4 * lay.params_per_gpu + lay.optimizer_bytes_per_gpu
+    # Ranks: ((pp*dp + dp_i)*ep + ep_i)*tp + tp_i; node of 2 = the two ep ranks of one replica.
+    assert layout_accounting(cfg, gpus_per_node=2).params_per_node == full.total_params
+    assert layout_accounting(cfg, gpus_per_node=1).params_per_node == lay.params_per_gpu
+
+
+def test_pp2_splits_layers():
+    cfg = layout_cfg(pp=2)  # 3 layers: remainder to the later stage
+    m = cfg.model
+    assert stage_layers(m, cfg.parallel) == [(0,), (1, 2)]
+    per = params_per_rank(cfg)
+    full = count_params(m)
+    layer = (full.total_params - full.embedding_params - m.d_model) // 3
+    emb = m.vocab_size * m.d_model
+    assert sum(per[(0, 0, 0)].values()) == emb + layer
+    assert sum(per[(1, 0, 0)].values()) == 2 * layer + m.d_model + emb
+    lay = layout_accounting(cfg)
+    assert (lay.rank, lay.rank_layers, lay.rank_has_head, lay.rank_has_embedding) == (
+        1, (1, 2), True, False)
+    assert lay.kv_cache_bytes_per_token_per_gpu == 2 * 2 * 1 * 8 * 2  # 2 layers here
+    assert lay.params_per_gpu_by_stage == (emb + layer, 2 * layer + m.d_model + emb)
+    # Explicit pp_layers; a node of one GPU per stage, and a node of both.
+    cfg2 = layout_cfg(pp=2, pp_layers=[2, 1])
+    assert stage_layers(m, cfg2.parallel) == [(0, 1), (2,)]
+    lay2 = layout_accounting(cfg2, gpus_per_node=1)
+    assert (lay2.rank, lay2.params_per_gpu) == (0, emb + 2 * layer)
+    assert lay2.params_per_node + lay2.params_per_node_min == full.total_params
+    assert layout_accounting(cfg2).params_per_node == full.total_params
+
+
+def test_interleaved_stages_round_robin():
+    cfg = layout_cfg(model=dict(n_layers=5), pp=2, pp_schedule="interleaved_1f1b",
+                     pp_stages_per_rank=2)
+    # 4 virtual stages of 1, 1, 2, 1 layers; rank r holds stages r and r + 2.
+    assert stage_layers(cfg.model, cfg.parallel) == [(0, 2, 3), (1, 4)]
+    lay = layout_accounting(cfg)
+    assert lay.rank == 1 and lay.rank_has_head and lay.rank_layers == (1, 3, 4)
+
+
+@pytest.mark.parametrize("cfg_kw", [
+    dict(tp=2),
+    dict(model=dict(n_kv_heads=2), tp=2, ep=2),
+    dict(model=dict(n_kv_heads=6), tp=2, pp=2, ep=2, dp=2),
+    dict(model=dict(moe_every=2, n_layers=4, n_kv_heads=2), tp=2, pp=2),
+    dict(model=dict(n_layers=4), pp=2, tp=2, pp_schedule="interleaved_1f1b"),
+    dict(pp=3),
+    dict(model=dict(n_layers=4), pp=2, pp_layers=[3, 1], ep=4),
+], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items() if k != "model"))
+def test_counts_match_trainer_sharding(cfg_kw):
+    """Every rank's count equals the parameters the trainer's own pipeline / tensor / expert
+    code leaves on that rank (applied on the meta device with a stand-in 1-D mesh)."""
+    pipeline = pytest.importorskip("moe.parallel.pipeline")
+    from moe.parallel.expert import apply_expert_parallel
+    from moe.parallel.tensor import apply_tensor_parallel
+
+    class Mesh1D:
+        def __init__(self, size, rank):
+            self._size, self._rank = size, rank
+
+        def size(self):
+            return self._size
+
+        def get_local_rank(self):
+            return self._rank
+
+        def get_group(self):
+            return None
+
+    cfg = layout_cfg(**cfg_kw)
+    p = cfg.parallel
+    ParallelDims.from_config(cfg).validate(cfg, p.world_size)
+    expected = params_per_rank(cfg)
+    assert list(expected) == [(s, e, t) for s in range(p.pp) for e in range(p.ep)
+                              for t in range(p.tp)]
+    for (s, e, t), by_cat in expected.items():
+        got = dict.fromkeys(by_cat, 0)
+        for _, part in pipeline.build_stage_models(_meta_model(cfg.model), s, p.pp, cfg):
+            apply_tensor_parallel(part, Mesh1D(p.tp, t))
+            apply_expert_parallel(part, Mesh1D(p.ep, e))
+            for name, prm in part.named_parameters():
+                got[classify_param(name)] += prm.numel()
+        assert got == by_cat, (s, e, t)
+
+
+def test_stage_split_matches_pipeline_module():
+    pipeline = pytest.importorskip("moe.parallel.pipeline")
+    for n_layers, pp, sched, v, pp_layers in [(10, 4, "1f1b", 2, None), (120, 16, "1f1b", 2, None),
+                                             (9, 2, "interleaved_1f1b", 3, None),
+                                             (6, 3, "gpipe", 2, [1, 2, 3])]:
+        cfg = layout_cfg(model=dict(n_layers=n_layers), pp=pp, pp_schedule=sched,
+                         pp_stages_per_rank=v, pp_layers=pp_layers, batch_size=64)
+        n_stages = pipeline.n_pipeline_stages(cfg, pp)
+        split = pipeline.split_layers(n_layers, n_stages, pp_layers)
+        want = [tuple(i for s in pipeline.stage_indices(r, pp, n_stages) for i in split[s])
+                for r in range(pp)]
+        assert stage_layers(cfg.model, cfg.parallel) == want
+
+
+def test_layout_validation():
+    # Batch settings that do not fit the pipeline: a warning, counts unchanged.
+    bad_batch = layout_accounting(layout_cfg(tp=2, pp=2, micro_batch_size=16))
+    good = layout_accounting(layout_cfg(tp=2, pp=2))
+    assert good.valid and not bad_batch.valid
+    assert len(bad_batch.warnings) == 1 and bad_batch.warnings[0].startswith("batch settings")
+    assert bad_batch.params_per_gpu == good.params_per_gpu
+    # Heads that do not divide over tp: counted unevenly (6 heads over 4: 2, 2, 1, 1).
+    cfg = layout_cfg(tp=4, model=dict(expert_hidden=48))
+    lay = layout_accounting(cfg)
+    assert not lay.valid and "n_heads=6" in lay.warnings[0]
+    attn, *_ = _layer(48, 8, h_local=2, kv_local=1, experts_local=4, hidden_local=12,
+                      n_experts=4)
+    assert lay.rank == 0 and lay.params_per_gpu_by_category["attention"] == 3 * attn
+    with pytest.raises(ConfigError, match="n_heads"):
+        layout_accounting(cfg, strict=True)
+    with pytest.raises(ConfigError, match="pp_layers"):
+        layout_accounting(layout_cfg(pp=2, pp_layers=[1, 1]))
+    with pytest.raises(ConfigError, match="fewer than"):
+        layout_accounting(layout_cfg(pp=4))
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        layout_accounting(layout_cfg(model=dict(tie_embeddings=True), pp=3))
+
+
+def test_single_gpu_layout_is_the_whole_model():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    lay = layout_accounting(cfg)
+    total = count_params(cfg.model).total_params
+    assert lay.valid and lay.world_size == lay.n_nodes == 1
+    assert lay.params_per_gpu == lay.params_per_node == total
+    assert lay.kv_cache_bytes_per_token_per_gpu == kv_cache_bytes_per_token(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def gpt4_tp8_pp16():
+    cfg = load_config(GPT4, ["--parallel.tp=8", "--parallel.pp=16"])
+    return cfg, layout_accounting(cfg)
+
+
+def test_gpt4_tp8_pp16_on_target(gpt4_tp8_pp16):
+    cfg, lay = gpt4_tp8_pp16
+    m = cfg.model
+    total = count_params(m).total_params
+    assert lay.valid  # 120 heads split over tp=8
+    # Default split: the embedding and head stages are the light ones.
+    assert [len(x) for x in lay.stage_layers] == [7] * 4 + [8] * 8 + [7] * 4
+    # Most loaded GPU: the first 8-layer stage (no embedding, no head).
+    assert (lay.rank, lay.rank_coords["pp"], lay.rank_coords["tp"]) == (32, 4, 0)
+    assert not lay.rank_has_head and lay.rank_layers == tuple(range(28, 36))
+    assert 14.5e9 < lay.params_per_gpu < 15.2e9
+    assert lay.weight_bytes_per_gpu == 2 * lay.params_per_gpu < 30e9  # the reports: < 30 GB
+    last = lay.params_per_gpu_by_stage[15]  # 7 layers + the replicated 1.5B output head
+    assert 2 * last < 30e9 and 2 * lay.params_per_gpu_by_stage[0] < 30e9
+    # Per node (8 GPUs = one tp group = one stage): 104B (7 layers) to 119B (8 layers).
+    assert lay.n_nodes == 16 and lay.node == 4 and lay.node_pp_stages == (4,)
+    assert 110e9 <= lay.params_per_node <= 130e9
+    assert 100e9 <= lay.params_per_node_min <= total / 16 <= lay.params_per_node
+    assert abs(total / 16 / 111.3e9 - 1) < 0.01  # 1.78T over 16 stages
+    # KV: 8 layers x the one MQA K/V head, replicated over the 8 tp ranks.
+    assert lay.kv_replicated_over_tp
+    assert lay.kv_cache_bytes_per_token_per_gpu == 2 * 8 * 1 * 128 * 2 == 4096
+    assert lay.kv_cache_bytes_per_token_per_gpu * 120 == 8 * kv_cache_bytes_per_token(m)
+    # AdamW state: 12 B/param; dp = 1 so ZeRO-1 has nothing to shard over.
+    assert lay.optimizer_bytes_per_gpu_no_zero1 == lay.optimizer_bytes_per_gpu_zero1 == (
+        12 * lay.params_per_gpu)
+
+
+def test_gpt4_balanced_stages_under_30gb():
+    """Giving the embedding and head stages 7 layers keeps every GPU under 30 GB of fp16
+    weights (the reports' figure); with dp 4 and zero1 the AdamW state shrinks 4x."""
+    layers = "[" + ",".join(map(str, [7] * 7 + [8] * 8 + [7])) + "]"
+    cfg = load_config(GPT4, ["--parallel.tp=8", "--parallel.pp=16", "--parallel.dp=4",
+                             "--parallel.zero1=true", "--train.batch_size=64",
+                             f"--parallel.pp_layers={layers}"])
+    lay = layout_accounting(cfg)
+    assert lay.weight_bytes_per_gpu < 30e9
+    assert 110e9 <= lay.params_per_node <= 130e9
+    assert lay.optimizer_bytes_per_gpu == lay.optimizer_bytes_per_gpu_zero1 == (
+        12 * -(-lay.params_per_gpu // 4))
+
+
+def test_gpt4_with_118_heads_is_counted_but_flagged():
+    """118 heads (d 15104) cannot split over tp=8: counted unevenly, with a warning."""
+    cfg = load_config(GPT4, ["--parallel.tp=8", "--parallel.pp=16", "--model.n_heads=118",
+                             "--model.d_model=15104"])
+    lay = layout_accounting(cfg)
+    assert not lay.valid and "n_heads=118" in lay.warnings[0]
+    assert 110e9 <= lay.params_per_node <= 130e9
+
+
+def test_script_layout_json():
+    r = _run("--config", str(GPT4), "--parallel.tp=8", "--parallel.pp=16", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "warning:" not in r.stderr
+    out = json.loads(r.stdout)
+    for key in ("params_per_gpu", "params_per_node", "weight_bytes_per_gpu",
+                "optimizer_bytes_per_gpu", "optimizer_bytes_per_gpu_zero1",
+                "optimizer_bytes_per_gpu_no_zero1", "grad_bytes_per_gpu",
+                "kv_cache_bytes_per_token_per_gpu"):
+        assert isinstance(out[key], int), key
+    assert 110e9 <= out["params_per_node"] <= 130e9
+    assert out["weight_bytes_per_gpu"] == 2 * out["params_per_gpu"]
+    assert out["layout"]["rank"] == 32 and out["layout"]["valid"] is True
+    assert out["weight_bytes_per_gpu"] < 30e9
+    assert out["total_params"] == account(load_config(GPT4).model).params.total_params
+
+
+def test_script_layout_strict_and_table():
+    r = _run("--config", str(GPT4), "--parallel.tp=8", "--parallel.pp=16", "--strict",
+             "--model.n_heads=118", "--model.d_model=15104")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: ") and "n_heads=118" in r.stderr
+    r = _run("--config", str(ROOT / "configs" / "a100x8_tp2pp2dp2.yaml"), "--grad-bytes=4")
+    assert r.returncode == 0, r.stderr
+    for text in ("most loaded GPU", "rank 4 (pp 1", "per node (8 GPUs)", "with zero1",
+                 "gradients (4 B)", "replicated on each of 2 tp ranks"):
+        assert text in r.stdout, text
+
+
+@pytest.mark.parametrize("name", A100_CONFIGS)
+def test_a100_node_configs(name):
+    path = ROOT / "configs" / f"{name}.yaml"
+    cfg = load_config(path)
+    ParallelDims.from_config(cfg).validate(cfg, 8)
+    m, t = cfg.model, cfg.train
+    assert cfg.parallel.world_size == 8
+    assert (m.n_experts, m.top_k, m.n_kv_heads, cfg.data.seq_len) == (16, 2, 1, 2048)
+    assert t.dtype == "bf16" and cfg.data.source == "builtin"
+    total = count_params(m).total_params
+    assert 1e9 <= total <= 2e9
+    lay = layout_accounting(cfg, strict=True)
+    assert lay.n_nodes == 1 and lay.params_per_node == total
+    assert lay.train_state_bytes_per_gpu < 10e9  # far below 80 GB: room for activations
+    text = path.read_text()
+    assert f"torchrun --nproc_per_node=8 scripts/train.py --config configs/{name}.yaml" in text
+    # The header's numbers are the script's.
+    assert f"{total:,}" in text and f"{lay.params_per_gpu:,}" in text

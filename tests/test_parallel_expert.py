@@ -15,9 +15,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from moe.config import ModelConfig
+from moe.model import build_model
+from moe.model.experts import GroupedExperts
+from moe.parallel.expert import ExpertParallelExperts, apply_expert_parallel
+from moe.parallel.mesh import shard_spec
+from moe.parallel.tensor import apply_tensor_parallel, sync_partial_grads
 from tests.dist_utils import run_ranks
 
 SEED = 7
@@ -66,10 +74,6 @@ def local_shard(full: torch.Tensor, spec: dict, coords: dict) -> torch.Tensor:
 
 def check_grads(model, ref, coords, ep_group, tag):
     """Expert grads as is vs the reference's slice; dense grads summed over ep vs the reference."""
-    import torch.distributed as dist
-
-    from moe.parallel.mesh import shard_spec
-
     ref_params = dict(ref.named_parameters())
     n_expert = 0
     for name, p in model.named_parameters():
@@ -87,16 +91,12 @@ def check_grads(model, ref, coords, ep_group, tag):
 
 
 def gather_cat(t: torch.Tensor, group, n: int) -> torch.Tensor:
-    import torch.distributed as dist
-
     parts = [torch.empty_like(t) for _ in range(n)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts)
 
 
 def sum_over(t: torch.Tensor, group) -> torch.Tensor:
-    import torch.distributed as dist
-
     t = t.clone()
     dist.all_reduce(t, group=group)
     return t
@@ -104,10 +104,6 @@ def sum_over(t: torch.Tensor, group) -> torch.Tensor:
 
 def run_lm_case(case: dict, ep_mesh, n_seqs: int, tp_mesh=None) -> dict:
     """One parity case: the data rank is the ep coordinate (tp ranks share data)."""
-    from moe.model import build_model
-    from moe.parallel.expert import ExpertParallelExperts, apply_expert_parallel
-    from moe.parallel.tensor import apply_tensor_parallel, sync_partial_grads
-
     cfg = tiny_cfg(**case)
     ep, ep_rank, ep_group = ep_mesh.size(), ep_mesh.get_local_rank(), ep_mesh.get_group()
     inputs, targets = make_batch(cfg, n_seqs, seed=SEED + 1)
@@ -147,9 +143,6 @@ def run_lm_case(case: dict, ep_mesh, n_seqs: int, tp_mesh=None) -> dict:
 
 def run_pruned_stage_case(ep_mesh, n_seqs: int) -> None:
     """A middle pipeline stage (layer 0, embeddings, norm and head removed) on hidden states."""
-    from moe.model import build_model
-    from moe.parallel.expert import apply_expert_parallel
-
     cfg = tiny_cfg(n_layers=3, expert_impl="grouped")
     ep, ep_rank, ep_group = ep_mesh.size(), ep_mesh.get_local_rank(), ep_mesh.get_group()
     g = torch.Generator().manual_seed(SEED + 2)
@@ -179,6 +172,46 @@ def run_pruned_stage_case(ep_mesh, n_seqs: int) -> None:
     check_grads(model, ref, {"ep": (ep_rank, ep)}, ep_group, "pruned stage")
 
 
+def run_direct_case(ep_mesh, impl: str) -> None:
+    """The experts module alone, with empty splits forced: rows per (rank, expert) chosen so a
+    rank sends nothing to another rank, and a rank has no rows at all."""
+    ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    assert ep == 2
+    dim, capacity = 16, 5
+    for counts in ([[3, 0, 0, 0], [0, 0, 0, 0]],  # rank 1: M = 0; rank 0 sends nothing to 1
+                   [[2, 1, 0, 3], [0, 2, 4, 0]],
+                   [[0, 0, 1, 2], [5, 0, 0, 1]]):
+        g = torch.Generator().manual_seed(SEED)
+        xs = [torch.randn(sum(c), dim, generator=g) for c in counts]
+        dys = [torch.randn(sum(c), dim, generator=g) for c in counts]
+        torch.manual_seed(SEED)
+        full = GroupedExperts(4, dim, 24, "swiglu", impl)
+        full.init_weights(0.3, 0.3)
+        holder = nn.Module()  # the smallest model apply_expert_parallel walks
+        holder.layers = nn.ModuleDict({"0": nn.Module()})
+        holder.layers["0"].feed_forward = nn.Module()
+        holder.layers["0"].feed_forward.experts = ex = GroupedExperts(4, dim, 24, "swiglu", impl)
+        ex.load_state_dict(full.state_dict())
+        apply_expert_parallel(holder, ep_mesh)
+
+        ref_y = []
+        for x, dy, c in zip(xs, dys, counts):  # every rank's rows through the full experts
+            y = full(x, torch.tensor(c), capacity)
+            (y * dy).sum().backward()
+            ref_y.append(y.detach())
+        x = xs[rank].clone().requires_grad_()
+        y = ex(x, torch.tensor(counts[rank]), capacity)
+        (y * dys[rank]).sum().backward()
+        torch.testing.assert_close(y, ref_y[rank], rtol=1e-5, atol=1e-6)
+        gx = torch.autograd.grad((full(xs[rank].requires_grad_(), torch.tensor(counts[rank]),
+                                       capacity) * dys[rank]).sum(), xs[rank])[0]
+        torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-6)
+        for name in ("w1", "w2", "w3"):
+            want = getattr(full, name).grad.chunk(ep)[rank]
+            torch.testing.assert_close(getattr(ex, name).grad, want, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"{impl} {counts} {name}: {m}")
+
+
 CASES_2 = [
     dict(expert_impl="grouped", capacity_factor=1.0),
     dict(expert_impl="grouped", capacity_factor=None),
@@ -190,15 +223,11 @@ CASES_2 = [
 
 
 def _two_ranks(rank, world_size):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from moe.model import build_model
-    from moe.model.experts import GroupedExperts
-    from moe.parallel.expert import apply_expert_parallel
-
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
     results = [run_lm_case(case, mesh["ep"], n_seqs=4) for case in CASES_2]
     run_pruned_stage_case(mesh["ep"], n_seqs=4)
+    for impl in ("grouped", "bmm", "loop"):
+        run_direct_case(mesh["ep"], impl)
 
     # ep = 1 (here dp = 2): a no-op.
     one = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "ep"))["ep"]
@@ -212,8 +241,6 @@ def _two_ranks(rank, world_size):
 
 
 def _four_ranks(rank, world_size):
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))
     results = [run_lm_case(dict(expert_impl="grouped", capacity_factor=1.0), mesh["ep"], 4,
                            tp_mesh=mesh["tp"]),
@@ -242,9 +269,6 @@ def test_expert_parallel_with_tensor_parallel_and_ep4():
 
 
 def test_apply_rejects_indivisible_experts():
-    from moe.model import build_model
-    from moe.parallel.expert import apply_expert_parallel
-
     class FakeMesh:
         def size(self):
             return 3

@@ -113,7 +113,16 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
-    """Build on meta, materialise on ``device``, initialise (uses the global torch RNG)."""
+    """Build, materialise on ``device`` and initialise (uses the global torch RNG).
+
+    Accelerators: built on the meta device first, so no full-size default init runs there.
+    CPU: built directly, because torch's init functions on meta tensors import torch._dynamo
+    (~2 s per process, paid by every spawned test rank) and CPU default init is cheap.
+    """
+    if torch.device(device).type == "cpu":
+        model = Transformer(cfg)
+        model.init_weights()
+        return model
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)

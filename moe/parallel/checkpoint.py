@@ -19,8 +19,10 @@ Keys of the DCP state dict (flat; ``<fqn>`` is a parameter name of the full mode
     model.<fqn>                           parameter or persistent buffer, global shape
     optim.state.<fqn>.<name>              AdamW state: exp_avg / exp_avg_sq (the parameter's
                                           global shape) and step (a 0-dim tensor)
-    optim.param_groups.<fqn>.<hyper>      the hyper-parameters (lr, betas, eps, weight_decay,
-                                          ...) of the group holding <fqn>, one small object each
+    optim.param_groups.<fqn>              the hyper-parameters of the group holding <fqn>, one
+                                          small object: a tuple of (name, value) pairs (lr,
+                                          betas, eps, weight_decay, ...; a tuple, not a dict,
+                                          so DCP stores it as one item instead of flattening it)
 
 This is the flattened, name-keyed form of ``torch.distributed.checkpoint.state_dict.
 get_state_dict``; keying AdamW state by parameter name instead of by position in the param
@@ -224,7 +226,7 @@ def optimizer_state(parts: Iterable[nn.Module], optimizer: torch.optim.Optimizer
     sub = _submesh(mesh)
     out: dict = {}
     for group in optimizer.param_groups:
-        hyper = {k: v for k, v in group.items() if k not in _IMPL_KEYS}
+        hyper = tuple(sorted((k, v) for k, v in group.items() if k not in _IMPL_KEYS))
         for p in group["params"]:
             if id(p) not in names:
                 raise ValueError(f"an optimizer parameter of shape {tuple(p.shape)} is in none "
@@ -239,8 +241,7 @@ def optimizer_state(parts: Iterable[nn.Module], optimizer: torch.optim.Optimizer
                     out[key] = _wrap(v.detach(), shard_spec(p), sub)
                 else:
                     out[key] = v.detach() if torch.is_tensor(v) else v
-            for k, v in hyper.items():
-                out[f"{OPT_GROUPS}{fqn}.{k}"] = v
+            out[OPT_GROUPS + fqn] = hyper
     return out
 
 
@@ -285,8 +286,13 @@ def save_state(run_dir: str | Path, step: int, state: dict, extra: dict, mesh=No
     main = mesh is None or _rank() == 0
     if main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in list(root.glob(".tmp_step_*")) + list(root.glob(".old_step_*")):
+        for stale in root.glob(".tmp_step_*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a crashed save
+        for old in root.glob(".old_step_*"):  # a crash mid-swap of a re-saved step
+            if is_checkpoint(old) and not (root / old.name[len(".old_"):]).exists():
+                os.replace(old, root / old.name[len(".old_"):])
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         tmp.mkdir()
     _barrier(mesh)
     writer = dcp.FileSystemWriter(tmp, sync_files=True)
@@ -412,7 +418,7 @@ def load(path: str | Path, parts: Iterable[nn.Module],
             sinks.append((key, t))
 
     new_state: dict = {}  # param -> {state name: tensor}
-    hyper_keys: dict = {}  # param group index -> {hyper: key}
+    hyper_keys: dict = {}  # param group index -> key of its hyper-parameters
     if optimizer is not None:
         names = _named_params(parts)
         saved: dict[str, list[str]] = {}
@@ -436,13 +442,9 @@ def load(path: str | Path, parts: Iterable[nn.Module],
                         local = torch.zeros(p.shape, dtype=md.properties.dtype, device=p.device)
                         add(key, local, shard_spec(p), "optimizer tensor")
                     new_state.setdefault(p, {})[k] = key
-                if gi not in hyper_keys:
-                    prefix = f"{OPT_GROUPS}{fqn}."
-                    found = {k[len(prefix):]: k for k in meta if k.startswith(prefix)}
-                    if found:
-                        hyper_keys[gi] = found
-                        for key in found.values():
-                            targets[key] = _placeholder(meta[key])
+                if gi not in hyper_keys and OPT_GROUPS + fqn in meta:
+                    hyper_keys[gi] = OPT_GROUPS + fqn
+                    targets[OPT_GROUPS + fqn] = None  # read back as saved
 
     reader = dcp.FileSystemReader(path)
     _dcp_quiet(dcp.load, targets, storage_reader=reader, planner=DefaultLoadPlanner(),
@@ -456,8 +458,8 @@ def load(path: str | Path, parts: Iterable[nn.Module],
     if optimizer is not None:
         for p, keys in new_state.items():
             optimizer.state[p] = {k: _local(targets[key]) for k, key in keys.items()}
-        for gi, found in hyper_keys.items():
-            optimizer.param_groups[gi].update({h: targets[key] for h, key in found.items()})
+        for gi, key in hyper_keys.items():
+            optimizer.param_groups[gi].update(dict(targets[key]))
     return read_extra(path)
 
 
@@ -491,10 +493,11 @@ def full_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
             v = v.to(map_location)
         if key.startswith(MODEL):
             model[key[len(MODEL):]] = v
-        elif key.startswith(OPT_STATE) or key.startswith(OPT_GROUPS):
-            prefix = OPT_STATE if key.startswith(OPT_STATE) else OPT_GROUPS
-            fqn, _, k = key[len(prefix):].rpartition(".")
-            opt["state" if prefix == OPT_STATE else "param_groups"].setdefault(fqn, {})[k] = v
+        elif key.startswith(OPT_STATE):
+            fqn, _, k = key[len(OPT_STATE):].rpartition(".")
+            opt["state"].setdefault(fqn, {})[k] = v
+        elif key.startswith(OPT_GROUPS):
+            opt["param_groups"][key[len(OPT_GROUPS):]] = dict(v)
     out = {**read_extra(path), "model": _model_order(model)}
     if opt["state"] or opt["param_groups"]:
         out["optimizer"] = opt

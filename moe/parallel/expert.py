@@ -46,16 +46,31 @@ from moe.model.experts import GroupedExperts
 from moe.parallel.mesh import shard_param
 
 
+class _SharedGroup:
+    """Holds a process group; ``copy.deepcopy`` of the model shares it (a group cannot be
+    copied or pickled), as the closures of tensor parallelism's hooks do."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class ExpertParallelExperts(GroupedExperts):
     """GroupedExperts holding this rank's E / ep experts; forward = dispatch, experts, combine.
 
     Not constructed directly: ``apply_expert_parallel`` swaps the class of an existing module
-    and sets ``ep_group``, ``ep_size`` and ``ep_rank``.
+    and sets ``ep_size``, ``ep_rank`` and the group.
     """
 
-    ep_group: dist.ProcessGroup | None = None
     ep_size: int = 1
     ep_rank: int = 0
+    _ep_group: _SharedGroup | None = None
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        return self._ep_group.group
 
     def extra_repr(self) -> str:
         return f"ep_rank={self.ep_rank}, ep_size={self.ep_size}, local_experts={self.w1.shape[0]}"
@@ -125,5 +140,5 @@ def apply_expert_parallel(model: torch.nn.Module, ep_mesh) -> torch.nn.Module:
             if getattr(experts, w) is not None:
                 shard_param(experts, w, "ep", 0, rank, size)
         experts.__class__ = ExpertParallelExperts
-        experts.ep_group, experts.ep_size, experts.ep_rank = group, size, rank
+        experts._ep_group, experts.ep_size, experts.ep_rank = _SharedGroup(group), size, rank
     return model

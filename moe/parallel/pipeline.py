@@ -9,9 +9,10 @@ checkpoints, tensor and expert parallelism.
 
     stages = build_stage_models(model, pp_rank, pp, cfg)       # [(stage_index, module)]
     ... tensor / expert parallelism applied to each stage module ...
-    pipe = PipelineRuntime(stages, pp_mesh, cfg, micro_batch_shape=(mb, S), n_microbatches=n,
-                           global_batch=B, device=device, on_moe_forward=callback)
+    pipe = PipelineRuntime(stages, mesh["pp"], cfg, (mb, S), n_micro, device, global_batch=B,
+                           on_moe_forward=callback)    # callback(layer_name, moe_layer, share)
     loss = pipe.step(x_local, y_local)   # last stage: sum over micro-batches of CE * share
+    logits = pipeline_forward(pipe, x)   # eval: forward only, logits on the last stage
 
 Placement. ``gpipe`` / ``1f1b``: one stage per rank, stage s on pp rank s. ``interleaved_1f1b``
 (Narayanan et al. 2021, sec. 2.2): ``pp_stages_per_rank`` virtual stages per rank, stage s on pp
@@ -32,6 +33,7 @@ example output without ``requires_grad`` means no gradient is ever received: a h
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from typing import Callable, Optional
@@ -44,9 +46,10 @@ from moe.config import Config
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
-# on_moe_forward(layer_name, stats, share): called after every MoE forward on this rank, once per
-# micro-batch and layer. layer_name is the global layer key ("3"), as in ``model.layers``.
-MoECallback = Callable[[str, object, float], None]
+# on_moe_forward(layer_name, layer, share): called after every MoE forward on this rank, once per
+# micro-batch and layer; layer_name is the global layer key ("3"), as in ``model.layers``, and
+# layer the MoE module (its ``last_stats`` are this micro-batch's).
+MoECallback = Callable[[str, nn.Module, float], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +72,10 @@ def split_layers(n_layers: int, n_stages: int,
     """Global layer indices of each stage, in order.
 
     ``pp_layers`` lists the layer count per stage (``parallel.pp_layers``). Otherwise the split
-    is as even as possible, the remainder going to the later stages: the first stage also runs
-    the embedding, so it is the one to keep light (10 layers on 4 stages: 2, 2, 3, 3).
+    is as even as possible with the remainder on the MIDDLE stages: the first stage also holds
+    the embedding and the last the output head, so they are the ones to keep light (10 layers
+    on 4 stages: 2, 3, 3, 2; GPT-4's 120 layers on 16 stages: 7 x 4, 8 x 8, 7 x 4). With a
+    single extra layer on two stages, the later stage takes it (the first stage stays lightest).
     """
     if n_stages <= 0:
         raise ValueError(f"need at least one pipeline stage, got {n_stages}")
@@ -84,7 +89,8 @@ def split_layers(n_layers: int, n_stages: int,
             raise ValueError(f"model.n_layers={n_layers} is fewer than the {n_stages} "
                              f"pipeline stages")
         base, extra = divmod(n_layers, n_stages)
-        sizes = [base + (1 if s >= n_stages - extra else 0) for s in range(n_stages)]
+        first = -(-(n_stages - extra) // 2)  # ceil: the extra block sits in the middle
+        sizes = [base + (1 if first <= s < first + extra else 0) for s in range(n_stages)]
     out, start = [], 0
     for size in sizes:
         out.append(list(range(start, start + size)))
@@ -151,14 +157,18 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
 
 def build_schedule(stage_models: list[tuple[int, nn.Module]], pp_mesh, cfg: Config,
                    micro_batch_shape: tuple[int, int], n_microbatches: int,
-                   loss_fn: Callable, device: torch.device | str):
+                   loss_fn: Callable, device: torch.device | str,
+                   logits_dtype: Optional[torch.dtype] = None):
     """A ``PipelineStage`` per stage module and the ``parallel.pp_schedule`` schedule over them.
 
     pp_mesh: a 1-D DeviceMesh (or a ProcessGroup) over the pipeline ranks. micro_batch_shape:
     (sequences, seq_len) of one micro-batch. Example inputs/outputs, on the meta device:
     stage 0 takes token ids [mb, S] int64, later stages hidden states [mb, S, dim]; the last
     stage returns logits [mb, S, vocab], the others hidden states. Floating ones require grad
-    (torch 2.13 decides from them whether gradients are exchanged at all).
+    (torch 2.13 decides from them whether gradients are exchanged at all). Hidden states keep
+    the parameters' dtype (the residual stream stays fp32 under autocast); logits_dtype is the
+    head's output dtype, the autocast dtype when the step runs under autocast (torch <= 2.11
+    checks every stage output's dtype against these examples).
     """
     from torch.distributed.pipelining import PipelineStage
 
@@ -182,21 +192,22 @@ def build_schedule(stage_models: list[tuple[int, nn.Module]], pp_mesh, cfg: Conf
         else:
             example_in = torch.empty(mb, seq, dim, dtype=dtype, device="meta",
                                      requires_grad=True)
-        out_dim = vocab if index == n_stages - 1 else dim
-        example_out = torch.empty(mb, seq, out_dim, dtype=dtype, device="meta",
-                                  requires_grad=True)
+        if index == n_stages - 1:
+            example_out = torch.empty(mb, seq, vocab, dtype=logits_dtype or dtype,
+                                      device="meta", requires_grad=True)
+        else:
+            example_out = torch.empty(mb, seq, dim, dtype=dtype, device="meta",
+                                      requires_grad=True)
         stages.append(PipelineStage(module, index, n_stages, device, input_args=example_in,
                                     output_args=example_out, group=group))
     cls = _schedule_class(name)
     # scale_grads=False: loss_fn already weighs each micro-batch by its share of the global
     # batch; the default (True) would divide the gradients by n_microbatches once more.
-    kwargs = dict(n_microbatches=n_microbatches, loss_fn=loss_fn)
-    if "scale_grads" in inspect.signature(cls.__init__).parameters:
-        kwargs["scale_grads"] = False
-    else:  # pragma: no cover - torch < 2.6 always averages; undo it in the loss instead
-        kwargs["loss_fn"] = lambda out, tgt: loss_fn(out, tgt) * n_microbatches
+    if "scale_grads" not in inspect.signature(cls.__init__).parameters:  # pragma: no cover
+        raise RuntimeError(f"{cls.__name__} of torch {torch.__version__} has no scale_grads "
+                           f"argument: pipeline parallelism needs torch >= 2.6")
     stage_arg = stages if name == "interleaved_1f1b" else stages[0]
-    return cls(stage_arg, **kwargs)
+    return cls(stage_arg, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -213,34 +224,46 @@ class PipelineRuntime:
 
     stage_models: from ``build_stage_models`` (after any tensor / expert parallelism).
     micro_batch_shape: (sequences, seq_len) of a micro-batch; the local batch passed to
-    ``step`` is ``n_microbatches`` of them. global_batch: sequences in the global batch
-    (over all data-parallel ranks), so ``share = micro_sequences / global_batch``.
-    on_moe_forward(layer_name, stats, share): called after each MoE forward on this rank (once
-    per micro-batch and layer; there is no activation recomputation, so never twice); it may be
-    replaced at any time through the attribute of the same name (None: no callback).
+    ``step`` is ``n_microbatches`` of them. global_batch: sequences in the global batch over
+    all data ranks, giving the default ``share = micro_sequences / global_batch`` (``step`` may
+    pass its own). autocast: a context-manager factory wrapped around each step (bf16 on GPU).
+    on_moe_forward(layer_name, layer, share): called after each MoE forward on this rank, once
+    per micro-batch and layer (there is no activation recomputation, so never twice), with the
+    global layer key ("3"), the MoE module (its fresh ``last_stats``; ``router_loss()``) and
+    the micro-batch's share; replaceable through the attribute of the same name (None: off).
     """
 
     def __init__(self, stage_models: list[tuple[int, nn.Module]], pp_mesh, cfg: Config,
-                 micro_batch_shape: tuple[int, int], n_microbatches: int, global_batch: int,
-                 device: torch.device | str,
-                 on_moe_forward: Optional[MoECallback] = None):
+                 micro_batch_shape: tuple[int, int], n_microbatches: int,
+                 device: torch.device | str, *, global_batch: Optional[int] = None,
+                 on_moe_forward: Optional[MoECallback] = None, autocast=None):
         mb = micro_batch_shape[0]
-        if global_batch < mb * n_microbatches:
+        if global_batch is not None and global_batch < mb * n_microbatches:
             raise ValueError(f"global batch of {global_batch} sequences is smaller than the "
                              f"local batch of {n_microbatches} x {mb}")
-        self.stage_models = stage_models
-        self.parts = [m for _, m in stage_models]
-        self.stage_ids = [s for s, _ in stage_models]
+        self.stage_models = list(stage_models)
+        self.parts = [m for _, m in self.stage_models]
+        self.stage_ids = [s for s, _ in self.stage_models]
         self.micro_batch_shape = tuple(micro_batch_shape)
         self.n_microbatches = n_microbatches
-        self.share = mb / global_batch
+        self.device = torch.device(device)
+        self.share = None if global_batch is None else mb / global_batch
         self.on_moe_forward = on_moe_forward
-        self.schedule = build_schedule(stage_models, pp_mesh, cfg, micro_batch_shape,
-                                       n_microbatches, self._loss, device)
-        group = pp_mesh.get_group() if hasattr(pp_mesh, "get_group") else pp_mesh
-        n_stages = n_pipeline_stages(cfg, torch.distributed.get_world_size(group))
+        self.autocast = autocast or contextlib.nullcontext
+        self.group = pp_mesh.get_group() if hasattr(pp_mesh, "get_group") else pp_mesh
+        self.pp_size = torch.distributed.get_world_size(self.group)
+        self.pp_rank = torch.distributed.get_rank(self.group)
+        self.n_stages = n_pipeline_stages(cfg, self.pp_size)
+        self.hidden_dtype = _float_dtype(self.parts[0])
         self.is_first = 0 in self.stage_ids
-        self.is_last = (n_stages - 1) in self.stage_ids
+        self.is_last = (self.n_stages - 1) in self.stage_ids
+        with self.autocast():  # the head's output dtype under the step's autocast, if any
+            dt = self.device.type
+            logits_dtype = (torch.get_autocast_dtype(dt) if torch.is_autocast_enabled(dt)
+                            else None)
+        self.schedule = build_schedule(self.stage_models, self.group, cfg, micro_batch_shape,
+                                       n_microbatches, self._loss, self.device,
+                                       logits_dtype=logits_dtype)
         self._step_kwargs = {}
         if "return_outputs" in inspect.signature(self.schedule.step).parameters:
             self._step_kwargs["return_outputs"] = False  # the logits are not needed
@@ -257,18 +280,23 @@ class PipelineRuntime:
     def _moe_hook(self, name: str):
         def hook(module, args, output):
             if self.on_moe_forward is not None:
-                self.on_moe_forward(name, module.last_stats, self.share)
+                self.on_moe_forward(name, module, self.share)
         return hook
 
-    def step(self, x_local: Optional[torch.Tensor],
-             y_local: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def step(self, x_local: Optional[torch.Tensor], y_local: Optional[torch.Tensor],
+             share: Optional[float] = None) -> Optional[torch.Tensor]:
         """Forward and backward over the local batch; gradients accumulate into ``.grad``.
 
         x_local / y_local: [n_microbatches * mb, S] token ids / targets (only the first stage
-        reads x, only the last reads y; others may pass None). Returns, on the rank holding the
+        reads x, only the last reads y; others may pass None). share: each micro-batch's share
+        of the global batch (default: from ``global_batch``). Returns, on the rank holding the
         last stage, the detached sum over micro-batches of CE-mean * share; None elsewhere.
         The caller zeroes gradients before and runs the optimizer after.
         """
+        if share is not None:
+            self.share = share
+        if self.share is None:
+            raise ValueError("PipelineRuntime.step needs share= (or global_batch= at build)")
         expected = (self.n_microbatches * self.micro_batch_shape[0], self.micro_batch_shape[1])
         for name, t, needed in (("x", x_local, self.is_first), ("y", y_local, self.is_last)):
             if needed and (t is None or tuple(t.shape) != expected):
@@ -280,7 +308,8 @@ class PipelineRuntime:
         args = (x_local,) if self.is_first else ()
         target = y_local if self.is_last else None
         losses: Optional[list] = [] if self.is_last else None
-        self.schedule.step(*args, target=target, losses=losses, **self._step_kwargs)
+        with self.autocast():
+            self.schedule.step(*args, target=target, losses=losses, **self._step_kwargs)
         if not self.is_last:
             return None
         return torch.stack([loss.detach().float() for loss in losses]).sum()
@@ -289,3 +318,37 @@ class PipelineRuntime:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+@torch.no_grad()
+def pipeline_forward(pipe: PipelineRuntime, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Forward only, for evaluation or generation: logits [B, S, vocab] on the rank holding the
+    last stage, None elsewhere. Every pp rank calls it with the same x (any batch size).
+
+    Plain blocking send/recv of each stage's hidden states [B, S, dim] to the next stage's rank,
+    stage after stage: no micro-batching and no schedule, so the batch shape is free (the
+    schedule's shapes are fixed at build time) and the schedule's state is not touched.
+    Modules run in whatever mode they are in (``eval()`` for the eval capacity factor).
+    """
+    import torch.distributed as dist
+
+    parts = dict(pipe.stage_models)
+    b, s = x.shape
+    dim = pipe.parts[0].cfg.d_model
+    h = None
+    with pipe.autocast():
+        for stage in range(pipe.n_stages):
+            owner = stage % pipe.pp_size
+            if owner != pipe.pp_rank:
+                continue
+            if stage == 0:
+                h = x.to(pipe.device)
+            elif (stage - 1) % pipe.pp_size != pipe.pp_rank:
+                h = torch.empty(b, s, dim, dtype=pipe.hidden_dtype, device=pipe.device)
+                src = dist.get_global_rank(pipe.group, (stage - 1) % pipe.pp_size)
+                dist.recv(h, src=src, group=pipe.group)
+            h = parts[stage](h)
+            if stage < pipe.n_stages - 1 and (stage + 1) % pipe.pp_size != pipe.pp_rank:
+                dst = dist.get_global_rank(pipe.group, (stage + 1) % pipe.pp_size)
+                dist.send(h.to(pipe.hidden_dtype).contiguous(), dst=dst, group=pipe.group)
+    return h if pipe.is_last else None

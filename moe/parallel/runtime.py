@@ -85,15 +85,16 @@ class Runtime:
         for part in self.parts:
             part.to(self.device)
         if dims.pp > 1:
-            from moe.parallel.pipeline import build_schedule
+            from moe.parallel.pipeline import PipelineRuntime
 
             local = cfg.train.batch_size // dims.data_shards
             n_micro = cfg.parallel.pp_microbatches or max(1, local // cfg.train.micro_batch_size)
             self.n_micro = n_micro
-            self.pipeline = build_schedule(
+            self.pipeline = PipelineRuntime(
                 list(zip(self.stage_ids, self.parts)), mesh["pp"], cfg,
                 (local // n_micro, cfg.data.seq_len), n_micro, self.device,
-                on_moe_forward=self._on_moe_forward)
+                global_batch=cfg.train.batch_size, on_moe_forward=self._on_moe_forward,
+                autocast=self.autocast)
         if self.rank == 0:
             print(f"parallelize ({dims.describe()}): " + "; ".join(steps), file=sys.stderr)
 

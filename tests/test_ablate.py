@@ -1,0 +1,199 @@
+"""Ablation sweeps: grid parsing, the fixed-compute rule, point commands, resume, failures, plots."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe.ablate import (fixed_compute, is_finished, make_points, parse_grid, read_results,
+                        run_stats, run_sweep, summary_markdown, train_command)
+from moe.config import ConfigError, load_config
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# Seconds-long runs on 2 cores (as in tests/test_train.py).
+TINY = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
+        "--model.n_heads=4", "--model.n_experts=4", "--model.top_k=2",
+        "--model.expert_hidden=64", "--model.max_seq_len=32", "--data.seq_len=32",
+        "--data.code_max_mb=0.3", "--train.batch_size=8", "--train.micro_batch_size=8",
+        "--train.max_steps=3", "--train.warmup_steps=1", "--train.eval_batches=2",
+        "--train.eval_every=3", "--log.log_every=1", "--train.sample_tokens=0"]
+
+
+def assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG and len(data) > 1000, path
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid parsing
+
+
+def test_parse_grid_product_null_and_types():
+    grid = parse_grid(["model.n_experts=1,4", "model.capacity_factor=1,1.25,null",
+                       "--data.source=builtin"])
+    assert grid == {"model.n_experts": [1, 4], "model.capacity_factor": [1.0, 1.25, None],
+                    "data.source": ["builtin"]}
+    assert isinstance(grid["model.capacity_factor"][0], float)  # coerced: names stay stable
+    points = make_points(None, ["--data.seq_len=32", "--model.max_seq_len=32"],
+                         {k: grid[k] for k in ("model.n_experts", "model.capacity_factor")},
+                         2, Path("/tmp/sweep"))
+    assert len(points) == 2 * 3 * 2
+    names = [p.name for p in points]
+    assert names[0] == "n_experts=1__capacity_factor=1.0__seed=0"
+    assert "n_experts=4__capacity_factor=null__seed=1" in names
+    assert len(set(names)) == len(names)
+    assert [p.seed for p in points[:2]] == [1337, 1338]
+
+
+@pytest.mark.parametrize("items, match", [
+    (["model.n_experts"], "bad grid entry"),
+    (["model.n_experts="], "bad grid entry"),
+    (["=1,2"], "bad grid entry"),
+    (["model.n_experts=1,,2"], "empty value"),
+    (["model.n_experts=1,1"], "twice"),
+    (["model.n_experts=1", "model.n_experts=2"], "given twice"),
+    (["model.n_expert=1,2"], "model.n_expert"),
+    (["modle.n_experts=1,2"], "modle.n_experts"),
+    (["model.n_experts=1,many"], "model.n_experts"),
+    (["model.n_experts=null"], "model.n_experts"),
+    (["train.seed=1,2"], "--seeds"),
+    ([], "empty"),
+])
+def test_parse_grid_errors(items, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_grid(items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed compute
+
+
+def _base(*extra):
+    return load_config(None, ["--model.top_k=2", "--model.expert_hidden=128",
+                              "--train.max_steps=300", "--train.batch_size=16",
+                              "--train.micro_batch_size=16", "--data.seq_len=64",
+                              "--model.max_seq_len=128", *extra])
+
+
+def test_fixed_compute_rule():
+    base = _base()
+    # fewer experts than top_k: top-1 and the whole active width in one expert
+    assert fixed_compute(base, {"model.n_experts": 1}) == {
+        "model.top_k": 1, "model.expert_hidden": 256}
+    assert fixed_compute(base, {"model.n_experts": 4, "model.capacity_factor": None}) == {}
+    assert fixed_compute(base, {"model.n_experts": 64}) == {}
+    # top_k as a grid key: expert_hidden keeps top_k * expert_hidden = 256
+    assert fixed_compute(base, {"model.top_k": 1}) == {"model.expert_hidden": 256}
+    assert fixed_compute(base, {"model.top_k": 4}) == {"model.expert_hidden": 64}
+    assert fixed_compute(base, {"model.top_k": 4, "model.expert_hidden": 32}) == {}
+    with pytest.raises(ConfigError, match="not divisible by top_k=3"):
+        fixed_compute(base, {"model.top_k": 3})
+    # token budget 300 * 16 * 64
+    assert fixed_compute(base, {"train.batch_size": 32}) == {"train.max_steps": 150}
+    assert fixed_compute(base, {"train.batch_size": 8, "data.seq_len": 128}) == {
+        "train.max_steps": 300}
+    assert fixed_compute(base, {"train.batch_size": 32, "train.max_steps": 10}) == {}
+    with pytest.raises(ConfigError, match="token budget"):
+        fixed_compute(base, {"train.batch_size": 7})
+
+
+def test_points_apply_adjustments_and_overrides(tmp_path):
+    grid = parse_grid(["model.n_experts=1,4"])
+    over = ["--model.top_k=2", "--model.expert_hidden=128", "--data.seq_len=32",
+            "--model.max_seq_len=32"]
+    p1, p4 = make_points(None, over, grid, 1, tmp_path)
+    assert p1.adjusted == {"model.top_k": 1, "model.expert_hidden": 256}
+    assert (p1.cfg.model.top_k, p1.cfg.model.expert_hidden) == (1, 256)
+    assert (p4.cfg.model.top_k, p4.cfg.model.expert_hidden) == (2, 128)
+    assert p1.overrides[0] == "--log.progress=false"
+    assert f"--train.run_dir={tmp_path / 'runs' / p1.name}" in p1.overrides
+    assert "--train.seed=1337" in p1.overrides
+    off = make_points(None, over, grid, 1, tmp_path, fixed=False)
+    assert off[0].adjusted == {} and off[0].cfg is None and "top_k=2" in off[0].error
+    # the user's own progress / wandb settings win; wandb runs get the sweep as their group
+    p = make_points(None, over + ["--log.progress=true", "--log.wandb=offline"], grid, 1,
+                    tmp_path, wandb_group="mysweep")[1]
+    assert "--log.progress=false" not in p.overrides
+    assert p.cfg.log.progress is True and p.cfg.log.wandb_group == "mysweep"
+
+
+def test_train_command_plain_and_torchrun(tmp_path):
+    (p,) = make_points(None, ["--data.seq_len=32", "--model.max_seq_len=32"],
+                       parse_grid(["model.capacity_factor=null"]), 1, tmp_path)
+    cmd = train_command(p, "configs/tiny.yaml")
+    assert cmd[0] == sys.executable and cmd[1].endswith("scripts/train.py")
+    assert cmd[2:4] == ["--config", "configs/tiny.yaml"]
+    assert "--model.capacity_factor=null" in cmd
+    cmd = train_command(p, None, nproc=4)
+    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node=4"]
+    assert cmd[5].endswith("scripts/train.py") and "--config" not in cmd
+
+
+def test_finished_and_stats_from_metrics(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000020").mkdir(parents=True)
+    rows = [{"step": s, "lm_loss": 5.0 - s / 10, "drop_frac": s / 100, "tokens_per_s": 100.0 + s}
+            for s in range(1, 21)] + [{"step": 20, "tokens": 1, "val_loss": 3.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not is_finished(run, 20)  # no state.pt yet
+    (run / "checkpoints" / "step_00000020" / "state.pt").write_bytes(b"x")
+    assert is_finished(run, 20) and not is_finished(run, 30)
+    st = run_stats(run, 20)
+    assert st["final_val_loss"] == 3.5 and st["final_lm_loss"] == 3.0
+    assert st["drop_frac"] == pytest.approx((0.19 + 0.20) / 2)  # last 10% of 20 rows
+    assert st["tokens_per_s"] == pytest.approx(110.5)
+
+
+def test_summary_mean_std():
+    rows = [{"n": 4, "status": "ok", "final_val_loss": v, "drop_frac": 0.1, "tokens_per_s": 10}
+            for v in (1.0, 2.0)] + [{"n": 16, "status": "failed", "error": "boom"}]
+    md = summary_markdown(rows, ["n"], 2, True)
+    assert "| 4 | 2/2 | 1.5000 ± 0.7071 | 0.1000 ± 0.0000 | 10 ± 0 |" in md
+    assert "| 16 | 0/1 | - | - | - |" in md and "boom" in md
+
+
+# ---------------------------------------------------------------------------------------------
+# A real sweep: two tiny runs, a point that cannot be configured, a point that crashes
+
+
+def test_sweep_runs_resumes_and_reports_failures(tmp_path):
+    out = tmp_path / "sweep"
+    over = TINY + [f"--data.cache_dir={tmp_path / 'cache'}"]
+    grid = parse_grid(["model.top_k=1,2,99"])  # 99 > n_experts: a config error
+    rows = run_sweep(None, over, grid, 1, out, fixed=False, echo=lambda s: None)
+    status = {r["model.top_k"]: r["status"] for r in rows}
+    assert status == {1: "ok", 2: "ok", 99: "failed"}
+    assert "model.top_k=99" in rows[2]["error"]
+    for r in rows[:2]:
+        assert r["final_val_loss"] > 0 and r["active_params"] < r["total_params"]
+        assert is_finished(r["run_dir"], 3)
+        assert "$ " in (Path(r["run_dir"]) / "train.log").read_text()
+    csv_rows = read_results(out / "results.csv")
+    assert [r["status"] for r in csv_rows] == ["ok", "ok", "failed"]
+    assert csv_rows[0]["top_k"] == 1 and csv_rows[0]["max_steps"] == 3
+    assert "| 2 | 1/1 |" in (out / "summary.md").read_text()
+    for name in ("val_loss_vs_capacity", "drop_vs_capacity", "loss_curves",
+                 "expert_load_heatmap"):
+        assert_png(out / f"{name}.png")
+
+    # Re-run: finished points are skipped (train.py is not started: the logs do not grow).
+    logs = {r["name"]: (out / "runs" / r["name"] / "train.log").read_text() for r in rows[:2]}
+    mtimes = {n: os.stat(out / "runs" / n / "metrics.jsonl").st_mtime_ns for n in logs}
+    again = run_sweep(None, over, grid, 1, out, fixed=False, echo=lambda s: None)
+    assert [(r["status"], r["cached"]) for r in again] == [("ok", True), ("ok", True),
+                                                           ("failed", False)]
+    for n, text in logs.items():
+        assert (out / "runs" / n / "train.log").read_text() == text
+        assert os.stat(out / "runs" / n / "metrics.jsonl").st_mtime_ns == mtimes[n]
+    assert [r["final_val_loss"] for r in again[:2]] == [r["final_val_loss"] for r in rows[:2]]
+
+    # A point whose training process fails is recorded with the end of its log.
+    bad = run_sweep(None, over + ["--train.eval_batches=100000"],
+                    parse_grid(["model.capacity_factor=null"]), 1, tmp_path / "bad",
+                    echo=lambda s: None, plots=False)
+    assert bad[0]["status"] == "failed" and "exit 1" in bad[0]["error"]
+    assert "eval_batches" in bad[0]["error"]
