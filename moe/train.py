@@ -83,7 +83,12 @@ def train(cfg: Config) -> dict:
     runtime = Runtime(cfg, model, mesh, device,
                       autocast=lambda: autocast_context(device, tc.dtype))
     main = runtime.is_main
-    optimizer = build_optimizer(runtime.parts, tc)
+    if cfg.parallel.zero1 and mesh is not None:
+        from moe.parallel.zero import ZeroOneAdamW
+
+        optimizer = ZeroOneAdamW(runtime.parts, tc, mesh)
+    else:
+        optimizer = build_optimizer(runtime.parts, tc)
     loader = PackedLoader(data.train, data.epochs, seq_len, tc.seed)
     val = val_batches(data.val, seq_len, tc.micro_batch_size, tc.eval_batches)
 
@@ -160,7 +165,7 @@ def train(cfg: Config) -> dict:
     if logger is not None:
         logger.close()
 
-    summary.update(step=step, tokens=tokens)
+    summary.update(step=step, tokens=tokens, is_main=main)
     if tc.sample_tokens:
         if runtime.pipeline is None:
             summary["sample"] = sample(runtime.parts[0], data.tokenizer, cfg, device)

@@ -17,6 +17,8 @@ def main() -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if not summary["is_main"]:
+        return
     if summary.get("val_loss") is not None:
         print(f"step {summary['step']}: val loss {summary['val_loss']:.4f}")
     if "sample" in summary:

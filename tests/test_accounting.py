@@ -310,7 +310,7 @@ def test_interleaved_stages_round_robin():
     # 4 virtual stages of 1, 1, 2, 1 layers; rank r holds stages r and r + 2.
     assert stage_layers(cfg.model, cfg.parallel) == [(0, 2, 3), (1, 4)]
     lay = layout_accounting(cfg)
-    assert lay.rank == 1 and lay.rank_has_head and lay.rank_layers == (1, 3, 4)
+    assert lay.rank == 0 and not lay.rank_has_head and lay.rank_layers == (0, 2, 3)
 
 
 @pytest.mark.parametrize("cfg_kw", [
