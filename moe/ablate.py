@@ -238,7 +238,7 @@ def is_finished(run_dir: Path, max_steps: int) -> bool:
 
     done = any(p.name == f"step_{max_steps:08d}" for p in list_checkpoints(run_dir))
     return done and any(r.get("step") == max_steps and "val_loss" in r
-                                  for r in read_metrics(run_dir))
+                        for r in read_metrics(run_dir))
 
 
 def run_stats(run_dir: Path, max_steps: int) -> dict:
@@ -286,7 +286,8 @@ def run_point(point: Point, cmd: list[str], env: dict | None = None) -> tuple[in
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         t0 = time.perf_counter()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+        # Same working folder as the sweep: relative paths (config, data.cache_dir) mean the same.
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     return rc, time.perf_counter() - t0, offset
 
 
@@ -305,7 +306,7 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
               python: str = sys.executable, script: Path = TRAIN_SCRIPT,
               echo: Callable[[str], None] = print) -> list[dict]:
     """Run (or resume) the sweep; write results.csv, summary.md and plots; return the rows."""
-    out = Path(out)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if seeds < 1:
         raise ConfigError(f"--seeds={seeds} must be >= 1")

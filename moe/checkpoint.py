@@ -31,7 +31,7 @@ from moe.parallel.checkpoint import (MODEL, checkpoint_dir, full_state, is_check
                                      optimizer_state, read_extra, save, save_state)
 
 __all__ = ["checkpoint_dir", "is_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint", "load_training_state", "read_extra", "restore_checkpoint",
+           "load_checkpoint", "load_checkpoint_model", "resolve_checkpoint", "load_trained_model", "load_training_state", "read_extra", "restore_checkpoint",
            "save_checkpoint", "save_training_state"]
 
 save_training_state = save  # (run_dir, step, parts, optimizer, extra, mesh=None, keep=2)
@@ -70,3 +70,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Any checkpoint (a ``step_*`` folder or a file in it), unsharded:
     ``{"model": full plain state dict, "optimizer": {...}, "config": ..., **extra}``."""
     return full_state(path, map_location)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step folder as given, or a run folder's latest checkpoint; FileNotFoundError if none."""
+    path = Path(path)
+    if path.is_dir() and not is_checkpoint(path):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {path} (nor in {path}/checkpoints)")
+        return latest
+    return path
+
+
+def load_trained_model(checkpoint: str | Path):
+    """(model, config) of a training checkpoint: a ``step_*`` folder, or a run folder meaning
+    its latest checkpoint. Any layout's checkpoint loads, unsharded, in eval mode on the CPU."""
+    from moe.config import from_dict
+    from moe.model import build_model
+
+    state = load_checkpoint(resolve_checkpoint(checkpoint))
+    cfg = from_dict(state["config"]).validate()
+    model = build_model(cfg.model)  # build_model keeps tied embeddings tied
+    sd = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    model.load_state_dict(sd, strict=True)
+    return model.eval(), cfg
+
+
+def load_checkpoint_model(checkpoint: str | Path) -> torch.nn.Module:
+    """The model of a training checkpoint (see ``load_trained_model``)."""
+    return load_trained_model(checkpoint)[0]

@@ -192,25 +192,3 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, **config_overrides: A
     hf = to_mixtral_model(model, **config_overrides)
     hf.save_pretrained(out_dir)
     return out_dir
-
-
-def load_checkpoint_model(checkpoint: str | Path) -> torch.nn.Module:
-    """The model saved in a training checkpoint (``moe/checkpoint.py``: a ``step_*`` folder or
-    its ``state.pt``, whose state holds ``model`` and ``config``; or a run folder, meaning its
-    latest checkpoint), in eval mode on the CPU."""
-    from moe.checkpoint import is_checkpoint, latest_checkpoint, load_checkpoint
-    from moe.config import from_dict
-    from moe.model import build_model
-
-    path = Path(checkpoint)
-    if path.is_dir() and not is_checkpoint(path):
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint in {path} (nor in {path}/checkpoints)")
-        path = latest
-    state = load_checkpoint(path)
-    cfg = from_dict(state["config"]).validate()
-    model = build_model(cfg.model)  # build_model keeps tied embeddings tied
-    sd = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
-    model.load_state_dict(sd, strict=True)
-    return model.eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.checkpoint import is_checkpoint, latest_checkpoint  # noqa: E402
+from moe.checkpoint import resolve_checkpoint  # noqa: E402
 from moe.parallel.checkpoint import consolidate  # noqa: E402
 
 
@@ -24,14 +24,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="a run folder (its latest checkpoint) or a step folder")
     parser.add_argument("--out", required=True, help="the .pt file to write")
     args = parser.parse_args(argv)
-    path = Path(args.checkpoint)
-    if path.is_dir() and not is_checkpoint(path):
-        path = latest_checkpoint(path)
-        if path is None:
-            print(f"error: no checkpoint in {args.checkpoint} (nor in its checkpoints/)",
-                  file=sys.stderr)
-            sys.exit(2)
     try:
+        path = resolve_checkpoint(args.checkpoint)
         out = consolidate(path, args.out)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.export import ExportError, export_hf, load_checkpoint_model  # noqa: E402
+from moe.checkpoint import load_checkpoint_model  # noqa: E402
+from moe.export import ExportError, export_hf  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:

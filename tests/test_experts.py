@@ -12,14 +12,7 @@ from moe.model.experts import GroupedExperts, resolve_impl
 from moe.model.layers import FeedForward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is faster, and far faster when the 2 cores are shared (OpenMP
-    workers spin-wait). Restored afterwards so other test files keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 IMPLS = ["loop", "grouped", "bmm"]
 

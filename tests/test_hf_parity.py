@@ -11,14 +11,7 @@ from moe.export import ExportError, export_hf, to_mixtral, to_mixtral_model  # n
 from moe.model import build_model  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is faster, and far faster when the 2 cores are shared (OpenMP
-    workers spin-wait). Restored afterwards so other test files keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_cfg(**kw) -> ModelConfig:

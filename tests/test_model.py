@@ -13,14 +13,7 @@ from moe.model import MoE, Transformer, build_model
 from moe.model.layers import FeedForward
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is faster, and far faster when the 2 cores are shared (OpenMP
-    workers spin-wait). Restored afterwards so other test files keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**kw) -> ModelConfig:

@@ -12,14 +12,7 @@ from moe.model import MoE, build_model, expert_capacity, plan_capacity
 from moe.model.router import Router, load_balancing_loss, router_z_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one thread is faster, and far faster when the 2 cores are shared (OpenMP
-    workers spin-wait). Restored afterwards so other test files keep their setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 T_, F_ = True, False
 
