@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -126,7 +127,8 @@ def _init_wandb(run_dir: Path, cfg: Config):
     import wandb
 
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    # Our own id (wandb's helper moved between versions), kept so a resumed run continues it.
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(project=cfg.log.wandb_project, group=cfg.log.wandb_group, id=run_id,
                       resume="allow", dir=str(run_dir), mode=cfg.log.wandb,

@@ -151,3 +151,16 @@ def test_train_cli_rejects_bad_config_in_one_line():
     out = subprocess.run([sys.executable, "scripts/train.py", "--model.n_expert=4"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 2 and "model.n_expert" in out.stderr
+
+
+def test_wandb_offline_needs_no_network(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = _cfg(tmp_path, "run", "--train.max_steps=2", "--log.wandb=offline",
+               "--log.wandb_group=sweep")
+    train(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and (run_dir / "wandb_id").read_text().strip() in offline[0].name
+    assert any(offline[0].rglob("*.wandb"))  # the logged history, to `wandb sync` later
