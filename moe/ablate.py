@@ -44,8 +44,6 @@ TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
 RESERVED_KEYS = {"train.run_dir": "run folders are <out>/runs/<name>",
                  "train.seed": "use --seeds N (seed i is train.seed + i)"}
 
-ADJUSTED_KEYS = ("model.top_k", "model.expert_hidden", "train.max_steps")
-
 
 # ---------------------------------------------------------------------------------------------
 # The grid
@@ -257,6 +255,7 @@ def run_stats(run_dir: Path, max_steps: int) -> dict:
 
 
 def params(cfg: Config) -> dict:
+    """Total and active (per token) parameters, from moe.accounting (a meta-device build)."""
     from moe.accounting import count_params
 
     c = count_params(cfg.model)
@@ -318,7 +317,13 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
         "fixed_compute": fixed, "nproc": nproc, "git_revision": git_revision(),
         "base_config": base.to_dict()}, indent=2) + "\n")
 
-    rows = []
+    rows: list[dict] = []
+    start = time.perf_counter()
+
+    def write_tables() -> None:  # after every point, so an interrupted sweep has its results
+        write_results(out / "results.csv", rows, list(grid))
+        (out / "summary.md").write_text(summary_markdown(rows, list(grid), seeds, fixed))
+
     for i, p in enumerate(points, 1):
         row: dict[str, Any] = {"name": p.name, "seed": p.seed, "seed_index": p.seed_index,
                                "cached": False, "run_dir": str(p.run_dir), "error": "",
@@ -329,6 +334,7 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
             row.update(status="failed", error=p.error)
             echo(f"[{i}/{len(points)}] {p.name}: failed before launch: {p.error}")
             rows.append(row)
+            write_tables()
             continue
         mc, max_steps = p.cfg.model, p.cfg.train.max_steps
         row.update(top_k=mc.top_k, expert_hidden=mc.expert_hidden, max_steps=max_steps,
@@ -358,9 +364,9 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
         else:
             echo(f"    FAILED: {row['error']}")
         rows.append(row)
+        write_tables()
 
-    write_results(out / "results.csv", rows, list(grid))
-    (out / "summary.md").write_text(summary_markdown(rows, list(grid), seeds, fixed))
+    echo(f"sweep of {len(points)} runs: {time.perf_counter() - start:.0f}s")
     if plots:
         from moe.plots import sweep_plots
 
@@ -417,25 +423,57 @@ def group_rows(rows: list[dict], grid_keys: list[str]) -> dict[tuple, list[dict]
     return groups
 
 
+def paired_deltas(rows: list[dict], grid_keys: list[str]) -> dict[int, float]:
+    """id(row) -> its final val loss minus that of the run with the same seed index and other
+    grid values at the first value of the first grid key. Differences within a seed cancel the
+    noise (data order, initialisation) that the seed shares across the grid. Rows without a
+    seed index, or without a finished partner, get no delta."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("final_val_loss") is not None
+          and r.get("seed_index") is not None]
+    if not rows or not ok:
+        return {}
+    k0, rest = grid_keys[0], grid_keys[1:]
+    v0 = rows[0].get(k0)
+    base = {(tuple(r.get(k) for k in rest), r["seed_index"]): float(r["final_val_loss"])
+            for r in ok if r.get(k0) == v0}
+    out = {}
+    for r in ok:
+        b = base.get((tuple(r.get(k) for k in rest), r["seed_index"]))
+        if b is not None:
+            out[id(r)] = float(r["final_val_loss"]) - b
+    return out
+
+
 def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: bool) -> str:
     short = short_keys(grid_keys)
-    head = [short[k] for k in grid_keys] + ["runs ok", "val loss", "drop frac", "tokens/s",
-                                            "active params", "total params", "adjusted"]
+    k0 = grid_keys[0]
+    v0 = format_value(rows[0].get(k0)) if rows else ""
+    deltas = paired_deltas(rows, grid_keys) if len({str(r.get(k0)) for r in rows}) > 1 else {}
+    head = [short[k] for k in grid_keys] + ["runs ok", "val loss"] + (
+        [f"Δ val vs {short[k0]}={v0}"] if deltas else []) + [
+        "drop frac", "tokens/s", "active params", "total params", "adjusted"]
     lines = [
         "# Ablation summary", "",
         f"Mean ± std over seeds ({seeds} per point). val loss: final validation loss (eval "
-        f"capacity factor of the config); drop frac: training drop fraction, mean over the last "
-        f"10% of logged steps; tokens/s: median training throughput. Fixed-compute rule: "
-        f"{'on' if fixed else 'off'}.", "",
-        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        f"capacity factor of the config); "
+        + (f"Δ val: val loss minus that of {short[k0]}={v0} with the same seed and other grid "
+           "values (paired by seed); " if deltas else "")
+        + "drop frac: training drop fraction, mean over the last 10% of logged steps; "
+        f"tokens/s: median training throughput. Fixed-compute rule: {'on' if fixed else 'off'}.",
+        "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, group in group_rows(rows, grid_keys).items():
         ok = [r for r in group if r.get("status") == "ok" and r.get("final_val_loss") is not None]
         cells = [format_value(v) for v in key] + [f"{len(ok)}/{len(group)}"]
-        for metric, fmt in (("final_val_loss", "{:.4f}"), ("drop_frac", "{:.4f}"),
-                            ("tokens_per_s", "{:.0f}")):
-            xs = [float(r[metric]) for r in ok if r.get(metric) not in (None, "")]
+        for metric, fmt in (("final_val_loss", "{:.4f}"), ("delta", "{:+.4f}"),
+                            ("drop_frac", "{:.4f}"), ("tokens_per_s", "{:.0f}")):
+            if metric == "delta":
+                if not deltas:
+                    continue
+                xs = [deltas[id(r)] for r in ok if id(r) in deltas]
+            else:
+                xs = [float(r[metric]) for r in ok if r.get(metric) not in (None, "")]
             cells.append("-" if not xs else
-                         " ± ".join(fmt.format(v) for v in mean_std(xs)))
+                         " ± ".join(fmt.format(v) for v in mean_std(xs)).replace("± +", "± "))
         first = group[0]
         cells += [_count(first.get("active_params")), _count(first.get("total_params")),
                   first.get("adjusted") or "-"]

@@ -3,8 +3,9 @@
 A step is what the trainer (moe/train.py) does for one global batch: forward, cross-entropy,
 backward (the MoE layers inject their router-loss gradients themselves) for each of the
 ``batch_size / micro_batch_size`` micro-batches, gradient clipping when train.grad_clip > 0,
-the trainer's AdamW (moe.optim.build_optimizer) step, zero_grad. Tokens are synthetic (uniform random
-ids, seeded), so routing is whatever the freshly initialised router makes of them.
+the trainer's AdamW step (``moe.optim.build_optimizer``), zero_grad. Tokens are synthetic
+(uniform random ids, seeded), so routing is whatever the freshly initialised router makes of
+them (real routing through the real router, not a synthetic balanced assignment).
 
 FLOP convention: the project's (``moe.accounting``), times 3 for training (forward 1x,
 backward 2x). Per trained token:
@@ -17,8 +18,9 @@ backward 2x). Per trained token:
 dropped past capacity still count (nominal FLOPs, as in any MFU). The attention term is the
 q.k^T and probs @ v matmuls at the mean causal context (seq_len + 1) / 2 (what a causal kernel
 has to do; PaLM's 12 L H D S counts the full square, about 2x this term). MFU = achieved FLOP/s
-over a matmul peak measured in the same run (best of a few 2048^3 matmuls in the step's dtype):
-how close the step comes to this machine's own matmul speed, not to a datasheet figure.
+over a matmul peak measured in the same run (best of 5 n^3 matmuls in the step's dtype, n = 2048
+on CPU, 8192 on CUDA): how close the step comes to this machine's own matmul speed, not to a
+datasheet figure.
 """
 
 from __future__ import annotations
@@ -108,8 +110,11 @@ def train_flops_per_token(m: ModelConfig, counts: ParamCounts, seq_len: int) -> 
     return 3.0 * accounting.flops_per_token(m, counts, seq_len)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` FLOP/s of an n x n x n matmul in ``dtype`` (after one warm-up)."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                repeats: int = 5) -> float:
+    """Best-of-``repeats`` FLOP/s of an n x n x n matmul in ``dtype`` (after one warm-up);
+    n = 2048 on CPU, 8192 on CUDA (a 2048^3 GEMM is too short to fill a large GPU)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
@@ -143,8 +148,8 @@ class Stepper:
         self.n_micro = t.batch_size // t.micro_batch_size
         self.model.set_loss_scale(1.0 / self.n_micro)
         g = torch.Generator(device="cpu").manual_seed(t.seed + 1)
-        self.batches = [torch.randint(0, mcfg.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1),
-                                      generator=g).to(device)
+        shape = (t.micro_batch_size, cfg.data.seq_len + 1)
+        self.batches = [torch.randint(0, mcfg.vocab_size, shape, generator=g).to(device)
                         for _ in range(max(n_batches, self.n_micro))]
         self.i = 0
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
@@ -241,7 +246,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     t0 = time.perf_counter()
     load0 = _loadavg()
     peak = matmul_peak(device, run_dtype)
-    log(f"matmul peak (2048^3, {str(run_dtype).replace('torch.', '')}, best of 5): "
+    log(f"matmul peak ({str(run_dtype).replace('torch.', '')}, best of 5): "
         f"{peak / 1e9:.1f} GFLOP/s")
 
     moe_stepper = Stepper(cfg, mcfg, device, amp)

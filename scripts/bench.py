@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
-        p.error(f"unrecognised arguments: {' '.join(bad)} (overrides look like --section.key=value)")
+        p.error(f"unrecognised arguments: {' '.join(bad)} "
+                "(overrides look like --section.key=value)")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1, --warmup >= 0")
     try:

@@ -156,6 +156,18 @@ def test_summary_mean_std():
     assert "| 16 | 0/1 | - | - | - |" in md and "boom" in md
 
 
+def test_summary_paired_deltas():
+    # Seed 1 is worse everywhere by 0.5: the paired delta of n=16 is exactly -0.2 for both
+    # seeds (std 0), though the unpaired val losses spread by 0.35 std.
+    rows = [{"n": n, "cf": 1.0, "seed_index": s, "status": "ok", "drop_frac": 0.0,
+             "tokens_per_s": 10, "final_val_loss": base + 0.5 * s}
+            for n, base in ((4, 3.0), (16, 2.8)) for s in (0, 1)]
+    md = summary_markdown(rows, ["n", "cf"], 2, True)
+    assert "Δ val vs n=4" in md
+    assert "| 4 | 1.0 | 2/2 | 3.2500 ± 0.3536 | +0.0000 ± 0.0000 |" in md
+    assert "| 16 | 1.0 | 2/2 | 3.0500 ± 0.3536 | -0.2000 ± 0.0000 |" in md
+
+
 # ---------------------------------------------------------------------------------------------
 # A real sweep: two tiny runs, a point that cannot be configured, a point that crashes
 
