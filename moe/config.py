@@ -162,6 +162,9 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
+    # AdamW kernel: fused (one kernel over all tensors; 5x faster than for-loop on 2 CPU
+    # cores, see moe/optim.py) | foreach | for-loop. Same update up to float rounding.
+    optimizer_impl: str = "fused"
     eval_every: int = 50
     eval_batches: int = 8
     ckpt_every: int = 100
@@ -195,6 +198,7 @@ class TrainConfig:
             raise ConfigError("train.beta1 and train.beta2 must be in [0, 1)")
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "dtype", ("auto", "fp32", "bf16"))
+        _choice(self, "optimizer_impl", ("fused", "foreach", "for-loop"))
 
 
 @dataclass

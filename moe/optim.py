@@ -31,9 +31,20 @@ def param_groups(model: nn.Module | list[nn.Module], weight_decay: float) -> lis
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw_kwargs(cfg: TrainConfig) -> dict:
+    """AdamW hyper-parameters and kernel (``train.optimizer_impl``).
+
+    Measured on 2 CPU cores, 29 M fp32 parameters, one step: fused 15 ms, for-loop 45 ms,
+    foreach 83 ms (torch's default, foreach, is the slowest on CPU). The MoE's expert weights
+    make the optimizer a large part of a CPU step, so fused is the default.
+    """
+    impl = {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "for-loop": {"foreach": False}}[cfg.optimizer_impl]
+    return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **impl}
+
+
 def build_optimizer(model: nn.Module | list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw_kwargs(cfg))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

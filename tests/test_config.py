@@ -166,6 +166,7 @@ def test_string_and_list_keys():
     (["--model.head_dim=7"], "model.head_dim"),
     (["--model.drop_policy=random"], "model.drop_policy"),
     (["--model.expert_impl=cuda"], "model.expert_impl"),
+    (["--train.optimizer_impl=apex"], "train.optimizer_impl"),
     (["--model.top_k=0"], "model.top_k"),
     (["--data.val_fraction=1"], "data.val_fraction"),
     (["--data.source=hf"], "data.hf_name"),

@@ -20,7 +20,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moe.config import TrainConfig
-from moe.optim import param_groups
+from moe.optim import adamw_kwargs, param_groups
 from moe.parallel.data import data_group
 from moe.parallel.mesh import shard_spec
 
@@ -54,7 +54,7 @@ class ZeroOneAdamW(torch.optim.AdamW):
                 (group, [(p, dist.get_global_rank(group, o)) for p, o in zip(params, owners)]))
             owned_ids.update(id(p) for p, o in zip(params, owners) if o == me)
         local = [{**g, "params": [p for p in g["params"] if id(p) in owned_ids]} for g in groups]
-        super().__init__(local, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        super().__init__(local, **adamw_kwargs(cfg))
         self.all_params = [p for g in groups for p in g["params"]]
 
     @torch.no_grad()
