@@ -186,7 +186,16 @@ class Stepper:
         sync(self.device)
         t3 = time.perf_counter()
         self.last_loss = loss.detach()
-        return {"fwd_bwd": t1 - t0, "clip": t2 - t1, "optimizer": t3 - t2}
+        return {"fwd_bwd": t1 - t0, "clip": t2 - t1, "optimizer": t3 - t2,
+                "drop_frac": self.drop_frac()}
+
+    def drop_frac(self) -> float:
+        """Dropped / routed (token, expert) assignments over the MoE layers in the last
+        micro-batch (0 for a dense model). Read after the step's timing, outside it."""
+        stats = [m.last_stats for m in self.model.moe_layers() if m.last_stats is not None]
+        routed = sum(int(st.tokens_per_expert.sum()) for st in stats)
+        kept = sum(int(st.kept_per_expert.sum()) for st in stats)
+        return 0.0 if routed == 0 else 1.0 - kept / routed
 
     def timed_step(self) -> dict[str, float]:
         """``step()`` between device syncs; adds ``total`` (s)."""
@@ -212,6 +221,7 @@ def summarise(phases: list[dict[str, float]], stepper: Stepper, peak: float) -> 
         "tokens_per_s": stepper.tokens_per_step / med,
         "mfu": stepper.flops_per_step / med / peak,
         "n_steps": len(times),
+        "drop_frac": statistics.fmean(p["drop_frac"] for p in phases),
         # Medians of each phase (they need not add up to the median step exactly).
         "phases_s": {k: statistics.median(p[k] for p in phases)
                      for k in ("fwd_bwd", "clip", "optimizer")},
@@ -295,6 +305,9 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
                                           for d, m in zip(times["dense"], times["moe"])),
         "mfu": moe["mfu"],
         "dense_mfu": dense["mfu"],
+        # Mean share of (token, expert) assignments dropped past capacity in the timed steps:
+        # MFU counts nominal FLOPs, so a dropping MoE does (1 - drop_frac) of its expert FLOPs.
+        "moe_drop_frac": moe["drop_frac"],
         "peak_flops": peak,
         "moe_step_s": moe["step_s_median"],
         "dense_step_s": dense["step_s_median"],

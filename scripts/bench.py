@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{'':14s}   moe/dense {v['ratio_to_dense']:.2f}")
     print(f"moe / dense tokens/s: {r['ratio']:.3f} (median of per-turn ratios "
           f"{r['ratio_paired']:.3f}; fwd+bwd only {r['ratio_fwd_bwd']:.3f})")
+    print(f"moe drop fraction {r['moe_drop_frac']:.3f} (capacity factor "
+          f"{cfg.model.capacity_factor}): MFU counts nominal FLOPs; dropped assignments skip "
+          f"their expert, so the MoE ran {1 - r['moe_drop_frac']:.1%} of its nominal expert FLOPs")
     return 0
 
 

@@ -17,6 +17,10 @@ def main() -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # all ranks finished: close the group (NCCL warns otherwise)
+        dist.destroy_process_group()
     if not summary["is_main"]:
         return
     if summary.get("val_loss") is not None:

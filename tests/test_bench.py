@@ -36,6 +36,23 @@ def test_bench_json_smoke():
     assert r["moe_active_params"] - r["dense_active_params"] == 64 * 16
     assert set(r["impls"]) == {"grouped", "bmm", "loop"}
     assert all(v["tokens_per_s"] > 0 for v in r["impls"].values())
+    assert 0 <= r["moe_drop_frac"] < 1
+
+
+def test_stepper_drop_fraction_follows_capacity():
+    """The bench's drop fraction is the router's: exactly 0 dropless, and past a tight capacity
+    at least 1 - cf of the assignments are dropped (the experts hold cf x their fair share)."""
+    import torch
+
+    from moe.bench import Stepper
+    from moe.config import load_config
+
+    for cf, check in (("null", lambda d: d == 0.0), ("0.25", lambda d: d >= 0.75)):
+        cfg = load_config(str(ROOT / "configs" / "bench.yaml"),
+                          TINY + [f"--model.capacity_factor={cf}", "--model.min_capacity=0"])
+        s = Stepper(cfg, cfg.model, torch.device("cpu"), None)
+        phases = s.step()
+        assert check(phases["drop_frac"]), (cf, phases["drop_frac"])
 
 
 def test_bench_rejects_bad_override():

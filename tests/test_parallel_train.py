@@ -3,8 +3,8 @@
 Each layout runs ``moe.train.train`` on spawned gloo ranks for a few steps on the built-in
 corpus, with token dropping active (capacity factor 1.0) and, for some layouts, dropless; every
 logged number (loss, aux and z losses, drop fraction, per-expert counts, gradient norm, val
-loss) must match the single-process run. A torchrun job then checks the launcher path and
-resuming a tp2 x pp2 checkpoint in one process.
+loss) must match the single-process run. torchrun jobs then check the launcher path (4 ranks,
+and 1 rank, which still makes a process group) and resuming across layouts.
 """
 
 import json
@@ -108,20 +108,26 @@ def test_layout_matches_one_process(workdir, reference, name, capacity):
 
 
 def test_torchrun_tp2_pp2_then_resume_in_one_process(workdir, reference):
-    """scripts/train.py under torchrun (4 ranks, tp2 x pp2) for 2 steps, then resumed to step 3
-    in one process: the same losses as one unbroken single-process run; the checkpoint also
+    """scripts/train.py under torchrun (4 ranks, tp2 x pp2) for 1 step, resumed under torchrun
+    with one rank (the distributed path, every size 1) to step 2, then in one plain process to
+    step 3: the same losses as one unbroken single-process run; the checkpoint also
     consolidates into one plain state dict."""
     ref = reference("1.0")
     run = workdir / "torchrun"
     args = _overrides(workdir, "torchrun", "1.0")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
-           "scripts/train.py", *args, "--train.max_steps=2", "--parallel.tp=2", "--parallel.pp=2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd = launcher + ["--nproc_per_node=4", "scripts/train.py", *args, "--train.max_steps=1",
+                      "--parallel.tp=2", "--parallel.pp=2"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert (run / "checkpoints" / "step_00000001" / "extra.pt").is_file(), out.stderr[-3000:]
+    assert "tensor: tp=2" in out.stderr
+    cmd = launcher + ["--nproc_per_node=1", "scripts/train.py", *args, "--train.max_steps=2"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert (run / "checkpoints" / "step_00000002" / "extra.pt").is_file(), out.stderr[-3000:]
-    assert "tensor: tp=2" in out.stderr
-    train(load_config(None, args))  # one process, resumes from the tp2 x pp2 checkpoint
-    _assert_same(ref, _rows(run), "tp2_pp2 -> single")
+    assert "parallelize (" in out.stderr  # a process group and mesh, though of one rank
+    train(load_config(None, args))  # one plain process, resumes from the world-1 checkpoint
+    _assert_same(ref, _rows(run), "tp2_pp2 -> torchrun world 1 -> single")
 
     plain = workdir / "consolidated.pt"
     out = subprocess.run([sys.executable, "scripts/consolidate.py", "--checkpoint", str(run),

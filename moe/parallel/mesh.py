@@ -138,8 +138,10 @@ def shard_param(module: nn.Module, name: str, mesh_dim: str, dim: int, rank: int
 def init_distributed(cfg: Config):
     """Initialise the process group from torchrun's environment and build the mesh.
 
-    Returns (dims, mesh, device). Without torchrun (no WORLD_SIZE) and all sizes 1, returns
-    (dims, None, device) and stays single-process.
+    Returns (dims, mesh, device). Without torchrun (no RANK in the environment) and all sizes
+    1, returns (dims, None, None) and stays single-process. Under torchrun a process group is
+    always made, one rank included: ``torchrun --nproc_per_node=1`` runs the distributed path
+    (NCCL on a GPU) exactly as a larger job would, only with every size 1.
     """
     import torch.distributed as dist
     from datetime import timedelta
@@ -147,9 +149,10 @@ def init_distributed(cfg: Config):
 
     dims = ParallelDims.from_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and dims.world_size == 1 and not dist.is_initialized():
+    launched = "RANK" in os.environ or dist.is_initialized()
+    if not launched and dims.world_size == 1:
         return dims, None, None
-    if "RANK" not in os.environ:
+    if not launched:
         raise ConfigError(f"{dims.describe()} needs {dims.world_size} processes: launch with "
                           f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
     dims.validate(cfg, world)

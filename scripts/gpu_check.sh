@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The CUDA checks in one go (a few minutes on one H100/H200): bf16 autocast, NCCL with one
+# rank, torch.compile, and tokens/s + MFU of configs/gpu_100m.yaml (97M parameters, 31M active).
+#   scripts/gpu_check.sh [out_dir]        (default runs/gpu_check; logs and JSON land there)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-runs/gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+cfg=configs/gpu_100m.yaml
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+    | tee -a "$out/gpu.txt"
+# 1. MoE vs active-matched dense step, bf16 autocast: tokens/s, MFU, drop fraction.
+python scripts/bench.py --config $cfg --steps 20 --json > "$out/bench.json"
+python scripts/bench.py --config $cfg --steps 20 --model.capacity_factor=null --json \
+    > "$out/bench_dropless.json"
+# 2. The trainer under torchrun with one rank: NCCL process group, bf16, checkpoint, resume.
+torchrun --standalone --nproc_per_node=1 scripts/train.py --config $cfg --train.max_steps=60 \
+    --train.eval_every=30 --train.ckpt_every=30 --train.run_dir="$out/nccl" \
+    --parallel.backend=nccl --log.progress=false 2>&1 | tee "$out/nccl.log"
+torchrun --standalone --nproc_per_node=1 scripts/train.py --config $cfg --train.max_steps=90 \
+    --train.decay_steps=60 --train.eval_every=30 --train.ckpt_every=30 \
+    --train.run_dir="$out/nccl" --parallel.backend=nccl --log.progress=false 2>&1 \
+    | tee -a "$out/nccl.log"
+# 3. torch.compile on the same model, one process.
+python scripts/train.py --config $cfg --train.max_steps=60 --train.eval_every=60 \
+    --train.compile=true --train.run_dir="$out/compile" --log.progress=false 2>&1 \
+    | tee "$out/compile.log"
+python - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in ("bench.json", "bench_dropless.json"):
+    r = json.loads((out / name).read_text())
+    print(f"{name}: moe {r['moe_tokens_per_s']:.0f} tok/s (MFU {r['mfu']:.1%}, drop "
+          f"{r['moe_drop_frac']:.3f}), dense {r['dense_tokens_per_s']:.0f} tok/s "
+          f"(MFU {r['dense_mfu']:.1%}), ratio {r['ratio']:.3f}, peak "
+          f"{r['peak_flops'] / 1e12:.0f} TFLOP/s, {r['device_name']}")
+for run in ("nccl", "compile"):
+    rows = [json.loads(l) for l in (out / run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "tokens_per_s" in r]
+    val = [r for r in rows if "val_loss" in r]
+    tps = sorted(r["tokens_per_s"] for r in train[len(train) // 2:])
+    print(f"{run}: {len(train)} logged steps, median tokens/s (second half) "
+          f"{tps[len(tps) // 2]:.0f}, val " + ", ".join(f"{r['step']}: {r['val_loss']:.3f}"
+                                                    for r in val))
+PY
