@@ -18,6 +18,12 @@ folders: a point whose run folder holds the final checkpoint and a val row at ``
 skipped, an interrupted one resumes from its last checkpoint (the trainer resumes exactly), and
 a point that fails (non-zero exit, or a config error found before launching) is recorded with
 ``status=failed`` and the end of its log, and the sweep goes on.
+
+Points that would train the same model share one run (``same_as`` in results.csv): two configs
+that differ only in capacity factors giving the same capacities (``run_identity``). With one
+expert and top-1, every capacity factor >= 1 is dropless; with 4 experts, top-2 and groups of
+64 tokens, 2.0 gives 64 slots, as many as the group has tokens. Such runs are bit-identical, so
+training them again would only spend time.
 """
 
 from __future__ import annotations
@@ -161,6 +167,23 @@ def fixed_compute(base: Config, values: dict[str, Any]) -> dict[str, Any]:
     return adjusted
 
 
+def run_identity(cfg: Config) -> str:
+    """What decides a run's numbers: the resolved config without its run folder, with the train
+    and eval capacity factors (and min_capacity) replaced by the capacities per expert and
+    capacity group they give (``moe.model.router.expert_capacity``). Equal identities train
+    bit-identical models (the capacity is the only way the factors enter the computation)."""
+    from moe.model.router import expert_capacity
+
+    m = cfg.model
+    tokens_in_group = m.capacity_group_seqs * cfg.data.seq_len
+    d = cfg.to_dict()
+    del d["train"]["run_dir"], d["model"]["min_capacity"]
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        d["model"][key] = {"capacity": expert_capacity(tokens_in_group, m.top_k, m.n_experts,
+                                                       getattr(m, key), m.min_capacity)}
+    return json.dumps(d, sort_keys=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Points
 
@@ -297,7 +320,7 @@ def run_point(point: Point, cmd: list[str], env: dict | None = None) -> tuple[in
 RESULT_COLUMNS = ["name", "status", "cached", "seed", "seed_index"]  # + grid keys, then:
 STAT_COLUMNS = ["top_k", "expert_hidden", "max_steps", "adjusted", "final_val_loss",
                 "final_lm_loss", "drop_frac", "tokens_per_s", "total_params", "active_params",
-                "wall_s", "run_dir", "error"]
+                "wall_s", "run_dir", "same_as", "error"]
 
 
 def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], seeds: int,
@@ -324,10 +347,11 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
         write_results(out / "results.csv", rows, list(grid))
         (out / "summary.md").write_text(summary_markdown(rows, list(grid), seeds, fixed))
 
+    first_of: dict[str, dict] = {}  # run_identity -> the row of the point that trains it
     for i, p in enumerate(points, 1):
         row: dict[str, Any] = {"name": p.name, "seed": p.seed, "seed_index": p.seed_index,
                                "cached": False, "run_dir": str(p.run_dir), "error": "",
-                               **p.values}
+                               "same_as": "", **p.values}
         row["adjusted"] = ";".join(f"{k.split('.')[1]}={format_value(v)}"
                                    for k, v in p.adjusted.items())
         if p.cfg is None:
@@ -340,7 +364,13 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
         row.update(top_k=mc.top_k, expert_hidden=mc.expert_hidden, max_steps=max_steps,
                    **params(p.cfg))
         record = p.run_dir / "ablate.json"
-        if is_finished(p.run_dir, max_steps):
+        twin = first_of.setdefault(run_identity(p.cfg), row)
+        if twin is not row:  # the same capacities as an earlier point: its run is this one
+            row.update({k: twin.get(k) for k in ("status", "cached", "run_dir", "error")},
+                       same_as=twin["name"], wall_s=0.0)
+            echo(f"[{i}/{len(points)}] {p.name}: same run as {twin['name']} "
+                 f"(equal capacities), not trained again")
+        elif is_finished(p.run_dir, max_steps):
             prev = json.loads(record.read_text()) if record.is_file() else {}
             row.update(status="ok", cached=True, wall_s=prev.get("wall_s"))
             echo(f"[{i}/{len(points)}] {p.name}: finished before, skipped")
@@ -356,11 +386,11 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
                 row["error"] = f"exit {rc}: {log_tail(p.run_dir / 'train.log', offset=offset)}"
             record.write_text(json.dumps({"name": p.name, "status": row["status"], "rc": rc,
                                           "wall_s": row["wall_s"], "cmd": cmd}, indent=2) + "\n")
-        row.update(run_stats(p.run_dir, max_steps))
+        row.update(run_stats(Path(row["run_dir"]), max_steps))
         if row["status"] == "ok":
             echo(f"    val loss {row['final_val_loss']:.4f}, drop {row.get('drop_frac', 0):.4f},"
                  f" {row.get('tokens_per_s', 0):.0f} tok/s" +
-                 ("" if row["cached"] else f", {row['wall_s']:.0f}s"))
+                 ("" if row["cached"] or row["same_as"] else f", {row['wall_s']:.0f}s"))
         else:
             echo(f"    FAILED: {row['error']}")
         rows.append(row)
@@ -478,6 +508,11 @@ def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: 
         cells += [_count(first.get("active_params")), _count(first.get("total_params")),
                   first.get("adjusted") or "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    shared = [r for r in rows if r.get("same_as")]
+    if shared:
+        lines += ["", "Points with the same capacities as an earlier point share its run "
+                  "(bit-identical training):", ""]
+        lines += [f"- `{r['name']}` = `{r['same_as']}`" for r in shared]
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed:
         lines += ["", "## Failed runs", ""]

@@ -72,11 +72,12 @@ def train(cfg: Config) -> dict:
     run_dir = Path(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    seq_len = cfg.data.seq_len
     try:
         data = prepare_data(cfg)
+        val = val_batches(data.val, seq_len, tc.micro_batch_size, tc.eval_batches)
     except (ValueError, FileNotFoundError) as e:  # bad data settings: one line, no traceback
         raise ConfigError(f"data: {e}") from e
-    seq_len = cfg.data.seq_len
     torch.manual_seed(tc.seed)
     # Every rank builds the full model from the same seed; the runtime keeps its own part.
     model = build_model(mc, "cpu" if mesh is not None else device)
@@ -90,7 +91,6 @@ def train(cfg: Config) -> dict:
     else:
         optimizer = build_optimizer(runtime.parts, tc)
     loader = PackedLoader(data.train, data.epochs, seq_len, tc.seed)
-    val = val_batches(data.val, seq_len, tc.micro_batch_size, tc.eval_batches)
 
     step, tokens = 0, 0
     ckpt = latest_checkpoint(run_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moe.ablate import (fixed_compute, is_finished, make_points, parse_grid, read_results,
-                        run_stats, run_sweep, summary_markdown, train_command)
+                        run_identity, run_stats, run_sweep, summary_markdown, train_command)
 from moe.config import ConfigError, load_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -133,6 +133,47 @@ def test_train_command_plain_and_torchrun(tmp_path):
     assert cmd[5].endswith("scripts/train.py") and "--config" not in cmd
 
 
+def test_run_identity_is_the_capacity_not_the_factor():
+    def ident(*over):
+        return run_identity(load_config(None, ["--data.seq_len=64", "--model.max_seq_len=64",
+                                               "--model.min_capacity=0", *over]))
+
+    # one expert, top-1: every capacity factor >= 1 gives all 64 tokens a slot (dropless)
+    dense = ["--model.n_experts=1", "--model.top_k=1"]
+    assert len({ident(*dense, f"--model.capacity_factor={cf}")
+                for cf in ("1.0", "1.25", "2.0", "null")}) == 1
+    assert ident(*dense, "--model.capacity_factor=0.5") != ident(*dense)
+    # 16 experts, top-2, 64 tokens: 8 vs 10 slots; 4 experts: 2.0 gives 64 slots = dropless
+    assert ident("--model.capacity_factor=1.0") != ident("--model.capacity_factor=1.25")
+    four = ["--model.n_experts=4", "--model.top_k=2"]
+    assert ident(*four, "--model.capacity_factor=2.0") == ident(*four,
+                                                                "--model.capacity_factor=null")
+    # min_capacity binds: 16 experts, cf 0.25 and 0.5 both get the minimum of 4 slots
+    assert (ident("--model.capacity_factor=0.25", "--model.min_capacity=4")
+            == ident("--model.capacity_factor=0.5", "--model.min_capacity=4"))
+    # the run folder does not matter; anything else does
+    assert ident("--train.run_dir=a") == ident("--train.run_dir=b")
+    assert ident("--train.seed=1") != ident("--train.seed=2")
+    assert ident("--model.eval_capacity_factor=1.0") != ident("--model.eval_capacity_factor=2.0")
+
+
+def test_equivalent_points_share_one_run(tmp_path):
+    """4 experts, top-2, 32-token groups: capacity factor 2.0 gives 32 slots, as dropless does.
+    The second point is not trained; it reports the first one's run and numbers."""
+    out = tmp_path / "sweep"
+    rows = run_sweep(None, TINY + [f"--data.cache_dir={tmp_path / 'cache'}",
+                                   "--model.eval_capacity_factor=null"],
+                     parse_grid(["model.capacity_factor=2.0,null"]), 1, out,
+                     echo=lambda s: None, plots=False)
+    first, second = rows
+    assert first["status"] == second["status"] == "ok"
+    assert second["same_as"] == first["name"] and second["run_dir"] == first["run_dir"]
+    assert second["final_val_loss"] == first["final_val_loss"]
+    assert not (out / "runs" / second["name"]).exists()
+    assert read_results(out / "results.csv")[1]["same_as"] == first["name"]
+    assert f"`{second['name']}` = `{first['name']}`" in (out / "summary.md").read_text()
+
+
 def test_finished_and_stats_from_metrics(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000020").mkdir(parents=True)
@@ -207,5 +248,5 @@ def test_sweep_runs_resumes_and_reports_failures(tmp_path):
     bad = run_sweep(None, over + ["--train.eval_batches=100000"],
                     parse_grid(["model.capacity_factor=null"]), 1, tmp_path / "bad",
                     echo=lambda s: None, plots=False)
-    assert bad[0]["status"] == "failed" and "exit 1" in bad[0]["error"]
-    assert "eval_batches" in bad[0]["error"]
+    assert bad[0]["status"] == "failed" and "exit 2" in bad[0]["error"]  # a one-line error
+    assert "eval_batches" in bad[0]["error"] and "Traceback" not in bad[0]["error"]
