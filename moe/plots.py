@@ -66,13 +66,18 @@ def lines_vs_x(x_values: Sequence, series: dict[str, dict], path: str | Path, *,
             px = [p[0] for p in pts]
             mean = [p[1][0] for p in pts]
             std = [p[1][1] for p in pts]
-            ax.errorbar(px, mean, yerr=std if any(std) else None, marker="o", capsize=3,
-                        label=label)
+            # On a log axis a bar below a positive mean would dive into the negative decades:
+            # clip the lower bar at 0 for non-negative data (KL, losses, fractions).
+            low = [min(s, m) if ly and m >= 0 else s for m, s in zip(mean, std)]
+            ax.errorbar(px, mean, yerr=[low, std] if any(std) else None, marker="o",
+                        capsize=3, label=label)
         ax.set_xticks(xs, [x_label(v, x_key) for v in x_values])
         ax.set_xlabel(xlabel or x_key)
         ax.set_ylabel(yl)
         if ly:
             ax.set_yscale("symlog", linthresh=1e-6)
+            if all(v[0] >= 0 for d in series.values() for v in d.get(metric, []) if v):
+                ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         if len(series) > 1 or (series and next(iter(series)) != ""):
             ax.legend(fontsize=8)

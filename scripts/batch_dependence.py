@@ -4,8 +4,8 @@
         [--capacity-factors 0.5,1.0,1.25,2.0,null] [--group-sizes 1,2,4,8] [--trials 16]
 
 For each eval capacity factor and capacity-group size the prompt shares its group with random
-val windows; KL and top-1 agreement against a reference draw are exactly 0 when dropless or
-when the group is one sequence. See moe/analysis/batch.py. Writes batch_dependence.{json,md,png}.
+val windows; KL and top-1 disagreement between draws are exactly 0 when dropless or when the
+group is one sequence. See moe/analysis/batch.py. Writes batch_dependence.{json,md,png}.
 """
 
 import argparse

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,13 @@ def test_batch_dependence_exact_zero_cases_on_a_random_model():
     assert by[(None, 4)]["prompt_drop_frac"] == 0.0
     assert by[(0.25, 1)]["prompt_drop_frac"] > 0  # drops on its own, but always the same ones
     assert by[(0.25, 4)]["same_routing_plan"] < 1.0 and by[(0.25, 4)]["kl_max"] > 0.0
+    # capacity = ceil(0.25 * 32 tokens * top-2 / 4 experts) = 4 slots, 16 in a group of 4
+    # sequences; dropless: every token of the group
+    assert by[(0.25, 1)]["capacity"] == 4 and by[(0.25, 4)]["capacity"] == 16
+    assert by[(None, 4)]["capacity"] == 4 * 32
+    assert not any(r["capacity_is_minimum"] for r in res)
+    low = batch_dependence(model, pool[0], pool[1:], [0.05], [1], trials=1)[0]
+    assert low["capacity"] == 4 and low["capacity_is_minimum"]  # ceil(0.8) = 1 < 4
 
 
 def test_batch_dependence_tool_on_a_trained_run(run_dir, tmp_path):
@@ -107,7 +115,8 @@ def test_batch_dependence_tool_on_a_trained_run(run_dir, tmp_path):
     assert by[(None, 4)]["top1_agreement_all_positions"] == 1.0
     assert by[(0.25, 4)]["kl_all_positions_mean"] > 0.0
     assert_png(out / "batch_dependence.png")
-    assert "| dropless | 4 | 0 | 0 |" in (out / "batch_dependence.md").read_text()
+    md = (out / "batch_dependence.md").read_text()
+    assert re.search(r"\| dropless \| 4 \| \d+ \| 0 \| 0 \|", md), md
 
 
 def test_routing_report_on_a_trained_run(run_dir, tmp_path):

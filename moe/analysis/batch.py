@@ -5,11 +5,11 @@ tokens of its capacity group (``model.capacity_group_seqs`` whole sequences): th
 can be answered differently depending on who else is in the batch (the public explanation of
 GPT-4's non-determinism at temperature 0). For each (capacity factor, group size) we place the
 prompt in a group with ``group_size - 1`` batch-mates drawn at random from val data (cut to the
-prompt's length) at a random (or fixed) place in the group, ``trials + 1`` times; draw 0 is the
-reference, and each other draw is compared with it:
+prompt's length) at a random (or fixed) place in the group, ``trials + 1`` times, and compare
+every ordered pair of draws (no draw is special, so one odd draw cannot pass for the norm):
 
-    KL(ref || draw) of the next-token distribution at the prompt's last position (and its mean
-    over every position), top-1 agreement, and whether the prompt's routing plan changed.
+    KL(draw i || draw j) of the next-token distribution at the prompt's last position (and its
+    mean over every position), top-1 agreement, and whether the prompt's routing plan differs.
 
 Why the zeros are exact. Only the capacity plan can couple sequences, but floating point can
 too: a matmul over a different number of rows (other batch-mates, other tokens per expert) may
@@ -101,13 +101,6 @@ def group_forward(model, prompt: torch.Tensor, mates: torch.Tensor, position: in
     return model.output(model.norm(hp))[0], keeps
 
 
-def _kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(ref) || softmax(other)) per row, float64; exactly 0 for identical rows."""
-    lp = torch.log_softmax(ref.double(), -1)
-    lq = torch.log_softmax(other.double(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
-
-
 @torch.no_grad()
 def batch_dependence(model, prompt: torch.Tensor, pool: torch.Tensor,
                      capacity_factors: list[float | None], group_sizes: list[int],
@@ -142,23 +135,37 @@ def batch_dependence(model, prompt: torch.Tensor, pool: torch.Tensor,
         for cf in capacity_factors:
             outs = [group_forward(model, prompt, pool[idx], pos, cf, min_capacity)
                     for idx, pos in draws]
-            ref, ref_keep = outs[0]
+            logits = [o[0] for o in outs]
+            lp = torch.log_softmax(torch.stack(logits).double(), -1)  # [D, L, vocab]
+            top1 = lp.argmax(-1)  # [D, L]
+            plans = [torch.cat([k.reshape(-1) for k in keeps]) if keeps else None
+                     for _, keeps in outs]
             kl_last, kl_all, top1_last, top1_all, same_plan, identical, dropped = \
                 [], [], [], [], [], [], []
-            for logits, keeps in outs[1:]:
-                kl = _kl(ref, logits)
-                kl_last.append(float(kl[-1]))
-                kl_all.append(float(kl.mean()))
-                agree = ref.argmax(-1) == logits.argmax(-1)
-                top1_last.append(float(agree[-1]))
-                top1_all.append(float(agree.double().mean()))
-                same_plan.append(float(all(torch.equal(a, b) for a, b in zip(keeps, ref_keep))))
-                identical.append(float(torch.equal(logits, ref)))
+            for i in range(len(outs)):
+                # KL(draw i || every draw) in float64: exactly 0 where the logits are identical
+                kl = (lp[i].exp() * (lp[i] - lp)).sum(-1).clamp_min(0.0)  # [D, L]
+                for j in range(len(outs)):
+                    if j == i:
+                        continue
+                    kl_last.append(float(kl[j, -1]))
+                    kl_all.append(float(kl[j].mean()))
+                    agree = top1[i] == top1[j]
+                    top1_last.append(float(agree[-1]))
+                    top1_all.append(float(agree.double().mean()))
+                    same_plan.append(float(plans[i] is None or torch.equal(plans[i], plans[j])))
+                    identical.append(float(torch.equal(logits[i], logits[j])))
             for _, keeps in outs:
                 k = torch.stack(keeps) if keeps else torch.ones(1, dtype=torch.bool)
                 dropped.append(1.0 - float(k.double().mean()))
+            ff = next(m for m in model.modules() if isinstance(m, MoE))
+            min_cap = ff.min_capacity if min_capacity is None else min_capacity
             results.append({
                 "capacity_factor": cf, "group_size": g, "trials": trials, "prompt_tokens": L,
+                # slots per expert in the group, and whether model.min_capacity set it
+                "capacity": expert_capacity(g * L, ff.top_k, ff.n_experts, cf, min_cap),
+                "capacity_is_minimum": cf is not None and expert_capacity(
+                    g * L, ff.top_k, ff.n_experts, cf, 0) < min_cap <= g * L,
                 "kl_mean": _mean(kl_last), "kl_max": max(kl_last), "kl_std": _std(kl_last),
                 "kl_all_positions_mean": _mean(kl_all),
                 "top1_agreement": _mean(top1_last),
@@ -182,17 +189,24 @@ def _std(xs: list[float]) -> float:
 
 def results_markdown(results: list[dict], title: str = "") -> str:
     lines = [f"# Batch dependence{': ' + title if title else ''}", "",
-             "KL(reference || draw) of the next-token distribution at the prompt's last position "
-             "(mean, max over trials), its mean over all positions, top-1 agreement, the share "
-             "of trials whose routing plan for the prompt equals the reference's, and the share "
+             "Over every ordered pair of draws (the prompt with different random batch-mates): "
+             "KL(draw i || draw j) of the next-token distribution at the prompt's last position "
+             "(mean, max), its mean over all positions, top-1 agreement at the last position, "
+             "the share of pairs whose routing plans for the prompt are equal, and the share "
              "of the prompt's assignments dropped.", "",
-             "| capacity factor | group size | KL mean | KL max | KL all pos | top-1 agree | "
-             "same plan | prompt drop |", "|---|---|---|---|---|---|---|---|"]
+             "| capacity factor | group size | capacity | KL mean | KL max | KL all pos | "
+             "top-1 agree | same plan | prompt drop |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         cf = "dropless" if r["capacity_factor"] is None else r["capacity_factor"]
-        lines.append(f"| {cf} | {r['group_size']} | {r['kl_mean']:.3g} | {r['kl_max']:.3g} | "
+        cap = f"{r['capacity']}{' (min)' if r['capacity_is_minimum'] else ''}"
+        lines.append(f"| {cf} | {r['group_size']} | {cap} | {r['kl_mean']:.3g} | "
+                     f"{r['kl_max']:.3g} | "
                      f"{r['kl_all_positions_mean']:.3g} | {r['top1_agreement']:.3f} | "
                      f"{r['same_routing_plan']:.2f} | {r['prompt_drop_frac']:.3f} |")
+    if any(r["capacity_is_minimum"] for r in results):
+        lines += ["", "(min): the capacity factor asks for fewer slots than model.min_capacity, "
+                  "so the minimum decides the drops and such factors give the same numbers; "
+                  "--min-capacity 0 or a longer prompt shows the factor itself."]
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +227,6 @@ def plot_results(results: list[dict], path) -> object:
                      for c in cfs]}
     return lines_vs_x(cfs, series, path, x_key="capacity_factor",
                       xlabel="eval capacity factor", title="prompt's output vs its batch-mates",
-                      panels=[("kl", "KL(ref || draw), last position", True),
-                              ("kl_all", "KL, mean over positions", True),
+                      panels=[("kl", "KL between draws, last position", True),
+                              ("kl_all", "KL between draws, mean over positions", True),
                               ("top1", "top-1 agreement, all positions", False)])
