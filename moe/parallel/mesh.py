@@ -104,7 +104,9 @@ class ParallelDims:
                                   f"{n_micro} micro-batches of whole capacity groups of {g}")
             if p.pp_schedule != "gpipe" and n_micro < self.pp:
                 raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} needs at least "
-                                  f"parallel.pp={self.pp} micro-batches, got {n_micro}")
+                                  f"parallel.pp={self.pp} micro-batches, got {n_micro}: set "
+                                  f"parallel.pp_microbatches (e.g. {2 * self.pp}) or a smaller "
+                                  f"train.micro_batch_size")
             if t.batch_ramp_tokens:
                 raise ConfigError("train.batch_ramp_tokens is not supported with parallel.pp > 1")
 
