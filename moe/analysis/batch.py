@@ -113,6 +113,8 @@ def batch_dependence(model, prompt: torch.Tensor, pool: torch.Tensor,
     The same draws are used for every capacity factor (common random numbers).
     """
     model.eval()
+    ff = next(m for m in model.modules() if isinstance(m, MoE))  # capacities are per layer alike
+    min_cap = ff.min_capacity if min_capacity is None else min_capacity
     L = prompt.shape[0]
     pool = pool[:, :L]
     if trials < 1:
@@ -158,8 +160,6 @@ def batch_dependence(model, prompt: torch.Tensor, pool: torch.Tensor,
             for _, keeps in outs:
                 k = torch.stack(keeps) if keeps else torch.ones(1, dtype=torch.bool)
                 dropped.append(1.0 - float(k.double().mean()))
-            ff = next(m for m in model.modules() if isinstance(m, MoE))
-            min_cap = ff.min_capacity if min_capacity is None else min_capacity
             results.append({
                 "capacity_factor": cf, "group_size": g, "trials": trials, "prompt_tokens": L,
                 # slots per expert in the group, and whether model.min_capacity set it
