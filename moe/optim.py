@@ -34,9 +34,9 @@ def param_groups(model: nn.Module | list[nn.Module], weight_decay: float) -> lis
 def adamw_kwargs(cfg: TrainConfig) -> dict:
     """AdamW hyper-parameters and kernel (``train.optimizer_impl``).
 
-    Measured on 2 CPU cores, 29 M fp32 parameters, one step: fused 15 ms, for-loop 45 ms,
-    foreach 83 ms (torch's default, foreach, is the slowest on CPU). The MoE's expert weights
-    make the optimizer a large part of a CPU step, so fused is the default.
+    Measured on 2 CPU cores, 29 M fp32 parameters, best of 5 steps: fused 15 ms, for-loop
+    45-74 ms (torch's default for CPU tensors; two measurements), foreach 83 ms. The MoE's
+    expert weights make the optimizer a large part of a CPU step, so fused is the default.
     """
     impl = {"fused": {"fused": True}, "foreach": {"foreach": True},
             "for-loop": {"foreach": False}}[cfg.optimizer_impl]
