@@ -178,9 +178,11 @@ def run_identity(cfg: Config) -> str:
     tokens_in_group = m.capacity_group_seqs * cfg.data.seq_len
     d = cfg.to_dict()
     del d["train"]["run_dir"], d["model"]["min_capacity"]
-    for key in ("capacity_factor", "eval_capacity_factor"):
+    for key, cf in (("capacity_factor", m.capacity_factor),
+                    ("eval_capacity_factor", m.eval_capacity_factor_resolved)):
         d["model"][key] = {"capacity": expert_capacity(tokens_in_group, m.top_k, m.n_experts,
-                                                       getattr(m, key), m.min_capacity)}
+                                                       cf, m.min_capacity)}
+    d["model"]["router_weights"] = m.router_weights_resolved  # auto = what it resolves to
     return json.dumps(d, sort_keys=True)
 
 

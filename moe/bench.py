@@ -45,6 +45,7 @@ from moe.config import Config, ModelConfig
 from moe.model import build_model
 from moe.model.experts import resolve_impl
 from moe.optim import build_optimizer
+from moe.parallel.activation_checkpoint import apply_activation_checkpointing
 
 IMPLS = ("grouped", "bmm", "loop")
 
@@ -147,6 +148,7 @@ class Stepper:
         self.device, self.amp = device, amp
         self.model = build_model(mcfg, device)
         self.model.train()
+        apply_activation_checkpointing(self.model, t.activation_checkpointing)  # as the trainer
         self.opt = build_optimizer(self.model, t)  # the trainer's AdamW and param groups
         for group in self.opt.param_groups:  # full AdamW work, weights (and routing) fixed
             group["lr"] = 0.0
@@ -169,9 +171,8 @@ class Stepper:
         for m in self.model.moe_layers():
             m.experts.impl = impl
 
-    def step(self) -> dict[str, float]:
-        """One global step; returns its phases' wall times (s): fwd_bwd, clip, optimizer."""
-        t0 = time.perf_counter()
+    def forward_backward(self) -> None:
+        """Forward, cross-entropy and backward of each micro-batch; gradients accumulate."""
         for _ in range(self.n_micro):
             batch = self.batches[self.i % len(self.batches)]
             self.i += 1
@@ -181,6 +182,12 @@ class Stepper:
                 logits = self.model(x)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             (loss / self.n_micro).backward()
+        self.last_loss = loss.detach()
+
+    def step(self) -> dict[str, float]:
+        """One global step; returns its phases' wall times (s): fwd_bwd, clip, optimizer."""
+        t0 = time.perf_counter()
+        self.forward_backward()
         sync(self.device)
         t1 = time.perf_counter()
         if self.grad_clip > 0:
@@ -191,7 +198,6 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         sync(self.device)
         t3 = time.perf_counter()
-        self.last_loss = loss.detach()
         return {"fwd_bwd": t1 - t0, "clip": t2 - t1, "optimizer": t3 - t2,
                 "drop_frac": self.drop_frac()}
 

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -60,11 +60,23 @@ class ModelConfig:
     top_k: int = 2
     expert_hidden: int = 512
     # capacity = ceil(capacity_factor * tokens_in_group * top_k / n_experts), at least min_capacity;
-    # null = dropless. The eval factor applies in model.eval().
+    # null = dropless. The eval factor applies in model.eval(): "train" (the default) = the same
+    # as capacity_factor (so a dropless run also evaluates dropless), a number or null sets it.
     capacity_factor: Optional[float] = 1.25
-    eval_capacity_factor: Optional[float] = 2.0
+    eval_capacity_factor: Union[float, str, None] = "train"
     min_capacity: int = 4
-    drop_policy: str = "position"  # position | probs
+    # Order of each expert's queue when capacity binds (the first `capacity` keep a slot):
+    #   choice_major: all first choices in token order, then all second choices, ... (GShard,
+    #                 Switch). Not causal: a later token's first choice can evict an earlier
+    #                 token's second choice.
+    #   token_major:  token order, a token's choices together (t0k0, t0k1, t1k0, ...; Megatron-Core
+    #                 "position"). Causal with capacity_group_seqs=1.
+    #   probs:        higher combine weight first, ties in token_major order. Not causal.
+    drop_policy: str = "choice_major"
+    # Combine weights: renorm = top-k softmax probs renormalised to sum 1 (Mixtral); raw = the
+    # softmax probs of the chosen experts (Switch). auto = renorm for top_k >= 2, raw for top_k = 1
+    # (renormalising one weight gives w / w = 1: a top-1 gate would get no LM-loss gradient).
+    router_weights: str = "auto"
     # A capacity group is this many whole sequences: dropping never depends on the machine layout.
     capacity_group_seqs: int = 1
     router_jitter: float = 0.0  # multiplicative input noise U(1-eps, 1+eps) in training (Switch)
@@ -87,18 +99,43 @@ class ModelConfig:
         if self.top_k > self.n_experts:
             raise ConfigError(f"model.top_k={self.top_k} must be <= model.n_experts="
                               f"{self.n_experts}: lower top_k or add experts")
-        for key in ("capacity_factor", "eval_capacity_factor"):
-            v = getattr(self, key)
-            if v is not None and not v > 0:
-                raise ConfigError(f"model.{key}={v} must be > 0, or null for dropless routing")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"model.capacity_factor={self.capacity_factor} must be > 0, or "
+                              "null for dropless routing")
+        ecf = self.eval_capacity_factor
+        if isinstance(ecf, str) and ecf != "train":
+            raise ConfigError(f"model.eval_capacity_factor={ecf!r} must be a number > 0, null "
+                              "(dropless) or \"train\" (the same as model.capacity_factor)")
+        if isinstance(ecf, (int, float)) and not ecf > 0:
+            raise ConfigError(f"model.eval_capacity_factor={ecf} must be > 0, null (dropless) "
+                              "or \"train\" (the same as model.capacity_factor)")
         _nonnegative(self, "min_capacity", "router_jitter", "aux_loss_coef", "z_loss_coef")
         if self.router_jitter >= 1:
             raise ConfigError(f"model.router_jitter={self.router_jitter} must be in [0, 1)")
         _choice(self, "activation", ("swiglu", "gelu"))
-        _choice(self, "drop_policy", ("position", "probs"))
+        if self.drop_policy == "position":
+            raise ConfigError("model.drop_policy='position' was split in two: token_major is the "
+                              "old order (Megatron's \"position\"), choice_major (the new default) "
+                              "queues all first choices first (GShard, Switch)")
+        _choice(self, "drop_policy", ("choice_major", "token_major", "probs"))
+        _choice(self, "router_weights", ("auto", "renorm", "raw"))
         _choice(self, "expert_impl", ("auto", "grouped", "bmm", "loop"))
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be > 0")
+
+    @property
+    def eval_capacity_factor_resolved(self) -> float | None:
+        """The capacity factor of model.eval(): ``"train"`` means capacity_factor."""
+        ecf = self.eval_capacity_factor
+        return self.capacity_factor if ecf == "train" else ecf
+
+    @property
+    def router_weights_resolved(self) -> str:
+        """renorm or raw: ``auto`` is renorm for top_k >= 2 (Mixtral), raw for top_k = 1 (Switch).
+        The router and the Hugging Face export both read this."""
+        if self.router_weights == "auto":
+            return "renorm" if self.top_k >= 2 else "raw"
+        return self.router_weights
 
     @property
     def head_size(self) -> int:
@@ -174,6 +211,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    # Recompute activations in backward to save memory (moe/parallel/activation_checkpoint.py):
+    # none | full (each block re-run whole) | selective (matmul/attention outputs kept).
+    activation_checkpointing: str = "none"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     sample_tokens: int = 200
     sample_prompt: str = "def "
@@ -200,6 +240,7 @@ class TrainConfig:
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "dtype", ("auto", "fp32", "bf16"))
         _choice(self, "optimizer_impl", ("fused", "foreach", "for-loop"))
+        _choice(self, "activation_checkpointing", ("none", "full", "selective"))
 
 
 @dataclass
@@ -348,7 +389,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (hint,) = [a for a in args if a is not type(None)]
+        options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # e.g. float | str: the first type that takes the value
+            for option in options:
+                try:
+                    return _coerce(key, value, option)
+                except ConfigError:
+                    pass
+            names = " or ".join(getattr(a, "__name__", str(a)) for a in options)
+            raise ConfigError(f"config key '{key}' expects {names}, got {value!r}")
+        (hint,) = options
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -25,7 +25,9 @@ meta-device skeleton of ``MixtralForCausalLM`` rather than assumed:
   ``block_sparse_moe.experts.{e}.w{1,2,3}.weight``.
 
 What Mixtral cannot express raises :class:`ExportError`: dense (non-MoE) layers
-(``moe_every != 1``), GELU experts, a pipeline stage whose layers or embeddings were pruned.
+(``moe_every != 1``), GELU experts, a pipeline stage whose layers or embeddings were pruned,
+raw router weights (``router_weights`` resolving to raw, e.g. ``auto`` with top_k=1: Mixtral
+renormalises the top-k weights, which gives a top-1 expert the weight 1).
 
 Capacity: Hugging Face Mixtral is dropless. A model with ``eval_capacity_factor`` set is exported
 anyway (with a warning), but its logits match ours only on inputs where no token is dropped;
@@ -34,10 +36,18 @@ Router jitter (ours jitters only the router input; HF jitters the experts' input
 carried over, and HF's ``router_aux_loss_coef`` is set to ``aux_loss_coef / top_k`` because HF's
 load-balancing loss is ``top_k`` times ours (it also pools all layers, and has no z-loss), so
 fine-tuning in transformers optimises a close, not identical, objective.
+
+Tokenizer: ``export_hf(..., tokenizer=...)`` (and ``export_checkpoint``, which finds the run's
+tokenizer in its data cache) also writes our byte-level BPE as a ``PreTrainedTokenizerFast``
+(tokenizer.json + tokenizer_config.json) and sets bos = eos = pad = unk = ``<|endoftext|>`` (id 0)
+in config.json and generation_config.json, so ``AutoTokenizer``, ``MixtralForCausalLM`` and
+``pipeline("text-generation")`` load the folder with no download. ``split_special_tokens`` is on,
+as in ours: text containing the literal ``<|endoftext|>`` encodes as bytes, never as id 0.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -74,8 +84,13 @@ def check_exportable(model: torch.nn.Module) -> ModelConfig:
         raise ExportError("the model is a pruned pipeline stage (layers "
                           f"{missing or 'all present'}, embeddings/norm/output may be None): "
                           "export the full model")
-    if cfg.eval_capacity_factor is not None:
-        warnings.warn(f"model.eval_capacity_factor={cfg.eval_capacity_factor}: Hugging Face "
+    if cfg.router_weights_resolved != "renorm":
+        raise ExportError(f"model.router_weights={cfg.router_weights!r} with top_k={cfg.top_k} "
+                          "gives raw (unrenormalised) weights, but Mixtral always renormalises "
+                          "the top-k weights: only router_weights=renorm can be exported")
+    if cfg.eval_capacity_factor_resolved is not None:
+        warnings.warn(f"model.eval_capacity_factor={cfg.eval_capacity_factor} (capacity factor "
+                      f"{cfg.eval_capacity_factor_resolved}): Hugging Face "
                       "Mixtral is dropless, so its logits match this model's eval logits only "
                       "when no token is dropped (eval_capacity_factor=None always matches)",
                       stacklevel=3)
@@ -185,10 +200,74 @@ def to_mixtral_model(model: torch.nn.Module, **config_overrides: Any):
     return hf.eval()
 
 
-def export_hf(model: torch.nn.Module, out_dir: str | Path, **config_overrides: Any) -> Path:
-    """Write ``model`` as a Hugging Face Mixtral folder (``config.json`` + safetensors) that
-    ``MixtralForCausalLM.from_pretrained(out_dir)`` loads. Returns ``out_dir``."""
+def _new_folder(out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
-    hf = to_mixtral_model(model, **config_overrides)
-    hf.save_pretrained(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ExportError(f"{out_dir} exists and is not an empty folder: export into a new one")
     return out_dir
+
+
+def hf_tokenizer(tokenizer, max_seq_len: int):
+    """Our ``BPETokenizer`` as a ``transformers.PreTrainedTokenizerFast`` that encodes and
+    decodes exactly as ours (no added bos, no space clean-up, special tokens split as text)."""
+    from tokenizers import Tokenizer
+
+    transformers = _require_transformers()
+    eot = tokenizer.eot
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer.tok.to_str()),  # a copy: HF mutates it
+        bos_token=eot, eos_token=eot, pad_token=eot, unk_token=eot,  # as GPT-2: one token
+        model_max_length=max_seq_len, clean_up_tokenization_spaces=False,
+        split_special_tokens=True)
+
+
+def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
+              **config_overrides: Any) -> Path:
+    """Write ``model`` as a Hugging Face Mixtral folder (``config.json``, safetensors,
+    ``generation_config.json`` and, given our ``BPETokenizer``, the tokenizer files) that
+    ``MixtralForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer`` load. ``out_dir`` must
+    be new or empty: save_pretrained would leave an older export's files beside the new ones."""
+    out_dir = _new_folder(out_dir)
+    hf_tok = None
+    if tokenizer is not None:
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ExportError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                              f"model.vocab_size={model.cfg.vocab_size}: not this model's")
+        ids = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), tokenizer.eot_id)
+        config_overrides = {**ids, **config_overrides}
+        hf_tok = hf_tokenizer(tokenizer, model.cfg.max_seq_len)
+    hf = to_mixtral_model(model, **config_overrides)
+    # Built from config.json's ids, so generate() stops at and pads with <|endoftext|>.
+    hf.generation_config = _require_transformers().GenerationConfig.from_model_config(hf.config)
+    hf.save_pretrained(out_dir)
+    if hf_tok is not None:
+        hf_tok.save_pretrained(out_dir)
+        # transformers 5 writes its class name, TokenizersBackend, which 4.x cannot resolve;
+        # both resolve PreTrainedTokenizerFast (5.x keeps it as an alias).
+        path = out_dir / "tokenizer_config.json"
+        tok_cfg = json.loads(path.read_text())
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
+                      tokenizer_path: str | Path | None = None) -> Path:
+    """Export a training checkpoint (a run folder or a ``step_*`` folder) with its tokenizer:
+    ``tokenizer_path`` or else the run's ``<data.cache_dir>/<source>-<fingerprint>/tokenizer.json``.
+    FileNotFoundError (one line) when the checkpoint or the tokenizer is missing."""
+    from moe.checkpoint import load_trained_model
+    from moe.data import BPETokenizer
+    from moe.data.cache import TOKENIZER
+    from moe.data.prepare import cache_folder
+
+    out_dir = _new_folder(out_dir)  # before the (slow) load
+    model, cfg = load_trained_model(checkpoint)
+    if tokenizer_path is None:
+        tokenizer_path = cache_folder(cfg) / TOKENIZER
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer for {checkpoint}: {tokenizer_path} (from its data.cache_dir and "
+                "data settings) does not exist; run from the folder training ran in, or pass "
+                "--tokenizer PATH/tokenizer.json")
+    return export_hf(model, out_dir, BPETokenizer.load(tokenizer_path))

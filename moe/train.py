@@ -1,9 +1,10 @@
 """The training loop: data, model, AdamW, schedule, eval, checkpoints, logs.
 
 The same loop runs in one process and under ``torchrun`` with any tp x pp x dp x ep layout;
-what differs per layout lives in ``moe.parallel.runtime.Runtime``. Every rank builds the same
-full model from the same seed and reads the same global batch; the runtime keeps this rank's
-part of both. Running again with the same ``train.run_dir`` resumes from its latest checkpoint
+what differs per layout lives in ``moe.parallel.runtime.Runtime``. Every rank builds the model's
+shapes on the meta device and reads the same global batch; the runtime materialises this
+rank's part of the model (the values a single process would draw from train.seed) and of the
+batch. Running again with the same ``train.run_dir`` resumes from its latest checkpoint
 and continues exactly as an unbroken run would (model, optimizer, data position, RNG), also on
 another layout.
 """
@@ -78,9 +79,10 @@ def train(cfg: Config) -> dict:
         val = val_batches(data.val, seq_len, tc.micro_batch_size, tc.eval_batches)
     except (ValueError, FileNotFoundError) as e:  # bad data settings: one line, no traceback
         raise ConfigError(f"data: {e}") from e
-    torch.manual_seed(tc.seed)
-    # Every rank builds the full model from the same seed; the runtime keeps its own part.
-    model = build_model(mc, "cpu" if mesh is not None else device)
+    torch.manual_seed(tc.seed)  # the global RNG: router jitter
+    # Shapes only (meta device): the runtime materialises this rank's part, drawn from
+    # train.seed by parameter name, so every layout and device starts from the same weights.
+    model = build_model(mc, "meta")
     runtime = Runtime(cfg, model, mesh, device,
                       autocast=lambda: autocast_context(device, tc.dtype))
     main = runtime.is_main

@@ -5,6 +5,7 @@ parameters (every FFN dense, hidden = top_k * expert_hidden).
     python scripts/bench.py --config configs/bench.yaml --json          # one JSON object
     python scripts/bench.py --config configs/bench.yaml --impls         # + grouped / bmm / loop
     python scripts/bench.py --config configs/bench.yaml --profile       # torch.profiler table
+    python scripts/bench.py --config configs/bench.yaml --ac            # activation checkpointing
     python scripts/bench.py --config configs/bench.yaml --model.n_experts=8 --steps 20
 
 Runs on CUDA when available and train.device allows (bf16 autocast for train.dtype auto/bf16),
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the MoE with each expert implementation (grouped, bmm, loop)")
     p.add_argument("--profile", action="store_true",
                    help="print a torch.profiler table of MoE steps instead of benchmarking")
+    p.add_argument("--ac", action="store_true",
+                   help="peak memory and fwd+bwd tokens/s under activation_checkpointing none, "
+                        "full and selective, each in a fresh process (moe/bench_memory.py)")
     p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
@@ -55,6 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     log = None if args.json else (lambda s: print(s, flush=True))
+    if args.ac:
+        from moe.bench_memory import run_memory_bench
+
+        r = run_memory_bench(cfg, steps=args.steps, warmup=args.warmup, log=log)
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['tokens_per_step']} tokens/step, median of {r['steps']} fwd+bwd after "
+                  f"{r['warmup']} warm-up; peak = {r['measure']}")
+            for mode, v in r["modes"].items():
+                print(f"{mode:10s} peak x{v['peak_vs_none']:.2f}   speed x{v['speed_vs_none']:.2f}")
+        return 0
     r = run_bench(cfg, steps=args.steps, warmup=args.warmup, impls=args.impls, log=log)
     if args.json:
         print(json.dumps(r))

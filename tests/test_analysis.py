@@ -60,7 +60,7 @@ def _random_model(**kw):
     return build_model(cfg.model).eval()
 
 
-@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("policy", ["choice_major", "token_major", "probs"])
 def test_group_forward_matches_the_batched_model(policy):
     """The batch-invariant per-group evaluation is the model's own forward, up to rounding."""
     model = _random_model(capacity_group_seqs=4, drop_policy=policy, eval_capacity_factor=0.5)

@@ -103,6 +103,51 @@ def test_null_is_none_for_optional_float(tmp_path):
     assert cfg.model.capacity_factor is None and cfg.model.head_dim is None
 
 
+def test_eval_capacity_factor_train_number_or_null(tmp_path):
+    # Default "train": follows capacity_factor, including dropless.
+    cfg = load_config(None, ["--model.capacity_factor=1.0"])
+    assert cfg.model.eval_capacity_factor == "train"
+    assert cfg.model.eval_capacity_factor_resolved == 1.0
+    assert load_config(None, ["--model.capacity_factor=null"]).model \
+        .eval_capacity_factor_resolved is None
+    path = write_yaml(tmp_path, "model:\n  capacity_factor: 1.0\n")  # no eval key
+    assert load_config(path, []).model.eval_capacity_factor_resolved == 1.0
+    # A number (an int becomes a float) or null sets it explicitly.
+    cfg = load_config(None, ["--model.capacity_factor=null", "--model.eval_capacity_factor=2"])
+    ecf = cfg.model.eval_capacity_factor
+    assert ecf == 2.0 and type(ecf) is float and cfg.model.eval_capacity_factor_resolved == 2.0
+    cfg = load_config(None, ["--model.eval_capacity_factor=null"])
+    assert cfg.model.eval_capacity_factor is None is cfg.model.eval_capacity_factor_resolved
+    path = write_yaml(tmp_path, "model:\n  capacity_factor: 1.5\n  eval_capacity_factor: train\n")
+    assert load_config(path, []).model.eval_capacity_factor_resolved == 1.5
+    # The saved config loads back to the same thing.
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("value", ["fast", "Train", "true", "[1]"])
+def test_eval_capacity_factor_rejects_other_values(value):
+    msg = config_error(overrides=[f"--model.eval_capacity_factor={value}"])
+    assert "model.eval_capacity_factor" in msg
+
+
+def test_drop_policy_position_names_its_new_name():
+    msg = config_error(overrides=["--model.drop_policy=position"])
+    assert "model.drop_policy" in msg and "token_major" in msg
+    assert ModelConfig().drop_policy == "choice_major"  # GShard's order is the default
+    for policy in ("choice_major", "token_major", "probs"):
+        assert load_config(None, [f"--model.drop_policy={policy}"]).model.drop_policy == policy
+
+
+@pytest.mark.parametrize("top_k, given, resolved", [
+    (1, "auto", "raw"), (2, "auto", "renorm"), (4, "auto", "renorm"),
+    (1, "renorm", "renorm"), (2, "raw", "raw"),
+])
+def test_router_weights_resolution(top_k, given, resolved):
+    cfg = load_config(None, [f"--model.top_k={top_k}", f"--model.router_weights={given}"])
+    assert cfg.model.router_weights == given
+    assert cfg.model.router_weights_resolved == resolved
+
+
 def test_int_accepted_for_float_key():
     cfg = load_config(None, ["--model.capacity_factor=2", "--train.lr=1"])
     assert cfg.model.capacity_factor == 2.0 and type(cfg.model.capacity_factor) is float
@@ -165,6 +210,8 @@ def test_string_and_list_keys():
     (["--model.router_jitter=1.0"], "model.router_jitter"),
     (["--model.head_dim=7"], "model.head_dim"),
     (["--model.drop_policy=random"], "model.drop_policy"),
+    (["--model.router_weights=softmax"], "model.router_weights"),
+    (["--model.eval_capacity_factor=-1"], "model.eval_capacity_factor"),
     (["--model.expert_impl=cuda"], "model.expert_impl"),
     (["--train.optimizer_impl=apex"], "train.optimizer_impl"),
     (["--model.top_k=0"], "model.top_k"),

@@ -11,7 +11,8 @@ from moe.config import load_config
 from moe.data import (EOT, EOT_ID, PackedLoader, data_fingerprint, open_corpus, prepare_data,
                       split_names, train_bpe, val_batches)
 from moe.data import prepare as prepare_mod
-from moe.data.corpus import stdlib_files
+from moe.data.corpus import generated_reason, stdlib_files
+from moe.data.loader import val_windows
 from moe.data.split import name_hash
 from moe.data.tokenizer import training_sample
 
@@ -107,7 +108,10 @@ def test_files_errors(tmp_path):
     cases = [([f"{tmp_path}/*.nothing"], FileNotFoundError, "matches no files"),
              ([f"{tmp_path}/missing.txt"], FileNotFoundError, "is not a file"),
              ([f"{tmp_path}/a.txt", f"{tmp_path}/b.jsonl"], ValueError, "mixes formats"),
-             ([f"{tmp_path}/c.csv"], ValueError, "unsupported extension")]
+             ([f"{tmp_path}/c.csv"], ValueError, "unsupported extension"),
+             ([f"{tmp_path}/a.txt", f"{tmp_path}/sub/a.txt"], ValueError, "both get the document")]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("a again")
     for files, err, msg in cases:
         cfg = make_cfg(tmp_path, "--data.source=files", f"--data.files={json.dumps(files)}")
         with pytest.raises(err, match=msg):
@@ -137,6 +141,52 @@ def test_hub_source_reads_text_field(tmp_path, monkeypatch):
     bad = make_cfg(tmp_path, "--data.source=hf", "--data.hf_name=someone/stories")
     with pytest.raises(ValueError, match="available columns: story, n"):
         prepare_data(bad)
+
+
+def split_texts(data):
+    """(train texts, val texts) of a cache, as sets."""
+    train, val = all_docs(data)
+    return set(train), set(val)
+
+
+def test_files_split_is_stable_when_a_file_is_added(tmp_path):
+    # Names are file#row, so a new file (sorted first: a global row index would shift every
+    # row after it) moves no existing document across the split.
+    folder = tmp_path / "rows"
+    folder.mkdir()
+
+    def write(name, n):
+        with open(folder / name, "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"{name} row {i}: " + "x" * (i % 7)}) + "\n")
+
+    write("b.jsonl", 40)
+    write("c.jsonl", 40)
+    over = ["--data.source=files", f"--data.files={folder}/*.jsonl", "--data.val_fraction=0.3"]
+    docs = open_corpus(make_cfg(tmp_path, *over).data).load()["text"]
+    assert docs[0][0] == "text/b.jsonl#0" and docs[-1][0] == "text/c.jsonl#39"
+    train1, val1 = split_texts(prepare_data(make_cfg(tmp_path, *over)))
+    write("a.jsonl", 40)
+    train2, val2 = split_texts(prepare_data(make_cfg(tmp_path, *over)))
+    assert train1 and val1 and train1 <= train2 and val1 <= val2
+    assert len(train2 | val2) == 120
+
+
+def test_hub_documents_are_named_by_content(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [f"story {i}" for i in range(60)]
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, config, split: datasets.Dataset.from_dict({"text": rows}))
+    over = ["--data.source=hf", "--data.hf_name=someone/stories", "--data.val_fraction=0.3"]
+    train1, val1 = split_texts(prepare_data(make_cfg(tmp_path / "a", *over)))
+    # Rows inserted in front (a global row index would move every later row), and a repeat of
+    # a val row, which is read once instead of landing on the train side too.
+    rows = ["new 1", "new 2", next(iter(val1))] + rows
+    data = prepare_data(make_cfg(tmp_path / "b", *over))
+    train2, val2 = split_texts(data)
+    assert train1 <= train2 and val1 <= val2 and len(train2 | val2) == 62
+    assert sum(c["train_docs"] + c["val_docs"] for c in data.meta["docs"].values()) == 62
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +323,39 @@ def test_builtin_code_cap_takes_a_sorted_prefix():
         stdlib_files(0.000001)
 
 
+def test_generated_tables_are_left_out_of_the_builtin_corpus():
+    excluded = []
+    root, kept = stdlib_files(None, excluded)
+    reasons = dict(excluded)
+    # The near-identical charmap families, also those without a "generated from" header.
+    for rel in ("encodings/cp874.py", "encodings/tis_620.py", "encodings/cp437.py",
+                "encodings/mac_roman.py", "encodings/iso8859_1.py", "encodings/cp720.py",
+                "encodings/koi8_t.py"):
+        if (root / rel).is_file():
+            assert reasons[rel] == "charmap codec table", rel
+    # The text source is never a code document too.
+    assert reasons["pydoc_data/topics.py"] == "the text source"
+    names = {r for r, _ in kept}
+    assert {"encodings/utf_8.py", "encodings/__init__.py", "codecs.py", "ast.py"} <= names
+    assert not any(generated_reason((root / r).read_text(errors="replace")[:4096])
+                   for r in names)
+    assert len(excluded) < 0.1 * len(kept)
+
+
+def test_generated_reason_reads_headers_not_prose():
+    codec = ('"""Python Character Mapping Codec x generated on Windows"""\nimport codecs\n'
+             'class Codec(codecs.Codec):\n    def decode(self, input, errors="strict"):\n'
+             '        return codecs.charmap_decode(input, errors, decoding_table)\n')
+    assert generated_reason(codec) == "charmap codec table"
+    assert generated_reason("# Auto-generated by Tools/x.py\nA = 1\n") == "generated file"
+    assert generated_reason("# -*- coding: utf-8 -*-\n# This file is generated by mk.py. "
+                            "DO NOT EDIT.\n") == "generated file"
+    # Prose that mentions generation (ast.py's docstring) is not a generated-file header.
+    assert generated_reason('"""An abstract syntax tree can be generated by passing a flag."""'
+                            "\nimport sys\n") is None
+    assert generated_reason("x = 1\n" * 20 + "# generated by hand below\n") is None
+
+
 def test_builtin_corpus_end_to_end(tmp_path):
     cfg = make_cfg(tmp_path, "--data.code_max_mb=0.5", "--model.vocab_size=512")
     docs = open_corpus(cfg.data).load()
@@ -382,17 +465,34 @@ def test_loader_errors():
         PackedLoader(synthetic_sources(), {"a": 0.0, "b": 0.0}, L, seed=0)
 
 
-def test_val_batches_are_the_first_windows_in_order():
-    tokens = np.arange(100, dtype=np.uint16)  # (100 - 1) // 8 = 12 windows
+def test_val_batches_spread_over_the_whole_split():
+    tokens = np.arange(1000, dtype=np.uint16)  # (1000 - 1) // 8 = 124 windows
     batches = val_batches(tokens, 8, batch_size=2, n_batches=3)
     assert len(batches) == 3
-    for k, (x, y) in enumerate(batches):
+    starts = []
+    for x, y in batches:
         assert x.shape == y.shape == (2, 8) and x.dtype == torch.int64
-        for j in range(2):
-            start = (2 * k + j) * 8
-            assert x[j].tolist() == list(range(start, start + 8))
-            assert y[j].tolist() == list(range(start + 1, start + 9))
+        assert torch.equal(y, x + 1)
+        assert torch.equal(x - x[:, :1], torch.arange(8).expand(2, 8))  # whole aligned windows
+        starts += x[:, 0].tolist()
+    # The middle window of each of 6 equal stretches of the 124 windows, in stream order.
+    assert starts == [8 * w for w in (10, 31, 51, 72, 93, 113)]
+    assert list(val_windows(1000, 8, 6)) == [10, 31, 51, 72, 93, 113]
     assert all(torch.equal(a[0], b[0])
                for a, b in zip(batches, val_batches(tokens, 8, 2, 3)))
+    # Every window when they are all needed.
+    assert list(val_windows(1000, 8, 124)) == list(range(124))
     with pytest.raises(ValueError, match="lower train.eval_batches"):
-        val_batches(tokens, 8, batch_size=4, n_batches=4)
+        val_batches(tokens, 8, batch_size=25, n_batches=5)
+
+
+def test_val_windows_cover_every_document_longer_than_their_spacing():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(300, 3000, size=40)  # documents of 300-3000 tokens
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    seq_len, n = 32, 256
+    win = val_windows(int(bounds[-1]), seq_len, n)
+    spacing = (bounds[-1] // seq_len) / n * seq_len  # tokens between window starts
+    assert lengths.min() > spacing
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        assert any(w * seq_len < hi and w * seq_len + seq_len + 1 > lo for w in win)

@@ -145,36 +145,3 @@ def test_capacity_limited_model_exports_with_warning_and_matches_when_nothing_dr
         tight = model(tokens)
         assert any(m.last_stats.drop_frac() > 0 for m in model.moe_layers())
         assert not torch.allclose(hf(input_ids=tokens).logits, tight, atol=1e-4)
-
-
-def test_export_script_from_training_checkpoint(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    from moe.checkpoint import save_checkpoint
-    from moe.config import load_config
-
-    cfg = load_config(None, ["--model.vocab_size=128", "--model.d_model=32", "--model.n_layers=2",
-                             "--model.n_heads=4", "--model.n_kv_heads=2", "--model.n_experts=4",
-                             "--model.expert_hidden=48", "--model.max_seq_len=32",
-                             "--model.tie_embeddings=true", "--model.capacity_factor=1.0",
-                             "--model.eval_capacity_factor=null", "--data.seq_len=32"])
-    torch.manual_seed(4)
-    model = build_model(cfg.model).eval()
-    randomise_norms(model)
-    run_dir = tmp_path / "run"
-    save_checkpoint(run_dir, 7, {"model": model.state_dict(), "config": cfg.to_dict()})
-    script = Path(__file__).resolve().parents[1] / "scripts" / "export_hf.py"
-    spec = importlib.util.spec_from_file_location("export_hf_script", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "hf"),
-                    "--eos-token-id", "5"])
-    hf = transformers.MixtralForCausalLM.from_pretrained(out).eval()
-    assert hf.config.eos_token_id == 5 and hf.config.tie_word_embeddings
-    tokens = torch.randint(0, 128, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=tokens).logits, model(tokens),
-                                   atol=1e-5, rtol=1e-5)
-    with pytest.raises(SystemExit):
-        mod.main(["--checkpoint", str(tmp_path / "empty"), "--out", str(tmp_path / "x")])

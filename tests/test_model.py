@@ -144,8 +144,8 @@ def record_keep(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("capacity", [0.5, None], ids=["capacity0.5", "dropless"])
-def test_causal_with_position_policy(record_keep, mode, capacity):
-    cfg = tiny(drop_policy="position", capacity_factor=capacity, eval_capacity_factor=capacity)
+def test_causal_with_token_major_policy(record_keep, mode, capacity):
+    cfg = tiny(drop_policy="token_major", capacity_factor=capacity, eval_capacity_factor=capacity)
     model = model_for(cfg).train(mode == "train")
     for seed in range(3):
         for cut in (1, 5, 11):
@@ -157,8 +157,9 @@ def test_causal_with_position_policy(record_keep, mode, capacity):
 
 def test_probs_policy_with_tight_capacity_is_not_causal():
     """Known behaviour: under drop_policy=probs a later token with a larger combine weight can
-    take an earlier token's slot, so future tokens change past logits. Use position (the
-    default) for causal LM training/eval with capacity limits."""
+    take an earlier token's slot, so future tokens change past logits (so can a later first
+    choice under choice_major). Use token_major for causal LM training/eval with capacity
+    limits."""
     cfg = tiny(drop_policy="probs", capacity_factor=0.5, eval_capacity_factor=0.5)
     model = model_for(cfg).eval()
     changes = [future_changes_past(model, cut=8, seed=s) for s in range(4)]
@@ -173,7 +174,7 @@ def test_probs_policy_with_tight_capacity_is_not_causal():
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("policy", ["choice_major", "token_major", "probs"])
 def test_sequence_logits_do_not_depend_on_batch_mates(record_keep, mode, policy):
     cfg = tiny(capacity_group_seqs=1, drop_policy=policy, capacity_factor=1.0,
                eval_capacity_factor=1.0)
@@ -198,8 +199,9 @@ def test_sequence_logits_do_not_depend_on_batch_mates(record_keep, mode, policy)
 
 def test_two_sequence_groups_couple_batch_mates():
     """capacity_group_seqs=2: the two sequences of a group share each expert's slots, so the
-    second sequence's logits depend on the first (position policy: the first queues first)."""
-    cfg = tiny(capacity_group_seqs=2, capacity_factor=0.5, eval_capacity_factor=0.5)
+    second sequence's logits depend on the first (token_major: the first queues first)."""
+    cfg = tiny(capacity_group_seqs=2, capacity_factor=0.5, eval_capacity_factor=0.5,
+               drop_policy="token_major")
     model = model_for(cfg).eval()
     g = torch.Generator().manual_seed(2)
     a = torch.randint(0, 64, (1, 16), generator=g)

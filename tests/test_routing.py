@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from moe.config import ModelConfig
 from moe.model import MoE, build_model, expert_capacity, plan_capacity
-from moe.model.router import Router, load_balancing_loss, router_z_loss
+from moe.model.router import DROP_POLICIES, Router, load_balancing_loss, router_z_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,6 +52,34 @@ def test_moe_capacity_uses_train_or_eval_factor():
     assert layer.eval().capacity(16) == 16  # dropless in eval
 
 
+def test_eval_capacity_factor_follows_training_by_default():
+    # No eval key: eval uses the training factor (the old default, 2.0, would give 16 here).
+    cfg = ModelConfig(d_model=32, n_experts=4, top_k=2, expert_hidden=32, capacity_factor=1.0,
+                      min_capacity=0)
+    assert cfg.eval_capacity_factor == "train" and cfg.eval_capacity_factor_resolved == 1.0
+    layer = MoE(cfg)
+    assert layer.train().capacity(16) == layer.eval().capacity(16) == 8
+
+
+def test_dropless_model_drops_nothing_in_eval():
+    """capacity_factor null and no eval key: eval is dropless too, and (no jitter) equals the
+    training-mode output. One repeated token sends all 16 tokens to the same 2 of 8 experts:
+    any finite eval factor below 4 would drop (the old default 2.0 kept 8 of 16)."""
+    cfg = ModelConfig(d_model=16, n_experts=8, top_k=2, expert_hidden=24, capacity_factor=None,
+                      min_capacity=0, expert_impl="loop")
+    torch.manual_seed(0)
+    layer = MoE(cfg)
+    layer.init_weights(0.3, 0.3)
+    x = torch.randn(1, 1, 16).expand(2, 8, 16).contiguous()
+    with torch.no_grad():
+        out_eval = layer.eval()(x)
+        st = layer.last_stats
+        assert st.kept_per_expert.tolist() == st.tokens_per_expert.tolist()
+        assert int(st.tokens_per_expert.max()) == 16 and st.drop_frac() == 0.0
+        out_train = layer.train()(x)
+    assert torch.equal(out_eval, out_train)
+
+
 # --- plan_capacity on hand-made routings -------------------------------------------------------
 
 # Group A: 4 tokens, k=2, E=3. Assignment index a = 2 * token + slot (token-major).
@@ -69,16 +97,29 @@ WEIGHTS_A = [[.6, .4], [.7, .3], [.55, .45], [.7, .3]]
 EXPERTS_B = [[2, 0], [2, 1], [2, 0], [1, 2]]
 WEIGHTS_B = [[.8, .2], [.5, .5], [.6, .4], [.65, .35]]
 
-# policy=position, capacity 2: each expert's queue in token order.
+# policy=token_major, capacity 2: each expert's queue in token order, a token's choices together
+# (queue order a0, a1, a2, ..., a7).
 #   A: e0 queue a0, a2, a5, a6 -> ranks 0, 1, 2, 3 (a5, a6 dropped)
 #      e1 queue a1, a4, a7     -> ranks 0, 1, 2    (a7 dropped)
 #      e2 queue a3             -> rank 0
 #   so token 2 keeps only its e1 slot and token 3 loses both.
-RANK_A_POSITION = [[0, 0], [1, 0], [1, 2], [3, 2]]
-KEEP_A_POSITION = [[T_, T_], [T_, T_], [T_, F_], [F_, F_]]
+RANK_A_TOKEN = [[0, 0], [1, 0], [1, 2], [3, 2]]
+KEEP_A_TOKEN = [[T_, T_], [T_, T_], [T_, F_], [F_, F_]]
 #   B: e2 queue b0, b2, b4, b7 -> 0, 1, 2, 3;  e0 queue b1, b5 -> 0, 1;  e1 queue b3, b6 -> 0, 1
-RANK_B_POSITION = [[0, 0], [1, 0], [2, 1], [1, 3]]
-KEEP_B_POSITION = [[T_, T_], [T_, T_], [F_, T_], [T_, F_]]
+RANK_B_TOKEN = [[0, 0], [1, 0], [2, 1], [1, 3]]
+KEEP_B_TOKEN = [[T_, T_], [T_, T_], [F_, T_], [T_, F_]]
+
+# policy=choice_major, capacity 2: all first choices in token order, then all second choices
+# (queue order a0, a2, a4, a6, a1, a3, a5, a7).
+#   A: e0 queue a0, a2, a6, a5 -> ranks 0, 1, 2, 3 (token 3's first choice now queues ahead of
+#                                  token 2's second choice)
+#      e1 queue a4, a1, a7     -> ranks 0, 1, 2
+#      e2 queue a3             -> rank 0
+RANK_A_CHOICE = [[0, 1], [1, 0], [0, 3], [2, 2]]
+KEEP_A_CHOICE = [[T_, T_], [T_, T_], [T_, F_], [F_, F_]]
+#   B: e2 queue b0, b2, b4, b7 -> 0, 1, 2, 3;  e1 queue b6, b3 -> 0, 1;  e0 queue b1, b5 -> 0, 1
+RANK_B_CHOICE = [[0, 0], [1, 1], [2, 1], [0, 3]]
+KEEP_B_CHOICE = [[T_, T_], [T_, T_], [F_, T_], [T_, F_]]
 
 # policy=probs, capacity 2: each queue by descending weight, ties by assignment index.
 #   A: e0 holds a0 .6, a2 .7, a5 .45, a6 .7 -> a2 (.7, first), a6 (.7), a0 (.6), a5 (.45)
@@ -99,7 +140,8 @@ def _plan(experts, weights, n_groups, policy, capacity=2, n_experts=3):
 
 
 @pytest.mark.parametrize("policy, rank_a, keep_a", [
-    ("position", RANK_A_POSITION, KEEP_A_POSITION),
+    ("token_major", RANK_A_TOKEN, KEEP_A_TOKEN),
+    ("choice_major", RANK_A_CHOICE, KEEP_A_CHOICE),
     ("probs", RANK_A_PROBS, KEEP_A_PROBS),
 ])
 def test_plan_capacity_one_group_by_hand(policy, rank_a, keep_a):
@@ -110,7 +152,8 @@ def test_plan_capacity_one_group_by_hand(policy, rank_a, keep_a):
 
 
 @pytest.mark.parametrize("policy, rank_ab, keep_ab", [
-    ("position", RANK_A_POSITION + RANK_B_POSITION, KEEP_A_POSITION + KEEP_B_POSITION),
+    ("token_major", RANK_A_TOKEN + RANK_B_TOKEN, KEEP_A_TOKEN + KEEP_B_TOKEN),
+    ("choice_major", RANK_A_CHOICE + RANK_B_CHOICE, KEEP_A_CHOICE + KEEP_B_CHOICE),
     ("probs", RANK_A_PROBS + RANK_B_PROBS, KEEP_A_PROBS + KEEP_B_PROBS),
 ])
 def test_plan_capacity_two_groups_by_hand(policy, rank_ab, keep_ab):
@@ -118,14 +161,36 @@ def test_plan_capacity_two_groups_by_hand(policy, rank_ab, keep_ab):
     assert rank.tolist() == rank_ab
     assert keep.tolist() == keep_ab
     # The same 8 tokens as ONE group queue together: group B's e0 assignments now wait behind
-    # group A's four (token 4's e0 slot has rank 4 under position), so the groups matter.
+    # group A's four (token 4's e0 slot has rank 4 under token_major), so the groups matter.
     _, rank_one = _plan(EXPERTS_A + EXPERTS_B, WEIGHTS_A + WEIGHTS_B, 1, policy)
     assert rank_one.tolist() != rank_ab
+
+
+def test_plan_capacity_orders_differ_by_hand():
+    """Group A, capacity 3: e0's queue holds token 2's second choice (.45) and token 3's first
+    choice (.7), and only one of them fits. token_major keeps the earlier token's (t2 keeps
+    both experts, t3 loses its first choice); choice_major keeps the first choice."""
+    keep_token, _ = _plan(EXPERTS_A, WEIGHTS_A, 1, "token_major", capacity=3)
+    keep_choice, _ = _plan(EXPERTS_A, WEIGHTS_A, 1, "choice_major", capacity=3)
+    assert keep_token.tolist() == [[T_, T_], [T_, T_], [T_, T_], [F_, T_]]
+    assert keep_choice.tolist() == [[T_, T_], [T_, T_], [T_, F_], [T_, T_]]
+    # The smallest case, 2 tokens, E=2, capacity 1: t0 (e0 .9, e1 .1), t1 (e1 .8, e0 .2).
+    #   token_major: e0 queue t0k0, t1k1; e1 queue t0k1, t1k0 -> t0 keeps both, t1 nothing.
+    #   choice_major: e0 queue t0k0, t1k1; e1 queue t1k0, t0k1 -> each keeps its first choice.
+    ex, w = [[0, 1], [1, 0]], [[.9, .1], [.8, .2]]
+    assert _plan(ex, w, 1, "token_major", 1, 2)[0].tolist() == [[T_, T_], [F_, F_]]
+    assert _plan(ex, w, 1, "choice_major", 1, 2)[0].tolist() == [[T_, F_], [T_, F_]]
+    # Causality: token 0 alone keeps both slots under either order. token_major's decision for
+    # it does not change when token 1 arrives; choice_major's does (t1 evicts t0's 2nd choice).
+    assert _plan(ex[:1], w[:1], 1, "choice_major", 1, 2)[0].tolist() == [[T_, T_]]
+    assert _plan(ex[:1], w[:1], 1, "token_major", 1, 2)[0].tolist() == [[T_, T_]]
 
 
 def test_plan_capacity_rejects_unknown_policy():
     with pytest.raises(ValueError, match="drop policy"):
         _plan(EXPERTS_A, WEIGHTS_A, 1, "random")
+    with pytest.raises(ValueError, match="drop policy"):
+        _plan(EXPERTS_A, WEIGHTS_A, 1, "position")  # renamed: see ModelConfig.validate
 
 
 # --- plan_capacity against a plain-Python reference, over many random routings ----------------
@@ -139,9 +204,13 @@ def reference_plan(weights, experts, n_groups, n_experts, capacity, policy):
     rank = [[None] * k for _ in range(t)]
     for g in range(n_groups):
         assignments = [(tok, j) for tok in range(g * n, (g + 1) * n) for j in range(k)]
-        order = list(range(len(assignments)))
+        order = list(range(len(assignments)))  # token_major: the list's own order
         if policy == "probs":
             order.sort(key=lambda i: (-w[assignments[i][0]][assignments[i][1]], i))
+        elif policy == "choice_major":
+            order.sort(key=lambda i: (assignments[i][1], i))  # by choice j, then token
+        else:
+            assert policy == "token_major", policy
         filled = [0] * n_experts
         for i in order:
             tok, j = assignments[i]
@@ -171,14 +240,15 @@ def test_plan_capacity_matches_loop_reference_and_never_overflows():
         cf = [None, 0.25, 0.5, 1.0, 1.25, 2.0][case % 6]
         capacity = expert_capacity(n, k, n_experts, cf, int(torch.randint(0, 3, (),
                                                                             generator=gen)))
-        policy = ("position", "probs")[case % 2]
         weights, experts = random_routing(gen, n_groups * n, n_experts, k, coarse=case % 3 == 0)
-        keep, rank = plan_capacity(weights, experts, n_groups, n_experts, capacity, policy)
-        ref_keep, ref_rank = reference_plan(weights, experts, n_groups, n_experts, capacity,
-                                            policy)
-        where = f"case {case}: G={n_groups} n={n} E={n_experts} k={k} C={capacity} {policy}"
-        assert rank.tolist() == ref_rank, where
-        assert keep.tolist() == ref_keep, where
+        for policy in DROP_POLICIES:
+            keep, rank = plan_capacity(weights, experts, n_groups, n_experts, capacity, policy)
+            ref_keep, ref_rank = reference_plan(weights, experts, n_groups, n_experts, capacity,
+                                                policy)
+            where = f"case {case}: G={n_groups} n={n} E={n_experts} k={k} C={capacity} {policy}"
+            assert rank.tolist() == ref_rank, where
+            assert keep.tolist() == ref_keep, where
+        # The checks below hold for any order; they use the last policy's plan.
         # Per (group, expert): ranks are 0..count-1 and exactly min(count, C) keep a slot.
         e_g = experts.view(n_groups, n * k)
         keep_g, rank_g = keep.view(n_groups, n * k), rank.view(n_groups, n * k)
@@ -197,9 +267,9 @@ def test_plan_capacity_matches_loop_reference_and_never_overflows():
 # --- Router ------------------------------------------------------------------------------------
 
 
-def make_router(dim=8, n_experts=5, k=2, jitter=0.0, seed=0):
+def make_router(dim=8, n_experts=5, k=2, jitter=0.0, seed=0, weights="renorm"):
     torch.manual_seed(seed)
-    r = Router(dim, n_experts, k, jitter)
+    r = Router(dim, n_experts, k, jitter, weights)
     torch.nn.init.normal_(r.gate.weight, std=1.0)
     return r
 
@@ -231,6 +301,49 @@ def test_router_computes_in_fp32_for_bf16_input():
     # ... which a bf16 matmul upcast afterwards would not reproduce: the check has teeth.
     assert not torch.equal(logits, F.linear(x, r.gate.weight).float())
     torch.testing.assert_close(weights.sum(-1), torch.ones(64), rtol=0, atol=1e-6)
+
+
+def test_router_raw_weights_are_the_chosen_probs():
+    for k in (1, 2):
+        r = make_router(k=k, weights="raw")
+        x = torch.randn(16, 8)
+        _, probs, weights, experts = r(x)
+        assert torch.equal(weights, probs.gather(1, experts))  # not renormalised
+        assert (weights.sum(-1) < 1 - 1e-3).all()
+    with pytest.raises(ValueError, match="renorm or raw"):
+        Router(8, 5, 2, weights="auto")  # auto is resolved by ModelConfig, not here
+
+
+@pytest.mark.parametrize("weights", ["renorm", "raw"])
+def test_router_is_fp32_under_bf16_autocast(weights):
+    """Under autocast an F.linear of fp32 tensors runs in bf16; the router turns autocast off, so
+    its outputs are fp32 and bitwise equal to the same call without autocast."""
+    r = make_router(dim=64, n_experts=16, k=2, weights=weights)
+    x = torch.randn(256, 64)
+    ref = r(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(x, r.gate.weight).dtype == torch.bfloat16  # what autocast would do
+        got = r(x)
+    for name, a, b in zip(("logits", "probs", "weights"), got[:3], ref[:3]):
+        assert a.dtype == torch.float32, name
+        assert torch.equal(a, b), name
+    assert torch.equal(got[3], ref[3])  # the same experts
+
+
+def test_moe_layer_router_and_combine_fp32_under_autocast():
+    layer = moe_layer(seed=2, impl="loop").train()
+    seen, hooks = _capture_router(layer)
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    for h in hooks:
+        h.remove()
+    logits, probs, weights, experts = seen[0]
+    assert logits.dtype == probs.dtype == weights.dtype == torch.float32
+    ref = layer.router(x.reshape(-1, 16))  # fp32, no autocast
+    assert torch.equal(weights, ref[2]) and torch.equal(experts, ref[3])
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out, layer(x), atol=3e-2, rtol=3e-2)  # bf16 experts only
 
 
 def test_router_jitter_only_in_training():
@@ -335,7 +448,8 @@ def reference_moe(layer, x):
     logits = flat @ layer.router.gate.weight.T
     probs = logits.softmax(-1)
     w, ex = probs.topk(layer.top_k, dim=-1)
-    w = w / w.sum(-1, keepdim=True)
+    if layer.router.renorm:
+        w = w / w.sum(-1, keepdim=True)
     n_groups = b // layer.group_seqs
     cap = layer.capacity(flat.shape[0] // n_groups)
     keep, _ = reference_plan(w, ex, n_groups, layer.n_experts, cap, layer.drop_policy)
@@ -359,11 +473,12 @@ def routed_inputs(routes, d_model=16, n_experts=4, seed=0):
 
 
 def test_combine_drops_by_hand():
-    layer = moe_layer(min_capacity=2, capacity_factor=0.1).train()  # capacity max(2, 1) = 2
+    layer = moe_layer(min_capacity=2, capacity_factor=0.1,  # capacity max(2, 1) = 2
+                      drop_policy="token_major").train()
     with torch.no_grad():
         layer.router.gate.weight.zero_()
         layer.router.gate.weight[:, :4] = 10 * torch.eye(4)
-    # position policy, capacity 2 per expert, one group of 6 tokens:
+    # token_major policy, capacity 2 per expert, one group of 6 tokens:
     #   t0 (0,1) e0 r0, e1 r0 | t1 (0,1) e0 r1, e1 r1 | t2 (0,2) e0 r2 DROP, e2 r0
     #   t3 (1,0) e1 r2 DROP, e0 r3 DROP | t4 (2,3) e2 r1, e3 r0 | t5 (3,0) e3 r1, e0 r4 DROP
     routes = [(0, 1), (0, 1), (0, 2), (1, 0), (2, 3), (3, 0)]
@@ -375,7 +490,7 @@ def test_combine_drops_by_hand():
     w, ex = logits.softmax(-1).topk(2, dim=-1)
     w = w / w.sum(-1, keepdim=True)
     assert ex.tolist() == [list(r) for r in routes]
-    keep, _ = plan_capacity(w, ex, 1, 4, 2, "position")
+    keep, _ = plan_capacity(w, ex, 1, 4, 2, "token_major")
     assert keep.tolist() == [[T_, T_], [T_, T_], [F_, T_], [F_, F_], [T_, T_], [T_, F_]]
     with torch.no_grad():
         f = {(t, e): expert_fn(layer, e, flat[t]) for t in range(6) for e in range(4)}
@@ -396,11 +511,13 @@ def test_combine_drops_by_hand():
 
 
 @pytest.mark.parametrize("impl", ["loop", "grouped", "bmm"])
-@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("policy", DROP_POLICIES)
 @pytest.mark.parametrize("group_seqs", [1, 2])
-def test_moe_layer_matches_token_loop(impl, policy, group_seqs):
+@pytest.mark.parametrize("top_k, router_weights", [(2, "auto"), (2, "raw"), (1, "auto")])
+def test_moe_layer_matches_token_loop(impl, policy, group_seqs, top_k, router_weights):
     layer = moe_layer(seed=3, impl=impl, drop_policy=policy, capacity_group_seqs=group_seqs,
-                      capacity_factor=0.75).train()
+                      capacity_factor=0.75, top_k=top_k, router_weights=router_weights).train()
+    assert layer.router.renorm == (top_k == 2 and router_weights == "auto")
     x = torch.randn(4, 6, 16)
     with torch.no_grad():
         out = layer(x)
@@ -413,6 +530,86 @@ def test_moe_layer_matches_token_loop(impl, policy, group_seqs):
     kept = torch.bincount(ex[keep], minlength=4)
     assert st.kept_per_expert.tolist() == kept.tolist()
     assert st.n_tokens == 24
+
+
+# --- router_weights: a top-1 gate learns from the LM loss ----------------------------------------
+
+
+def _top1_model(router_weights, seed=0):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1,
+                      max_seq_len=16, n_experts=4, top_k=1, expert_hidden=32,
+                      capacity_factor=None, aux_loss_coef=0.0, z_loss_coef=0.0,
+                      router_weights=router_weights, init_std=0.1)
+    cfg.validate()
+    torch.manual_seed(seed)
+    return build_model(cfg).train()
+
+
+def _lm_loss(model, tokens):
+    logits = model(tokens)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           tokens[:, 1:].reshape(-1))
+
+
+def _gate_names(model):
+    return [n for n, _ in model.named_parameters() if n.endswith("router.gate.weight")]
+
+
+@pytest.mark.parametrize("router_weights", ["auto", "raw", "renorm"])
+def test_top1_gate_gradient_from_lm_loss_alone(router_weights):
+    """aux and z coefficients 0: the gate's only gradient is the LM loss's, through the combine
+    weight. Renormalising one weight gives w / w = 1, so renorm leaves only round-off."""
+    model = _top1_model(router_weights)
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    _lm_loss(model, tokens).backward()
+    params = dict(model.named_parameters())
+    norms = [float(params[n].grad.norm()) for n in _gate_names(model)]
+    assert len(norms) == 2
+    if router_weights == "renorm":
+        assert max(norms) < 1e-7, norms
+    else:
+        assert min(norms) > 1e-4, norms
+
+
+def test_top1_router_moves_in_a_short_run():
+    """A few AdamW steps (the trainer's optimizer) on the LM loss alone: the raw (auto) top-1
+    gate moves and the LM loss falls; a renormalised one moves only by round-off steps."""
+    from moe.config import TrainConfig
+    from moe.optim import build_optimizer
+
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    moved = {}
+    for rw in ("auto", "renorm"):
+        model = _top1_model(rw)
+        opt = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.0,
+                                                 optimizer_impl="for-loop"))
+        gates = {n: p for n, p in model.named_parameters() if n in _gate_names(model)}
+        start = {n: p.detach().clone() for n, p in gates.items()}
+        losses = []
+        for _ in range(5):
+            opt.zero_grad()
+            loss = _lm_loss(model, tokens)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        moved[rw] = min(float((p.detach() - start[n]).abs().max()) for n, p in gates.items())
+        if rw == "auto":
+            assert losses[-1] < losses[0]
+    assert moved["auto"] > 1e-2  # ~lr per step: Adam normalises a real gradient
+    assert moved["renorm"] < 0.2 * moved["auto"]  # measured: 0.06
+
+
+def test_export_refuses_raw_router_weights():
+    from moe.export import ExportError, check_exportable, to_mixtral
+
+    raw = _top1_model("auto")  # top-1 auto = raw (Switch): Mixtral would give every token 1
+    with pytest.raises(ExportError, match="model.router_weights='auto' with top_k=1.*renorm"):
+        to_mixtral(raw)
+    k2 = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=16,
+                     n_experts=4, top_k=2, expert_hidden=32, router_weights="raw")
+    with pytest.raises(ExportError, match="model.router_weights"):
+        check_exportable(build_model(k2))
+    to_mixtral(_top1_model("renorm"))  # renorm is Mixtral's rule, at any top_k
 
 
 def test_moe_layer_dropless_keeps_everything():

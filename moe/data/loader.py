@@ -120,9 +120,20 @@ class PackedLoader:
         self._order = self._pass_order(self.pass_index)
 
 
+def val_windows(n_tokens: int, seq_len: int, n: int) -> np.ndarray:
+    """``n`` window indices spread evenly over a stream of ``n_tokens``: the middle window of
+    each of ``n`` equal stretches, so eval samples the whole val split (every source and,
+    given enough windows, every document), not just its start."""
+    have = max(0, (n_tokens - 1) // seq_len)
+    if have < n:
+        raise ValueError(f"validation data has {have} windows of seq_len={seq_len}, need {n}")
+    return (2 * np.arange(n) + 1) * have // (2 * n)
+
+
 def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
                 n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``n_batches * batch_size`` windows in order: the same batches every eval."""
+    """``n_batches * batch_size`` windows spread evenly over ``tokens`` (``val_windows``), in
+    stream order: the same batches every eval."""
     need = n_batches * batch_size
     have = n_windows(tokens, seq_len)
     if batch_size <= 0 or n_batches <= 0:
@@ -131,7 +142,7 @@ def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
         raise ValueError(f"validation data has {have} windows of seq_len={seq_len}, need "
                          f"{n_batches}x{batch_size}={need}: lower train.eval_batches or raise "
                          "data.val_fraction")
-    win = np.arange(need)
+    win = val_windows(len(tokens), seq_len, need)
     src = np.zeros(need, dtype=np.int64)
     return [_window_batch([tokens], src[i:i + batch_size], win[i:i + batch_size], seq_len)
             for i in range(0, need, batch_size)]

@@ -24,8 +24,10 @@ from .loader import PackedLoader
 from .split import name_hash, split_names
 from .tokenizer import BPETokenizer, train_bpe, training_sample
 
-# Bump when the cache layout or tokenization changes, so old folders are not reused.
-FORMAT_VERSION = 1
+# Bump when the cache layout, the documents or tokenization change, so old folders are not
+# reused. 2: builtin leaves generated tables out; files/hf documents named by file and row or
+# by content instead of a global row index.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -55,6 +57,12 @@ def data_fingerprint(cfg) -> str:
     return fingerprint(open_corpus(cfg.data), cfg)
 
 
+def cache_folder(cfg) -> Path:
+    """The folder ``prepare_data(cfg)`` builds or reuses (tokenizer.json, token streams)."""
+    corpus = open_corpus(cfg.data)
+    return Path(cfg.data.cache_dir) / f"{corpus.kind}-{fingerprint(corpus, cfg)}"
+
+
 def prepare_data(cfg) -> TokenData:
     """Open the token cache for ``cfg``, building it first if it does not exist yet."""
     corpus = open_corpus(cfg.data)
@@ -74,7 +82,9 @@ def prepare_data(cfg) -> TokenData:
 def _build(corpus: Corpus, cfg, fp: str, folder: Path) -> dict:
     start = time.perf_counter()
     log(f"building token cache {folder}")
-    train, train_hashed, val, counts = _split(corpus.load(), cfg.data.val_fraction)
+    train, train_hashed, val_docs, counts = split_documents(corpus.load(),
+                                                            cfg.data.val_fraction)
+    val = [text for _, text in val_docs]
     tok = _tokenizer(folder, train_hashed, cfg)
     dtype = token_dtype(cfg.model.vocab_size)
     files = {}
@@ -95,8 +105,9 @@ def _build(corpus: Corpus, cfg, fp: str, folder: Path) -> dict:
     return meta
 
 
-def _split(docs: dict[str, list[Document]], val_fraction: float):
-    """Per-source train texts, all train (hash, text) pairs, val texts, and doc counts."""
+def split_documents(docs: dict[str, list[Document]], val_fraction: float):
+    """Per-source train texts, all train (hash, text) pairs, the val (name, text) pairs in the
+    order val.bin holds them, and per-source document counts."""
     train: dict[str, list[str]] = {}
     train_hashed: list[tuple[float, str]] = []
     val: list[tuple[float, str, str]] = []  # (hash, name, text)
@@ -111,9 +122,9 @@ def _split(docs: dict[str, list[Document]], val_fraction: float):
                 train[source].append(text)
                 train_hashed.append((name_hash(name), text))
         counts[source] = {"train_docs": len(train[source]), "val_docs": sum(flags)}
-    # Hash order mixes the sources, so the first val windows (used for eval) cover all of them.
+    # Hash order mixes the sources along the stream, so any stretch of it samples all of them.
     val.sort()
-    return train, train_hashed, [text for _, _, text in val], counts
+    return train, train_hashed, [(name, text) for _, name, text in val], counts
 
 
 def _tokenizer(folder: Path, train_hashed: list[tuple[float, str]], cfg) -> BPETokenizer:

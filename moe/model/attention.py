@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.model.init import Init, trunc_normal
 from moe.model.layers import apply_rotary
 
 
@@ -24,10 +25,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        for lin in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+    def init_rules(self, std: float, out_std: float) -> dict[str, Init]:
+        return {"wq.weight": trunc_normal(std), "wk.weight": trunc_normal(std),
+                "wv.weight": trunc_normal(std), "wo.weight": trunc_normal(out_std)}
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape

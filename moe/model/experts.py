@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe.model.init import Init, init_parameters, trunc_normal
 from moe.model.layers import activate
 
 
@@ -58,11 +59,17 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden)) if activation == "swiglu" else None
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1, std=std, a=-3 * std, b=3 * std)
+    def init_rules(self, std: float, out_std: float) -> dict[str, Init]:
+        # Drawn expert by expert, so an expert-parallel rank draws only its own experts.
+        rules = {"w1": trunc_normal(std, per_expert=True),
+                 "w2": trunc_normal(out_std, per_expert=True)}
         if self.w3 is not None:
-            nn.init.trunc_normal_(self.w3, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.w2, std=out_std, a=-3 * out_std, b=3 * out_std)
+            rules["w3"] = trunc_normal(std, per_expert=True)
+        return rules
+
+    def init_weights(self, std: float, out_std: float, seed: int | None = None) -> None:
+        """Initialise a standalone experts module (seed None: from torch's global RNG)."""
+        init_parameters(self, self.init_rules(std, out_std), seed)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
         """x: [M, dim] sorted by expert; counts: [E] rows per expert (sum M); capacity: an

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe.model.init import ONES, Init, trunc_normal
+
 
 class RMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2) + eps), the mean taken in fp32 (Mixtral's MixtralRMSNorm)."""
@@ -19,8 +21,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+    def init_rules(self) -> dict[str, Init]:
+        return {"weight": ONES}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -68,11 +70,11 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False) if activation == "swiglu" else None
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, std=std, a=-3 * std, b=3 * std)
+    def init_rules(self, std: float, out_std: float) -> dict[str, Init]:
+        rules = {"w1.weight": trunc_normal(std), "w2.weight": trunc_normal(out_std)}
         if self.w3 is not None:
-            nn.init.trunc_normal_(self.w3.weight, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+            rules["w3.weight"] = trunc_normal(std)
+        return rules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(activate(self.w1(x), self.w3(x) if self.w3 is not None else None))

@@ -10,6 +10,7 @@ Data flow for x: [B, S, dim] with capacity groups of ``g`` sequences (G = B / g 
 
 A dropped assignment contributes nothing: the token keeps its other expert(s) and the residual
 path (the block adds ``out`` to its input). Weights are not renormalised after dropping.
+The router and the combine run in fp32 whatever the autocast dtype of the experts.
 
 The router losses do not travel with the output. Each layer injects their gradient into its
 own graph in backward (Megatron-Core's MoEAuxLossAutoScaler), so a pipeline stage never has to
@@ -23,6 +24,7 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.model.experts import GroupedExperts
+from moe.model.init import Init, init_parameters, prefixed, trunc_normal
 from moe.model.router import (Router, RoutingStats, expert_capacity, load_balancing_loss,
                               plan_capacity, router_z_loss)
 
@@ -51,7 +53,7 @@ class MoE(nn.Module):
         self.n_experts = cfg.n_experts
         self.top_k = cfg.top_k
         self.capacity_factor = cfg.capacity_factor
-        self.eval_capacity_factor = cfg.eval_capacity_factor
+        self.eval_capacity_factor = cfg.eval_capacity_factor_resolved  # "train" resolved
         self.min_capacity = cfg.min_capacity
         self.drop_policy = cfg.drop_policy
         self.group_seqs = cfg.capacity_group_seqs
@@ -61,14 +63,19 @@ class MoE(nn.Module):
         self.layer_weight = 1.0 / n_moe_layers
         # This micro-batch's share of the global batch (set by the trainer; 1/accumulation).
         self.loss_scale = 1.0
-        self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.router_jitter)
+        self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.router_jitter,
+                             cfg.router_weights_resolved)
         self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.expert_hidden,
                                       cfg.activation, cfg.expert_impl)
         self.last_stats: RoutingStats | None = None
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.trunc_normal_(self.router.gate.weight, std=std, a=-3 * std, b=3 * std)
-        self.experts.init_weights(std, out_std)
+    def init_rules(self, std: float, out_std: float) -> dict[str, Init]:
+        return {"router.gate.weight": trunc_normal(std),
+                **prefixed("experts", self.experts.init_rules(std, out_std))}
+
+    def init_weights(self, std: float, out_std: float, seed: int | None = None) -> None:
+        """Initialise a standalone MoE layer (seed None: from torch's global RNG)."""
+        init_parameters(self, self.init_rules(std, out_std), seed)
 
     def capacity(self, tokens_in_group: int) -> int:
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -102,7 +109,10 @@ class MoE(nn.Module):
         # plain index_add / index_select (x[idx]'s is a slower accumulating index_put, and
         # index_copy's needs the [T * k, dim] gradient materialised).
         y = self.experts(flat.index_select(0, token), counts, capacity * n_groups)  # [M, dim]
-        y = y * weights.reshape(-1).index_select(0, kept).unsqueeze(1).to(y.dtype)
+        # Combine in fp32, as the router's weights are: under bf16 autocast y is bf16, and
+        # rounding the weights to bf16 would cost the gate's gradient (dL/dw = <dL/dout, y>)
+        # its precision and round each token's sum of k terms twice.
+        y = y.float() * weights.reshape(-1).index_select(0, kept).unsqueeze(1)
         # out[t] = sum of its kept y rows; per token the terms are added in expert order, not
         # slot order (bitwise the same for top_k <= 2, float rounding beyond).
         out = y.new_zeros(t, dim).index_add(0, token, y)

@@ -8,6 +8,7 @@ across devices or micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -32,27 +33,48 @@ def expert_capacity(tokens_in_group: int, top_k: int, n_experts: int,
 
 
 class Router(nn.Module):
-    """Linear gate in fp32, softmax over experts, top-k, chosen weights renormalised (Mixtral).
+    """Linear gate, softmax over experts, top-k, in fp32 even under autocast.
 
+    ``weights="renorm"``: the chosen probabilities renormalised to sum 1 (Mixtral);
+    ``"raw"``: the chosen probabilities as they are (Switch Transformer, top-1). Renormalising a
+    single weight gives w / w = 1, whose gradient is zero: a renormalised top-1 gate learns from
+    the router losses only. ``ModelConfig.router_weights_resolved`` picks one from the config.
     The gate is ``gate`` (an ``nn.Linear(dim, n_experts, bias=False)``), Mixtral's name.
     """
 
-    def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0):
+    def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0,
+                 weights: str = "renorm"):
         super().__init__()
+        if weights not in ("renorm", "raw"):
+            raise ValueError(f"router weights {weights!r}: use renorm or raw")
         self.top_k = top_k
         self.jitter = jitter
+        self.renorm = weights == "renorm"
         self.gate = nn.Linear(dim, n_experts, bias=False)
 
     def forward(self, x: torch.Tensor):
-        """x: [T, dim] -> logits [T, E] fp32, probs [T, E], weights [T, k], experts [T, k]."""
-        if self.training and self.jitter > 0:
-            # Multiplicative input jitter (Switch Transformer, sec. 2.4).
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x.float(), self.gate.weight.float())
-        probs = logits.softmax(dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        """x: [T, dim] -> logits [T, E], probs [T, E], weights [T, k] (all fp32), experts [T, k].
+
+        Autocast is switched off: inside ``torch.autocast`` an ``F.linear`` of fp32 tensors still
+        runs in bf16, and bf16 logits change routing decisions, the z-loss and the aux loss.
+        """
+        dev = x.device.type  # meta (shape inference) has no autocast to switch off
+        no_autocast = (torch.autocast(device_type=dev, enabled=False)
+                       if torch.amp.is_autocast_available(dev) else contextlib.nullcontext())
+        with no_autocast:
+            x = x.float()
+            if self.training and self.jitter > 0:
+                # Multiplicative input jitter (Switch Transformer, sec. 2.4).
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = F.linear(x, self.gate.weight.float())
+            probs = logits.softmax(dim=-1)
+            weights, experts = probs.topk(self.top_k, dim=-1)
+            if self.renorm:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, probs, weights, experts
+
+
+DROP_POLICIES = ("choice_major", "token_major", "probs")
 
 
 def plan_capacity(weights: torch.Tensor, experts: torch.Tensor, n_groups: int, n_experts: int,
@@ -61,21 +83,32 @@ def plan_capacity(weights: torch.Tensor, experts: torch.Tensor, n_groups: int, n
 
     weights, experts: [T, k]. Within each group every expert has a queue of the assignments
     routed to it; the first ``capacity`` of the queue keep their slot, the rest are dropped.
-    Queue order: ``position`` = token order (earlier tokens first, as in GShard/Switch and
-    Megatron's "position" policy); ``probs`` = higher combine weight first, ties by position.
+    Queue order (token t's j-th choice is (t, j); n tokens per group):
+
+    - ``choice_major``: (0, 0), (1, 0), ..., (n-1, 0), (0, 1), (1, 1), ...: every first choice
+      before any second choice (GShard's and Switch's order). Not causal even with one-sequence
+      groups: a later token's first choice can take the slot of an earlier token's second one.
+    - ``token_major``: (0, 0), (0, 1), ..., (1, 0), (1, 1), ...: token order, a token's choices
+      together (Megatron-Core's "position"). Causal with one-sequence groups: a later token
+      never evicts an earlier one.
+    - ``probs``: higher combine weight first, ties in token_major order. Not causal.
 
     Returns keep [T, k] bool and rank [T, k] (the assignment's place in its expert's queue).
     Vectorised with two stable sorts; ``tests/test_routing.py`` checks it against a Python loop.
     """
     t, k = experts.shape
-    a = (t // n_groups) * k  # assignments per group
+    n = t // n_groups
+    a = n * k  # assignments per group
     e = experts.reshape(n_groups, a)  # assignment i of a group is token i // k, slot i % k
     if policy == "probs":
         prio = torch.sort(-weights.detach().reshape(n_groups, a), dim=1, stable=True).indices
-    elif policy == "position":
+    elif policy == "token_major":
         prio = torch.arange(a, device=e.device).expand(n_groups, a)
+    elif policy == "choice_major":
+        # prio[i] = the token-major index of the i-th assignment in choice-major order.
+        prio = torch.arange(a, device=e.device).view(n, k).t().reshape(a).expand(n_groups, a)
     else:
-        raise ValueError(f"unknown drop policy {policy!r}: use position or probs")
+        raise ValueError(f"unknown drop policy {policy!r}: use one of {', '.join(DROP_POLICIES)}")
     e_prio = e.gather(1, prio)
     order = torch.sort(e_prio, dim=1, stable=True).indices  # by expert, priority kept inside
     sorted_e = e_prio.gather(1, order)

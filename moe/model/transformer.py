@@ -14,18 +14,21 @@ export; keep them stable:
 
 ``layers`` is a ModuleDict keyed by the global layer index, so a pipeline stage can delete
 the layers it does not own (and set tok_embeddings / norm / output to None) and keep the
-same names. Build on the meta device, ``to_empty(device=...)``, then ``init_weights()``.
+same names. Build on the meta device, ``to_empty(device=...)``, then ``init_weights(seed)``
+(``build_model`` does all three; moe/model/init.py says how weights are drawn).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from moe.config import ModelConfig
 from moe.model.attention import Attention
+from moe.model.init import ONES, Init, init_parameters, materialize, normal, prefixed
 from moe.model.layers import FeedForward, RMSNorm, rotary_tables
 from moe.model.moe import MoE
 
@@ -51,7 +54,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # _weight skips nn.Embedding's own init (init_weights draws every value), which on the
+        # meta device would import torch._dynamo (~2.5 s a process).
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                           _weight=torch.empty(cfg.vocab_size, cfg.d_model))
         self.layers = nn.ModuleDict({str(i): Block(cfg, i, max(n_moe, 1))
                                      for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -62,31 +68,37 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter and buffer; works after ``to_empty`` from meta.
-
-        Normal(0, init_std) everywhere, residual output projections (attention.wo, w2) scaled by
-        1/sqrt(2 * n_layers) (GPT-2), norms to one.
-        """
+    def init_rules(self) -> dict[str, Init]:
+        """The distribution of every parameter, by full name (see moe/model/init.py)."""
         cfg = self.cfg
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        rules = {"tok_embeddings.weight": normal(std), "output.weight": normal(std),
+                 "norm.weight": ONES}
+        for key, layer in self.layers.items():
+            p = f"layers.{key}"
+            rules.update(prefixed(f"{p}.attention_norm", layer.attention_norm.init_rules()))
+            rules.update(prefixed(f"{p}.attention", layer.attention.init_rules(std, out_std)))
+            rules.update(prefixed(f"{p}.ffn_norm", layer.ffn_norm.init_rules()))
+            rules.update(prefixed(f"{p}.feed_forward",
+                                  layer.feed_forward.init_rules(std, out_std)))
+        return rules
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None, slices_of=None) -> None:
+        """Initialise every parameter and buffer; works after ``to_empty`` from meta.
+
+        Each parameter is drawn from a generator seeded by ``(seed, its name)``, so every
+        device and parallel layout starts from the same weights (``seed=None``: one drawn from
+        torch's global RNG). ``slices_of``: how a sharded parameter was cut (moe/model/init.py).
+        A tied head keeps the embedding's values (``to_empty`` breaks the tie; re-tied here).
+        """
+        cfg = self.cfg
         device = self.rope_cos.device
         if cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
-            self.output.weight = self.tok_embeddings.weight  # to_empty() breaks the tie
+            self.output.weight = self.tok_embeddings.weight
         self.rope_cos, self.rope_sin = rotary_tables(cfg.head_size, cfg.max_seq_len,
                                                      cfg.rope_theta, device=device)
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for layer in self.layers.values():
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
-            layer.attention.init_weights(std, out_std)
-            layer.feed_forward.init_weights(std, out_std)
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None and not self.cfg.tie_embeddings:
-            nn.init.normal_(self.output.weight, std=std)
+        init_parameters(self, self.init_rules(), seed, slices_of)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: [B, S] ids (or [B, S, dim] hidden states on a later pipeline stage).
@@ -112,19 +124,16 @@ class Transformer(nn.Module):
             m.loss_scale = scale
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transformer:
-    """Build, materialise on ``device`` and initialise (uses the global torch RNG).
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
+                seed: Optional[int] = None) -> Transformer:
+    """Build on the meta device, then (unless ``device`` is meta) materialise on ``device``
+    and initialise from ``seed`` (None: a seed drawn from torch's global RNG).
 
-    Accelerators: built on the meta device first, so no full-size default init runs there.
-    CPU: built directly, because torch's init functions on meta tensors import torch._dynamo
-    (~2 s per process, paid by every spawned test rank) and CPU default init is cheap.
+    The same seed gives the same weights on every device, and the same weights as any parallel
+    layout, which materialises each rank's shard of the meta model (moe/model/init.py).
     """
-    if torch.device(device).type == "cpu":
-        model = Transformer(cfg)
-        model.init_weights()
-        return model
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights()  # re-ties tied embeddings, which to_empty() unties
-    return model
+    if torch.device(device).type == "meta":
+        return model
+    return materialize(model, device, seed)

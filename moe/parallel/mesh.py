@@ -95,20 +95,40 @@ class ParallelDims:
             raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                               f"parallel.dp x parallel.ep = {self.data_shards} times "
                               f"model.capacity_group_seqs={g}")
-        local = t.batch_size // self.data_shards
         if self.pp > 1:
-            n_micro = p.pp_microbatches or max(1, local // t.micro_batch_size)
-            if local % n_micro or (local // n_micro) % g:
-                raise ConfigError(f"the local batch of {local} sequences (train.batch_size / "
-                                  f"(dp x ep)) must split into parallel.pp_microbatches="
-                                  f"{n_micro} micro-batches of whole capacity groups of {g}")
-            if p.pp_schedule != "gpipe" and n_micro < self.pp:
-                raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} needs at least "
-                                  f"parallel.pp={self.pp} micro-batches, got {n_micro}: set "
-                                  f"parallel.pp_microbatches (e.g. {2 * self.pp}) or a smaller "
-                                  f"train.micro_batch_size")
+            self.pp_microbatches(cfg)  # raises when the local batch cannot be split
             if t.batch_ramp_tokens:
                 raise ConfigError("train.batch_ramp_tokens is not supported with parallel.pp > 1")
+
+    def pp_microbatches(self, cfg: Config) -> int:
+        """Micro-batches per step and data rank under pipeline parallelism.
+
+        ``parallel.pp_microbatches`` when set. Otherwise the fewest micro-batches (so each is
+        as large as ``train.micro_batch_size`` allows) that are whole capacity groups, split
+        the local batch evenly and number at least ``parallel.pp`` (what 1F1B needs; more also
+        shrinks GPipe's bubble): ``tiny.yaml``'s batch of 16 at pp=2 gives 2 of 8 sequences.
+        """
+        t, p, g = cfg.train, cfg.parallel, cfg.model.capacity_group_seqs
+        local = t.batch_size // self.data_shards
+        if p.pp_microbatches is not None:
+            n = p.pp_microbatches
+            if local % n or (local // n) % g:
+                raise ConfigError(f"the local batch of {local} sequences (train.batch_size / "
+                                  f"(dp x ep)) must split into parallel.pp_microbatches={n} "
+                                  f"micro-batches of whole capacity groups of {g}")
+            if p.pp_schedule != "gpipe" and n < self.pp:
+                raise ConfigError(f"parallel.pp_schedule={p.pp_schedule} needs at least "
+                                  f"parallel.pp={self.pp} micro-batches, got "
+                                  f"parallel.pp_microbatches={n}: raise it or leave it unset")
+            return n
+        groups = local // g
+        least = max(self.pp, -(-local // t.micro_batch_size))
+        for n in range(least, groups + 1):
+            if groups % n == 0:
+                return n
+        raise ConfigError(f"the local batch of {local} sequences ({groups} capacity groups of "
+                          f"{g}) cannot make parallel.pp={self.pp} micro-batches of whole "
+                          f"groups: raise train.batch_size or lower model.capacity_group_seqs")
 
 
 def shard_spec(p: torch.Tensor) -> dict:
@@ -120,12 +140,19 @@ def mark_shard(p: torch.Tensor, **spec) -> None:
     setattr(p, "_moe_shard", {**shard_spec(p), **spec})
 
 
+def shard_slices(p: torch.Tensor) -> list[tuple[int, int, int]]:
+    """How a local parameter was cut from the full one: [(dim, chunk index, chunks)], in the
+    order the cuts were made (what ``moe.model.init`` needs to draw just this shard)."""
+    return getattr(p, "_moe_slices", [])
+
+
 def shard_param(module: nn.Module, name: str, mesh_dim: str, dim: int, rank: int,
                 size: int) -> None:
     """Replace ``module.<name>`` by its ``rank``-th of ``size`` equal chunks along ``dim``.
 
-    The full parameter is built identically on every rank (same seed), so slicing it keeps the
-    initial values those of a single process.
+    On the meta device (how the trainer builds) only the shape changes, and the cut is recorded
+    (``shard_slices``) so that materialising draws exactly this chunk of the full parameter's
+    values. A materialised parameter is sliced (its values are those of a single process).
     """
     full = getattr(module, name)
     if full.shape[dim] % size:
@@ -134,6 +161,7 @@ def shard_param(module: nn.Module, name: str, mesh_dim: str, dim: int, rank: int
     local = full.detach().chunk(size, dim=dim)[rank].clone()
     param = nn.Parameter(local, requires_grad=full.requires_grad)
     mark_shard(param, **shard_spec(full), **{mesh_dim: dim})
+    param._moe_slices = [*shard_slices(full), (dim, rank, size)]
     setattr(module, name, param)
 
 

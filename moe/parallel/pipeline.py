@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.config import Config
+from moe.parallel.activation_checkpoint import is_recomputing
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -228,7 +229,7 @@ class PipelineRuntime:
     all data ranks, giving the default ``share = micro_sequences / global_batch`` (``step`` may
     pass its own). autocast: a context-manager factory wrapped around each step (bf16 on GPU).
     on_moe_forward(layer_name, layer, share): called after each MoE forward on this rank, once
-    per micro-batch and layer (there is no activation recomputation, so never twice), with the
+    per micro-batch and layer (never again when activation checkpointing recomputes it), with the
     global layer key ("3"), the MoE module (its fresh ``last_stats``; ``router_loss()``) and
     the micro-batch's share; replaceable through the attribute of the same name (None: off).
     """
@@ -279,7 +280,8 @@ class PipelineRuntime:
 
     def _moe_hook(self, name: str):
         def hook(module, args, output):
-            if self.on_moe_forward is not None:
+            # Activation checkpointing re-runs the forward in backward: count it once.
+            if self.on_moe_forward is not None and not is_recomputing():
                 self.on_moe_forward(name, module, self.share)
         return hook
 

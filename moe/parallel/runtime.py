@@ -2,12 +2,14 @@
 forward/backward runs, and how gradients and metrics are reduced.
 
 One process is the trivial layout (mesh None). Otherwise ``parallelize`` applies parallelism to
-a model built identically on every rank, in a fixed order, logged once:
+a model built on the meta device (shapes only) on every rank, in a fixed order, logged once:
 
     1. pipeline: keep this rank's stages (pruned copies of the model)
     2. tensor:   split heads and expert hidden dims over tp, insert Megatron's f / g
     3. expert:   partition experts over ep, all-to-all token exchange
-    4. data:     gradients summed over data ranks after backward (moe/parallel/data.py)
+    4. materialise this rank's shards on its device, each value drawn from a generator seeded
+       by (train.seed, parameter name): the weights of one process, whatever the layout
+    5. data:     gradients summed over data ranks after backward (moe/parallel/data.py)
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from torch import nn
 
 from moe.config import Config
 from moe.metrics import RoutingAccumulator
+from moe.model.init import materialize
 from moe.model.moe import MoE
 from moe.optim import micro_batches
 from moe.parallel import data as dp_ops
-from moe.parallel.mesh import ParallelDims
+from moe.parallel.mesh import ParallelDims, shard_slices
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,8 +59,21 @@ class Runtime:
             self.data_rank = 0
         if mesh is not None:
             self._parallelize(model)
+        else:
+            self._place(model)
+        # Every layout, one process included: after tensor / expert parallel, before compile.
+        from moe.parallel.activation_checkpoint import apply_activation_checkpointing
+
+        apply_activation_checkpointing(self.parts, cfg.train.activation_checkpointing)
 
     # -- set-up --------------------------------------------------------------------------
+    def _place(self, part: nn.Module) -> None:
+        """Materialise a meta-device part (this rank's shards only) or move a built one."""
+        if any(p.is_meta for p in part.parameters()):
+            materialize(part, self.device, self.cfg.train.seed, shard_slices)
+        else:
+            part.to(self.device)
+
     def _parallelize(self, model: nn.Module) -> None:
         cfg, mesh, dims = self.cfg, self.mesh, self.dims
         steps = []
@@ -81,14 +97,18 @@ class Runtime:
             for part in self.parts:
                 apply_expert_parallel(part, mesh["ep"])
             steps.append(f"expert: ep={dims.ep}")
-        steps.append(f"data: gradients summed over dp x ep = {dims.data_shards} ranks")
         for part in self.parts:
-            part.to(self.device)
+            self._place(part)
+        steps.append(f"materialise on {self.device} (seed {cfg.train.seed})")
+        steps.append(f"data: gradients summed over dp x ep = {dims.data_shards} ranks")
         if dims.pp > 1:
             from moe.parallel.pipeline import PipelineRuntime
 
             local = cfg.train.batch_size // dims.data_shards
-            n_micro = cfg.parallel.pp_microbatches or max(1, local // cfg.train.micro_batch_size)
+            n_micro = dims.pp_microbatches(cfg)
+            if cfg.parallel.pp_microbatches is None:
+                steps.append(f"pipeline: {n_micro} micro-batches of {local // n_micro} "
+                             f"sequences (chosen: parallel.pp_microbatches unset)")
             self.n_micro = n_micro
             self.pipeline = PipelineRuntime(
                 list(zip(self.stage_ids, self.parts)), mesh["pp"], cfg,

@@ -1,0 +1,130 @@
+"""Peak memory and speed of forward + backward under each activation-checkpointing mode
+(``train.activation_checkpointing`` none | full | selective); ``scripts/bench.py --ac``.
+
+Each mode runs in fresh Python processes (``sys.executable -c``), so one mode's allocations
+and high-water marks cannot leak into another's: the bench's ``Stepper`` (model, AdamW,
+synthetic batches, as moe/bench.py) with the mode applied, then calls of ``forward_backward``
+(all micro-batches of a global step; no clipping, no optimizer step), gradients freed after
+each. Peak memory, measured over two such calls:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the first
+  step: the peak of live tensors the step adds (activations, gradients, temporaries).
+- CPU: the peak resident set size (``getrusage`` ``ru_maxrss``) minus the resident set just
+  before the first step, in a process started with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc
+  then maps every block of 64 KiB or more on its own and unmaps it when freed, so the resident
+  set follows the live tensors. (With glibc's default, a threshold that grows as memory is
+  freed, freed blocks stay resident and the figure depends on allocation history: measured,
+  selective came out below full.) It can only grow past the high-water mark the process had
+  reached while building the model (reported as ``rss_before_peak_mib``).
+
+Both include the parameter gradients (the same in every mode) and the logits and
+cross-entropy (outside the blocks, never checkpointed). Speed is measured in another fresh
+process with the default allocator: tokens per step over the median forward + backward time
+of ``steps`` calls after ``warmup``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+MODES = ("none", "full", "selective")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_mode(raw_cfg: dict, mode: str, steps: int, warmup: int) -> dict:
+    """In this process: peak memory over the first ``warmup + steps`` calls of
+    ``forward_backward`` under ``mode``, and the median time of the last ``steps``."""
+    import torch
+
+    from moe.bench import Stepper, autocast_dtype, resolve_device, set_threads, sync
+    from moe.config import from_dict
+
+    cfg = from_dict(raw_cfg)
+    cfg.train.activation_checkpointing = mode
+    threads = set_threads(cfg)
+    device = resolve_device(cfg)
+    s = Stepper(cfg, cfg.model, device, autocast_dtype(cfg, device))
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base, base_peak = _rss_bytes(), _maxrss_bytes()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        s.forward_backward()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        s.model.zero_grad(set_to_none=True)
+    out = {"mode": mode, "device": str(device), "threads": threads, "steps": steps,
+           "fwd_bwd_s_median": statistics.median(times),
+           "tokens_per_s": s.tokens_per_step / statistics.median(times),
+           "loss": float(s.last_loss)}
+    if device.type == "cuda":
+        out["measure"] = "torch.cuda.max_memory_allocated - allocated before the first step"
+        out["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        out["measure"] = ("ru_maxrss - RSS before the first step (fresh process, "
+                          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')})")
+        out["peak_mib"] = max(0, _maxrss_bytes() - base) / 2**20
+        out["rss_before_mib"] = base / 2**20
+        out["rss_before_peak_mib"] = base_peak / 2**20
+    return out
+
+
+def _child() -> None:
+    req = json.loads(sys.stdin.read())
+    print(json.dumps(measure_mode(req["config"], req["mode"], req["steps"], req["warmup"])))
+
+
+def _run_child(req: dict, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", "from moe.bench_memory import _child; _child()"],
+                          input=json.dumps(req), capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory bench, mode {req['mode']}, failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_memory_bench(cfg, steps: int = 5, warmup: int = 1,
+                     log: Callable[[str], None] | None = None) -> dict:
+    """Each mode of ``MODES`` in its own fresh process; returns {mode: result} plus ratios."""
+    log = log or (lambda s: None)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    res = {}
+    for mode in MODES:
+        mem = _run_child({"config": cfg.to_dict(), "mode": mode, "steps": 1, "warmup": 1},
+                         dict(env, MALLOC_MMAP_THRESHOLD_="65536"))
+        speed = _run_child({"config": cfg.to_dict(), "mode": mode, "steps": steps,
+                            "warmup": warmup}, env)
+        res[mode] = {**speed, **{k: v for k, v in mem.items() if "mib" in k or k == "measure"}}
+        res[mode]["loss_memory_run"] = mem["loss"]
+        log(f"{mode:10s} peak {res[mode]['peak_mib']:8.1f} MiB   "
+            f"{res[mode]['tokens_per_s']:8.0f} tokens/s (fwd+bwd)   "
+            f"loss {res[mode]['loss']:.6f}")
+    none = res["none"]
+    for mode in MODES:
+        r = res[mode]
+        r["peak_vs_none"] = r["peak_mib"] / none["peak_mib"] if none["peak_mib"] else None
+        r["speed_vs_none"] = r["tokens_per_s"] / none["tokens_per_s"]
+    return {"modes": res, "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len,
+            "measure": none["measure"], "steps": steps, "warmup": warmup}
