@@ -275,7 +275,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     dense_stepper = Stepper(cfg, dense_equivalent(mcfg), device, amp)
     probe = torch.empty(0, device=device, dtype=run_dtype)
     with torch.autocast(device.type, dtype=run_dtype, enabled=amp is not None):
-        auto_impl = resolve_impl(mcfg.expert_impl, probe)
+        auto_impl = resolve_impl(mcfg.expert_impl, probe, mcfg.d_model, mcfg.expert_hidden)
     # name -> (stepper, expert impl to set before its steps; None for the dense model).
     # The --impls variants reuse the MoE model (same weights and batches, another kernel).
     variants: dict[str, tuple[Stepper, str | None]] = {

@@ -5,17 +5,18 @@ Each mode runs in fresh Python processes (``sys.executable -c``), so one mode's 
 and high-water marks cannot leak into another's: the bench's ``Stepper`` (model, AdamW,
 synthetic batches, as moe/bench.py) with the mode applied, then calls of ``forward_backward``
 (all micro-batches of a global step; no clipping, no optimizer step), gradients freed after
-each. Peak memory, measured over two such calls:
+each. Peak memory is that of one call after a warm-up call (which pays one-time costs: lazy
+imports, kernel set-up):
 
-- CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the first
-  step: the peak of live tensors the step adds (activations, gradients, temporaries).
-- CPU: the peak resident set size (``getrusage`` ``ru_maxrss``) minus the resident set just
-  before the first step, in a process started with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc
-  then maps every block of 64 KiB or more on its own and unmaps it when freed, so the resident
-  set follows the live tensors. (With glibc's default, a threshold that grows as memory is
-  freed, freed blocks stay resident and the figure depends on allocation history: measured,
-  selective came out below full.) It can only grow past the high-water mark the process had
-  reached while building the model (reported as ``rss_before_peak_mib``).
+- CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call: the
+  peak of live tensors the step adds (activations, gradients, temporaries).
+- CPU: the peak resident set size minus the resident set before the call (Linux
+  ``/proc/self/status`` VmHWM - VmRSS, the high-water mark reset first through
+  ``/proc/self/clear_refs``), in a process started with ``MALLOC_MMAP_THRESHOLD_=65536``:
+  glibc then maps every block of 64 KiB or more on its own and unmaps it when freed, so the
+  resident set follows the live tensors. (With glibc's default threshold, which grows as
+  memory is freed, freed blocks stay resident and the figure depends on allocation history:
+  measured that way, selective came out below full.)
 
 Both include the parameter gradients (the same in every mode) and the logits and
 cross-entropy (outside the blocks, never checkpointed). Speed is measured in another fresh
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,18 +38,17 @@ from typing import Callable
 MODES = ("none", "full", "selective")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def measure_mode(raw_cfg: dict, mode: str, steps: int, warmup: int) -> dict:
-    """In this process: peak memory over the first ``warmup + steps`` calls of
-    ``forward_backward`` under ``mode``, and the median time of the last ``steps``."""
+    """In this process: ``warmup`` then ``steps`` calls of ``forward_backward`` under ``mode``;
+    the median time of the timed calls and the peak memory they add."""
     import torch
 
     from moe.bench import Stepper, autocast_dtype, resolve_device, set_threads, sync
@@ -60,33 +59,38 @@ def measure_mode(raw_cfg: dict, mode: str, steps: int, warmup: int) -> dict:
     threads = set_threads(cfg)
     device = resolve_device(cfg)
     s = Stepper(cfg, cfg.model, device, autocast_dtype(cfg, device))
+
+    def call():
+        t0 = time.perf_counter()
+        s.forward_backward()
+        sync(device)
+        dt = time.perf_counter() - t0
+        s.model.zero_grad(set_to_none=True)
+        return dt
+
+    for _ in range(warmup):
+        call()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base, base_peak = _rss_bytes(), _maxrss_bytes()
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        s.forward_backward()
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        s.model.zero_grad(set_to_none=True)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set size to the current one
+        base = _status_bytes("VmRSS")
+    times = [call() for _ in range(steps)]
     out = {"mode": mode, "device": str(device), "threads": threads, "steps": steps,
            "fwd_bwd_s_median": statistics.median(times),
            "tokens_per_s": s.tokens_per_step / statistics.median(times),
            "loss": float(s.last_loss)}
     if device.type == "cuda":
-        out["measure"] = "torch.cuda.max_memory_allocated - allocated before the first step"
+        out["measure"] = "torch.cuda.max_memory_allocated - allocated before the call"
         out["peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     else:
-        out["measure"] = ("ru_maxrss - RSS before the first step (fresh process, "
-                          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')})")
-        out["peak_mib"] = max(0, _maxrss_bytes() - base) / 2**20
+        mmap = os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
+        out["measure"] = f"VmHWM - VmRSS before the call (MALLOC_MMAP_THRESHOLD_={mmap})"
+        out["peak_mib"] = (_status_bytes("VmHWM") - base) / 2**20
         out["rss_before_mib"] = base / 2**20
-        out["rss_before_peak_mib"] = base_peak / 2**20
     return out
 
 

@@ -314,7 +314,25 @@ class Config:
         if t.batch_ramp_start % g:
             raise ConfigError(f"train.batch_ramp_start={t.batch_ramp_start} must be a multiple "
                               f"of model.capacity_group_seqs={g}")
+        if m.expert_impl == "grouped":
+            self._check_grouped_mm()
         return self
+
+    def _check_grouped_mm(self) -> None:
+        """``torch._grouped_mm``'s requirements (moe/model/experts.py), checked before a run
+        starts: bf16 on CUDA, rows of 16 bytes (d_model and expert_hidden / tp multiples of 8
+        in bf16, of 4 in fp32)."""
+        m, t, tp = self.model, self.train, self.parallel.tp
+        if t.device == "cuda" and t.dtype == "fp32":
+            raise ConfigError("model.expert_impl=grouped needs bf16 on CUDA, but train.dtype="
+                              "fp32: set train.dtype=bf16 (or auto), or model.expert_impl=auto")
+        bf16 = t.dtype == "bf16" or (t.dtype == "auto" and t.device == "cuda")
+        align = 8 if bf16 else 4
+        if m.d_model % align or (m.expert_hidden // tp) % align:
+            raise ConfigError(f"model.expert_impl=grouped needs model.d_model={m.d_model} and "
+                              f"model.expert_hidden / parallel.tp = {m.expert_hidden // tp} to "
+                              f"be multiples of {align} ({'bf16' if bf16 else 'fp32'}, 16-byte "
+                              f"rows): change them, or use model.expert_impl=auto")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -27,8 +27,9 @@ def param_groups(model: nn.Module | list[nn.Module], weight_decay: float) -> lis
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    # "decay" names the group for apply_hyperparameters (AdamW ignores the extra key).
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
 def adamw_kwargs(cfg: TrainConfig) -> dict:
@@ -41,6 +42,29 @@ def adamw_kwargs(cfg: TrainConfig) -> dict:
     impl = {"fused": {"fused": True}, "foreach": {"foreach": True},
             "for-loop": {"foreach": False}}[cfg.optimizer_impl]
     return {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, **impl}
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> list[str]:
+    """Set the config's AdamW settings on every group, replacing what a resumed checkpoint
+    restored; returns one ``"train.key: old -> new"`` line per setting that changed.
+
+    lr is not here: the schedule sets it every step. The kernel (``optimizer_impl``) is never
+    restored from a checkpoint, so it is the config's already.
+    """
+    changes: dict[str, str] = {}
+    for group in optimizer.param_groups:
+        want = {"weight_decay": cfg.weight_decay if group.get("decay", True) else 0.0,
+                "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
+        old = (group.get("weight_decay"), tuple(group.get("betas", ())), group.get("eps"))
+        if group.get("decay", True) and old[0] != want["weight_decay"]:
+            changes["weight_decay"] = f"train.weight_decay: {old[0]} -> {cfg.weight_decay}"
+        for i, key in enumerate(("beta1", "beta2")):
+            if len(old[1]) == 2 and old[1][i] != want["betas"][i]:
+                changes[key] = f"train.{key}: {old[1][i]} -> {want['betas'][i]}"
+        if old[2] != want["eps"]:
+            changes["eps"] = f"train.eps: {old[2]} -> {cfg.eps}"
+        group.update(want)
+    return list(changes.values())
 
 
 def build_optimizer(model: nn.Module | list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:

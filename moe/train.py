@@ -27,7 +27,7 @@ from moe.data import PackedLoader, prepare_data, val_batches
 from moe.generate import generate
 from moe.metrics import MetricsLogger, RoutingAccumulator
 from moe.model import build_model
-from moe.optim import batch_size_at, build_optimizer, lr_at
+from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
 from moe.parallel.mesh import init_distributed
 from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
 
@@ -51,10 +51,11 @@ def autocast_context(device: torch.device, dtype: str):
 
 
 def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
-    """A checkpoint can only continue the same model and data: name what differs."""
-    now = cfg.to_dict()
+    """A checkpoint can only continue the same model and data: name what differs. A key the
+    saved config lacks (added to the code since) counts as its default."""
+    now, default = cfg.to_dict(), Config().to_dict()
     diffs = [f"{sec}.{k}" for sec in ("model", "data") for k in now[sec]
-             if saved.get(sec, {}).get(k) != now[sec][k]]
+             if saved.get(sec, {}).get(k, default[sec][k]) != now[sec][k]]
     if diffs:
         raise ConfigError(f"{path} was trained with different {', '.join(diffs)}: use a new "
                           f"train.run_dir or the saved values (see config.yaml in the run folder)")
@@ -104,8 +105,13 @@ def train(cfg: Config) -> dict:
         if device.type == "cuda" and "cuda" in extra["rng"]:
             torch.cuda.set_rng_state(extra["rng"]["cuda"].cpu())
         step, tokens = extra["step"], extra["tokens"]
+        # The checkpoint restored its AdamW settings; the config's win, and changes are said.
+        changed = apply_hyperparameters(optimizer, tc)
         if main:
             print(f"resuming from {ckpt} at step {step}", file=sys.stderr)
+            if changed:
+                print("resume: optimizer settings changed since the checkpoint, applying "
+                      + "; ".join(changed), file=sys.stderr)
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     logger = MetricsLogger(run_dir, cfg, resume_step=step) if main else None

@@ -134,9 +134,17 @@ def test_moe_layer_impls_agree_forward_and_backward(activation, capacity_factor,
 
 def test_auto_resolves_to_a_real_impl_on_cpu():
     x = torch.randn(2, 4)
-    expected = "grouped" if hasattr(torch, "_grouped_mm") else "bmm"
-    assert resolve_impl("auto", x) == expected
-    assert resolve_impl("loop", x) == "loop"
+    assert resolve_impl("auto", x, 16, 32) == "grouped"
+    assert resolve_impl("loop", x, 16, 32) == "loop"
+    # grouped matmul needs 16-byte rows: fp32 multiples of 4, bf16 of 8. auto falls back to
+    # the loop (never the padded bmm, whose dropless buffer is E x the activations).
+    assert resolve_impl("auto", x, 16, 6) == "loop"
+    assert resolve_impl("auto", x.bfloat16(), 16, 12) == "loop"
+    assert resolve_impl("auto", x.bfloat16(), 16, 24) == "grouped"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve_impl("auto", x, 16, 12) == "loop"  # autocast decides the dtype
+    with pytest.raises(ValueError, match="multiples of 8"):
+        resolve_impl("grouped", x.bfloat16(), 16, 12)
     ex = make_experts("swiglu")
     ex.impl = "nope"
     with pytest.raises(ValueError, match="nope"):
@@ -178,3 +186,31 @@ def test_single_expert_equals_dense_feed_forward(activation, impl, mode):
     # With one expert the combine weight is p / p = 1: the gate receives no gradient.
     g = layer.router.gate.weight.grad
     assert g is None or g.abs().max() < 1e-6
+
+
+def test_auto_on_misaligned_experts_runs_the_loop_and_matches_it():
+    # expert hidden 6: torch._grouped_mm would raise "strides should be multiple of 16 bytes".
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 16, 6, "swiglu", "auto")
+    ex.init_weights(0.3, 0.3)
+    x, counts = torch.randn(7, 16), torch.tensor([3, 0, 4, 0])
+    ref = GroupedExperts(4, 16, 6, "swiglu", "loop")
+    ref.load_state_dict(ex.state_dict())
+    assert torch.equal(ex(x, counts, 4), ref(x, counts, 4))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["--model.expert_impl=grouped", "--train.device=cuda", "--train.dtype=fp32"], "needs bf16"),
+    (["--model.expert_impl=grouped", "--train.dtype=bf16", "--model.expert_hidden=36"],
+     "multiples of 8"),
+    (["--model.expert_impl=grouped", "--model.expert_hidden=48", "--parallel.tp=8",
+      "--train.dtype=bf16"], "expert_hidden / parallel.tp = 6"),
+    (["--model.expert_impl=grouped", "--model.d_model=66", "--model.n_heads=6"],
+     "multiples of 4"),
+])
+def test_config_checks_grouped_mm_requirements(overrides, needle):
+    from moe.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)

@@ -189,3 +189,25 @@ def test_wandb_offline_needs_no_network(tmp_path, monkeypatch):
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and (run_dir / "wandb_id").read_text().strip() in offline[0].name
     assert any(offline[0].rglob("*.wandb"))  # the logged history, to `wandb sync` later
+
+
+def test_resume_applies_changed_optimizer_settings_and_says_so(tmp_path, capsys):
+    from moe.checkpoint import load_checkpoint
+
+    train(_cfg(tmp_path, "run", "--train.max_steps=2", "--train.weight_decay=0.1"))
+    capsys.readouterr()
+    changed = ["--train.weight_decay=0.02", "--train.beta2=0.99", "--train.eps=1e-6"]
+    train(_cfg(tmp_path, "run", "--train.max_steps=4", *changed))
+    err = capsys.readouterr().err
+    for text in ("train.weight_decay: 0.1 -> 0.02", "train.beta2: 0.95 -> 0.99",
+                 "train.eps: 1e-08 -> 1e-06"):
+        assert text in err
+    assert "beta1" not in err  # unchanged settings are not listed
+    # The step-4 checkpoint holds what the optimizer used: the new values, and no decay on
+    # the no-decay group (norms, embedding).
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "run"))["optimizer"]["param_groups"]
+    groups = {name: dict(hyper) for name, hyper in saved.items()}
+    assert groups["layers.0.attention.wq.weight"]["weight_decay"] == 0.02
+    assert groups["layers.0.attention.wq.weight"]["betas"] == (0.9, 0.99)
+    assert groups["layers.0.attention.wq.weight"]["eps"] == 1e-6
+    assert groups["norm.weight"]["weight_decay"] == 0.0

@@ -8,6 +8,10 @@ forward and backward (``tests/test_experts.py``):
 - ``grouped``: ``torch._grouped_mm`` over the ragged layout; no padding. Fastest on CPU in our
   measurements (see ``scripts/bench.py``) and the usual winner on GPU (bf16).
 - ``bmm``: tokens copied into zero-padded capacity buffers [E, C, dim], then ``torch.bmm``.
+  Only when asked for: dropless, C is every token of the group, so the buffer is ~E x the
+  activations.
+
+``auto`` picks ``grouped`` where its kernel runs (``grouped_mm_unsupported``), else ``loop``.
 
 Weights (per expert e): w1[e], w3[e]: [dim, hidden]; w2[e]: [hidden, dim].
 Mixtral's ``experts.{e}.w1.weight`` is ``w1[e].T`` (nn.Linear stores [out, in]).
@@ -37,17 +41,48 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """``auto``: grouped matmul on CPU, and on CUDA when running in bf16; padded bmm otherwise."""
-    if impl != "auto":
-        return impl
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_mm_unsupported(x: torch.Tensor, dim: int, hidden: int) -> str | None:
+    """Why ``torch._grouped_mm`` cannot run these experts here, or None when it can.
+
+    Its kernels need 16-byte-aligned strides on every device (``dim`` and the local ``hidden``
+    multiples of 8 in bf16, of 4 in fp32), and on CUDA bf16 inputs on compute capability
+    >= 8.0 (torch 2.10+: 8.0; 9.0 in torch 2.8).
+    """
     if not hasattr(torch, "_grouped_mm"):
-        return "bmm"
-    if x.device.type == "cpu":
-        return "grouped"
-    autocast_bf16 = (torch.is_autocast_enabled(x.device.type)
-                     and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
-    return "grouped" if x.dtype == torch.bfloat16 or autocast_bf16 else "bmm"
+        return "this torch has no torch._grouped_mm"
+    dtype = _compute_dtype(x)
+    if x.device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return (f"torch._grouped_mm on CUDA needs bf16 (train.dtype=bf16 or auto), "
+                    f"not {str(dtype).replace('torch.', '')}")
+        if torch.cuda.get_device_capability(x.device) < (8, 0):
+            return "torch._grouped_mm on CUDA needs compute capability >= 8.0"
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    if dim % align or hidden % align:
+        return (f"torch._grouped_mm needs 16-byte-aligned rows: model.d_model={dim} and the "
+                f"expert hidden size per tensor-parallel rank ({hidden}) must be multiples "
+                f"of {align} in {str(dtype).replace('torch.', '')}")
+    return None
+
+
+def resolve_impl(impl: str, x: torch.Tensor, dim: int, hidden: int) -> str:
+    """``auto``: grouped matmul wherever it runs (see ``grouped_mm_unsupported``), else the
+    loop. Never the padded bmm: dropless, its buffer is [E, capacity * groups, dim], about E
+    times the activations (the loop costs one small matmul per expert instead). An explicit
+    ``grouped`` that cannot run raises with the reason."""
+    if impl == "auto":
+        return "loop" if grouped_mm_unsupported(x, dim, hidden) else "grouped"
+    if impl == "grouped":
+        reason = grouped_mm_unsupported(x, dim, hidden)
+        if reason:
+            raise ValueError(f"model.expert_impl=grouped: {reason}; use auto or loop")
+    return impl
 
 
 class GroupedExperts(nn.Module):
@@ -74,7 +109,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
         """x: [M, dim] sorted by expert; counts: [E] rows per expert (sum M); capacity: an
         upper bound on counts (the bmm buffer size). Returns [M, dim]."""
-        impl = resolve_impl(self.impl, x)
+        impl = resolve_impl(self.impl, x, self.w1.shape[1], self.w1.shape[2])
         if torch.is_autocast_enabled(x.device.type):
             # Custom matmuls are not on autocast's lists: cast explicitly to its dtype.
             x = x.to(torch.get_autocast_dtype(x.device.type))
