@@ -254,9 +254,10 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
                       tokenizer_path: str | Path | None = None) -> Path:
     """Export a training checkpoint (a run folder or a ``step_*`` folder) with its tokenizer:
-    ``tokenizer_path`` or else the run's ``<data.cache_dir>/<source>-<fingerprint>/tokenizer.json``.
+    ``tokenizer_path``, else the run folder's ``tokenizer.json`` (the trainer writes it), else
+    the data cache's ``<data.cache_dir>/<source>-<fingerprint>/tokenizer.json``.
     FileNotFoundError (one line) when the checkpoint or the tokenizer is missing."""
-    from moe.checkpoint import load_trained_model
+    from moe.checkpoint import load_trained_model, resolve_checkpoint
     from moe.data import BPETokenizer
     from moe.data.cache import TOKENIZER
     from moe.data.prepare import cache_folder
@@ -264,7 +265,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     out_dir = _new_folder(out_dir)  # before the (slow) load
     model, cfg = load_trained_model(checkpoint)
     if tokenizer_path is None:
-        tokenizer_path = cache_folder(cfg) / TOKENIZER
+        # The run folder's copy (written by the trainer), else the data cache's.
+        ckpt = resolve_checkpoint(checkpoint)
+        run_copy = ckpt.parent.parent / TOKENIZER
+        tokenizer_path = run_copy if run_copy.is_file() else cache_folder(cfg) / TOKENIZER
         if not tokenizer_path.is_file():
             raise FileNotFoundError(
                 f"no tokenizer for {checkpoint}: {tokenizer_path} (from its data.cache_dir and "

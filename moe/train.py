@@ -114,6 +114,8 @@ def train(cfg: Config) -> dict:
                       + "; ".join(changed), file=sys.stderr)
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # The run folder carries its tokenizer: export and generation need no data cache.
+        data.tokenizer.save(run_dir / "tokenizer.json")
     logger = MetricsLogger(run_dir, cfg, resume_step=step) if main else None
     if tc.compile:
         runtime.compile()

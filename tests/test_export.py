@@ -4,6 +4,7 @@ tokenizer files, bos/eos/pad ids, tokenization, logits and greedy generation equ
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,10 @@ def test_refuses_non_empty_folder_and_run_without_tokenizer(run, exported, tmp_p
     tok_path = cache_folder(run) / "tokenizer.json"
     assert script.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
                         "--tokenizer", str(tok_path)]) == tmp_path / "hf"
+    # The trainer copies the tokenizer into the run folder; that copy needs no data cache.
+    assert (Path(run.train.run_dir) / "tokenizer.json").is_file()
+    shutil.copy(tok_path, tmp_path / "run" / "tokenizer.json")
+    assert export_checkpoint(tmp_path / "run", tmp_path / "hf2") == tmp_path / "hf2"
     small = build_model(load_config(None, TINY + ["--model.vocab_size=300"]).model)
     with pytest.raises(ExportError, match="more than model.vocab_size=300"):
         export_hf(small, tmp_path / "small", BPETokenizer.load(tok_path))
