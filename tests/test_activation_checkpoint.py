@@ -253,3 +253,17 @@ def test_pipeline_routing_stats_counted_once_under_checkpointing():
         assert not res["errors"], res["errors"]
         assert len(res["calls"]) == 2  # one MoE layer per stage, two micro-batches
         assert res["drop_frac"] > 0
+
+
+def test_memory_bench_measures_each_mode(one_torch_thread):
+    """scripts/bench.py --ac's per-process measurement, run here in-process on a tiny shape."""
+    from moe.bench_memory import measure_mode
+    from tests.test_bench import TINY as BENCH_TINY
+
+    raw = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "bench.yaml"),
+                      BENCH_TINY).to_dict()
+    runs = [measure_mode(raw, mode, steps=1, warmup=1) for mode in ("none", "selective")]
+    assert [r["mode"] for r in runs] == ["none", "selective"]
+    assert runs[0]["loss"] == runs[1]["loss"]  # same model, same batches
+    for r in runs:
+        assert r["peak_mib"] >= 0 and r["tokens_per_s"] > 0 and "VmHWM" in r["measure"]
