@@ -52,11 +52,14 @@ def grouped_mm_unsupported(x: torch.Tensor, dim: int, hidden: int) -> str | None
 
     Its kernels need 16-byte-aligned strides on every device (``dim`` and the local ``hidden``
     multiples of 8 in bf16, of 4 in fp32), and on CUDA bf16 inputs on compute capability
-    >= 8.0 (torch 2.10+: 8.0; 9.0 in torch 2.8).
+    >= 8.0 (torch 2.10+: 8.0; 9.0 in torch 2.8); traced by ``torch.compile``, bf16 anywhere.
     """
     if not hasattr(torch, "_grouped_mm"):
         return "this torch has no torch._grouped_mm"
     dtype = _compute_dtype(x)
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        # Its fake-tensor (meta) check under torch.compile accepts bf16 only, even on CPU.
+        return "torch.compile traces torch._grouped_mm in bf16 only"
     if x.device.type == "cuda":
         if dtype != torch.bfloat16:
             return (f"torch._grouped_mm on CUDA needs bf16 (train.dtype=bf16 or auto), "
