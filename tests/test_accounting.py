@@ -374,7 +374,8 @@ def test_stage_split_matches_pipeline_module():
 
 def test_layout_validation():
     # Batch settings that do not fit the pipeline: a warning, counts unchanged.
-    bad_batch = layout_accounting(layout_cfg(tp=2, pp=2, micro_batch_size=16))
+    # (A micro-batch count below pp is chosen for the user now; one set explicitly is not.)
+    bad_batch = layout_accounting(layout_cfg(tp=2, pp=2, pp_microbatches=1))
     good = layout_accounting(layout_cfg(tp=2, pp=2))
     assert good.valid and not bad_batch.valid
     assert len(bad_batch.warnings) == 1 and bad_batch.warnings[0].startswith("batch settings")
