@@ -17,6 +17,8 @@ The trainer, which runs in one process or under torchrun, uses the layout-aware 
 
 A checkpoint written by any layout (tp x pp x dp x ep) loads here, and one written here
 resumes any layout. Folders from before this format (``step_*/state.pt``) still load.
+``resolve_checkpoint`` (a run folder -> its newest checkpoint that verifies) is how every
+tool picks the checkpoint to load; it warns in one line about each broken one it skips.
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe.parallel.checkpoint import (MODEL, checkpoint_dir, full_state, is_checkpoint,
-                                     latest_checkpoint, list_checkpoints, load, model_state,
-                                     optimizer_state, read_extra, save, save_state)
+from moe.parallel.checkpoint import (MODEL, CheckpointError, check_checkpoint, checkpoint_dir,
+                                     checkpoint_problem, full_state, is_checkpoint,
+                                     latest_checkpoint, latest_good_checkpoint, list_checkpoints,
+                                     load, model_state, optimizer_state, read_extra, save,
+                                     save_state)
 
-__all__ = ["checkpoint_dir", "is_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint", "load_checkpoint_model", "resolve_checkpoint", "load_trained_model", "load_training_state", "read_extra", "restore_checkpoint",
+__all__ = ["CheckpointError", "check_checkpoint", "checkpoint_dir", "checkpoint_problem",
+           "is_checkpoint", "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints",
+           "load_checkpoint", "load_checkpoint_model", "resolve_checkpoint",
+           "load_trained_model", "load_training_state", "read_extra", "restore_checkpoint",
            "save_checkpoint", "save_training_state"]
 
 save_training_state = save  # (run_dir, step, parts, optimizer, extra, mesh=None, keep=2)
@@ -72,15 +78,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return full_state(path, map_location)
 
 
+def _is_step_folder(path: Path) -> bool:
+    return is_checkpoint(path) or path.name.startswith(("step_", ".tmp_step_", ".old_step_"))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step folder as given, or a run folder's latest checkpoint; FileNotFoundError if none."""
+    """The checkpoint to load for ``path``, verified (see moe/parallel/checkpoint.py):
+
+    - a run folder: its newest good checkpoint; broken newer ones are skipped with a one-line
+      warning each; FileNotFoundError if it has none, CheckpointError if none is usable;
+    - a step folder (or a file in it): that one, or CheckpointError if it is broken (a
+      checkpoint named by the user never silently becomes another).
+    """
     path = Path(path)
-    if path.is_dir() and not is_checkpoint(path):
-        latest = latest_checkpoint(path)
+    if path.is_dir() and not _is_step_folder(path):
+        latest = latest_good_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"no checkpoint in {path} (nor in {path}/checkpoints)")
         return latest
-    return path
+    return check_checkpoint(path)
 
 
 def load_trained_model(checkpoint: str | Path):

@@ -7,6 +7,7 @@ and says what to change. ``Config.to_dict()`` is what each run folder saves as `
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
 import re
@@ -154,7 +155,21 @@ class DataConfig:
     hf_config: Optional[str] = None
     hf_split: str = "train"
     files: list = field(default_factory=list)  # paths or globs, for source=files
+    # Explicit validation documents: files (same formats as data.files; no hash split of
+    # data.files then) or a split of the hub dataset (e.g. "validation"); empty / null: the
+    # hash split by data.val_fraction.
+    val_files: list = field(default_factory=list)
+    hf_val_split: Optional[str] = None
     text_field: str = "text"
+    # Local files are decoded with this codec (ASCII-compatible: utf-8, latin-1, cp1252, ...);
+    # undecodable bytes: strict = a one-line error naming file, line and byte offset,
+    # replace = U+FFFD in their place and one warning line per file.
+    encoding: str = "utf-8"
+    encoding_errors: str = "strict"
+    # A text file longer than this many characters is cut into documents of about this size
+    # (at a blank line, else a line end, in the next chunk_chars): one big input.txt still gets
+    # a train/val split. 0: one document per file.
+    chunk_chars: int = 20000
     # Per-source epochs of the built-in mixture (the reports: text twice, code four times).
     code_epochs: float = 4.0
     text_epochs: float = 2.0
@@ -170,6 +185,21 @@ class DataConfig:
             raise ConfigError("data.hf_name is required when data.source=hf")
         if self.source == "files" and not self.files:
             raise ConfigError("data.files is required when data.source=files (paths or globs)")
+        if self.val_files and self.source != "files":
+            raise ConfigError(f"data.val_files is for data.source=files, not {self.source!r}: "
+                              "use data.hf_val_split for a hub dataset")
+        if self.hf_val_split is not None and self.source != "hf":
+            raise ConfigError(f"data.hf_val_split is for data.source=hf, not {self.source!r}")
+        if self.hf_val_split is not None and self.hf_val_split == self.hf_split:
+            raise ConfigError(f"data.hf_val_split={self.hf_val_split!r} is also data.hf_split: "
+                              "validate on another split, or null for the hash split")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"data.encoding={self.encoding!r} is not a Python codec: use e.g. "
+                              "utf-8, latin-1 or cp1252") from None
+        _choice(self, "encoding_errors", ("strict", "replace"))
+        _nonnegative(self, "chunk_chars")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         _positive(self, "seq_len", "tokenizer_train_mb")
@@ -215,6 +245,11 @@ class TrainConfig:
     # none | full (each block re-run whole) | selective (matmul/attention outputs kept).
     activation_checkpointing: str = "none"
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # A step whose loss or global gradient norm is not finite: stop (one-line error, the last
+    # checkpoint kept) | skip (drop that batch's update) | rollback (reload the latest
+    # checkpoint, keep the data position past the batch: PaLM's answer to loss spikes).
+    on_nonfinite: str = "stop"
+    max_nonfinite: int = 10  # skip/rollback give up after this many events with no progress
     sample_tokens: int = 200
     sample_prompt: str = "def "
     sample_temperature: float = 0.8
@@ -222,7 +257,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "eval_every",
-                  "eval_batches", "ckpt_every", "keep_checkpoints", "sample_temperature")
+                  "eval_batches", "ckpt_every", "keep_checkpoints", "sample_temperature",
+                  "max_nonfinite")
         _nonnegative(self, "lr", "warmup_steps", "weight_decay", "grad_clip", "batch_ramp_tokens",
                      "batch_ramp_start", "sample_tokens", "sample_top_k", "threads")
         if self.decay_steps is not None and self.decay_steps <= 0:
@@ -241,6 +277,7 @@ class TrainConfig:
         _choice(self, "dtype", ("auto", "fp32", "bf16"))
         _choice(self, "optimizer_impl", ("fused", "foreach", "for-loop"))
         _choice(self, "activation_checkpointing", ("none", "full", "selective"))
+        _choice(self, "on_nonfinite", ("stop", "skip", "rollback"))
 
 
 @dataclass
@@ -349,7 +386,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = _yaml_load(path.read_text()) or {}
+        try:
+            loaded = _yaml_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         raw = loaded
@@ -378,7 +420,18 @@ def parse_override(arg: str) -> tuple[str, Any]:
     if not arg.startswith("--") or "=" not in arg:
         raise ConfigError(f"bad override '{arg}': write --section.key=value")
     key, text = arg[2:].split("=", 1)
-    return key, _yaml_load(text) if text != "" else ""
+    try:
+        return key, _yaml_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override --{key}: {text!r} is not a YAML value "
+                          f"({getattr(e, 'problem', None) or 'parse error'}): quote it") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line for a YAML error: "line 3, column 7: mapping values are not allowed here"."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

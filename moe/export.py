@@ -263,10 +263,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     from moe.data.prepare import cache_folder
 
     out_dir = _new_folder(out_dir)  # before the (slow) load
-    model, cfg = load_trained_model(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint)  # once: it verifies, and warns about broken ones
+    model, cfg = load_trained_model(ckpt)
     if tokenizer_path is None:
         # The run folder's copy (written by the trainer), else the data cache's.
-        ckpt = resolve_checkpoint(checkpoint)
         run_copy = ckpt.parent.parent / TOKENIZER
         tokenizer_path = run_copy if run_copy.is_file() else cache_folder(cfg) / TOKENIZER
         if not tokenizer_path.is_file():

@@ -97,11 +97,21 @@ class MetricsLogger:
         if cfg.log.wandb != "disabled":
             self.wandb = _init_wandb(Path(run_dir), cfg)
 
-    def _truncate_after(self, step: int) -> None:
+    def rewind(self, step: int) -> None:
+        """Cut the training and eval rows past ``step`` (a rollback to that step's checkpoint
+        redoes them); event rows (``"event"`` key) stay: they are the run's history."""
+        self.file.close()
+        self._truncate_after(step, keep_events=True)
+        self.file = open(self.path, "a")
+
+    def _truncate_after(self, step: int, keep_events: bool = False) -> None:
         if not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        rows = []
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else None
+            if row is not None and (row.get("step", 0) <= step or (keep_events and "event" in row)):
+                rows.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         os.replace(tmp, self.path)

@@ -12,7 +12,6 @@ another layout.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,18 +19,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from moe.checkpoint import (latest_checkpoint, load_training_state, read_extra,
+from moe import run_lock
+from moe.checkpoint import (latest_good_checkpoint, load_training_state, read_extra,
                             save_training_state)
 from moe.config import Config, ConfigError
 from moe.data import PackedLoader, prepare_data, val_batches
 from moe.generate import generate
 from moe.metrics import MetricsLogger, RoutingAccumulator
 from moe.model import build_model
+from moe.nonfinite import NonFiniteError, NonFiniteGuard
 from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
 from moe.parallel.mesh import init_distributed
 from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
 
-__all__ = ["train", "lm_loss", "resolve_device", "autocast_context"]
+__all__ = ["train", "lm_loss", "resolve_device", "autocast_context", "NonFiniteError"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,6 +64,11 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
 
 def train(cfg: Config) -> dict:
     """Train per ``cfg``; returns a summary dict (final step, losses, sample text)."""
+    with contextlib.ExitStack() as cleanup:  # the run-folder lock, released even on errors
+        return _train(cfg, cleanup)
+
+
+def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     tc, mc = cfg.train, cfg.model
     dims, mesh, dist_device = init_distributed(cfg)
     if mesh is None and dims.world_size != 1:
@@ -72,7 +78,11 @@ def train(cfg: Config) -> dict:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_dir = Path(tc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Nothing is written to the run folder before data, model and layout are known to be good
+    # (a bad setting leaves no folder behind); a busy folder is refused before data is built.
+    rank0 = mesh is None or torch.distributed.get_rank() == 0
+    if rank0:
+        run_lock.check_free(run_dir)
 
     seq_len = cfg.data.seq_len
     try:
@@ -95,8 +105,10 @@ def train(cfg: Config) -> dict:
         optimizer = build_optimizer(runtime.parts, tc)
     loader = PackedLoader(data.train, data.epochs, seq_len, tc.seed)
 
+    if rank0:  # from here the folder is ours until train() returns (moe/run_lock.py)
+        cleanup.enter_context(run_lock.hold(run_dir))
     step, tokens = 0, 0
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_good_checkpoint(run_dir, mesh)  # newest that verifies; warns of broken ones
     if ckpt is not None:
         _check_resume_config(read_extra(ckpt)["config"], cfg, ckpt)
         extra = load_training_state(ckpt, runtime.parts, optimizer, mesh)
@@ -121,15 +133,39 @@ def train(cfg: Config) -> dict:
         runtime.compile()
     progress = _progress_bar(cfg, step, enabled=main)
     summary: dict = {"val_loss": None}
+    # train.on_nonfinite (moe/nonfinite.py); its counts are checkpointed.
+    guard = NonFiniteGuard(tc, extra.get("nonfinite") if ckpt is not None else None)
 
     def save() -> None:
         rng = {"torch": torch.get_rng_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
         extra = {"loader": loader.state_dict(), "rng": rng, "step": step, "tokens": tokens,
-                 "config": cfg.to_dict()}
+                 "config": cfg.to_dict(), "nonfinite": guard.state_dict()}
         save_training_state(run_dir, step, runtime.parts, optimizer, extra, mesh,
                             keep=tc.keep_checkpoints)
+
+    def on_nonfinite(loss: float, norm: float) -> None:
+        """Step step+1 failed, its gradients dropped: skip it, roll back, or stop."""
+        nonlocal step, tokens
+        msg, last = guard.event(step + 1, step, loss, norm,
+                                lambda: latest_good_checkpoint(run_dir, mesh),
+                                logger.log if main else lambda row: None)
+        if tc.on_nonfinite == "rollback":
+            # The resume path, but the loader keeps its position: the batches read since the
+            # checkpoint, the offending one included, are not replayed.
+            saved = load_training_state(last, runtime.parts, optimizer, mesh)
+            torch.set_rng_state(saved["rng"]["torch"].cpu())
+            if device.type == "cuda" and "cuda" in saved["rng"]:
+                torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+            step, tokens = saved["step"], saved["tokens"]
+            apply_hyperparameters(optimizer, tc)  # as on resume: the config's settings win
+            if main:
+                logger.rewind(step)
+                progress.reset(total=tc.max_steps)
+                progress.update(step)
+        if main:
+            progress.write(msg, file=sys.stderr)
 
     runtime.train(True)
     layer_names = moe_layer_names(cfg)
@@ -142,23 +178,25 @@ def train(cfg: Config) -> dict:
         routing = RoutingAccumulator(layer_names, mc.n_experts)
         x, y = loader.next_batch(batch)  # the global batch, identical on every rank
         step_lm = runtime.forward_backward(x, y, routing)
-        grad_norm = runtime.reduce_and_clip(tc.grad_clip)
+        grad_norm = float(runtime.reduce_and_clip(tc.grad_clip))
+        # Both global and identical on every rank (moe/nonfinite.py): the same decision on all.
+        step_lm = runtime.reduce_step_metrics(step_lm, routing)
+        scalars, per_layer = routing.summary()
+        if guard.is_bad(step_lm + scalars["router_loss"], grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            on_nonfinite(step_lm + scalars["router_loss"], grad_norm)
+            continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_lm = runtime.reduce_step_metrics(step_lm, routing)
         step += 1
         tokens += batch * seq_len
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
 
-        scalars, per_layer = routing.summary()
         row = {"step": step, "tokens": tokens, "loss": step_lm + scalars["router_loss"],
-               "lm_loss": step_lm, **scalars, "lr": lr, "grad_norm": float(grad_norm),
+               "lm_loss": step_lm, **scalars, "lr": lr, "grad_norm": grad_norm,
                "batch_size": batch, "tokens_per_s": batch * seq_len / dt}
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"loss is {row['loss']} at step {step}: lower train.lr or "
-                                     f"check the data; last checkpoint is kept")
         if main and (step % cfg.log.log_every == 0 or step in (1, tc.max_steps)):
             logger.log({**row, "layers": per_layer})
         if step % tc.eval_every == 0 or step == tc.max_steps:
@@ -175,7 +213,7 @@ def train(cfg: Config) -> dict:
     if logger is not None:
         logger.close()
 
-    summary.update(step=step, tokens=tokens, is_main=main)
+    summary.update(step=step, tokens=tokens, is_main=main, nonfinite=guard.state_dict())
     if tc.sample_tokens:
         if runtime.pipeline is None:
             summary["sample"] = sample(runtime.parts[0], data.tokenizer, cfg, device)

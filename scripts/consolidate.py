@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moe.checkpoint import resolve_checkpoint  # noqa: E402
+from moe.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from moe.parallel.checkpoint import consolidate  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         path = resolve_checkpoint(args.checkpoint)
         out = consolidate(path, args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out} from {path}")

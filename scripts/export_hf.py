@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moe.checkpoint import CheckpointError  # noqa: E402
 from moe.export import ExportError, export_checkpoint  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.tokenizer)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}")

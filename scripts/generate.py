@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from moe.checkpoint import load_trained_model  # noqa: E402
+from moe.checkpoint import CheckpointError, load_trained_model  # noqa: E402
 from moe.data import prepare_data  # noqa: E402
 from moe.generate import generate  # noqa: E402
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         model, cfg = load_trained_model(args.checkpoint or args.run)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     tokenizer = prepare_data(cfg).tokenizer

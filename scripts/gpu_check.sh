@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks in one go (a few minutes on one H100/H200): bf16 autocast, NCCL with one
-# rank, torch.compile, and tokens/s + MFU of configs/gpu_100m.yaml (97M parameters, 31M active).
+# rank, torch.compile, tokens/s + MFU of configs/gpu_100m.yaml (97M parameters, 31M active),
+# and peak memory with and without activation checkpointing.
 #   scripts/gpu_check.sh [out_dir]        (default runs/gpu_check; logs and JSON land there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,8 @@ trap 'kill "$smi_pid" 2>/dev/null || true' EXIT
 python scripts/bench.py --config $cfg --steps 20 --json > "$out/bench.json"
 python scripts/bench.py --config $cfg --steps 20 --model.capacity_factor=null --json \
     > "$out/bench_dropless.json"
+# 1b. Peak memory and tokens/s with activation checkpointing none / full / selective.
+python scripts/bench.py --config $cfg --ac 2>&1 | tee "$out/ac.log"
 # 2. The trainer under torchrun with one rank: NCCL process group, bf16, checkpoint, resume.
 torchrun --standalone --nproc_per_node=1 scripts/train.py --config $cfg --train.max_steps=60 \
     --train.eval_every=30 --train.ckpt_every=30 --train.run_dir="$out/nccl" \

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moe.checkpoint import latest_checkpoint, load_checkpoint
+from moe.checkpoint import latest_good_checkpoint, load_checkpoint, resolve_checkpoint
 from moe.config import Config, from_dict
 from moe.model import Transformer, build_model
 
@@ -34,14 +34,17 @@ def resolve_cache_dir(cache_dir: str) -> str:
 
 def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
              device: str = "cpu", cache_dir: str | None = None) -> LoadedRun:
-    """Config and weights from ``checkpoint`` (default: the run folder's latest checkpoint)."""
+    """Config and weights from ``checkpoint`` (default: the run folder's newest checkpoint
+    that verifies; broken newer ones are skipped with a warning, see resolve_checkpoint)."""
     if checkpoint is None:
         if run_dir is None:
             raise ValueError("give a run folder or a checkpoint")
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = latest_good_checkpoint(run_dir)
         if checkpoint is None:
             raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}: train "
                                     f"the run first or pass --checkpoint")
+    else:
+        checkpoint = resolve_checkpoint(checkpoint)
     state = load_checkpoint(checkpoint, map_location=device)
     cfg = from_dict(state["config"])
     cfg.data.cache_dir = cache_dir or resolve_cache_dir(cfg.data.cache_dir)

@@ -9,8 +9,12 @@ cache fingerprint) so that an existing token cache can be used without reading a
   language reference (``pydoc_data.topics``).
 - hf: a Hugging Face hub dataset, one document per distinct row of ``text_field``, named by
   a hash of its text.
-- files: local .txt/.md/.py (one document per file), .json/.jsonl or .parquet (one per row),
-  named by file and row.
+- files: local .txt/.md/.py (one document per file, a long one cut into chunks of about
+  ``chunk_chars``), .json/.jsonl or .parquet (one per row), named by file and chunk or row
+  (``moe/data/files.py``).
+
+``data.val_files`` / ``data.hf_val_split`` give the validation documents explicitly
+(``Corpus.val_loader``); otherwise ``split.py`` picks them by a hash of their names.
 
 hf and files are a single source named "text" trained for 1 epoch per pass; the per-source
 ``code_epochs`` / ``text_epochs`` apply to builtin only.
@@ -18,7 +22,6 @@ hf and files are a single source named "text" trained for 1 epoch per pass; the 
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import re
@@ -28,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .files import (check_encoding, chunk_names, chunk_text, files_format, first_line,
+                    json_error, parquet_error, read_text, resolve_files)
+
 Document = tuple[str, str]  # (name, text); the name decides the train/val split
 
 MB = 1_000_000  # data sizes are decimal megabytes
-
-FILE_FORMATS = {".txt": "text", ".md": "text", ".py": "text",
-                ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass
@@ -42,6 +45,9 @@ class Corpus:
     identity: dict[str, Any]  # what the data is; hashed into the cache fingerprint
     epochs: dict[str, float]  # per-source epochs in one loader pass
     loader: Callable[[], dict[str, list[Document]]]
+    # Explicit validation documents (data.val_files, data.hf_val_split): then every document
+    # of ``loader`` is trained on and the hash split is not used.
+    val_loader: Callable[[], list[Document]] | None = None
 
     def load(self) -> dict[str, list[Document]]:
         """Read every document, grouped by source name (same keys as ``epochs``)."""
@@ -50,6 +56,10 @@ class Corpus:
             raise RuntimeError(f"corpus produced sources {sorted(docs)}, expected "
                                f"{sorted(self.epochs)}")
         return docs
+
+
+def log(msg: str) -> None:
+    print(f"[data] {msg}", file=sys.stderr, flush=True)
 
 
 def open_corpus(dcfg) -> Corpus:
@@ -198,18 +208,41 @@ def _builtin(dcfg) -> Corpus:
 # hf and files: anything the `datasets` library can load, one document per row
 
 
-def column_texts(ds, text_field: str, what: str) -> list[str]:
-    """The strings of one column of a ``datasets.Dataset``; a non-string row is an error."""
+def column_texts(ds, text_field: str, what: str, errors: str = "strict") -> list[str]:
+    """The strings of one column of a ``datasets.Dataset``; a non-string row is an error.
+
+    pyarrow keeps the bytes of a UTF-8 file as they are, so undecodable ones surface only here:
+    with ``errors="replace"`` (data.encoding_errors) they become U+FFFD (the file was checked
+    and warned about before it was read), strict names the row.
+    """
     if text_field not in ds.column_names:
         raise ValueError(f"data.text_field={text_field!r} is not a column of {what}; "
                          f"available columns: {', '.join(ds.column_names)}")
-    texts = ds[text_field]
+    try:
+        texts = list(ds[text_field])
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        raw = ds.data.column(text_field).cast(pa.binary()).to_pylist()
+        if errors == "strict":
+            row = next(i for i, b in enumerate(raw) if b is not None and not _utf8(b))
+            raise ValueError(f"row {row} of column {text_field!r} in {what} is not UTF-8: set "
+                             "data.encoding or data.encoding_errors=replace") from None
+        texts = [b if b is None else b.decode("utf-8", "replace") for b in raw]
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"row {i} of column {text_field!r} in {what} is "
                              f"{type(text).__name__}, not a string: point data.text_field at a "
                              "text column")
-    return list(texts)
+    return texts
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def content_docs(texts: list[str]) -> list[Document]:
@@ -230,103 +263,104 @@ def _hub(dcfg) -> Corpus:
     # name keeps its old cache until the cache folder is deleted.
     identity = {"hf_name": dcfg.hf_name, "hf_config": dcfg.hf_config, "hf_split": dcfg.hf_split,
                 "text_field": dcfg.text_field, "names": "content"}
+    if dcfg.hf_val_split is not None:
+        identity["hf_val_split"] = dcfg.hf_val_split
 
-    def load() -> dict[str, list[Document]]:
+    def read(split: str) -> list[Document]:
         import datasets
 
-        ds = datasets.load_dataset(dcfg.hf_name, dcfg.hf_config, split=dcfg.hf_split)
-        what = f"hub dataset {dcfg.hf_name} ({dcfg.hf_config or 'default'}, {dcfg.hf_split})"
+        ds = datasets.load_dataset(dcfg.hf_name, dcfg.hf_config, split=split)
+        what = f"hub dataset {dcfg.hf_name} ({dcfg.hf_config or 'default'}, {split})"
         texts = column_texts(ds, dcfg.text_field, what)
         docs = content_docs(texts)
         if len(docs) < len(texts):
-            print(f"[data] {what}: {len(texts) - len(docs)} exact repeat rows read once",
-                  file=sys.stderr)
+            log(f"{what}: {len(texts) - len(docs)} exact repeat rows read once")
+        return docs
+
+    def load() -> dict[str, list[Document]]:
+        docs = read(dcfg.hf_split)
+        if dcfg.hf_val_split is not None:
+            # A row the validation split repeats is validated on, not trained on as well.
+            val = {name for name, _ in read_val()}
+            kept = [d for d in docs if d[0] not in val]
+            if len(kept) < len(docs):
+                log(f"{len(docs) - len(kept)} rows of split {dcfg.hf_split!r} repeat a row of "
+                    f"{dcfg.hf_val_split!r}: validated on only")
+            docs = kept
         return {"text": docs}
 
-    return Corpus("hf", identity, {"text": 1.0}, load)
+    def read_val() -> list[Document]:
+        if not val_cache:
+            val_cache.append(read(dcfg.hf_val_split))
+        return val_cache[0]
 
-
-def _glob_base(pattern: str) -> str:
-    """The folder part of a glob before its first wildcard: ``corpus/**/*.jsonl`` -> corpus."""
-    parts = Path(pattern).parts
-    fixed = parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))]
-    return str(Path(*fixed)) if fixed else "."
-
-
-def resolve_files(patterns: list[str]) -> dict[Path, str]:
-    """Expand paths and globs (``**`` allowed) in order: resolved path -> document name.
-
-    The name is the path relative to the folder the glob starts from (the file name for a
-    plain path), so it does not depend on where the corpus lives or on which other files match.
-    """
-    out: dict[Path, str] = {}
-    for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
-        if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise FileNotFoundError(f"data.files pattern {pattern!r} matches no files")
-            base = _glob_base(pattern)
-            named = [(m, Path(os.path.relpath(m, base)).as_posix()) for m in matches]
-        elif os.path.isfile(pattern):
-            named = [(pattern, Path(pattern).name)]
-        else:
-            raise FileNotFoundError(f"data.files entry {pattern!r} is not a file")
-        for m, name in named:
-            out.setdefault(Path(m).resolve(), name)  # a file named twice is read once
-    by_name: dict[str, Path] = {}
-    for path, name in out.items():
-        if name in by_name:
-            raise ValueError(f"data.files {by_name[name]} and {path} both get the document "
-                             f"name {name!r}: match them with one glob over a common folder")
-        by_name[name] = path
-    return out
-
-
-def files_format(paths: list[Path]) -> str:
-    """The `datasets` builder for these files: text, json or parquet, from the extensions."""
-    exts = sorted({p.suffix.lower() for p in paths})
-    unknown = [e or "(none)" for e in exts if e not in FILE_FORMATS]
-    if unknown:
-        raise ValueError(f"data.files has unsupported extension(s) {', '.join(unknown)}; use "
-                         f"{', '.join(FILE_FORMATS)}")
-    formats = sorted({FILE_FORMATS[e] for e in exts})
-    if len(formats) > 1:
-        raise ValueError(f"data.files mixes formats ({', '.join(formats)} from "
-                         f"{', '.join(exts)}): list files of one format only")
-    return formats[0]
+    val_cache: list[list[Document]] = []  # read once, by load() and by the val loader
+    return Corpus("hf", identity, {"text": 1.0}, load,
+                  read_val if dcfg.hf_val_split is not None else None)
 
 
 def _files(dcfg) -> Corpus:
     named = resolve_files(dcfg.files)
-    paths = list(named)
-    fmt = files_format(paths)
+    val_named = resolve_files(dcfg.val_files, "data.val_files") if dcfg.val_files else {}
+    for path in set(named) & set(val_named):
+        raise ValueError(f"{path} is in both data.files and data.val_files: a file is "
+                         "trained on or validated on, not both")
+    fmt = files_format(list(named) + list(val_named))
+
+    def stats(files):
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
     # Local files can be edited in place, so size and mtime are part of the identity.
     identity = {"format": fmt, "text_field": dcfg.text_field, "names": "file#row",
-                "files": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]}
-
-    def load() -> dict[str, list[Document]]:
-        # Names are "<file>" (text: one document per file) or "<file>#<row>" (row in that file),
-        # never a row index over all files, so adding a file moves no document across the split.
+                "files": stats(named)}
+    if fmt == "text":
+        identity["chunk_chars"] = dcfg.chunk_chars
+    if (dcfg.encoding, dcfg.encoding_errors) != ("utf-8", "strict"):
+        identity["encoding"] = [dcfg.encoding, dcfg.encoding_errors]
+    if val_named:
+        identity["val_files"] = stats(val_named)
+    def _read_files(files: dict[Path, str]) -> list[Document]:
+        # Names are "<file>" / "<file>@<chunk>" (text) or "<file>#<row>" (a row of that file),
+        # never an index over all files, so adding a file moves no document across the split.
         if fmt == "text":
             docs = []
-            for path in paths:
-                try:  # as `datasets`' text builder reads: UTF-8, universal newlines
-                    docs.append((f"text/{named[path]}", path.read_text(encoding="utf-8")))
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"data.files {path} is not UTF-8 text: {e}") from e
-            return {"text": docs}
+            for path, name in files.items():
+                chunks = chunk_text(read_text(path, dcfg.encoding, dcfg.encoding_errors),
+                                    dcfg.chunk_chars)
+                docs.extend(zip(chunk_names(name, len(chunks)), chunks))
+            return docs
         import datasets
 
+        paths = list(files)
+        if fmt == "json":  # pyarrow reads the bytes: check the encoding first, in one line
+            for path in paths:
+                check_encoding(path, dcfg.encoding, dcfg.encoding_errors)
+        options = ({"encoding": dcfg.encoding, "encoding_errors": dcfg.encoding_errors}
+                   if fmt == "json" else {})
         # One split per file keeps each row's file known; `datasets` converts the files to
         # Arrow first, kept next to our own caches.
-        splits = datasets.load_dataset(fmt, data_files={f"f{i}": str(p)
-                                                        for i, p in enumerate(paths)},
-                                       cache_dir=str(Path(dcfg.cache_dir) / "hf-datasets"))
+        try:
+            splits = datasets.load_dataset(fmt, data_files={f"f{i}": str(p)
+                                                            for i, p in enumerate(paths)},
+                                           cache_dir=str(Path(dcfg.cache_dir) / "hf-datasets"),
+                                           **options)
+        except Exception as e:  # noqa: BLE001 - turned into one line naming the file
+            raise ValueError(_where_broken(paths, fmt, e)) from e
         docs = []
         for i, path in enumerate(paths):
-            texts = column_texts(splits[f"f{i}"], dcfg.text_field, f"{fmt} file {path}")
-            docs.extend((f"text/{named[path]}#{row}", t) for row, t in enumerate(texts))
-        return {"text": docs}
+            texts = column_texts(splits[f"f{i}"], dcfg.text_field, f"{fmt} file {path}",
+                                 dcfg.encoding_errors)
+            docs.extend((f"text/{files[path]}#{row}", t) for row, t in enumerate(texts))
+        return docs
 
-    return Corpus("files", identity, {"text": 1.0}, load)
+    def _where_broken(paths: list[Path], fmt: str, e: Exception) -> str:
+        for path in paths:
+            where = json_error(path, dcfg.encoding) if fmt == "json" else parquet_error(path)
+            if where is not None:
+                return f"data.files {path} is not valid {fmt}: {where}"
+        return (f"data.files: `datasets` could not read the {fmt} files "
+                f"({', '.join(str(p) for p in paths[:3])}{', ...' if len(paths) > 3 else ''}): "
+                f"{first_line(e)}")
+
+    return Corpus("files", identity, {"text": 1.0}, lambda: {"text": _read_files(named)},
+                  (lambda: _read_files(val_named)) if val_named else None)

@@ -82,8 +82,13 @@ def prepare_data(cfg) -> TokenData:
 def _build(corpus: Corpus, cfg, fp: str, folder: Path) -> dict:
     start = time.perf_counter()
     log(f"building token cache {folder}")
+    # A build killed part-way left meta.json out (so nothing here was trusted) and may have
+    # left temporary files: clear them; a complete tokenizer.json is kept.
+    for stale in folder.glob("*.tmp*"):
+        stale.unlink(missing_ok=True)
+    explicit_val = corpus.val_loader() if corpus.val_loader is not None else None
     train, train_hashed, val_docs, counts = split_documents(corpus.load(),
-                                                            cfg.data.val_fraction)
+                                                            cfg.data.val_fraction, explicit_val)
     val = [text for _, text in val_docs]
     tok = _tokenizer(folder, train_hashed, cfg)
     dtype = token_dtype(cfg.model.vocab_size)
@@ -105,15 +110,29 @@ def _build(corpus: Corpus, cfg, fp: str, folder: Path) -> dict:
     return meta
 
 
-def split_documents(docs: dict[str, list[Document]], val_fraction: float):
+def split_documents(docs: dict[str, list[Document]], val_fraction: float,
+                    explicit_val: list[Document] | None = None):
     """Per-source train texts, all train (hash, text) pairs, the val (name, text) pairs in the
-    order val.bin holds them, and per-source document counts."""
+    order val.bin holds them, and per-source document counts.
+
+    With ``explicit_val`` (data.val_files, data.hf_val_split; single-source corpora only) every
+    document of ``docs`` is trained on and those are the validation documents."""
     train: dict[str, list[str]] = {}
     train_hashed: list[tuple[float, str]] = []
     val: list[tuple[float, str, str]] = []  # (hash, name, text)
     counts = {}
+    if explicit_val is not None:
+        (source,) = docs
+        if not explicit_val or not docs[source]:
+            side = "validation" if not explicit_val else "training"
+            raise ValueError(f"the {side} files hold no documents: check data.files and "
+                             "data.val_files (or data.hf_split and data.hf_val_split)")
+        val = [(name_hash(name), name, text) for name, text in explicit_val]
     for source, items in docs.items():
-        flags = split_names([name for name, _ in items], val_fraction, source)
+        if explicit_val is not None:
+            flags = [False] * len(items)
+        else:
+            flags = split_names([name for name, _ in items], val_fraction, source)
         train[source] = []
         for (name, text), is_val in zip(items, flags):
             if is_val:
@@ -121,7 +140,8 @@ def split_documents(docs: dict[str, list[Document]], val_fraction: float):
             else:
                 train[source].append(text)
                 train_hashed.append((name_hash(name), text))
-        counts[source] = {"train_docs": len(train[source]), "val_docs": sum(flags)}
+        counts[source] = {"train_docs": len(train[source]),
+                          "val_docs": len(val) if explicit_val is not None else sum(flags)}
     # Hash order mixes the sources along the stream, so any stretch of it samples all of them.
     val.sort()
     return train, train_hashed, [(name, text) for _, name, text in val], counts
