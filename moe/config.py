@@ -296,7 +296,9 @@ class ParallelConfig:
     pp_layers: Optional[list] = None  # layers per stage, e.g. [1, 3]; null: as even as possible
     zero1: bool = False  # shard AdamW state over the data-parallel ranks (ZeRO stage 1)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    timeout_s: int = 600  # collective timeout: a failed rank stops the others after this long
+    # Collective timeout: bounds a rank that hangs without dying (a dead rank is noticed at
+    # once on one node: gloo / torchrun's agent stop the others; README "Elastic restarts").
+    timeout_s: int = 600
 
     def validate(self) -> None:
         _positive(self, "tp", "pp", "dp", "ep", "pp_stages_per_rank", "timeout_s")

@@ -108,8 +108,14 @@ class MetricsLogger:
         if not self.path.exists():
             return
         rows = []
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line) if line.strip() else None
+        lines = self.path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a row half-written when the process was killed
+                    break
+                raise ValueError(f"{self.path}: line {i + 1} is not JSON") from None
             if row is not None and (row.get("step", 0) <= step or (keep_events and "event" in row)):
                 rows.append(line)
         tmp = self.path.with_suffix(".tmp")

@@ -11,6 +11,8 @@ four points) and on 4 ranks, leave the previous checkpoint as the latest.
 """
 
 import importlib.util
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,7 @@ def _ranks_main(rank, world, root):
     # A failure on rank 0 while completing a save raises on every rank (no hang) and leaves
     # the previous checkpoint as the latest.
     _, parts, opt = _build(meshes["pp2tp2"], seed=0)
+    finalise = ckpt._finalise
     if rank == 0:
         def crash(*a, **k):
             raise OSError("disk full")
@@ -167,6 +170,28 @@ def _ranks_main(rank, world, root):
     with pytest.raises((OSError, RuntimeError), match="disk full"):
         ckpt.save(root / "pp2tp2", 3, parts, opt, {"config": {}}, meshes["pp2tp2"])
     assert [p.name for p in list_checkpoints(root / "pp2tp2")] == ["step_00000002"]
+    ckpt._finalise = finalise
+
+    # The manifest (rank 0, after the barrier) covers every rank's files. With step 3 broken,
+    # every rank resumes from step 2: rank 0 decides and broadcasts (rank 1 looks at an empty
+    # folder here, to show it), and only rank 0 warns.
+    new = ckpt.save(root / "pp2tp2", 3, parts, opt, {"config": {}}, meshes["pp2tp2"], keep=3)
+    listed = json.loads((new / ckpt.MANIFEST_FILE).read_text())["files"]
+    assert {f"__{r}_0.distcp" for r in range(world)} <= set(listed), sorted(listed)
+    torch.distributed.barrier()
+    if rank == 0:
+        (new / "__1_0.distcp").write_bytes(b"")
+    said = []
+    where = root / "pp2tp2" if rank == 0 else root / "empty"
+    chosen = ckpt.latest_good_checkpoint(where, meshes["pp2tp2"], say=said.append)
+    assert chosen == root / "pp2tp2" / "checkpoints" / "step_00000002"
+    if rank == 0:
+        assert len(said) == 1 and "step_00000003" in said[0] and "__1_0.distcp" in said[0]
+    else:
+        assert said == []
+    torch.distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(new)  # the checks below read this run's latest checkpoint
     return report
 
 

@@ -195,6 +195,35 @@ def init_distributed(cfg: Config):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        store = _restart_scoped_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=world, timeout=timeout)
     mesh = init_device_mesh(device.type, dims.shape, mesh_dim_names=MESH_DIMS)
     return dims, mesh, device
+
+
+def _restart_scoped_store(timeout):
+    """torchrun's own key-value store, with this restart round's keys kept apart; None when
+    torchrun does not share its store (or no torchrun): ``env://`` then makes a fresh one.
+
+    The agent keeps ONE store for the whole job and hands it to every restart round (torch
+    2.13 creates it on the first rendezvous only). Without a per-round prefix a restarted
+    round reads the dead round's keys (gloo's peer addresses, NCCL's unique id) under the same
+    names, connects to ports nobody listens on, and hangs in ``connectFullMesh`` until the
+    process-group timeout (pytorch/pytorch#135712). ``TORCHELASTIC_RESTART_COUNT`` is the
+    same for all workers of one agent, so this is exact on one node (``--standalone``); with
+    several nodes agents can count restarts differently: there, export
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` before torchrun (a new store each round).
+    """
+    import torch.distributed as dist
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"moe/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                            store)
