@@ -62,6 +62,13 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
                           f"train.run_dir or the saved values (see config.yaml in the run folder)")
 
 
+def _restore_rng(rng: dict, device: torch.device) -> None:
+    """The RNG state a checkpoint saved (router jitter continues as in an unbroken run)."""
+    torch.set_rng_state(rng["torch"].cpu())
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu())
+
+
 def train(cfg: Config) -> dict:
     """Train per ``cfg``; returns a summary dict (final step, losses, sample text)."""
     with contextlib.ExitStack() as cleanup:  # the run-folder lock, released even on errors
@@ -113,9 +120,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         _check_resume_config(read_extra(ckpt)["config"], cfg, ckpt)
         extra = load_training_state(ckpt, runtime.parts, optimizer, mesh)
         loader.load_state_dict(extra["loader"])
-        torch.set_rng_state(extra["rng"]["torch"].cpu())
-        if device.type == "cuda" and "cuda" in extra["rng"]:
-            torch.cuda.set_rng_state(extra["rng"]["cuda"].cpu())
+        _restore_rng(extra["rng"], device)
         step, tokens = extra["step"], extra["tokens"]
         # The checkpoint restored its AdamW settings; the config's win, and changes are said.
         changed = apply_hyperparameters(optimizer, tc)
@@ -155,9 +160,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
             # The resume path, but the loader keeps its position: the batches read since the
             # checkpoint, the offending one included, are not replayed.
             saved = load_training_state(last, runtime.parts, optimizer, mesh)
-            torch.set_rng_state(saved["rng"]["torch"].cpu())
-            if device.type == "cuda" and "cuda" in saved["rng"]:
-                torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu())
+            _restore_rng(saved["rng"], device)
             step, tokens = saved["step"], saved["tokens"]
             apply_hyperparameters(optimizer, tc)  # as on resume: the config's settings win
             if main:

@@ -57,17 +57,20 @@ def data_fingerprint(cfg) -> str:
     return fingerprint(open_corpus(cfg.data), cfg)
 
 
+def _folder(corpus, cfg) -> tuple[Path, str]:
+    fp = fingerprint(corpus, cfg)
+    return Path(cfg.data.cache_dir) / f"{corpus.kind}-{fp}", fp
+
+
 def cache_folder(cfg) -> Path:
     """The folder ``prepare_data(cfg)`` builds or reuses (tokenizer.json, token streams)."""
-    corpus = open_corpus(cfg.data)
-    return Path(cfg.data.cache_dir) / f"{corpus.kind}-{fingerprint(corpus, cfg)}"
+    return _folder(open_corpus(cfg.data), cfg)[0]
 
 
 def prepare_data(cfg) -> TokenData:
     """Open the token cache for ``cfg``, building it first if it does not exist yet."""
     corpus = open_corpus(cfg.data)
-    fp = fingerprint(corpus, cfg)
-    folder = Path(cfg.data.cache_dir) / f"{corpus.kind}-{fp}"
+    folder, fp = _folder(corpus, cfg)
     meta = read_meta(folder, fp)
     if meta is None:
         with build_lock(folder):
