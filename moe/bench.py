@@ -37,12 +37,12 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from moe import accounting
 from moe.accounting import ParamCounts
 from moe.config import Config, ModelConfig
-from moe.model import build_model
+from moe.device import autocast_dtype, resolve_device
+from moe.model import build_model, lm_loss
 from moe.model.experts import resolve_impl
 from moe.optim import build_optimizer
 from moe.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -51,23 +51,7 @@ IMPLS = ("grouped", "bmm", "loop")
 
 
 # ---------------------------------------------------------------------------------------------
-# Device, dtype, threads
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
-    if want in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA for dtype auto/bf16; on CPU only when asked (dtype=bf16)."""
-    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+# Threads, seeds, sync (device and dtype: moe/device.py, as in the trainer)
 
 
 def set_threads(cfg: Config) -> int:
@@ -180,7 +164,7 @@ class Stepper:
             with torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                                 enabled=self.amp is not None):
                 logits = self.model(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                loss = lm_loss(logits, y)
             (loss / self.n_micro).backward()
         self.last_loss = loss.detach()
 
@@ -254,8 +238,8 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     """
     log = log or (lambda s: None)
     threads = set_threads(cfg)
-    device = resolve_device(cfg)
-    amp = autocast_dtype(cfg, device)
+    device = resolve_device(cfg.train.device)
+    amp = autocast_dtype(device, cfg.train.dtype)
     run_dtype = amp or torch.float32
     mcfg = cfg.model
     n_moe = sum(mcfg.is_moe_layer(i) for i in range(mcfg.n_layers))
@@ -390,8 +374,8 @@ def profile_step(cfg: Config, steps: int = 3, warmup: int = 2, rows: int = 25) -
     from torch.profiler import ProfilerActivity, profile
 
     set_threads(cfg)
-    device = resolve_device(cfg)
-    s = Stepper(cfg, cfg.model, device, autocast_dtype(cfg, device))
+    device = resolve_device(cfg.train.device)
+    s = Stepper(cfg, cfg.model, device, autocast_dtype(device, cfg.train.dtype))
     for _ in range(warmup):
         s.step()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -41,8 +41,8 @@ def _rank(rank: int, world: int, store: str, path: str, overrides: list, queue) 
                                 world_size=world, timeout=timedelta(seconds=1800))
         base = _peak_rss_bytes()
         t0 = time.perf_counter()
-        _, mesh, _ = init_distributed(cfg)
-        runtime = Runtime(cfg, build_model(cfg.model, "meta"), mesh, torch.device("cpu"))
+        dims, _ = init_distributed(cfg)
+        runtime = Runtime(cfg, build_model(cfg.model, "meta"), dims, torch.device("cpu"))
         seconds = time.perf_counter() - t0
         n = sum(p.numel() for part in runtime.parts for p in part.parameters())
         queue.put((rank, {"params": n, "param_bytes": 4 * n, "peak_rss": _peak_rss_bytes(),

@@ -51,14 +51,15 @@ def measure_mode(raw_cfg: dict, mode: str, steps: int, warmup: int) -> dict:
     the median time of the timed calls and the peak memory they add."""
     import torch
 
-    from moe.bench import Stepper, autocast_dtype, resolve_device, set_threads, sync
+    from moe.bench import Stepper, set_threads, sync
     from moe.config import from_dict
+    from moe.device import autocast_dtype, resolve_device
 
     cfg = from_dict(raw_cfg)
     cfg.train.activation_checkpointing = mode
     threads = set_threads(cfg)
-    device = resolve_device(cfg)
-    s = Stepper(cfg, cfg.model, device, autocast_dtype(cfg, device))
+    device = resolve_device(cfg.train.device)
+    s = Stepper(cfg, cfg.model, device, autocast_dtype(device, cfg.train.dtype))
 
     def call():
         t0 = time.perf_counter()

@@ -1,81 +1,46 @@
-"""Checkpoints in one process: the same sharded DCP format as distributed runs (mesh None).
+"""Checkpoints: the front end the trainer, the tools and the tests use.
 
 The format, its layout on disk and how saves stay atomic are described in
-moe/parallel/checkpoint.py; this module is the single-process front end the trainer and the
-analysis tools use::
+moe/parallel/checkpoint/; a checkpoint written by any layout (tp x pp x dp x ep) loads in any
+other, or in one process (``mesh=None``, no process group needed)::
 
-    save_checkpoint(run_dir, step, {"model": model, "optimizer": opt, "step": ..., ...})
-    extra = read_extra(ckpt)                         # config, step, loader, RNG (no tensors)
-    restore_checkpoint(ckpt, model, optimizer)       # in place, exact
-    state = load_checkpoint(ckpt)                    # {"model": full plain state dict,
-                                                     #  "optimizer": name-keyed, "config", ...}
+    save_checkpoint(run_dir, step, model, optimizer, extra, mesh=None, keep=2) -> step folder
+    extra = restore_checkpoint(ckpt, model, optimizer, mesh=None)   # resume training, exactly
+    loaded = load_model(path)      # a run folder, step folder or consolidated file, for
+                                   # inference, export and analysis: .model .cfg .tokenizer
+    state = full_state(ckpt)       # every tensor, whole: {"model", "optimizer", **extra}
+    extra = read_extra(ckpt)       # config, step, loader, RNG (no tensors)
 
-The trainer, which runs in one process or under torchrun, uses the layout-aware pair
-``save_training_state(run_dir, step, parts, optimizer, extra, mesh, keep)`` and
-``load_training_state(ckpt, parts, optimizer, mesh) -> extra`` (moe.parallel.checkpoint's
-``save`` / ``load``; ``mesh=None`` in one process).
-
-A checkpoint written by any layout (tp x pp x dp x ep) loads here, and one written here
-resumes any layout. Folders from before this format (``step_*/state.pt``) still load.
-``resolve_checkpoint`` (a run folder -> its newest checkpoint that verifies) is how every
+``model`` is the model, or under pipeline parallelism the list of stage modules this rank
+holds. ``resolve_checkpoint`` (a run folder -> its newest checkpoint that verifies) is how every
 tool picks the checkpoint to load; it warns in one line about each broken one it skips.
+Folders of the former single-file format (``step_*/state.pt``) are refused with a one-line
+``CheckpointError`` saying how to proceed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from moe.parallel.checkpoint import (MODEL, CheckpointError, check_checkpoint, checkpoint_dir,
-                                     checkpoint_problem, full_state, is_checkpoint,
+from moe.parallel.checkpoint import (CheckpointError, check_checkpoint, checkpoint_dir,
+                                     checkpoint_problem, consolidate, full_state, is_checkpoint,
                                      latest_checkpoint, latest_good_checkpoint, list_checkpoints,
-                                     load, model_state, optimizer_state, read_extra, save,
-                                     save_state)
+                                     read_extra, restore_checkpoint, save_checkpoint)
 
-__all__ = ["CheckpointError", "check_checkpoint", "checkpoint_dir", "checkpoint_problem",
-           "is_checkpoint", "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints",
-           "load_checkpoint", "load_checkpoint_model", "resolve_checkpoint",
-           "load_trained_model", "load_training_state", "read_extra", "restore_checkpoint",
-           "save_checkpoint", "save_training_state"]
+if TYPE_CHECKING:
+    from moe.config import Config
+    from moe.model import Transformer
 
-save_training_state = save  # (run_dir, step, parts, optimizer, extra, mesh=None, keep=2)
-load_training_state = load  # (path, parts, optimizer=None, mesh=None) -> extra
+__all__ = ["CheckpointError", "LoadedModel", "check_checkpoint", "checkpoint_dir",
+           "checkpoint_problem", "consolidate", "full_state", "is_checkpoint",
+           "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints", "load_model",
+           "read_extra", "resolve_checkpoint", "restore_checkpoint", "save_checkpoint"]
 
-
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Save ``state`` as the checkpoint of ``step``, atomically; keep the newest ``keep``.
-
-    ``state["model"]``: the model (``nn.Module``) or a plain state dict; ``state["optimizer"]``
-    (optional): the optimizer itself, which needs the module to name its parameters. Every
-    other entry (step, tokens, loader state, RNG, config dict, ...) is stored as is.
-    """
-    extra = dict(state)
-    model, optimizer = extra.pop("model", None), extra.pop("optimizer", None)
-    if isinstance(model, nn.Module):
-        tensors = model_state([model])
-        if optimizer is not None:
-            tensors.update(optimizer_state([model], optimizer))
-    else:
-        if optimizer is not None:
-            raise TypeError('save_checkpoint: pass state["model"] as the nn.Module when saving '
-                            'an optimizer (its state is keyed by parameter name)')
-        tensors = {MODEL + k: v.detach() for k, v in (model or {}).items()}
-    return save_state(run_dir, step, tensors, extra, mesh=None, keep=keep)
-
-
-def restore_checkpoint(path: str | Path, model: nn.Module,
-                       optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load the weights (and AdamW state) of any checkpoint into ``model`` / ``optimizer`` in
-    place, exactly as saved; returns the checkpoint's extra dict."""
-    return load(path, [model], optimizer, mesh=None)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Any checkpoint (a ``step_*`` folder or a file in it), unsharded:
-    ``{"model": full plain state dict, "optimizer": {...}, "config": ..., **extra}``."""
-    return full_state(path, map_location)
+ROOT = Path(__file__).resolve().parents[1]  # the repository, where training normally runs
 
 
 def _is_step_folder(path: Path) -> bool:
@@ -83,7 +48,7 @@ def _is_step_folder(path: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint to load for ``path``, verified (see moe/parallel/checkpoint.py):
+    """The checkpoint folder to load for ``path``, verified (moe/parallel/checkpoint/integrity.py):
 
     - a run folder: its newest good checkpoint; broken newer ones are skipped with a one-line
       warning each; FileNotFoundError if it has none, CheckpointError if none is usable;
@@ -99,20 +64,75 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return check_checkpoint(path)
 
 
-def load_trained_model(checkpoint: str | Path):
-    """(model, config) of a training checkpoint: a ``step_*`` folder, or a run folder meaning
-    its latest checkpoint. Any layout's checkpoint loads, unsharded, in eval mode on the CPU."""
+@dataclass
+class LoadedModel:
+    model: Transformer  # in eval mode, on the device asked for
+    cfg: Config  # the checkpoint's own config (what the weights were trained with)
+    checkpoint: Path  # the step folder or consolidated file the weights came from
+    step: int
+    tokenizer: Path | None  # tokenizer.json: the run folder's copy, else the data cache's
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               cache_dir: str | None = None) -> LoadedModel:
+    """The trained model of ``path``, for inference, export and analysis (not to resume
+    training: that is ``restore_checkpoint``), whole in this one process and in eval mode.
+
+    ``path``: a run folder (its newest checkpoint that verifies, see ``resolve_checkpoint``),
+    a ``step_*`` folder of any layout, or a file written by scripts/consolidate.py.
+    ``cfg.data.cache_dir`` becomes ``cache_dir`` if given; a relative one that does not exist
+    here but does in the repository (where training normally runs) is taken from there.
+    ``tokenizer`` is the run folder's tokenizer.json (a consolidated file: the one beside it),
+    else the data cache's; None if neither exists.
+    """
     from moe.config import from_dict
     from moe.model import build_model
 
-    state = load_checkpoint(resolve_checkpoint(checkpoint))
-    cfg = from_dict(state["config"]).validate()
-    model = build_model(cfg.model)  # build_model keeps tied embeddings tied
-    sd = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
-    model.load_state_dict(sd, strict=True)
-    return model.eval(), cfg
+    path = Path(path)
+    if path.is_file() and not _is_step_folder(path.parent):
+        checkpoint, state, beside = path, _read_consolidated(path, device), path.parent
+    else:
+        checkpoint = resolve_checkpoint(path)
+        state, beside = full_state(checkpoint, map_location=device), checkpoint.parent.parent
+    cfg = from_dict(state["config"])
+    cfg.data.cache_dir = cache_dir or _cache_dir(cfg.data.cache_dir)
+    cfg.validate()
+    model = build_model(cfg.model, device)  # build_model keeps tied embeddings tied
+    model.load_state_dict(state["model"], strict=True)
+    return LoadedModel(model.eval(), cfg, checkpoint, int(state.get("step", 0)),
+                       _tokenizer(cfg, beside))
 
 
-def load_checkpoint_model(checkpoint: str | Path) -> torch.nn.Module:
-    """The model of a training checkpoint (see ``load_trained_model``)."""
-    return load_trained_model(checkpoint)[0]
+def _read_consolidated(path: Path, device) -> dict:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read means unusable
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} does not load as a checkpoint file "
+                              f"({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise CheckpointError(f"{path} is not a consolidated checkpoint (no model and config): "
+                              f"give a run folder, a step folder or a scripts/consolidate.py "
+                              f"output")
+    # A file consolidated from the former state.pt format may keep torch.compile's prefix.
+    state["model"] = {k.replace("_orig_mod.", ""): v for k, v in state["model"].items()}
+    return state
+
+
+def _cache_dir(cache_dir: str) -> str:
+    """A relative ``data.cache_dir`` is relative to where training ran, normally the repository
+    root: use that when it does not exist relative to the current folder."""
+    p = Path(cache_dir)
+    if p.is_absolute() or p.exists() or not (ROOT / p).exists():
+        return cache_dir
+    return str(ROOT / p)
+
+
+def _tokenizer(cfg: Config, beside: Path) -> Path | None:
+    from moe.data.cache import TOKENIZER
+    from moe.data.prepare import cache_folder
+
+    if (beside / TOKENIZER).is_file():  # the trainer writes it into the run folder
+        return beside / TOKENIZER
+    cached = cache_folder(cfg) / TOKENIZER
+    return cached if cached.is_file() else None

@@ -297,7 +297,8 @@ class ParallelConfig:
     zero1: bool = False  # shard AdamW state over the data-parallel ranks (ZeRO stage 1)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     # Collective timeout: bounds a rank that hangs without dying (a dead rank is noticed at
-    # once on one node: gloo / torchrun's agent stop the others; README "Elastic restarts").
+    # once on one node: gloo / torchrun's agent stop the others; docs/distributed.md,
+    # "Elastic restarts").
     timeout_s: int = 600
 
     def validate(self) -> None:

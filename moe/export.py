@@ -253,25 +253,24 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
                       tokenizer_path: str | Path | None = None) -> Path:
-    """Export a training checkpoint (a run folder or a ``step_*`` folder) with its tokenizer:
+    """Export a training checkpoint (a run folder, a ``step_*`` folder or a file written by
+    scripts/consolidate.py; see ``moe.checkpoint.load_model``) with its tokenizer:
     ``tokenizer_path``, else the run folder's ``tokenizer.json`` (the trainer writes it), else
     the data cache's ``<data.cache_dir>/<source>-<fingerprint>/tokenizer.json``.
     FileNotFoundError (one line) when the checkpoint or the tokenizer is missing."""
-    from moe.checkpoint import load_trained_model, resolve_checkpoint
+    from moe.checkpoint import load_model
     from moe.data import BPETokenizer
     from moe.data.cache import TOKENIZER
     from moe.data.prepare import cache_folder
 
     out_dir = _new_folder(out_dir)  # before the (slow) load
-    ckpt = resolve_checkpoint(checkpoint)  # once: it verifies, and warns about broken ones
-    model, cfg = load_trained_model(ckpt)
+    loaded = load_model(checkpoint)  # verifies, and warns about broken ones it skips
     if tokenizer_path is None:
         # The run folder's copy (written by the trainer), else the data cache's.
-        run_copy = ckpt.parent.parent / TOKENIZER
-        tokenizer_path = run_copy if run_copy.is_file() else cache_folder(cfg) / TOKENIZER
-        if not tokenizer_path.is_file():
+        tokenizer_path = loaded.tokenizer
+        if tokenizer_path is None:
             raise FileNotFoundError(
-                f"no tokenizer for {checkpoint}: {tokenizer_path} (from its data.cache_dir and "
-                "data settings) does not exist; run from the folder training ran in, or pass "
-                "--tokenizer PATH/tokenizer.json")
-    return export_hf(model, out_dir, BPETokenizer.load(tokenizer_path))
+                f"no tokenizer for {checkpoint}: {cache_folder(loaded.cfg) / TOKENIZER} (from "
+                "its data.cache_dir and data settings) does not exist; run from the folder "
+                "training ran in, or pass --tokenizer PATH/tokenizer.json")
+    return export_hf(loaded.model, out_dir, BPETokenizer.load(tokenizer_path))

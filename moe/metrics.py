@@ -1,4 +1,5 @@
-"""Run-folder logging: metrics.jsonl, optional wandb, and routing statistics per layer."""
+"""Run-folder logging: metrics.jsonl (written and read back), optional wandb, and routing
+statistics per layer."""
 
 from __future__ import annotations
 
@@ -137,6 +138,25 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of ``<run_dir>/metrics.jsonl`` written by MetricsLogger ([] when there is none).
+
+    A line that is not JSON is skipped, not an error: a process killed mid-write leaves its last
+    row half-written, and a reader (a sweep judging a run, a plot) must not fail on it. The
+    logger itself cuts that row when the run resumes.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _init_wandb(run_dir: Path, cfg: Config):

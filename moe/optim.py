@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from moe.config import TrainConfig
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 
 def param_groups(model: nn.Module | list[nn.Module], weight_decay: float) -> list[dict]:
@@ -67,7 +71,14 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) ->
     return list(changes.values())
 
 
-def build_optimizer(model: nn.Module | list[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module | list[nn.Module], cfg: TrainConfig,
+                    mesh: "DeviceMesh | None" = None, zero1: bool = False) -> torch.optim.AdamW:
+    """The one optimizer builder: AdamW, or with ``zero1`` and a mesh ZeRO-1's AdamW whose
+    state is sharded over each parameter's data-parallel replicas (moe/parallel/zero.py)."""
+    if zero1 and mesh is not None:
+        from moe.parallel.zero import ZeroOneAdamW
+
+        return ZeroOneAdamW(model if isinstance(model, list) else [model], cfg, mesh)
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw_kwargs(cfg))
 
 

@@ -14,16 +14,18 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from moe import run_lock
-from moe.checkpoint import (latest_good_checkpoint, load_training_state, read_extra,
-                            save_training_state)
+from moe.checkpoint import latest_good_checkpoint, read_extra, restore_checkpoint, save_checkpoint
 from moe.config import Config, ConfigError
-from moe.data import PackedLoader, prepare_data, val_batches
+from moe.data import BPETokenizer, PackedLoader, prepare_data, val_batches
+from moe.device import autocast_context, resolve_device
 from moe.generate import generate
 from moe.metrics import MetricsLogger, RoutingAccumulator
 from moe.model import build_model
@@ -32,26 +34,14 @@ from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_
 from moe.parallel.mesh import init_distributed
 from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+# resolve_device and autocast_context live in moe/device.py; re-exported for old callers.
 __all__ = ["train", "lm_loss", "resolve_device", "autocast_context", "NonFiniteError"]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available: use auto or cpu")
-    return torch.device(name)
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast on GPU (auto or bf16); fp32 on CPU unless bf16 is asked for."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
+def _check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
     """A checkpoint can only continue the same model and data: name what differs. A key the
     saved config lacks (added to the code since) counts as its default."""
     now, default = cfg.to_dict(), Config().to_dict()
@@ -62,22 +52,39 @@ def _check_resume_config(saved: dict, cfg: Config, path: Path) -> None:
                           f"train.run_dir or the saved values (see config.yaml in the run folder)")
 
 
-def _restore_rng(rng: dict, device: torch.device) -> None:
+def _restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
     """The RNG state a checkpoint saved (router jitter continues as in an unbroken run)."""
     torch.set_rng_state(rng["torch"].cpu())
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"].cpu())
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config) -> dict[str, Any]:
     """Train per ``cfg``; returns a summary dict (final step, losses, sample text)."""
-    with contextlib.ExitStack() as cleanup:  # the run-folder lock, released even on errors
+    # The run-folder lock, the metrics logger (and wandb) and the progress bar: released in
+    # reverse order however _train ends, a raised error or Ctrl-C included.
+    with contextlib.ExitStack() as cleanup:
         return _train(cfg, cleanup)
 
 
-def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
+def _close_logger(logger: MetricsLogger) -> Callable[..., None]:
+    """An ``ExitStack.push`` callback that closes ``logger``; a run ended by an exception is
+    marked failed in wandb (``finish(exit_code=1)``) rather than finished."""
+    def close(exc_type: type[BaseException] | None, exc: BaseException | None, tb) -> None:
+        try:
+            if exc_type is not None and logger.wandb is not None:
+                run, logger.wandb = logger.wandb, None  # close() must not finish it again
+                run.finish(exit_code=1)
+        finally:
+            logger.close()
+
+    return close
+
+
+def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     tc, mc = cfg.train, cfg.model
-    dims, mesh, dist_device = init_distributed(cfg)
+    dims, dist_device = init_distributed(cfg)
+    mesh = dims.mesh()  # None in one process
     if mesh is None and dims.world_size != 1:
         raise ConfigError(f"{dims.describe()} needs {dims.world_size} processes: launch with "
                           f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
@@ -101,15 +108,10 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     # Shapes only (meta device): the runtime materialises this rank's part, drawn from
     # train.seed by parameter name, so every layout and device starts from the same weights.
     model = build_model(mc, "meta")
-    runtime = Runtime(cfg, model, mesh, device,
+    runtime = Runtime(cfg, model, dims, device,
                       autocast=lambda: autocast_context(device, tc.dtype))
     main = runtime.is_main
-    if cfg.parallel.zero1 and mesh is not None:
-        from moe.parallel.zero import ZeroOneAdamW
-
-        optimizer = ZeroOneAdamW(runtime.parts, tc, mesh)
-    else:
-        optimizer = build_optimizer(runtime.parts, tc)
+    optimizer = build_optimizer(runtime.parts, tc, mesh, zero1=cfg.parallel.zero1)
     loader = PackedLoader(data.train, data.epochs, seq_len, tc.seed)
 
     if rank0:  # from here the folder is ours until train() returns (moe/run_lock.py)
@@ -118,7 +120,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     ckpt = latest_good_checkpoint(run_dir, mesh)  # newest that verifies; warns of broken ones
     if ckpt is not None:
         _check_resume_config(read_extra(ckpt)["config"], cfg, ckpt)
-        extra = load_training_state(ckpt, runtime.parts, optimizer, mesh)
+        extra = restore_checkpoint(ckpt, runtime.parts, optimizer, mesh)
         loader.load_state_dict(extra["loader"])
         _restore_rng(extra["rng"], device)
         step, tokens = extra["step"], extra["tokens"]
@@ -134,10 +136,13 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         # The run folder carries its tokenizer: export and generation need no data cache.
         data.tokenizer.save(run_dir / "tokenizer.json")
     logger = MetricsLogger(run_dir, cfg, resume_step=step) if main else None
+    if logger is not None:  # metrics.jsonl closed and wandb finished however the run ends
+        cleanup.push(_close_logger(logger))
     if tc.compile:
         runtime.compile()
     progress = _progress_bar(cfg, step, enabled=main)
-    summary: dict = {"val_loss": None}
+    cleanup.callback(progress.close)
+    summary: dict[str, Any] = {"val_loss": None}
     # train.on_nonfinite (moe/nonfinite.py); its counts are checkpointed.
     guard = NonFiniteGuard(tc, extra.get("nonfinite") if ckpt is not None else None)
 
@@ -147,8 +152,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
             rng["cuda"] = torch.cuda.get_rng_state()
         extra = {"loader": loader.state_dict(), "rng": rng, "step": step, "tokens": tokens,
                  "config": cfg.to_dict(), "nonfinite": guard.state_dict()}
-        save_training_state(run_dir, step, runtime.parts, optimizer, extra, mesh,
-                            keep=tc.keep_checkpoints)
+        save_checkpoint(run_dir, step, runtime.parts, optimizer, extra, mesh,
+                        keep=tc.keep_checkpoints)
 
     def on_nonfinite(loss: float, norm: float) -> None:
         """Step step+1 failed, its gradients dropped: skip it, roll back, or stop."""
@@ -159,7 +164,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         if tc.on_nonfinite == "rollback":
             # The resume path, but the loader keeps its position: the batches read since the
             # checkpoint, the offending one included, are not replayed.
-            saved = load_training_state(last, runtime.parts, optimizer, mesh)
+            saved = restore_checkpoint(last, runtime.parts, optimizer, mesh)
             _restore_rng(saved["rng"], device)
             step, tokens = saved["step"], saved["tokens"]
             apply_hyperparameters(optimizer, tc)  # as on resume: the config's settings win
@@ -209,12 +214,11 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             save()
         progress.update(1)
+        val_loss = summary["val_loss"]
         progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                              drop=f"{row['drop_frac']:.3f}",
-                             val="-" if summary["val_loss"] is None else f"{summary['val_loss']:.3f}")
+                             val="-" if val_loss is None else f"{val_loss:.3f}")
     progress.close()
-    if logger is not None:
-        logger.close()
 
     summary.update(step=step, tokens=tokens, is_main=main, nonfinite=guard.state_dict())
     if tc.sample_tokens:
@@ -226,21 +230,28 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     return summary
 
 
-def sample(model, tokenizer, cfg: Config, device: torch.device) -> str:
+def sample(model: torch.nn.Module, tokenizer: BPETokenizer, cfg: Config,
+           device: torch.device) -> str:
     """Sample from the model; under tp/ep every rank runs it (same seed, same tokens)."""
     tc = cfg.train
     ids = tokenizer.encode(tc.sample_prompt)
     prompt = torch.tensor([ids or [tokenizer.eot_id]], device=device)
     gen = torch.Generator().manual_seed(tc.seed)
     with autocast_context(device, tc.dtype):
-        out = generate(model, prompt, tc.sample_tokens, cfg.model.max_seq_len,
-                       tc.sample_temperature, tc.sample_top_k, generator=gen)
+        out = generate(model, prompt, max_new_tokens=tc.sample_tokens,
+                       temperature=tc.sample_temperature, top_k=tc.sample_top_k, generator=gen)
     return tokenizer.decode(out[0].tolist())
 
 
-def _progress_bar(cfg: Config, step: int, enabled: bool = True):
+def _progress_bar(cfg: Config, step: int, enabled: bool = True) -> tqdm:
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.train.max_steps, initial=step,
                 disable=not (cfg.log.progress and enabled), desc="train", unit="step",
                 dynamic_ncols=True, file=sys.stderr)
+
+
+if __name__ == "__main__":  # python -m moe.train: what ablation sweeps launch
+    from moe.cli.train import main
+
+    raise SystemExit(main())

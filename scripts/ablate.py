@@ -3,57 +3,10 @@
     python scripts/ablate.py --config configs/ablate.yaml --seeds 2 --out runs/ablate \\
         --grid model.n_experts=1,4,16 model.capacity_factor=1.0,1.25,2.0,null
 
-Any other ``--section.key=value`` applies to every point. Re-running the same command skips
-finished points and resumes interrupted ones. See moe/ablate.py for the fixed-compute rule.
+Options: --help. Code: moe/cli/ablate.py; installed as the moe-ablate command.
 """
 
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moe.ablate import parse_grid, run_sweep  # noqa: E402
-from moe.config import ConfigError  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Any config key can be set as --section.key=value.")
-    parser.add_argument("--config", default=None, help="base YAML config (see configs/)")
-    parser.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                        help="grid axes, e.g. model.n_experts=1,4,16 model.capacity_factor="
-                             "1.0,null (null = None)")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="runs per grid point; seed i uses train.seed + i (default 1)")
-    parser.add_argument("--out", required=True, help="sweep folder (runs/<name> inside)")
-    parser.add_argument("--no-fixed-compute", action="store_true",
-                        help="do not adjust top_k / expert_hidden / max_steps to hold active "
-                             "parameters and the token budget fixed")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="run each point under torchrun --nproc_per_node=N")
-    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like "
-                     "--section.key=value)")
-    try:
-        grid = parse_grid(args.grid)
-        rows = run_sweep(args.config, overrides, grid, args.seeds, args.out,
-                         fixed=not args.no_fixed_compute, nproc=args.nproc,
-                         plots=not args.no_plots)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    failed = [r["name"] for r in rows if r["status"] != "ok"]
-    print(f"{len(rows) - len(failed)}/{len(rows)} runs ok; results in {args.out}/results.csv, "
-          f"table in {args.out}/summary.md")
-    if failed:
-        print(f"failed: {', '.join(failed)}", file=sys.stderr)
-    return 1 if failed else 0
-
+from moe.cli.ablate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -3,40 +3,10 @@
     python scripts/export_hf.py --checkpoint runs/tiny[/checkpoints/step_00000300] --out hf/tiny
         [--tokenizer data/cache/builtin-<fingerprint>/tokenizer.json]
 
-Needs ``pip install transformers``. The tokenizer is the run's, found in its data cache
-(``data.cache_dir``, relative to where training ran) unless ``--tokenizer`` names one. Load the
-result with ``AutoTokenizer.from_pretrained(out)`` and ``MixtralForCausalLM.from_pretrained(out)``,
-or ``pipeline("text-generation", model=out)``. Mixtral is dropless: a model with
-``model.eval_capacity_factor`` set is exported with a warning, and its logits match ours only on
-inputs where no token is dropped (see moe/export.py).
+Options: --help. Code: moe/cli/export_hf.py; installed as the moe-export-hf command.
 """
 
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from moe.checkpoint import CheckpointError  # noqa: E402
-from moe.export import ExportError, export_checkpoint  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="a run folder (its latest checkpoint), a step folder or state.pt")
-    parser.add_argument("--out", required=True, help="output folder (new or empty)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json (default: the run's, from its data cache)")
-    args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, args.tokenizer)
-    except (ExportError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {out}")
-    return out
-
+from moe.cli.export_hf import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

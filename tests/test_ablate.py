@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +10,10 @@ import pytest
 
 from moe.ablate import (fixed_compute, is_finished, make_points, parse_grid, read_results,
                         run_identity, run_stats, run_sweep, summary_markdown, train_command)
+from moe.ablate.plots import sweep_plots
+from moe.ablate.sweep import train_env
 from moe.config import ConfigError, load_config
+from moe.metrics import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -124,13 +128,21 @@ def test_train_command_plain_and_torchrun(tmp_path):
     (p,) = make_points(None, ["--data.seq_len=32", "--model.max_seq_len=32"],
                        parse_grid(["model.capacity_factor=null"]), 1, tmp_path)
     cmd = train_command(p, "configs/tiny.yaml")
-    assert cmd[0] == sys.executable and cmd[1].endswith("scripts/train.py")
-    assert cmd[2:4] == ["--config", "configs/tiny.yaml"]
+    assert cmd[:3] == [sys.executable, "-m", "moe.train"]  # a module, never scripts/ by path
+    assert cmd[3:5] == ["--config", "configs/tiny.yaml"]
     assert "--model.capacity_factor=null" in cmd
     cmd = train_command(p, None, nproc=4)
-    assert cmd[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       "--nproc_per_node=4"]
-    assert cmd[5].endswith("scripts/train.py") and "--config" not in cmd
+    assert cmd[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node=4", "-m", "moe.train"]
+    assert "--config" not in cmd
+
+
+def test_train_module_runs_from_any_folder(tmp_path):
+    """What train_command launches is the training CLI, also outside the checkout."""
+    res = subprocess.run([sys.executable, "-m", "moe.train", "--help"], cwd=tmp_path,
+                         env=train_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "--config" in res.stdout and "--section.key=value" in res.stdout
 
 
 def test_run_identity_is_the_capacity_not_the_factor():
@@ -180,13 +192,43 @@ def test_finished_and_stats_from_metrics(tmp_path):
     rows = [{"step": s, "lm_loss": 5.0 - s / 10, "drop_frac": s / 100, "tokens_per_s": 100.0 + s}
             for s in range(1, 21)] + [{"step": 20, "tokens": 1, "val_loss": 3.5}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert not is_finished(run, 20)  # no state.pt yet
-    (run / "checkpoints" / "step_00000020" / "state.pt").write_bytes(b"x")
+    assert not is_finished(run, 20)  # no extra.pt yet: not a complete checkpoint
+    (run / "checkpoints" / "step_00000020" / "extra.pt").write_bytes(b"x")
     assert is_finished(run, 20) and not is_finished(run, 30)
     st = run_stats(run, 20)
     assert st["final_val_loss"] == 3.5 and st["final_lm_loss"] == 3.0
     assert st["drop_frac"] == pytest.approx((0.19 + 0.20) / 2)  # last 10% of 20 rows
     assert st["tokens_per_s"] == pytest.approx(110.5)
+
+
+def test_read_metrics_skips_a_half_written_row(tmp_path):
+    assert read_metrics(tmp_path) == []  # no metrics.jsonl yet
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lm_loss": 5.0}\n{"step": 2, "lm_')
+    assert read_metrics(tmp_path) == [{"step": 1, "lm_loss": 5.0}]
+
+
+def test_sweep_plots_from_rows_and_metrics(tmp_path):
+    """The plots draw what they are given: the run folders named in the rows do not exist."""
+    rows, metrics = [], {}
+    for n in (1, 4):
+        for cf in (1.0, None):
+            for s in (0, 1):
+                run = str(tmp_path / "nowhere" / f"{n}_{cf}_{s}")
+                rows.append({"model.n_experts": n, "model.capacity_factor": cf, "seed_index": s,
+                             "status": "ok", "final_val_loss": 3.0 + s, "drop_frac": 0.1,
+                             "run_dir": run})
+                layers = {str(i): {"tokens_per_expert": list(range(1, n + 1))} for i in (1, 3)}
+                metrics[run] = [{"step": t, "lm_loss": 5.0 - t, "layers": layers}
+                                for t in (1, 2)] + [{"step": 2, "tokens": 64, "val_loss": 4.0}]
+    rows.append({"model.n_experts": 16, "model.capacity_factor": 1.0, "status": "failed"})
+    warnings = []
+    paths = sweep_plots(rows, ["model.n_experts", "model.capacity_factor"], tmp_path, metrics,
+                        echo=warnings.append)
+    assert not warnings and [p.stem for p in paths] == [
+        "val_loss_vs_capacity", "drop_vs_capacity", "loss_curves", "expert_load_heatmap"]
+    for p in paths:
+        assert_png(p)
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_summary_mean_std():
@@ -233,7 +275,7 @@ def test_sweep_runs_resumes_and_reports_failures(tmp_path):
                  "expert_load_heatmap"):
         assert_png(out / f"{name}.png")
 
-    # Re-run: finished points are skipped (train.py is not started: the logs do not grow).
+    # Re-run: finished points are skipped (moe.train is not started: the logs do not grow).
     logs = {r["name"]: (out / "runs" / r["name"] / "train.log").read_text() for r in rows[:2]}
     mtimes = {n: os.stat(out / "runs" / n / "metrics.jsonl").st_mtime_ns for n in logs}
     again = run_sweep(None, over, grid, 1, out, fixed=False, echo=lambda s: None)

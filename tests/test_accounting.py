@@ -206,8 +206,8 @@ def test_script_config_error_exits_2(args, key):
 # Per-GPU layout (layout_accounting): exact values on a small model, cross-checked against the
 # trainer's own sharding code, and the GPT-4 config at tp 8 x pp 16 against the reports.
 
-from moe.accounting import (ADAM_BYTES_PER_PARAM, layout_accounting,  # noqa: E402
-                            params_per_rank, stage_layers)
+from moe.parallel.layout import (ADAM_BYTES_PER_PARAM, layout_accounting,  # noqa: E402
+                                 params_per_rank, stage_layers)
 from moe.config import Config, ConfigError  # noqa: E402
 from moe.parallel.mesh import ParallelDims  # noqa: E402
 
@@ -358,18 +358,27 @@ def test_counts_match_trainer_sharding(cfg_kw):
         assert got == by_cat, (s, e, t)
 
 
-def test_stage_split_matches_pipeline_module():
-    import moe.parallel.pipeline as pipeline
-    for n_layers, pp, sched, v, pp_layers in [(10, 4, "1f1b", 2, None), (120, 16, "1f1b", 2, None),
-                                             (9, 2, "interleaved_1f1b", 3, None),
-                                             (6, 3, "gpipe", 2, [1, 2, 3])]:
-        cfg = layout_cfg(model=dict(n_layers=n_layers), pp=pp, pp_schedule=sched,
-                         pp_stages_per_rank=v, pp_layers=pp_layers, batch_size=64)
-        n_stages = pipeline.n_pipeline_stages(cfg, pp)
-        split = pipeline.split_layers(n_layers, n_stages, pp_layers)
-        want = [tuple(i for s in pipeline.stage_indices(r, pp, n_stages) for i in split[s])
-                for r in range(pp)]
-        assert stage_layers(cfg.model, cfg.parallel) == want
+@pytest.mark.parametrize("n_layers, pp, sched, v, pp_layers, want", [
+    # 10 layers on 4 stages: 2, 3, 3, 2 (the remainder on the middle stages)
+    (10, 4, "1f1b", 2, None, [(0, 1), (2, 3, 4), (5, 6, 7), (8, 9)]),
+    # 9 layers on 2 ranks x 3 virtual stages: sizes 1, 1, 2, 2, 2, 1 (extra in the middle);
+    # rank 0 holds stages 0, 2, 4 = [0], [2, 3], [6, 7]; rank 1 stages 1, 3, 5 = [1], [4, 5], [8]
+    (9, 2, "interleaved_1f1b", 3, None, [(0, 2, 3, 6, 7), (1, 4, 5, 8)]),
+    (6, 3, "gpipe", 2, [1, 2, 3], [(0,), (1, 2), (3, 4, 5)]),
+    (5, 2, "gpipe", 2, None, [(0, 1), (2, 3, 4)]),  # one extra layer: the later stage
+])
+def test_stage_split_by_hand(n_layers, pp, sched, v, pp_layers, want):
+    """The layout's per-rank layers, written out by hand, and the pipeline module's own
+    stages (the trainer's) hold exactly those layers."""
+    from moe.parallel import pipeline
+
+    cfg = layout_cfg(model=dict(n_layers=n_layers), pp=pp, pp_schedule=sched,
+                     pp_stages_per_rank=v, pp_layers=pp_layers, batch_size=64)
+    assert stage_layers(cfg.model, cfg.parallel) == want
+    for r in range(pp):
+        held = [int(k) for _, part in pipeline.build_stage_models(_meta_model(cfg.model), r, pp,
+                                                                  cfg) for k in part.layers]
+        assert tuple(held) == want[r]
 
 
 def test_layout_validation():

@@ -204,13 +204,12 @@ def test_trainer_run_with_full_checkpointing_matches_none(tmp_path):
 def _pp_run(rank, world):
     """pp=2, 1F1B, two micro-batches, jitter on: none, full and selective on this rank's
     stage. Returns plain data (tensors do not survive the trip back through the queue)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     from moe.parallel.pipeline import PipelineRuntime, build_stage_models
+    from tests.helpers import build_mesh
 
     cfg = _cfg("none", "--parallel.pp=2", "--parallel.pp_schedule=1f1b",
                f"--parallel.pp_microbatches={BATCH // MICRO}")
-    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
+    mesh = build_mesh(pp=2)
     x, y = _data()
     out = {}
     for mode in ("none", "full", "selective"):

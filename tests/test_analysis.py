@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.analysis import batch_dependence, group_forward, load_run
+from moe.analysis import batch_dependence, group_forward
 from moe.analysis.routing import js_divergence
+from moe.checkpoint import load_model
 from moe.config import load_config
 from moe.model import build_model
 from moe.plots import heatmaps, lines_vs_x
@@ -135,7 +136,7 @@ def test_routing_report_on_a_trained_run(run_dir, tmp_path):
     assert "## Specialisation" in (out / "report.md").read_text()
     for name in ("load", "specialisation", "specialisation_diff", "layers"):
         assert_png(out / f"{name}.png")
-    assert load_run(run_dir).step == 40
+    assert load_model(run_dir).step == 40
 
 
 def test_js_divergence_bounds():

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
-from moe.checkpoint import load_trained_model, save_checkpoint  # noqa: E402
+from moe.checkpoint import load_model, save_checkpoint  # noqa: E402
 from moe.config import load_config  # noqa: E402
 from moe.data import EOT, EOT_ID, BPETokenizer  # noqa: E402
 from moe.data.prepare import cache_folder  # noqa: E402
@@ -59,7 +59,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(run):
     out = Path(run.train.run_dir).parent / "hf"
-    assert export_script().main(["--checkpoint", run.train.run_dir, "--out", str(out)]) == out
+    assert export_script().main(["--checkpoint", run.train.run_dir, "--out", str(out)]) == 0
     return out
 
 
@@ -95,14 +95,14 @@ def test_tokenizer_round_trips_like_ours(exported, ours):
 
 
 def test_logits_and_greedy_pipeline_generation_equal_ours(exported, run, ours):
-    model, _ = load_trained_model(run.train.run_dir)
+    model = load_model(run.train.run_dir).model
     hf = transformers.MixtralForCausalLM.from_pretrained(exported, local_files_only=True).eval()
     prompt = "def main("
     ids = torch.tensor([ours.encode(prompt)])
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
     n = 8
-    mine = generate(model, ids, n, run.model.max_seq_len, top_k=1)[0].tolist()
+    mine = generate(model, ids, max_new_tokens=n, temperature=0)[0].tolist()
     if EOT_ID in mine[ids.shape[1]:]:  # HF stops at eos; ours runs on
         mine = mine[:mine.index(EOT_ID, ids.shape[1]) + 1]
     assert len(mine) > ids.shape[1] + 2  # not a vacuous comparison
@@ -120,7 +120,7 @@ def test_refuses_non_empty_folder_and_run_without_tokenizer(run, exported, tmp_p
     # A run whose data cache is gone (or elsewhere): no tokenizer, one line naming the path.
     cfg = load_config(None, TINY + [f"--data.cache_dir={tmp_path / 'no_cache'}"])
     model = build_model(cfg.model)
-    save_checkpoint(tmp_path / "run", 1, {"model": model.state_dict(), "config": cfg.to_dict()})
+    save_checkpoint(tmp_path / "run", 1, model, extra={"config": cfg.to_dict()})
     for out, match in ((exported, "not an empty folder"), (tmp_path / "hf", "no tokenizer")):
         with pytest.raises(SystemExit) as e:
             script.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)])
@@ -130,7 +130,8 @@ def test_refuses_non_empty_folder_and_run_without_tokenizer(run, exported, tmp_p
     # --tokenizer names one explicitly; a tokenizer bigger than the model's vocab is refused.
     tok_path = cache_folder(run) / "tokenizer.json"
     assert script.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
-                        "--tokenizer", str(tok_path)]) == tmp_path / "hf"
+                        "--tokenizer", str(tok_path)]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
     # The trainer copies the tokenizer into the run folder; that copy needs no data cache.
     assert (Path(run.train.run_dir) / "tokenizer.json").is_file()
     shutil.copy(tok_path, tmp_path / "run" / "tokenizer.json")

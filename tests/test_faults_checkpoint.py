@@ -2,7 +2,8 @@
 
 A damaged checkpoint is skipped with a one-line warning that names it and the previous good one
 is used, by the trainer and by every tool (consolidate, generate, analysis); none usable is a
-one-line error (exit 2). Losses after a recovery equal an unbroken run exactly.
+one-line error (exit 2). Losses after a recovery equal an unbroken run exactly. A folder of the
+former single-file format (state.pt) is refused in one line, by the trainer and the tools.
 """
 
 import importlib.util
@@ -18,8 +19,7 @@ import pytest
 import torch
 
 from moe.checkpoint import (CheckpointError, checkpoint_problem, latest_good_checkpoint,
-                            list_checkpoints, load_trained_model, resolve_checkpoint,
-                            save_checkpoint)
+                            list_checkpoints, load_model, resolve_checkpoint, save_checkpoint)
 from moe.config import load_config
 from moe.parallel.checkpoint import MANIFEST_FILE
 from moe.train import train
@@ -126,25 +126,32 @@ def test_no_usable_checkpoint_is_one_line_exit_2(runs, tmp_path, capsys, monkeyp
 
 
 def test_tools_skip_a_broken_latest(runs, tmp_path, capsys, monkeypatch):
-    from moe.analysis import load_run
-
     run = _copy(runs, tmp_path)
     broken = run / "checkpoints" / "step_00000004"
     _flip_byte(broken)
     good = run / "checkpoints" / "step_00000002"
 
-    out = _script("consolidate").main(["--checkpoint", str(run), "--out", str(tmp_path / "m.pt")])
+    out = tmp_path / "m.pt"
+    assert _script("consolidate").main(["--checkpoint", str(run), "--out", str(out)]) == 0
     assert torch.load(out, weights_only=True)["step"] == 2
-    assert load_run(run).step == 2 and load_run(checkpoint=run).checkpoint == good
-    model, _ = load_trained_model(run)
+    loaded = load_model(run)  # the one loader: generate, export and analysis use it
+    assert loaded.step == 2 and loaded.checkpoint == good
+    assert loaded.tokenizer == run / "tokenizer.json"
+    model = loaded.model
     # generate.py: the previous checkpoint's weights (its samples come from them)
     monkeypatch.setattr(sys, "argv", ["generate.py", "--run", str(run), "--tokens", "3"])
     _script("generate").main()
     err = [e for e in capsys.readouterr().err.splitlines() if not e.startswith("[data]")]
-    assert len(err) == 5 and all(f"skipping broken checkpoint {broken}:" in e for e in err), err
-    ref, _ = load_trained_model(good)
+    assert len(err) == 3 and all(f"skipping broken checkpoint {broken}:" in e for e in err), err
+    ref = load_model(good).model
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  ref.state_dict().values()))
+    # consolidate.py's file loads the same weights, with no check of the run folder.
+    consolidated = load_model(out)
+    assert consolidated.step == 2 and consolidated.checkpoint == out
+    assert all(torch.equal(a, b) for a, b in zip(consolidated.model.state_dict().values(),
+                                                 ref.state_dict().values()))
+    assert capsys.readouterr().err == ""
 
     # A checkpoint named explicitly never falls back: one line, exit 2.
     with pytest.raises(SystemExit) as e:
@@ -154,7 +161,10 @@ def test_tools_skip_a_broken_latest(runs, tmp_path, capsys, monkeypatch):
     assert err == [f"error: checkpoint {broken} is broken: __0_0.distcp fails its crc32 check: "
                    "the file is damaged"]
     with pytest.raises(CheckpointError, match="is broken"):
-        load_run(checkpoint=broken)
+        load_model(broken)
+    (tmp_path / "not_a_checkpoint.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="does not load as a checkpoint file"):
+        load_model(tmp_path / "not_a_checkpoint.pt")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing-entry", "deleted"])
@@ -184,7 +194,9 @@ def test_broken_manifest(runs, tmp_path, capsys, damage):
 
 def test_rotation_keeps_the_last_good_checkpoint(tmp_path):
     def save(step):
-        save_checkpoint(tmp_path, step, {"model": {"w": torch.full((64,), float(step))}}, keep=2)
+        model = torch.nn.Module()
+        model.w = torch.nn.Parameter(torch.full((64,), float(step)))
+        save_checkpoint(tmp_path, step, model, keep=2)
 
     def names():
         return [int(p.name.split("_")[1]) for p in list_checkpoints(tmp_path)]
@@ -196,6 +208,36 @@ def test_rotation_keeps_the_last_good_checkpoint(tmp_path):
     _truncate(tmp_path / "checkpoints" / "step_00000003")
     save(2)  # a newer broken checkpoint (left by a fallback) neither counts nor is deleted
     assert names() == [1, 2, 3]
+
+
+def test_old_single_file_format_is_one_line(runs, tmp_path, capsys, monkeypatch):
+    """A run or step folder of the former format (step_*/state.pt) is refused in one line that
+    says how to proceed, by the tools and by the trainer (exit 2), never with a traceback."""
+    run = tmp_path / "old"
+    step = run / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    torch.save({"model": {"w": torch.zeros(2)}, "config": {}, "step": 4}, step / "state.pt")
+    for path in (run, step, step / "state.pt"):
+        with pytest.raises(CheckpointError, match="old single-file format.*no longer supported"
+                                                  ".*consolidate.*or train again") as e:
+            load_model(path)
+        assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        _script("consolidate").main(["--checkpoint", str(step), "--out", str(tmp_path / "o.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {step} holds a checkpoint in the old "), err
+    monkeypatch.setattr(sys, "argv", ["train.py", *_args(runs, run, "--train.max_steps=6")])
+    with pytest.raises(SystemExit) as e:
+        _script("train").main()
+    assert e.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if not line.startswith("[data]")]
+    assert lines == [f"error: {run / 'checkpoints'} holds a checkpoint in the old single-file "
+                     f"format (state.pt), which is no longer supported: consolidate it with "
+                     f"scripts/consolidate.py from an older version of moe and load the .pt "
+                     f"file it writes, or train again"], lines
+    assert sorted(p.name for p in step.iterdir()) == ["state.pt"]  # nothing was changed
 
 
 def _wait_and_kill(proc, run: Path, mode: str, n_rows: int, deadline: float) -> str:

@@ -18,7 +18,7 @@ import torch
 import moe.parallel.pipeline
 import moe.parallel.runtime
 from dist_utils import run_ranks
-from moe.checkpoint import latest_checkpoint, load_checkpoint
+from moe.checkpoint import full_state, latest_checkpoint
 from moe.config import load_config
 from moe.data import PackedLoader, prepare_data
 from moe.parallel.runtime import Runtime
@@ -98,7 +98,7 @@ def drop_batches_at(monkeypatch, call, n=1):
 
 
 def _final_state(run_dir):
-    return load_checkpoint(latest_checkpoint(run_dir))
+    return full_state(latest_checkpoint(run_dir))
 
 
 def _assert_same_training(a_dir, b_dir):
@@ -263,7 +263,7 @@ def _faults_on_two_ranks(rank, world_size, tmp):
         mp.setattr(Runtime, "forward_backward", forward_backward)
         mp.setattr(Runtime, "reduce_and_clip", reduce_and_clip)
         mp.setattr(runtime, "lm_loss", nan_on_rank_1(runtime.lm_loss))
-        mp.setattr(pipeline, "lm_cross_entropy", nan_on_rank_1(pipeline.lm_cross_entropy))
+        mp.setattr(pipeline, "lm_loss", nan_on_rank_1(pipeline.lm_loss))
         for layout in ("dp", "pp"):
             state["step"] = 0
             cfg = _cfg(Path(tmp), layout, "--train.max_steps=4", "--train.on_nonfinite=skip",

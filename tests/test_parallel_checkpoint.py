@@ -1,4 +1,4 @@
-"""Layout-independent checkpoints (moe/parallel/checkpoint.py): save in one layout, load in another.
+"""Layout-independent checkpoints (moe/parallel/checkpoint/): save in one layout, load in another.
 
 One spawned 4-rank run saves the same reference state (weights and AdamW state, both distinct
 from any initialisation) from five layouts (pp2 x tp2, ep2 x tp2, dp2 x ep2, dp4 with each
@@ -6,8 +6,9 @@ parameter's AdamW state on one rank only as under ZeRO-1, pp2 x ep2) and loads c
 other layouts, one-process saves included: every local parameter and AdamW tensor must equal
 its slice of the reference exactly, and loaded models without a pipeline compute the reference
 loss. The parent loads each checkpoint unsharded, resumes a pp2 x tp2 one into a plain model and
-AdamW, and consolidates one with scripts/consolidate.py. Crashes mid-save, in one process (at
-four points) and on 4 ranks, leave the previous checkpoint as the latest.
+AdamW, and consolidates one with scripts/consolidate.py (the file loads with load_model).
+Crashes mid-save, in one process (at four points) and on 4 ranks, leave the previous checkpoint
+as the latest.
 """
 
 import importlib.util
@@ -19,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, read_extra,
-                            restore_checkpoint, save_checkpoint)
+from moe.checkpoint import (full_state, latest_checkpoint, list_checkpoints, load_model,
+                            read_extra, restore_checkpoint, save_checkpoint)
 from moe.config import from_dict, load_config
 from moe.model import build_model
 from moe.optim import build_optimizer
@@ -111,12 +112,13 @@ def _loss(model, x):
 
 
 def _ranks_main(rank, world, root):
-    from torch.distributed.device_mesh import init_device_mesh
+    from tests.helpers import build_mesh
 
     import moe.parallel.checkpoint as ckpt
+    from moe.parallel.checkpoint import atomic
 
     root = Path(root)
-    meshes = {k: init_device_mesh("cpu", s, mesh_dim_names=MESH_DIMS) for k, s in LAYOUTS.items()}
+    meshes = {k: build_mesh(**dict(zip(MESH_DIMS, s))) for k, s in LAYOUTS.items()}
     _, ref_model, ref_opt = _reference(0)
     ref_params = dict(ref_model.named_parameters())
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -132,8 +134,8 @@ def _ranks_main(rank, world, root):
             for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
                 if i % 4 != dp:
                     del opt.state[p]
-        path = ckpt.save(root / kind, 2, parts, opt, {"config": _cfg().to_dict(), "tokens": 5},
-                         mesh, keep=2)
+        path = ckpt.save_checkpoint(root / kind, 2, parts, opt,
+                                    {"config": _cfg().to_dict(), "tokens": 5}, mesh, keep=2)
         assert path == root / kind / "checkpoints" / "step_00000002"
         assert read_extra(path)["layout"] == dict(zip(MESH_DIMS, LAYOUTS[kind]))
 
@@ -141,7 +143,7 @@ def _ranks_main(rank, world, root):
     for src, dst in LOADS:
         mesh, local = meshes[dst], _slicer(meshes[dst])
         _, parts, opt = _build(mesh, seed=1)
-        extra = ckpt.load(latest_checkpoint(root / src), parts, opt, mesh)
+        extra = ckpt.restore_checkpoint(latest_checkpoint(root / src), parts, opt, mesh)
         assert extra["tokens"] == 5 and extra["config"]["model"]["n_experts"] == 4
         n = 0
         for part in parts:
@@ -162,20 +164,21 @@ def _ranks_main(rank, world, root):
     # A failure on rank 0 while completing a save raises on every rank (no hang) and leaves
     # the previous checkpoint as the latest.
     _, parts, opt = _build(meshes["pp2tp2"], seed=0)
-    finalise = ckpt._finalise
+    finalise = atomic._finalise
     if rank == 0:
         def crash(*a, **k):
             raise OSError("disk full")
-        ckpt._finalise = crash
+        atomic._finalise = crash
     with pytest.raises((OSError, RuntimeError), match="disk full"):
-        ckpt.save(root / "pp2tp2", 3, parts, opt, {"config": {}}, meshes["pp2tp2"])
+        ckpt.save_checkpoint(root / "pp2tp2", 3, parts, opt, {"config": {}}, meshes["pp2tp2"])
     assert [p.name for p in list_checkpoints(root / "pp2tp2")] == ["step_00000002"]
-    ckpt._finalise = finalise
+    atomic._finalise = finalise
 
     # The manifest (rank 0, after the barrier) covers every rank's files. With step 3 broken,
     # every rank resumes from step 2: rank 0 decides and broadcasts (rank 1 looks at an empty
     # folder here, to show it), and only rank 0 warns.
-    new = ckpt.save(root / "pp2tp2", 3, parts, opt, {"config": {}}, meshes["pp2tp2"], keep=3)
+    new = ckpt.save_checkpoint(root / "pp2tp2", 3, parts, opt, {"config": {}}, meshes["pp2tp2"],
+                               keep=3)
     listed = json.loads((new / ckpt.MANIFEST_FILE).read_text())["files"]
     assert {f"__{r}_0.distcp" for r in range(world)} <= set(listed), sorted(listed)
     torch.distributed.barrier()
@@ -202,8 +205,7 @@ def test_checkpoints_reshard_between_layouts(tmp_path):
     cfg, model, ref_opt = _reference(0)
     opt = build_optimizer(model, cfg.train)
     _set_state(opt, _ids([model]), ref_opt, lambda v, p: v.clone())
-    save_checkpoint(tmp_path / "single", 2, {"model": model, "optimizer": opt, "tokens": 5,
-                                             "config": cfg.to_dict()})
+    save_checkpoint(tmp_path / "single", 2, model, opt, {"tokens": 5, "config": cfg.to_dict()})
 
     reports = run_ranks(_ranks_main, 4, str(tmp_path))
     n_params = len(list(model.parameters()))
@@ -214,7 +216,7 @@ def test_checkpoints_reshard_between_layouts(tmp_path):
 
     ref = model.state_dict()
     for kind in ("single", *LAYOUTS):  # any layout's checkpoint, unsharded in one process
-        state = load_checkpoint(latest_checkpoint(tmp_path / kind))
+        state = full_state(latest_checkpoint(tmp_path / kind))
         assert state["model"].keys() == ref.keys(), kind
         for name, t in ref.items():
             assert torch.equal(state["model"][name], t), (kind, name)
@@ -239,44 +241,49 @@ def test_checkpoints_reshard_between_layouts(tmp_path):
     spec = importlib.util.spec_from_file_location("consolidate", ROOT / "scripts/consolidate.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--checkpoint", str(tmp_path / "ep2tp2"), "--out", str(tmp_path / "full.pt")])
+    out = tmp_path / "full.pt"
+    assert mod.main(["--checkpoint", str(tmp_path / "ep2tp2"), "--out", str(out)]) == 0
     full = torch.load(out, weights_only=True)
     assert set(full) >= {"model", "config"} and "optimizer" not in full
     assert full["model"].keys() == ref.keys()
     assert all(torch.equal(full["model"][k], v) for k, v in ref.items())
     rebuilt = build_model(from_dict(full["config"]).model)
     rebuilt.load_state_dict(full["model"], strict=True)
+    # The one loader takes the consolidated file as it takes a step folder.
+    loaded = load_model(out)
+    assert loaded.checkpoint == out and loaded.step == 2 and not loaded.model.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), ref.values()))
 
 
 @pytest.mark.parametrize("where", ["dcp.save", "dcp-write", "before-rename", "rename"])
 def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch, where):
-    import moe.parallel.checkpoint as ckpt
+    from moe.parallel.checkpoint import atomic
 
     cfg, model, ref_opt = _reference(0)
     opt = build_optimizer(model, cfg.train)
     _set_state(opt, _ids([model]), ref_opt, lambda v, p: v.clone())
-    save_checkpoint(tmp_path, 1, {"model": model, "optimizer": opt, "config": cfg.to_dict()})
-    before = load_checkpoint(latest_checkpoint(tmp_path))
+    save_checkpoint(tmp_path, 1, model, opt, {"config": cfg.to_dict()})
+    before = full_state(latest_checkpoint(tmp_path))
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    target = {"dcp.save": (ckpt.dcp, "save"),  # before anything is written
+    target = {"dcp.save": (atomic.dcp, "save"),  # before anything is written
               "dcp-write": (torch, "save"),  # DCP's writer serialises tensors with torch.save
-              "before-rename": (ckpt, "_fsync_dir"),  # extra.pt complete, folder not renamed
-              "rename": (ckpt.os, "replace")}[where]
+              "before-rename": (atomic, "_fsync_dir"),  # extra.pt complete, folder not renamed
+              "rename": (atomic.os, "replace")}[where]
     monkeypatch.setattr(*target, boom)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     # OSError, or DCP's CheckpointException wrapping it (a BaseException, not an Exception)
     with pytest.raises(BaseException, match="disk full|CheckpointException"):
-        save_checkpoint(tmp_path, 2, {"model": model, "optimizer": opt, "config": {}})
+        save_checkpoint(tmp_path, 2, model, opt, {"config": {}})
     monkeypatch.undo()
 
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
-    after = load_checkpoint(latest_checkpoint(tmp_path))
+    after = full_state(latest_checkpoint(tmp_path))
     assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
     # The next save clears the leftover temporary folder and prunes to `keep`.
-    save_checkpoint(tmp_path, 2, {"model": model, "config": {}}, keep=1)
+    save_checkpoint(tmp_path, 2, model, extra={"config": {}}, keep=1)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]

@@ -5,9 +5,10 @@ local sequences / global sequences; the same share scales the injected router-lo
 Then, against one process on the whole batch:
 - the gathered logits and the summed losses (LM and router) agree;
 - routing and dropping agree (tokens / kept per expert summed over ranks);
-- expert gradients on their rank equal the single process's gradients of those experts, with
-  no reduction (the all-to-all backward already brought every rank's contribution), and dense
-  gradients summed over the ep ranks equal the single process's (the trainer's reduction rule).
+- after the trainer's ``reduce_gradients``, expert gradients on their rank equal the single
+  process's gradients of those experts (not reduced over ep: the all-to-all backward already
+  brought every rank's contribution) and dense gradients, summed over the data ranks, equal the
+  single process's.
 Several cases run inside one spawned job, since process start-up costs seconds.
 """
 
@@ -18,28 +19,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 
 from moe.config import ModelConfig
 from moe.model import build_model
 from moe.model.experts import GroupedExperts
+from moe.parallel.data import reduce_gradients
 from moe.parallel.expert import ExpertParallelExperts, apply_expert_parallel
 from moe.parallel.mesh import shard_spec
-from moe.parallel.tensor import apply_tensor_parallel, sync_partial_grads
+from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks
+from tests.helpers import assert_grads_match, build_mesh, tiny_model_config
 
 SEED = 7
 SEQ = 8
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=16,
-                n_experts=8, top_k=2, expert_hidden=32, ffn_hidden=48, capacity_factor=1.0,
-                min_capacity=1, router_jitter=0.0)
-    base.update(kw)
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg
+    return tiny_model_config(**{**dict(n_experts=8, min_capacity=1), **kw})
 
 
 def make_batch(cfg: ModelConfig, n_seqs: int, seed: int):
@@ -62,32 +58,12 @@ def lm_step(model, inputs, targets, share: float):
     return logits.detach(), loss.detach(), router.detach(), stats
 
 
-def local_shard(full: torch.Tensor, spec: dict, coords: dict) -> torch.Tensor:
-    """The part of a full-model tensor a rank holds, from its shard record and mesh coordinates
-    (coords: mesh dim -> (coordinate, size))."""
-    for mesh_dim in ("tp", "ep"):
-        if mesh_dim in spec and mesh_dim in coords:
-            r, n = coords[mesh_dim]
-            full = full.chunk(n, dim=spec[mesh_dim])[r]
-    return full
-
-
-def check_grads(model, ref, coords, ep_group, tag):
-    """Expert grads as is vs the reference's slice; dense grads summed over ep vs the reference."""
-    ref_params = dict(ref.named_parameters())
-    n_expert = 0
-    for name, p in model.named_parameters():
-        spec = shard_spec(p)
-        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        if "ep" in spec:
-            n_expert += 1
-        else:
-            dist.all_reduce(g, group=ep_group)
-        rp = ref_params[name]
-        want = rp.grad if rp.grad is not None else torch.zeros_like(rp)
-        torch.testing.assert_close(g, local_shard(want, spec, coords), rtol=1e-5, atol=1e-7,
-                                   msg=lambda m: f"{tag}: grad of {name}: {m}")
-    return n_expert
+def check_grads(model, ref, mesh, tag) -> int:
+    """The trainer's reduction, then every gradient against its slice of the reference's;
+    returns how many expert (ep-sharded) parameters there are."""
+    reduce_gradients([model], mesh)
+    assert_grads_match(model, ref, rtol=1e-5, atol=1e-7, tag=tag)
+    return sum("ep" in shard_spec(p) for p in model.parameters())
 
 
 def gather_cat(t: torch.Tensor, group, n: int) -> torch.Tensor:
@@ -102,9 +78,11 @@ def sum_over(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def run_lm_case(case: dict, ep_mesh, n_seqs: int, tp_mesh=None) -> dict:
-    """One parity case: the data rank is the ep coordinate (tp ranks share data)."""
+def run_lm_case(case: dict, mesh, n_seqs: int) -> dict:
+    """One parity case on a mesh with dp = pp = 1: the data rank is the ep coordinate (tp ranks
+    share data)."""
     cfg = tiny_cfg(**case)
+    ep_mesh, tp_mesh = mesh["ep"], mesh["tp"]
     ep, ep_rank, ep_group = ep_mesh.size(), ep_mesh.get_local_rank(), ep_mesh.get_group()
     inputs, targets = make_batch(cfg, n_seqs, seed=SEED + 1)
     local = slice(ep_rank * n_seqs // ep, (ep_rank + 1) * n_seqs // ep)
@@ -116,17 +94,12 @@ def run_lm_case(case: dict, ep_mesh, n_seqs: int, tp_mesh=None) -> dict:
 
     torch.manual_seed(SEED)
     model = build_model(cfg)
-    coords = {"ep": (ep_rank, ep)}
-    if tp_mesh is not None:  # the trainer's order: tensor parallel, then expert parallel
-        apply_tensor_parallel(model, tp_mesh)
-        coords["tp"] = (tp_mesh.get_local_rank(), tp_mesh.size())
+    apply_tensor_parallel(model, tp_mesh)  # the trainer's order: tensor, then expert parallel
     apply_expert_parallel(model, ep_mesh)
     assert all(isinstance(m.experts, ExpertParallelExperts) for m in model.moe_layers())
     logits, loss, router, stats = lm_step(model, inputs[local], targets[local], share)
-    if tp_mesh is not None:
-        sync_partial_grads(model, tp_mesh)  # multi-query K/V: summed over tp
 
-    tag = f"{case} ep={ep} tp={tp_mesh.size() if tp_mesh is not None else 1}"
+    tag = f"{case} ep={ep} tp={tp_mesh.size()}"
     torch.testing.assert_close(gather_cat(logits, ep_group, ep), ref_logits, rtol=1e-5,
                                atol=1e-5, msg=lambda m: f"{tag}: logits: {m}")
     torch.testing.assert_close(sum_over(loss, ep_group), ref_loss, rtol=1e-5, atol=0,
@@ -134,16 +107,17 @@ def run_lm_case(case: dict, ep_mesh, n_seqs: int, tp_mesh=None) -> dict:
     torch.testing.assert_close(sum_over(router, ep_group), ref_router, rtol=1e-5, atol=0,
                                msg=lambda m: f"{tag}: router loss: {m}")
     assert torch.equal(sum_over(stats, ep_group), ref_stats), f"{tag}: routing / dropping differ"
-    n_expert = check_grads(model, ref, coords, ep_group, tag)
+    n_expert = check_grads(model, ref, mesh, tag)
     assert n_expert == len(model.moe_layers()) * (3 if cfg.activation == "swiglu" else 2)
     return {"dropped": bool((ref_stats[:, 1].sum() < ref_stats[:, 0].sum()).item()),
             # an expert this rank sends no rows to: an empty split in the exchange
             "empty_split": bool((stats[:, 1] == 0).any().item())}
 
 
-def run_pruned_stage_case(ep_mesh, n_seqs: int) -> None:
+def run_pruned_stage_case(mesh, n_seqs: int) -> None:
     """A middle pipeline stage (layer 0, embeddings, norm and head removed) on hidden states."""
     cfg = tiny_cfg(n_layers=3, expert_impl="grouped")
+    ep_mesh = mesh["ep"]
     ep, ep_rank, ep_group = ep_mesh.size(), ep_mesh.get_local_rank(), ep_mesh.get_group()
     g = torch.Generator().manual_seed(SEED + 2)
     h = torch.randn(n_seqs, SEQ, cfg.d_model, generator=g)
@@ -169,7 +143,7 @@ def run_pruned_stage_case(ep_mesh, n_seqs: int) -> None:
     model = apply_expert_parallel(stage(), ep_mesh)
     out = step(model, h[local], dy[local], (n_seqs // ep) / n_seqs)
     torch.testing.assert_close(gather_cat(out, ep_group, ep), ref_out, rtol=1e-5, atol=1e-5)
-    check_grads(model, ref, {"ep": (ep_rank, ep)}, ep_group, "pruned stage")
+    check_grads(model, ref, mesh, "pruned stage")
 
 
 def run_direct_case(ep_mesh, impl: str) -> None:
@@ -223,14 +197,14 @@ CASES_2 = [
 
 
 def _two_ranks(rank, world_size):
-    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
-    results = [run_lm_case(case, mesh["ep"], n_seqs=4) for case in CASES_2]
-    run_pruned_stage_case(mesh["ep"], n_seqs=4)
+    mesh = build_mesh(ep=2)
+    results = [run_lm_case(case, mesh, n_seqs=4) for case in CASES_2]
+    run_pruned_stage_case(mesh, n_seqs=4)
     for impl in ("grouped", "bmm", "loop"):
         run_direct_case(mesh["ep"], impl)
 
     # ep = 1 (here dp = 2): a no-op.
-    one = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "ep"))["ep"]
+    one = build_mesh(dp=2)["ep"]
     torch.manual_seed(SEED)
     model = build_model(tiny_cfg())
     before = {n: p for n, p in model.named_parameters()}
@@ -241,12 +215,10 @@ def _two_ranks(rank, world_size):
 
 
 def _four_ranks(rank, world_size):
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))
-    results = [run_lm_case(dict(expert_impl="grouped", capacity_factor=1.0), mesh["ep"], 4,
-                           tp_mesh=mesh["tp"]),
-               run_lm_case(dict(expert_impl="bmm", capacity_factor=None), mesh["ep"], 4,
-                           tp_mesh=mesh["tp"])]
-    ep4 = init_device_mesh("cpu", (4,), mesh_dim_names=("ep",))["ep"]
+    mesh = build_mesh(ep=2, tp=2)
+    results = [run_lm_case(dict(expert_impl="grouped", capacity_factor=1.0), mesh, 4),
+               run_lm_case(dict(expert_impl="bmm", capacity_factor=None), mesh, 4)]
+    ep4 = build_mesh(ep=4)
     results.append(run_lm_case(dict(expert_impl="loop", capacity_factor=1.0), ep4, 8))
     return results
 
@@ -281,5 +253,5 @@ def test_apply_rejects_indivisible_experts():
 
     torch.manual_seed(SEED)
     model = build_model(tiny_cfg())
-    with pytest.raises(ValueError, match="do not split over ep=3"):
+    with pytest.raises(ValueError, match="does not split over ep=3"):
         apply_expert_parallel(model, FakeMesh())

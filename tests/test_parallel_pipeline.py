@@ -17,6 +17,7 @@ from moe.config import Config, load_config
 from moe.model.transformer import build_model
 from moe.parallel.pipeline import build_stage_models, split_layers, stage_indices
 from tests.dist_utils import run_ranks
+from tests.helpers import build_mesh, local_slice
 
 SEQ, MB, N_MICRO = 8, 2, 4
 LOCAL = MB * N_MICRO
@@ -116,7 +117,7 @@ def test_interleaved_needs_one_pp_layers_entry_per_virtual_stage():
 
 def _reference(cfg, x, y):
     """One process: loss, summed routing stats per layer, gradients by name, and the model."""
-    from moe.parallel.pipeline import lm_cross_entropy
+    from moe.model import lm_loss
 
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -126,7 +127,7 @@ def _reference(cfg, x, y):
     total = 0.0
     stats = {}
     for xm, ym in zip(x.chunk(N_MICRO), y.chunk(N_MICRO)):
-        loss = lm_cross_entropy(model(xm), ym) * share
+        loss = lm_loss(model(xm), ym) * share
         loss.backward()
         total += float(loss.detach())
         for key, layer in model.layers.items():
@@ -177,22 +178,20 @@ def _check_autocast(cfg, mesh, x, y):
 def _check_case(cfg, mesh, x, y, tag):
     """One pipeline step of ``cfg`` (and an eval forward) against the reference.
 
-    mesh: ("pp",) or ("pp", "tp"). Returns a summary for the parent process.
+    mesh: the trainer's, pp=2 and tp=1 or 2. Returns a summary for the parent process.
     """
-    from moe.parallel.mesh import shard_spec
+    from moe.parallel.data import reduce_gradients
     from moe.parallel.pipeline import PipelineRuntime, pipeline_forward
+    from moe.parallel.tensor import apply_tensor_parallel
 
-    tp_mesh = mesh["tp"] if "tp" in mesh.mesh_dim_names else None
+    tp_mesh = mesh["tp"]
     ref_loss, ref_stats, ref_grads, ref_model = _reference(cfg, x, y)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     model.train()
     stages = build_stage_models(model, mesh["pp"].get_local_rank(), 2, cfg)
-    if tp_mesh is not None:
-        from moe.parallel.tensor import apply_tensor_parallel
-
-        for _, part in stages:
-            apply_tensor_parallel(part, tp_mesh)
+    for _, part in stages:
+        apply_tensor_parallel(part, tp_mesh)  # tp=1: a no-op
     stats = {}
     pipe = PipelineRuntime(stages, mesh["pp"], cfg, (MB, SEQ), N_MICRO, "cpu",
                            global_batch=GLOBAL,
@@ -201,10 +200,7 @@ def _check_case(cfg, mesh, x, y, tag):
     for part in pipe.parts:
         part.zero_grad(set_to_none=True)
     loss = pipe.step(x, y)
-    if tp_mesh is not None:
-        from moe.parallel.tensor import sync_partial_grads
-
-        sync_partial_grads(pipe.parts, tp_mesh)
+    reduce_gradients(pipe.parts, mesh)  # the trainer's: MQA's partial K/V summed over tp
 
     if pipe.is_last:
         assert _close(float(loss), ref_loss), (tag, float(loss), ref_loss)
@@ -223,10 +219,7 @@ def _check_case(cfg, mesh, x, y, tag):
         for part in pipe.parts:
             for name, p in part.named_parameters():
                 assert p.grad is not None, (tag, name)
-                ref = ref_grads[name]
-                spec = shard_spec(p)
-                if "tp" in spec:
-                    ref = ref.chunk(tp_mesh.size(), spec["tp"])[tp_mesh.get_local_rank()]
+                ref = local_slice(ref_grads[name], p)
                 err = float((p.grad - ref).abs().max())
                 assert err <= 1e-5 * float(ref.abs().max()) + 1e-8, (tag, name, err)
                 names.append(name)
@@ -237,8 +230,7 @@ def _check_case(cfg, mesh, x, y, tag):
     for part in pipe.parts:
         part.zero_grad(set_to_none=True)
     loss2 = pipe.step(x, y)
-    if tp_mesh is not None:
-        sync_partial_grads(pipe.parts, tp_mesh)
+    reduce_gradients(pipe.parts, mesh)
     assert (loss2 is None) == (loss is None) and (loss is None or float(loss2) == float(loss))
     check_grads()
     assert all(a["calls"] == 2 * N_MICRO for a in stats.values())
@@ -271,13 +263,9 @@ def _data():
 def _run(rank, world, cases):
     """Run ``cases`` [(schedule, capacity_factor, pp_layers)] on one mesh; collect failures
     per case (assertions come after each step, so a failing case does not desync the ranks)."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if world == 2:
-        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
-    else:
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
     import torch.distributed as dist
+
+    mesh = build_mesh(pp=2, tp=world // 2)
 
     dist.set_debug_level(dist.DebugLevel.DETAIL)  # pipelining checks stage tensors vs examples
     x, y = _data()

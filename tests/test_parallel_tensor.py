@@ -3,10 +3,10 @@
 One spawned run checks several models: multi-query, grouped-query and multi-head attention;
 MoE with token dropping and dropless; a dense layer beside MoE layers (moe_every=2); SwiGLU and
 GELU; the grouped, loop and bmm expert paths; tied embeddings; a pruned pipeline stage. For
-each: logits and loss equal the single-process model's, every gradient (shards gathered along
-their recorded dim) equals the full model's after ``sync_partial_grads``, replicated parameters
-have bitwise-identical gradients on both ranks (the router among them), and after one AdamW
-step the parameters still match, with MQA's replicated K/V identical on both ranks.
+each: logits and loss equal the single-process model's, every gradient (after the trainer's
+``reduce_gradients``) equals its slice of the full model's, replicated parameters have
+bitwise-identical gradients on both ranks (the router among them), and after one AdamW step the
+parameters still match, with MQA's replicated K/V identical on both ranks.
 """
 
 import copy
@@ -15,11 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe.config import ModelConfig
 from moe.model import build_model
-from moe.parallel.mesh import MESH_DIMS, shard_spec
-from moe.parallel.tensor import apply_tensor_parallel, sync_partial_grads
+from moe.parallel.data import reduce_gradients
+from moe.parallel.mesh import shard_spec
+from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks
+from tests.helpers import assert_grads_match, build_mesh, tiny_model_config
 
 B, S = 4, 8
 
@@ -34,15 +35,9 @@ CASES = {
 }
 
 
-def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=16,
-                n_experts=4, top_k=2, expert_hidden=32, ffn_hidden=48, init_std=0.1,
-                capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0, router_jitter=0.0,
-                rope_theta=100.0)
-    base.update(kw)
-    cfg = ModelConfig(**base)
-    cfg.validate()
-    return cfg
+def tiny(**kw):
+    return tiny_model_config(**{**dict(init_std=0.1, eval_capacity_factor=1.0, rope_theta=100.0),
+                                **kw})
 
 
 def _gather(t: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
@@ -51,27 +46,22 @@ def _gather(t: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _check_params(ref, tp_model, group, size, what, rtol, atol, failures, case):
-    """Compare ``what`` ("grad" or "data") of every parameter with the full model's."""
-    ref_params = dict(ref.named_parameters())
-    for name, p in tp_model.named_parameters():
-        spec = shard_spec(p)
+def _check_replicas(model, group, size, what, failures, case):
+    """Parameters replicated over tp: the same bits on every rank, or the replicas drift."""
+    for name, p in model.named_parameters():
+        if "tp" in shard_spec(p):
+            continue
         mine = p.grad if what == "grad" else p.detach()
-        full = ref_params[name].grad if what == "grad" else ref_params[name].detach()
-        if "tp" in spec:
-            got = _gather(mine, spec["tp"], group, size)
-        else:
-            got = mine
-            # Replicated over tp: the same bits on every rank, or the replicas drift apart.
-            other = _gather(mine.unsqueeze(0), 0, group, size)
-            if not all(torch.equal(o, mine) for o in other):
-                failures.append(f"{case}: {name}.{what} differs between tp ranks")
-        if got.shape != full.shape:
-            failures.append(f"{case}: {name}.{what} shape {tuple(got.shape)} != "
-                            f"{tuple(full.shape)}")
-        elif not torch.allclose(got, full, rtol=rtol, atol=atol):
-            err = (got - full).abs().max().item()
-            failures.append(f"{case}: {name}.{what} max abs error {err:.3g}")
+        other = _gather(mine.unsqueeze(0), 0, group, size)
+        if not all(torch.equal(o, mine) for o in other):
+            failures.append(f"{case}: {name}.{what} differs between tp ranks")
+
+
+def _check(fn, failures, case):
+    try:
+        fn()
+    except AssertionError as e:
+        failures.append(f"{case}: {e}")
 
 
 def _check_experts_call(ref_experts, experts, cfg, failures):
@@ -86,8 +76,7 @@ def _check_experts_call(ref_experts, experts, cfg, failures):
 
 
 def _run(rank, world_size):
-    mesh = dist.device_mesh.init_device_mesh("cpu", (1, 1, 1, world_size),
-                                             mesh_dim_names=MESH_DIMS)
+    mesh = build_mesh(tp=world_size)
     tp_mesh = mesh["tp"]
     group, size = tp_mesh.get_group(), tp_mesh.size()
     failures, report = [], {}
@@ -124,7 +113,7 @@ def _run(rank, world_size):
             loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), targets.reshape(-1))
             loss.backward()
             outs[tag] = (logits.detach(), loss.detach())
-        sync_partial_grads([model], tp_mesh)
+        reduce_gradients([model], mesh)  # the trainer's: MQA's partial K/V summed over tp
 
         drops = [moe.last_stats.drop_frac() for moe in ref.moe_layers()]
         tp_drops = [moe.last_stats.drop_frac() for moe in model.moe_layers()]
@@ -140,7 +129,8 @@ def _run(rank, world_size):
             failures.append(f"{case}: logits max abs error {err:.3g}")
         if not torch.allclose(outs["tp"][1], outs["ref"][1], rtol=1e-5, atol=0):
             failures.append(f"{case}: loss {outs['tp'][1].item()} != {outs['ref'][1].item()}")
-        _check_params(ref, model, group, size, "grad", 1e-5, 1e-6, failures, case)
+        _check(lambda: assert_grads_match(model, ref, 1e-5, 1e-6), failures, case)
+        _check_replicas(model, group, size, "grad", failures, case)
 
         # One AdamW step on both: updated parameters still match (replicas bitwise). Adam's
         # first step is lr * g / (|g| + eps), nearly sign(g): with a tiny eps a gradient of 1e-7
@@ -149,7 +139,8 @@ def _run(rank, world_size):
         for m in (ref, model):
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1, eps=1e-4)
             opt.step()
-        _check_params(ref, model, group, size, "data", 1e-5, 1e-6, failures, case)
+        _check(lambda: assert_grads_match(model, ref, 1e-5, 1e-6, what="data"), failures, case)
+        _check_replicas(model, group, size, "data", failures, case)
         for layer in model.layers.values():
             attn = layer.attention
             if cfg.n_kv_heads == 1:
@@ -178,4 +169,4 @@ def test_size_one_is_a_no_op():
     assert apply_tensor_parallel(model, None) is model
     assert all(p is before[n] for n, p in model.named_parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    sync_partial_grads([model], None)
+    reduce_gradients([model], None)  # one process: nothing to reduce

@@ -87,9 +87,9 @@ def _rank_shards(rank, world_size, overrides):
     from moe.parallel.runtime import Runtime
 
     cfg = load_config(None, overrides)
-    dims, mesh, _ = init_distributed(cfg)
+    dims, _ = init_distributed(cfg)
     model = build_model(cfg.model, "meta")
-    runtime = Runtime(cfg, model, mesh, torch.device("cpu"))
+    runtime = Runtime(cfg, model, dims, torch.device("cpu"))
     # numpy: pickled by value (tensors would travel as shared-memory handles, one fd each).
     return {name: (p.detach().numpy().copy(), shard_slices(p))
             for part in runtime.parts for name, p in part.named_parameters()}

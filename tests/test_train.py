@@ -77,8 +77,8 @@ def test_resume_continues_exactly(tmp_path, extra):
     train(part)
     assert latest_checkpoint(part.train.run_dir).name == "step_00000006"
     train(_cfg(tmp_path, "part", "--train.max_steps=12", *common))
-    a = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(full.train.run_dir) if "lm_loss" in r]
-    b = [(r["step"], r["loss"], r["grad_norm"]) for r in _rows(part.train.run_dir) if "lm_loss" in r]
+    a, b = ([(r["step"], r["loss"], r["grad_norm"]) for r in _rows(c.train.run_dir)
+             if "lm_loss" in r] for c in (full, part))
     assert a == b  # bit-identical on CPU, the resumed half included
 
 
@@ -135,19 +135,19 @@ def test_parallel_sizes_need_distributed_trainer(tmp_path):
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path, 1, {"x": torch.ones(2)})
+    save_checkpoint(tmp_path, 1, [], extra={"x": torch.ones(2)})
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, {"x": torch.zeros(2)})
+        save_checkpoint(tmp_path, 2, [], extra={"x": torch.zeros(2)})
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
     # Pruning keeps the newest `keep`.
     for s in (2, 3, 4):
-        save_checkpoint(tmp_path, s, {"x": torch.zeros(1)}, keep=2)
+        save_checkpoint(tmp_path, s, [], extra={"x": torch.zeros(1)}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
 
 
@@ -192,7 +192,7 @@ def test_wandb_offline_needs_no_network(tmp_path, monkeypatch):
 
 
 def test_resume_applies_changed_optimizer_settings_and_says_so(tmp_path, capsys):
-    from moe.checkpoint import load_checkpoint
+    from moe.checkpoint import full_state
 
     train(_cfg(tmp_path, "run", "--train.max_steps=2", "--train.weight_decay=0.1"))
     capsys.readouterr()
@@ -205,9 +205,66 @@ def test_resume_applies_changed_optimizer_settings_and_says_so(tmp_path, capsys)
     assert "beta1" not in err  # unchanged settings are not listed
     # The step-4 checkpoint holds what the optimizer used: the new values, and no decay on
     # the no-decay group (norms, embedding).
-    saved = load_checkpoint(latest_checkpoint(tmp_path / "run"))["optimizer"]["param_groups"]
+    saved = full_state(latest_checkpoint(tmp_path / "run"))["optimizer"]["param_groups"]
     groups = {name: dict(hyper) for name, hyper in saved.items()}
     assert groups["layers.0.attention.wq.weight"]["weight_decay"] == 0.02
     assert groups["layers.0.attention.wq.weight"]["betas"] == (0.9, 0.99)
     assert groups["layers.0.attention.wq.weight"]["eps"] == 1e-6
     assert groups["norm.weight"]["weight_decay"] == 0.0
+
+
+class _FakeWandbRun:
+    def __init__(self):
+        self.rows, self.finished = [], []
+
+    def log(self, row, step):
+        self.rows.append(step)
+
+    def finish(self, exit_code=None):
+        self.finished.append(exit_code)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_metrics_logger_and_wandb_closed_even_when_training_raises(tmp_path, monkeypatch, fail):
+    import types
+
+    import moe.train
+
+    runs = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        init=lambda **kw: runs.append(_FakeWandbRun()) or runs[-1]))
+    loggers = []
+
+    class Logger(moe.train.MetricsLogger):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.closes = 0
+            loggers.append(self)
+
+        def close(self):
+            self.closes += 1
+            super().close()
+
+    monkeypatch.setattr(moe.train, "MetricsLogger", Logger)
+    if fail:  # the second step raises, after the first was logged
+        def lr_at(step, tc):
+            if step == 1:
+                raise RuntimeError("boom")
+            return tc.lr
+
+        monkeypatch.setattr(moe.train, "lr_at", lr_at)
+    cfg = _cfg(tmp_path, "run", "--train.max_steps=3", "--log.wandb=offline")
+    if fail:
+        with pytest.raises(RuntimeError, match="boom"):
+            train(cfg)
+    else:
+        train(cfg)
+    (logger,) = loggers
+    (run,) = runs
+    assert logger.closes == 1 and logger.file.closed
+    # A run that raised is marked failed in wandb, not finished; either way finished once.
+    assert run.finished == ([1] if fail else [None]) and run.rows[0] == 1
+    assert [r["step"] for r in _rows(cfg.train.run_dir)][:1] == [1]
+    # The run-folder lock went with them: the same folder trains again at once.
+    monkeypatch.undo()
+    train(_cfg(tmp_path, "run", "--train.max_steps=1", "--train.eval_every=1"))

@@ -1,7 +1,7 @@
 """Diagnostics of trained checkpoints: routing report and batch dependence.
 
-- :mod:`moe.analysis.run`: load a run folder (config + checkpoint -> model) and held-out
-  windows per corpus source.
+- :mod:`moe.analysis.run`: held-out windows per corpus source (the model comes from
+  ``moe.checkpoint.load_model``).
 - :mod:`moe.analysis.routing`: load per expert, drops, router entropy and code/prose
   specialisation per MoE layer (``scripts/routing_report.py``).
 - :mod:`moe.analysis.batch`: how a prompt's next-token distribution changes with the other
@@ -10,7 +10,7 @@
 
 from moe.analysis.batch import batch_dependence, group_forward
 from moe.analysis.routing import routing_report, write_routing_report
-from moe.analysis.run import LoadedRun, load_run, source_windows, val_windows
+from moe.analysis.run import source_windows, val_windows
 
-__all__ = ["LoadedRun", "load_run", "source_windows", "val_windows", "routing_report",
+__all__ = ["source_windows", "val_windows", "routing_report",
            "write_routing_report", "batch_dependence", "group_forward"]

@@ -21,8 +21,8 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from moe.model.loss import lm_loss
 from moe.model.moe import MoE
 
 
@@ -53,8 +53,7 @@ def routing_report(model, windows: dict[str, tuple[torch.Tensor, str]], batch_si
         for i in range(0, len(w), batch_size):
             x, y = w[i:i + batch_size, :-1], w[i:i + batch_size, 1:]
             logits = model(x)
-            loss += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                          reduction="sum"))
+            loss += float(lm_loss(logits, y, reduction="sum"))
             n_tok += y.numel()
             for name, layer in layers.items():
                 st, a = layer.last_stats, acc[source][name]

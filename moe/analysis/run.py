@@ -1,58 +1,14 @@
-"""Load a trained run for analysis, and cut held-out token windows per corpus source."""
+"""Held-out token windows per corpus source, for analysing a trained model.
+
+The model and its config come from ``moe.checkpoint.load_model`` (a run folder, step folder or
+consolidated file)."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from moe.checkpoint import latest_good_checkpoint, load_checkpoint, resolve_checkpoint
-from moe.config import Config, from_dict
-from moe.model import Transformer, build_model
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class LoadedRun:
-    cfg: Config  # the checkpoint's own config (what the weights were trained with)
-    model: Transformer  # in eval mode
-    checkpoint: Path
-    step: int
-
-
-def resolve_cache_dir(cache_dir: str) -> str:
-    """A relative ``data.cache_dir`` is relative to where training ran, normally the repository
-    root: use that when it does not exist relative to the current folder."""
-    p = Path(cache_dir)
-    if p.is_absolute() or p.exists() or not (ROOT / p).exists():
-        return cache_dir
-    return str(ROOT / p)
-
-
-def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
-             device: str = "cpu", cache_dir: str | None = None) -> LoadedRun:
-    """Config and weights from ``checkpoint`` (default: the run folder's newest checkpoint
-    that verifies; broken newer ones are skipped with a warning, see resolve_checkpoint)."""
-    if checkpoint is None:
-        if run_dir is None:
-            raise ValueError("give a run folder or a checkpoint")
-        checkpoint = latest_good_checkpoint(run_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}: train "
-                                    f"the run first or pass --checkpoint")
-    else:
-        checkpoint = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(checkpoint, map_location=device)
-    cfg = from_dict(state["config"])
-    cfg.data.cache_dir = cache_dir or resolve_cache_dir(cfg.data.cache_dir)
-    cfg.validate()
-    model = build_model(cfg.model, device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return LoadedRun(cfg, model, Path(checkpoint), int(state.get("step", 0)))
+from moe.config import Config
 
 
 def _windows(stream: np.ndarray, length: int, n: int) -> torch.Tensor:

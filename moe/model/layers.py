@@ -48,9 +48,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D]; cos, sin: [S, D]."""
-    cos = cos[None, :, None, :].to(x.dtype)
-    sin = sin[None, :, None, :].to(x.dtype)
+    """x: [B, S, H, D]; cos, sin: [S, D] (one table for every sequence), or [B, S, D] or
+    [B, S, 1, D] (each sequence at its own positions, as a KV-cached decode step is)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    if cos.dim() == 3:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
 
 

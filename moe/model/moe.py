@@ -12,6 +12,13 @@ A dropped assignment contributes nothing: the token keeps its other expert(s) an
 path (the block adds ``out`` to its input). Weights are not renormalised after dropping.
 The router and the combine run in fp32 whatever the autocast dtype of the experts.
 
+Inference (moe/inference/) may override the capacity factor per call (``capacity_factor=None``:
+dropless, whatever the config says) and ask for the few-token decode path (``decode_path``):
+when a forward has at most ``n_experts`` assignments (batch-1 decode has ``top_k``), sorting,
+capacity planning and the grouped matmul cost far more than the arithmetic, so each chosen
+expert is run on its few tokens by plain matmuls with views of its weights. The sorted path
+above is its reference (tests/test_inference.py checks them equal).
+
 The router losses do not travel with the output. Each layer injects their gradient into its
 own graph in backward (Megatron-Core's MoEAuxLossAutoScaler), so a pipeline stage never has to
 send a loss to another stage; their values are kept in ``last_stats`` for logging.
@@ -27,8 +34,18 @@ from torch import nn
 from moe.config import ModelConfig
 from moe.model.experts import GroupedExperts
 from moe.model.init import Init, init_parameters, prefixed, trunc_normal
-from moe.model.router import (Router, RoutingStats, expert_capacity, load_balancing_loss,
-                              plan_capacity, router_z_loss)
+from moe.model.layers import activate
+from moe.model.router import (
+    Router,
+    RoutingStats,
+    expert_capacity,
+    load_balancing_loss,
+    plan_capacity,
+    router_z_loss,
+)
+
+# Default of ``MoE.forward(capacity_factor=...)``: the config's factor (training or eval).
+CONFIG_CAPACITY = "config"
 
 
 class InjectLossGrad(torch.autograd.Function):
@@ -85,6 +102,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.expert_hidden,
                                       cfg.activation, cfg.expert_impl)
         self.last_stats: RoutingStats | None = None
+        self.last_experts: torch.Tensor | None = None  # [T, k] experts chosen in the last forward
 
     def init_rules(self, std: float, out_std: float) -> dict[str, Init]:
         return {"router.gate.weight": trunc_normal(std),
@@ -94,21 +112,38 @@ class MoE(nn.Module):
         """Initialise a standalone MoE layer (seed None: from torch's global RNG)."""
         init_parameters(self, self.init_rules(std, out_std), seed)
 
-    def capacity(self, tokens_in_group: int) -> int:
-        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+    def capacity(self, tokens_in_group: int, capacity_factor=CONFIG_CAPACITY) -> int:
+        cf = capacity_factor
+        if cf is CONFIG_CAPACITY:
+            cf = self.capacity_factor if self.training else self.eval_capacity_factor
         return expert_capacity(tokens_in_group, self.top_k, self.n_experts, cf, self.min_capacity)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, capacity_factor=CONFIG_CAPACITY,
+                decode_path: bool = False) -> torch.Tensor:
+        """x: [B, S, dim] -> [B, S, dim].
+
+        ``capacity_factor``: the config's (training or eval factor) by default; None is
+        dropless, a number overrides it for this call. ``decode_path``: take the few-token
+        path when it applies (dropless, eval mode, at most ``n_experts`` assignments, plain
+        ``GroupedExperts`` with no parallel hooks); it keeps no ``last_stats`` (None), only
+        ``last_experts``.
+        """
         b, s, dim = x.shape
-        if b % self.group_seqs:
+        dropless = capacity_factor is None or (capacity_factor is CONFIG_CAPACITY and (
+            self.capacity_factor if self.training else self.eval_capacity_factor) is None)
+        if decode_path and dropless and self._few_token_path_applies(b * s):
+            return self._forward_few(x.reshape(-1, dim)).view(b, s, dim)
+        if b % self.group_seqs and not (dropless and capacity_factor is None):
             raise ValueError(f"batch of {b} sequences is not a whole number of capacity groups "
                              f"of {self.group_seqs} (model.capacity_group_seqs)")
-        n_groups = b // self.group_seqs
+        # Dropless by request (inference), groups do not matter: one group if they do not fit.
+        n_groups = b // self.group_seqs if b % self.group_seqs == 0 else 1
         flat = x.reshape(-1, dim)  # [T, dim]
         t, k = flat.shape[0], self.top_k
 
         logits, probs, weights, experts = self.router(flat)
-        capacity = self.capacity(t // n_groups)
+        self.last_experts = experts
+        capacity = self.capacity(t // n_groups, capacity_factor)
         keep, _ = plan_capacity(weights, experts, n_groups, self.n_experts, capacity,
                                 self.drop_policy)
 
@@ -149,6 +184,50 @@ class MoE(nn.Module):
             if router_loss.requires_grad:
                 out = inject_loss_grad(out, router_loss, self.layer_weight * self.loss_scale)
         return out.view(b, s, dim)
+
+    def _few_token_path_applies(self, n_tokens: int) -> bool:
+        e = self.experts
+        return (not self.training and n_tokens * self.top_k <= self.n_experts
+                and type(e) is GroupedExperts and not e._forward_hooks
+                and not e._forward_pre_hooks)
+
+    def _forward_few(self, flat: torch.Tensor) -> torch.Tensor:
+        """The decode path: flat [T, dim] -> [T, dim], dropless, T * top_k <= n_experts.
+
+        Each chosen expert runs on its tokens as three matmuls with views of its weights
+        (gpt-fast gathers the chosen experts' weights instead: right on a GPU under
+        torch.compile, but on a CPU the copy costs as much as the matmul). Combined as the
+        sorted path does: fp32, each token's terms added in expert order from zero.
+        """
+        _, _, weights, experts = self.router(flat)
+        self.last_experts, self.last_stats = experts, None
+        w1, w2, w3 = self.experts.w1, self.experts.w2, self.experts.w3
+        t = flat.shape[0]
+        if t == 1:  # batch-1 decode: no index tensors at all
+            ids = experts[0].tolist()
+            out = None
+            for j in sorted(range(len(ids)), key=ids.__getitem__):
+                e = ids[j]
+                up = flat @ w3[e] if w3 is not None else None
+                y = (activate(flat @ w1[e], up) @ w2[e]).float() * weights[:, j:j + 1]
+                out = y if out is None else out + y
+            return out.to(flat.dtype)
+        by_expert: dict[int, list[tuple[int, int]]] = {}
+        for token, row in enumerate(experts.tolist()):  # T * k host ints (a sync on GPU)
+            for j, e in enumerate(row):
+                by_expert.setdefault(e, []).append((token, j))
+        out = None
+        for e in sorted(by_expert):
+            pairs = by_expert[e]
+            idx = torch.tensor([tok for tok, _ in pairs], device=flat.device)
+            slot = torch.tensor([j for _, j in pairs], device=flat.device)
+            xe, we = flat.index_select(0, idx), weights[idx, slot].unsqueeze(1)
+            up = xe @ w3[e] if w3 is not None else None
+            y = (activate(xe @ w1[e], up) @ w2[e]).float() * we
+            if out is None:
+                out = y.new_zeros(t, flat.shape[1])
+            out.index_add_(0, idx, y)
+        return out.to(flat.dtype)
 
     def router_loss(self) -> torch.Tensor:
         """This layer's weighted contribution to the total loss, from the last forward."""

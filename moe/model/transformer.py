@@ -21,7 +21,6 @@ same names. Build on the meta device, ``to_empty(device=...)``, then ``init_weig
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ from moe.config import ModelConfig
 from moe.model.attention import Attention
 from moe.model.init import ONES, Init, init_parameters, materialize, normal, prefixed
 from moe.model.layers import FeedForward, RMSNorm, rotary_tables
-from moe.model.moe import MoE
+from moe.model.moe import CONFIG_CAPACITY, MoE
 
 
 class Block(nn.Module):
@@ -44,8 +43,18 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.activation)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None,
+                mask: torch.Tensor | None = None, capacity_factor=CONFIG_CAPACITY,
+                decode_path: bool = False) -> torch.Tensor:
+        """The optional arguments are for inference (see ``Transformer.forward``)."""
+        if kv_cache is None:
+            h = x + self.attention(self.attention_norm(x), cos, sin)
+        else:
+            h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, mask)
+        if isinstance(self.feed_forward, MoE) and (decode_path
+                                                   or capacity_factor is not CONFIG_CAPACITY):
+            return h + self.feed_forward(self.ffn_norm(h), capacity_factor=capacity_factor,
+                                         decode_path=decode_path)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -84,7 +93,7 @@ class Transformer(nn.Module):
         return rules
 
     @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None, slices_of=None) -> None:
+    def init_weights(self, seed: int | None = None, slices_of=None) -> None:
         """Initialise every parameter and buffer; works after ``to_empty`` from meta.
 
         Each parameter is drawn from a generator seeded by ``(seed, its name)``, so every
@@ -100,17 +109,39 @@ class Transformer(nn.Module):
                                                      cfg.rope_theta, device=device)
         init_parameters(self, self.init_rules(), seed, slices_of)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, kv_cache=None, *, capacity_factor=CONFIG_CAPACITY,
+                decode_path: bool = False) -> torch.Tensor:
         """tokens: [B, S] ids (or [B, S, dim] hidden states on a later pipeline stage).
-        Returns logits [B, S, vocab] (or hidden states on a stage without ``output``)."""
+        Returns logits [B, S, vocab] (or hidden states on a stage without ``output``).
+
+        The keyword arguments serve inference (moe/inference/); their defaults are the plain
+        forward. ``kv_cache``: a view of a KV cache (``moe.inference.cache.CacheView``) with
+        ``input_pos`` [B, S] (each token's position in its sequence), ``attn_mask``
+        [B, 1, S, L] (None: every cached key visible) and ``layer(key)`` (the object each
+        attention layer calls ``update`` on). ``capacity_factor``: the MoE layers' capacity factor for this call (None:
+        dropless) instead of the config's; ``decode_path``: let MoE layers take their
+        few-token path (see ``MoE.forward``).
+        """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         s = h.shape[1]
         if s > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {s} tokens exceeds model.max_seq_len="
                              f"{self.rope_cos.shape[0]}")
-        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
+        if kv_cache is None:
+            cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+            extra = {}
+        else:
+            pos = kv_cache.input_pos  # [B, S]; the cache checked pos < max_seq_len
+            # [B, S, 1, D]: shaped once for every layer.
+            cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)
+            extra = {"mask": kv_cache.attn_mask}
+        if decode_path or capacity_factor is not CONFIG_CAPACITY:
+            extra.update(capacity_factor=capacity_factor, decode_path=decode_path)
+        for key, layer in self.layers.items():
+            if kv_cache is None:
+                h = layer(h, cos, sin, **extra)
+            else:
+                h = layer(h, cos, sin, kv_cache=kv_cache.layer(key), **extra)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
@@ -125,7 +156,7 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu",
-                seed: Optional[int] = None) -> Transformer:
+                seed: int | None = None) -> Transformer:
     """Build on the meta device, then (unless ``device`` is meta) materialise on ``device``
     and initialise from ``seed`` (None: a seed drawn from torch's global RNG).
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.device_mesh import DeviceMesh
 
 from moe.parallel.mesh import shard_spec
 
@@ -45,7 +46,7 @@ def _all_reduce_bucketed(tensors: list[torch.Tensor], group) -> None:
             t.copy_(r)
 
 
-def reduce_gradients(parts: list[nn.Module], mesh) -> None:
+def reduce_gradients(parts: list[nn.Module], mesh: DeviceMesh | None) -> None:
     """Sum gradients over the ranks that hold replicas of each parameter (see module doc)."""
     if mesh is None:
         return
@@ -62,23 +63,13 @@ def reduce_gradients(parts: list[nn.Module], mesh) -> None:
         _all_reduce_bucketed(expert, mesh["dp"].get_group())
 
 
-_FLAT: dict = {}
+def data_group(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The process group of the dp x ep ranks sharing this rank's (pp, tp) coordinate
+    (the flattened ``dp_ep`` dim ``ParallelDims.build_mesh`` makes)."""
+    return mesh["dp_ep"].get_group()
 
 
-def _flat(mesh, dims: tuple[str, ...]):
-    """A 1-D mesh over several dims of ``mesh``, created once (every rank calls it in order)."""
-    key = (id(mesh), dims)
-    if key not in _FLAT:
-        _FLAT[key] = mesh[dims]._flatten("_".join(dims))
-    return _FLAT[key]
-
-
-def data_group(mesh):
-    """The process group of the dp x ep ranks sharing this rank's (pp, tp) coordinate."""
-    return _flat(mesh, ("dp", "ep")).get_group()
-
-
-def _counts_here(p: torch.Tensor, mesh) -> bool:
+def _counts_here(p: torch.Tensor, mesh: DeviceMesh | None) -> bool:
     """Whether this rank contributes ``p`` to a global sum over the (pp, ep, tp) ranks.
 
     A parameter is counted once: on every rank holding a distinct shard of it, and for a
@@ -91,7 +82,7 @@ def _counts_here(p: torch.Tensor, mesh) -> bool:
     return True
 
 
-def grad_norm(parts: list[nn.Module], mesh) -> torch.Tensor:
+def grad_norm(parts: list[nn.Module], mesh: DeviceMesh | None) -> torch.Tensor:
     """Global L2 norm of all gradients (after reduce_gradients), identical on every rank."""
     params = [p for p in _params(parts) if p.grad is not None]
     if mesh is not None:
@@ -103,13 +94,13 @@ def grad_norm(parts: list[nn.Module], mesh) -> torch.Tensor:
         sq = torch.zeros((), device=device)
     if mesh is not None:
         # dp replicas hold identical gradients: sum over the other dimensions only.
-        other = _flat(mesh, ("pp", "ep", "tp"))
+        other = mesh["pp_ep_tp"]
         if other.size() > 1:
             dist.all_reduce(sq, group=other.get_group())
     return sq.sqrt()
 
 
-def clip_gradients(parts: list[nn.Module], mesh, max_norm: float) -> torch.Tensor:
+def clip_gradients(parts: list[nn.Module], mesh: DeviceMesh | None, max_norm: float) -> torch.Tensor:
     """Clip to ``max_norm`` (0 disables) by the global norm; returns the norm before clipping."""
     norm = grad_norm(parts, mesh)
     if max_norm > 0:
@@ -120,7 +111,7 @@ def clip_gradients(parts: list[nn.Module], mesh, max_norm: float) -> torch.Tenso
     return norm
 
 
-def reduce_metrics(values: torch.Tensor, mesh) -> torch.Tensor:
+def reduce_metrics(values: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     """Sum a flat float tensor of per-rank metric contributions over the whole world.
 
     Tensor-parallel ranks compute identical values, so only tp coordinate 0 contributes; pp

@@ -3,7 +3,7 @@
     apply_expert_parallel(model, mesh["ep"])   # after pipeline split and tensor parallel
 
 Rank r keeps experts [r * E/ep, (r + 1) * E/ep) of every MoE layer (``experts.w1/w2/w3`` sliced
-on dim 0, names unchanged, recorded as ``{"ep": 0}``). Routing, capacity and dropping are
+on the ep dim the sharding plan gives them, dim 0; names unchanged, recorded as ``{"ep": 0}``). Routing, capacity and dropping are
 untouched: they run on the rank that holds the tokens, per capacity group, before any exchange,
 so they are the same however the batch is split. The exchange is GShard's dispatch / combine
 all-to-all pair (Lepikhin et al. 2020) on the ragged (unpadded) layout.
@@ -41,9 +41,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed.device_mesh import DeviceMesh
 
 from moe.model.experts import GroupedExperts
 from moe.parallel.mesh import shard_param
+from moe.parallel.plan import rule_for
 
 
 class _SharedGroup:
@@ -115,30 +117,30 @@ class ExpertParallelExperts(GroupedExperts):
         return all_to_all_single_autograd(y_recv.contiguous(), send_splits, recv_splits, group)
 
 
-def apply_expert_parallel(model: torch.nn.Module, ep_mesh) -> torch.nn.Module:
+def apply_expert_parallel(model: torch.nn.Module, ep_mesh: DeviceMesh | None) -> torch.nn.Module:
     """Shard every MoE layer's experts over the 1-D mesh ``ep_mesh`` (in place; size 1: no-op).
 
-    Works on a pruned pipeline stage (only the layers present are touched) and after tensor
-    parallelism (hooks on the experts module are kept; the exchange runs inside them).
+    The parameters cut are those the sharding plan (moe/parallel/plan.py) gives an ep dim; the
+    modules holding them become ``ExpertParallelExperts``. Works on a pruned pipeline stage
+    (only the layers present are touched) and after tensor parallelism (hooks on the experts
+    module are kept; the exchange runs inside them). Sizes are checked by
+    ``ParallelDims.validate``.
     """
-    size = ep_mesh.size()
-    if size == 1:
+    if ep_mesh is None or ep_mesh.size() == 1:
         return model
-    rank = ep_mesh.get_local_rank()
-    group = ep_mesh.get_group()
-    for name, layer in model.layers.items():
-        experts = getattr(layer.feed_forward, "experts", None)
-        if experts is None:
-            continue  # dense feed-forward layer
+    size, rank, group = ep_mesh.size(), ep_mesh.get_local_rank(), ep_mesh.get_group()
+    holders: dict[str, torch.nn.Module] = {}
+    for name, _ in list(model.named_parameters()):
+        ep_dim = rule_for(name).ep_dim  # whole experts: nothing to resolve per model
+        if ep_dim is None:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        experts = model.get_submodule(module_name)
         if isinstance(experts, ExpertParallelExperts):
-            raise ValueError(f"layers.{name}.feed_forward.experts is already expert-parallel")
-        n_experts = experts.w1.shape[0]
-        if n_experts % size:
-            raise ValueError(f"layers.{name}: {n_experts} experts do not split over ep={size} "
-                             f"ranks (model.n_experts must be divisible by parallel.ep)")
-        for w in ("w1", "w2", "w3"):
-            if getattr(experts, w) is not None:
-                shard_param(experts, w, "ep", 0, rank, size)
+            raise ValueError(f"{module_name} is already expert-parallel")
+        shard_param(experts, attr, "ep", ep_dim, rank, size)
+        holders[module_name] = experts
+    for experts in holders.values():
         experts.__class__ = ExpertParallelExperts
         experts._ep_group, experts.ep_size, experts.ep_rank = _SharedGroup(group), size, rank
     return model

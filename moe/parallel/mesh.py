@@ -1,11 +1,17 @@
 """Parallel sizes, their validation, the device mesh, and how each parameter is sharded.
 
+``ParallelDims`` holds the sizes, every check of a layout against a config (``validate``) and,
+once built (``build_mesh``, done by ``init_distributed``), the device mesh: ``dims.mesh()`` is
+the whole mesh, ``dims.mesh("tp")`` one dimension, ``dims.mesh("dp_ep")`` a flattened one.
+
 Mesh dimensions, outermost first: ``("pp", "dp", "ep", "tp")``; tensor parallelism innermost
 so its ranks share a node's fast links. A rank's data shard is its (dp, ep) coordinate: expert-
 parallel ranks hold different experts *and* see different data, so dense parameters are
 replicated over dp * ep ranks and expert parameters over dp ranks.
 
-Every parameter carries a small record of how it is split (``shard_spec``):
+Every parameter carries a small record of how it is split (``shard_spec``), written by
+``shard_param`` / ``mark_shard`` as tensor and expert parallelism apply the sharding plan
+(moe/parallel/plan.py):
 ``{"tp": dim}`` / ``{"ep": dim}`` for tensor/expert sharding, plus ``tp_partial_grad`` for a
 parameter replicated over tp whose gradient each tp rank only partly computes (the shared K/V
 projections of multi-query attention). Gradient reduction, the gradient norm and checkpoints
@@ -15,22 +21,33 @@ all read these records, so they never need to know which module a parameter came
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from moe.config import Config, ConfigError
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 MESH_DIMS = ("pp", "dp", "ep", "tp")
+# 1-D meshes over several dims, made once with the mesh (every rank, same order) and then
+# looked up by name like any dim: mesh["dp_ep"].
+FLAT_DIMS = {"dp_ep": ("dp", "ep"),         # data ranks: dense gradients are summed here
+             "pp_ep_tp": ("pp", "ep", "tp")}  # ranks holding distinct shards: the grad norm
 
 
 @dataclass(frozen=True)
 class ParallelDims:
+    """The parallel sizes, their checks, and (once built) the device mesh over them."""
+
     tp: int = 1
     pp: int = 1
     dp: int = 1
     ep: int = 1
+    _mesh: Optional["DeviceMesh"] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ParallelDims":
@@ -50,6 +67,26 @@ class ParallelDims:
     def shape(self) -> tuple[int, int, int, int]:
         return (self.pp, self.dp, self.ep, self.tp)
 
+    def build_mesh(self, device_type: str = "cpu") -> "DeviceMesh":
+        """Make the ``("pp", "dp", "ep", "tp")`` mesh (and its flattened dims, ``FLAT_DIMS``)
+        over the initialised process group; kept on this object. Collective: every rank."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self._mesh is not None:
+            raise RuntimeError("the device mesh is already built")
+        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
+        for name, dims in FLAT_DIMS.items():
+            mesh[dims]._flatten(name)
+        object.__setattr__(self, "_mesh", mesh)  # frozen: sizes never change, the mesh is set once
+        return mesh
+
+    def mesh(self, dim: str | None = None) -> Optional["DeviceMesh"]:
+        """The whole mesh, or the 1-D mesh of ``dim`` (a ``MESH_DIMS`` or ``FLAT_DIMS`` name);
+        None in a single process (no mesh built)."""
+        if self._mesh is None:
+            return None
+        return self._mesh if dim is None else self._mesh[dim]
+
     def describe(self) -> str:
         return (f"parallel.tp={self.tp} x parallel.pp={self.pp} x parallel.dp={self.dp} x "
                 f"parallel.ep={self.ep}")
@@ -59,7 +96,7 @@ class ParallelDims:
         if self.world_size != world_size:
             raise ConfigError(f"{self.describe()} = {self.world_size}, but the world size is "
                               f"{world_size}: make their product equal the number of processes")
-        m, t, p = cfg.model, cfg.train, cfg.parallel
+        m, t = cfg.model, cfg.train
         if m.n_heads % self.tp:
             raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tp="
                               f"{self.tp} ({self.describe()}, world size {world_size})")
@@ -78,18 +115,7 @@ class ParallelDims:
                               f"{self.ep} ({self.describe()}, world size {world_size})")
         if self.ep > 1 and n_moe == 0:
             raise ConfigError(f"parallel.ep={self.ep} needs MoE layers (model.moe_every)")
-        n_stages = self.pp * (p.pp_stages_per_rank if p.pp_schedule == "interleaved_1f1b"
-                              and self.pp > 1 else 1)
-        if p.pp_layers is not None:
-            if len(p.pp_layers) != n_stages or sum(p.pp_layers) != m.n_layers:
-                raise ConfigError(f"parallel.pp_layers={p.pp_layers} must list {n_stages} stage "
-                                  f"sizes summing to model.n_layers={m.n_layers}")
-        elif m.n_layers < n_stages:
-            raise ConfigError(f"model.n_layers={m.n_layers} is fewer than the {n_stages} "
-                              f"pipeline stages of parallel.pp={self.pp}")
-        if self.pp > 1 and m.tie_embeddings:
-            raise ConfigError("model.tie_embeddings=true is not supported with parallel.pp > 1 "
-                              "(the embedding and the head live on different stages)")
+        self.check_pipeline(cfg)
         g = m.capacity_group_seqs
         if t.batch_size % (self.data_shards * g):
             raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
@@ -99,6 +125,17 @@ class ParallelDims:
             self.pp_microbatches(cfg)  # raises when the local batch cannot be split
             if t.batch_ramp_tokens:
                 raise ConfigError("train.batch_ramp_tokens is not supported with parallel.pp > 1")
+
+    def check_pipeline(self, cfg: Config) -> None:
+        """Raise ConfigError when the pipeline split cannot exist: ``parallel.pp_layers`` not
+        matching the stages, fewer layers than stages (both checked by ``split_layers``, the
+        split the trainer and the accounting use), tied embeddings over several stages."""
+        from moe.parallel.pipeline import n_pipeline_stages, split_layers
+
+        if self.pp > 1 and cfg.model.tie_embeddings:
+            raise ConfigError("model.tie_embeddings=true is not supported with parallel.pp > 1 "
+                              "(the embedding and the head live on different stages)")
+        split_layers(cfg.model.n_layers, n_pipeline_stages(cfg, self.pp), cfg.parallel.pp_layers)
 
     def pp_microbatches(self, cfg: Config) -> int:
         """Micro-batches per step and data rank under pipeline parallelism.
@@ -156,8 +193,9 @@ def shard_param(module: nn.Module, name: str, mesh_dim: str, dim: int, rank: int
     """
     full = getattr(module, name)
     if full.shape[dim] % size:
-        raise ValueError(f"{name} of shape {tuple(full.shape)} does not split into {size} "
-                         f"along dim {dim}")
+        raise ValueError(f"{name} of shape {tuple(full.shape)} does not split over "
+                         f"{mesh_dim}={size} along dim {dim} (ParallelDims.validate names the "
+                         f"config key to change)")
     local = full.detach().chunk(size, dim=dim)[rank].clone()
     param = nn.Parameter(local, requires_grad=full.requires_grad)
     mark_shard(param, **shard_spec(full), **{mesh_dim: dim})
@@ -168,26 +206,26 @@ def shard_param(module: nn.Module, name: str, mesh_dim: str, dim: int, rank: int
 def init_distributed(cfg: Config):
     """Initialise the process group from torchrun's environment and build the mesh.
 
-    Returns (dims, mesh, device). Without torchrun (no RANK in the environment) and all sizes
-    1, returns (dims, None, None) and stays single-process. Under torchrun a process group is
+    Returns (dims, device); ``dims.mesh()`` is the device mesh. Without torchrun (no RANK in
+    the environment) and all sizes 1, returns (dims, None) with no mesh: single-process. Under torchrun a process group is
     always made, one rank included: ``torchrun --nproc_per_node=1`` runs the distributed path
     (NCCL on a GPU) exactly as a larger job would, only with every size 1.
     """
     import torch.distributed as dist
     from datetime import timedelta
-    from torch.distributed.device_mesh import init_device_mesh
-
     dims = ParallelDims.from_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launched = "RANK" in os.environ or dist.is_initialized()
     if not launched and dims.world_size == 1:
-        return dims, None, None
+        return dims, None
     if not launched:
         raise ConfigError(f"{dims.describe()} needs {dims.world_size} processes: launch with "
                           f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
     dims.validate(cfg, world)
     backend = cfg.parallel.backend
-    use_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    from moe.device import resolve_device  # cuda without a GPU: a config error, not gloo
+
+    use_cuda = resolve_device(cfg.train.device).type == "cuda"
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     device = torch.device("cpu")
@@ -202,8 +240,8 @@ def init_distributed(cfg: Config):
         else:
             dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
                                     world_size=world, timeout=timeout)
-    mesh = init_device_mesh(device.type, dims.shape, mesh_dim_names=MESH_DIMS)
-    return dims, mesh, device
+    dims.build_mesh(device.type)
+    return dims, device
 
 
 def _restart_scoped_store(timeout):

@@ -39,10 +39,10 @@ import inspect
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moe.config import Config
+from moe.config import Config, ConfigError, ParallelConfig
+from moe.model.loss import lm_loss
 from moe.parallel.activation_checkpoint import is_recomputing
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -57,9 +57,11 @@ MoECallback = Callable[[str, nn.Module, float], None]
 # Splitting
 
 
-def n_pipeline_stages(cfg: Config, pp_size: int) -> int:
-    """Total number of stages: pp, times the virtual stages per rank for interleaved 1F1B."""
-    p = cfg.parallel
+def n_pipeline_stages(cfg: Config | ParallelConfig, pp_size: Optional[int] = None) -> int:
+    """Total number of stages: pp (``pp_size``, default ``parallel.pp``), times the virtual
+    stages per rank for interleaved 1F1B."""
+    p = cfg.parallel if isinstance(cfg, Config) else cfg
+    pp_size = p.pp if pp_size is None else pp_size
     if p.pp_schedule not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule={p.pp_schedule!r} must be one of "
                          f"{', '.join(SCHEDULES)}")
@@ -82,13 +84,13 @@ def split_layers(n_layers: int, n_stages: int,
         raise ValueError(f"need at least one pipeline stage, got {n_stages}")
     if pp_layers is not None:
         if len(pp_layers) != n_stages or sum(pp_layers) != n_layers or min(pp_layers) < 1:
-            raise ValueError(f"parallel.pp_layers={list(pp_layers)} must list {n_stages} "
-                             f"positive stage sizes summing to model.n_layers={n_layers}")
+            raise ConfigError(f"parallel.pp_layers={list(pp_layers)} must list {n_stages} "
+                              f"positive stage sizes summing to model.n_layers={n_layers}")
         sizes = list(pp_layers)
     else:
         if n_layers < n_stages:
-            raise ValueError(f"model.n_layers={n_layers} is fewer than the {n_stages} "
-                             f"pipeline stages")
+            raise ConfigError(f"model.n_layers={n_layers} is fewer than the {n_stages} "
+                              f"pipeline stages")
         base, extra = divmod(n_layers, n_stages)
         first = -(-(n_stages - extra) // 2)  # ceil: the extra block sits in the middle
         sizes = [base + (1 if first <= s < first + extra else 0) for s in range(n_stages)]
@@ -114,9 +116,6 @@ def build_stage_models(model: nn.Module, pp_rank: int, pp_size: int,
     """
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pp rank {pp_rank} is outside [0, parallel.pp={pp_size})")
-    if cfg.model.tie_embeddings and pp_size > 1:
-        raise ValueError("model.tie_embeddings=true is not supported with parallel.pp > 1 "
-                         "(the embedding and the head live on different stages)")
     n_stages = n_pipeline_stages(cfg, pp_size)
     layer_keys = list(model.layers.keys())
     split = split_layers(len(layer_keys), n_stages, cfg.parallel.pp_layers)
@@ -211,11 +210,6 @@ def build_schedule(stage_models: list[tuple[int, nn.Module]], pp_mesh, cfg: Conf
     return cls(stage_arg, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
-def lm_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 (as moe.train.lm_loss)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 # ---------------------------------------------------------------------------------------------
 # Runtime
 
@@ -276,7 +270,7 @@ class PipelineRuntime:
                     self._hooks.append(ff.register_forward_hook(self._moe_hook(key)))
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return lm_cross_entropy(logits, targets) * self.share
+        return lm_loss(logits, targets) * self.share
 
     def _moe_hook(self, name: str):
         def hook(module, args, output):

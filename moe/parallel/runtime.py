@@ -1,37 +1,30 @@
 """The layout as the training loop sees it: which model parts this rank holds, how a step's
 forward/backward runs, and how gradients and metrics are reduced.
 
-One process is the trivial layout (mesh None). Otherwise ``parallelize`` applies parallelism to
-a model built on the meta device (shapes only) on every rank, in a fixed order, logged once:
-
-    1. pipeline: keep this rank's stages (pruned copies of the model)
-    2. tensor:   split heads and expert hidden dims over tp, insert Megatron's f / g
-    3. expert:   partition experts over ep, all-to-all token exchange
-    4. materialise this rank's shards on its device, each value drawn from a generator seeded
-       by (train.seed, parameter name): the weights of one process, whatever the layout
-    5. data:     gradients summed over data ranks after backward (moe/parallel/data.py)
+The parts come from ``moe.parallel.parallelize.parallelize`` (the one place parallelism is
+applied, in a fixed order); one process is the layout with every size 1 (no mesh).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moe.config import Config
 from moe.metrics import RoutingAccumulator
-from moe.model.init import materialize
+from moe.model.loss import lm_loss
 from moe.model.moe import MoE
 from moe.optim import micro_batches
 from moe.parallel import data as dp_ops
-from moe.parallel.mesh import ParallelDims, shard_slices
+from moe.parallel.mesh import ParallelDims
+from moe.parallel.parallelize import parallelize
 
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+__all__ = ["Runtime", "lm_loss", "moe_layer_names"]
 
 
 def moe_layer_names(cfg: Config) -> list[str]:
@@ -39,84 +32,41 @@ def moe_layer_names(cfg: Config) -> list[str]:
 
 
 class Runtime:
-    def __init__(self, cfg: Config, model: nn.Module, mesh=None, device=None,
-                 autocast=None):
-        import contextlib
-
+    def __init__(self, cfg: Config, model: nn.Module, dims: Optional[ParallelDims] = None,
+                 device: torch.device | None = None,
+                 autocast: Optional[Callable[[], ContextManager]] = None):
         self.cfg = cfg
-        self.mesh = mesh
+        self.dims = dims or ParallelDims()
+        self.mesh = self.dims.mesh()
         self.device = device or torch.device("cpu")
         self.autocast = autocast or contextlib.nullcontext
-        self.dims = ParallelDims.from_config(cfg)
         self.pipeline = None
-        self.parts: list[nn.Module] = [model]
-        self._forward = model  # torch.compile'd by compile(); parts keep their names
-        self.rank = dist.get_rank() if mesh is not None else 0
-        if mesh is not None:
-            self.data_rank = (mesh["dp"].get_local_rank() * self.dims.ep
-                              + mesh["ep"].get_local_rank())
-        else:
-            self.data_rank = 0
-        if mesh is not None:
-            self._parallelize(model)
-        else:
-            self._place(model)
-        # Every layout, one process included: after tensor / expert parallel, before compile.
-        from moe.parallel.activation_checkpoint import apply_activation_checkpointing
-
-        apply_activation_checkpointing(self.parts, cfg.train.activation_checkpointing)
-
-    # -- set-up --------------------------------------------------------------------------
-    def _place(self, part: nn.Module) -> None:
-        """Materialise a meta-device part (this rank's shards only) or move a built one."""
-        if any(p.is_meta for p in part.parameters()):
-            materialize(part, self.device, self.cfg.train.seed, shard_slices)
-        else:
-            part.to(self.device)
-
-    def _parallelize(self, model: nn.Module) -> None:
-        cfg, mesh, dims = self.cfg, self.mesh, self.dims
-        steps = []
-        if dims.pp > 1:
-            from moe.parallel.pipeline import build_stage_models
-
-            staged = build_stage_models(model, mesh["pp"].get_local_rank(), dims.pp, cfg)
-            self.stage_ids = [s for s, _ in staged]
-            self.parts = [m for _, m in staged]
-            steps.append(f"pipeline: stages {self.stage_ids} of {dims.pp} ranks "
-                         f"({cfg.parallel.pp_schedule})")
-        if dims.tp > 1:
-            from moe.parallel.tensor import apply_tensor_parallel
-
-            for part in self.parts:
-                apply_tensor_parallel(part, mesh["tp"])
-            steps.append(f"tensor: tp={dims.tp}")
-        if dims.ep > 1:
-            from moe.parallel.expert import apply_expert_parallel
-
-            for part in self.parts:
-                apply_expert_parallel(part, mesh["ep"])
-            steps.append(f"expert: ep={dims.ep}")
-        for part in self.parts:
-            self._place(part)
-        steps.append(f"materialise on {self.device} (seed {cfg.train.seed})")
-        steps.append(f"data: gradients summed over dp x ep = {dims.data_shards} ranks")
-        if dims.pp > 1:
+        self.rank = dist.get_rank() if self.mesh is not None else 0
+        self.data_rank = 0
+        if self.mesh is not None:
+            self.data_rank = (self.dims.mesh("dp").get_local_rank() * self.dims.ep
+                              + self.dims.mesh("ep").get_local_rank())
+        done = parallelize(model, self.dims, cfg, self.device, log=False)
+        self.parts: list[nn.Module] = done.parts
+        self.stage_ids = done.stage_ids
+        self._forward = self.parts[0]  # torch.compile'd by compile(); parts keep their names
+        steps = done.steps
+        if self.dims.pp > 1:
             from moe.parallel.pipeline import PipelineRuntime
 
-            local = cfg.train.batch_size // dims.data_shards
-            n_micro = dims.pp_microbatches(cfg)
+            local = cfg.train.batch_size // self.dims.data_shards
+            n_micro = self.dims.pp_microbatches(cfg)
             if cfg.parallel.pp_microbatches is None:
                 steps.append(f"pipeline: {n_micro} micro-batches of {local // n_micro} "
                              f"sequences (chosen: parallel.pp_microbatches unset)")
             self.n_micro = n_micro
             self.pipeline = PipelineRuntime(
-                list(zip(self.stage_ids, self.parts)), mesh["pp"], cfg,
+                list(zip(self.stage_ids, self.parts)), self.dims.mesh("pp"), cfg,
                 (local // n_micro, cfg.data.seq_len), n_micro, self.device,
                 global_batch=cfg.train.batch_size, on_moe_forward=self._on_moe_forward,
                 autocast=self.autocast)
-        if self.rank == 0:
-            print(f"parallelize ({dims.describe()}): " + "; ".join(steps), file=sys.stderr)
+        if self.mesh is not None and self.rank == 0:
+            print(f"parallelize ({self.dims.describe()}): " + "; ".join(steps), file=sys.stderr)
 
     def compile(self) -> None:
         """Compile the single-stage forward (pipeline stages run uncompiled)."""
@@ -136,8 +86,8 @@ class Runtime:
         return out
 
     def set_loss_scale(self, share: float) -> None:
-        for layer in self.moe_layers().values():
-            layer.loss_scale = share
+        for part in self.parts:
+            part.set_loss_scale(share)
 
     def parameters(self):
         return [p for part in self.parts for p in part.parameters()]
@@ -230,7 +180,7 @@ class Runtime:
         t = torch.zeros(1, dtype=torch.float64, device=self._metric_device())
         if loss is not None:
             t += float(loss)
-        dist.all_reduce(t, group=self.mesh["pp"].get_group())
+        dist.all_reduce(t, group=self.dims.mesh("pp").get_group())
         return float(t)
 
 

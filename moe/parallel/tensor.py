@@ -9,25 +9,19 @@ the Megatron paper (sec. 3, fig. 3) as module hooks, so the model code is unchan
     g = ReduceFromTensorParallel  all-reduce forward, identity backward;
                                   on the OUTPUT of each row-parallel region
 
-What is split how (tp ranks r = 0..tp-1, contiguous chunks):
-
-    attention.wq.weight   [H*D, dim]      dim 0: whole query heads, H/tp per rank
-    attention.wk/wv       [Hkv*D, dim]    dim 0 (whole KV heads) when Hkv % tp == 0: rank r's
-                                          query heads are exactly the groups of its KV heads;
-                                          Hkv == 1 (multi-query): replicated, and each rank's
-                                          gradient is partial (from its query heads only), so
-                                          they are marked ``tp_partial_grad`` and summed over tp
-                                          by ``sync_partial_grads``
-    attention.wo.weight   [dim, H*D]      dim 1 (row-parallel)
-    experts.w1/w3         [E, dim, hid]   dim 2: every expert's hidden units split over tp
-    experts.w2            [E, hid, dim]   dim 1
-    dense w1/w3.weight    [hid, dim]      dim 0;   dense w2.weight [dim, hid]: dim 1
-    router, norms, tok_embeddings, output: replicated
+What is split how, and where f and g go, is declared once in ``moe/parallel/plan.py`` (the
+sharding plan): every parameter with a tp dim there is cut into tp contiguous chunks along it
+(rank r keeps chunk r), MQA's shared K/V is marked ``tp_partial_grad`` (its gradient is summed
+over tp by ``moe.parallel.data.reduce_gradients``), and f / g are hooks on the plan's regions:
 
     f: pre-hook on ``layer.attention`` (its input x), on ``feed_forward.experts`` (the
        expert-sorted tokens x_sorted [M, dim]) and on a dense ``feed_forward``.
     g: hook on ``attention.wo`` (its output), on ``feed_forward.experts`` (y_sorted [M, dim],
        before the MoE combine) and on a dense ``feed_forward``.
+
+With contiguous chunks rank r holds query heads [r*H/tp, (r+1)*H/tp) and KV heads
+[r*Hkv/tp, ...); query head h uses KV head h // (H/Hkv), so each rank's query heads are exactly
+the groups of its own KV heads (SDPA enable_gqa maps them locally).
 
 Between f and g every rank holds the same activations; only the column-parallel matmul outputs
 and the row-parallel partial sums are local. The router stays OUTSIDE f: its input and its use
@@ -57,14 +51,13 @@ linear.
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.device_mesh import DeviceMesh
 
 from moe.parallel.mesh import mark_shard, shard_param, shard_spec
+from moe.parallel.plan import placement, tp_regions
 
 
 class CopyToTensorParallel(torch.autograd.Function):
@@ -132,96 +125,32 @@ def _g_hook(group):
 # --- applying ---------------------------------------------------------------------------------
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
-    """Shard ``model`` in place over the 1-D mesh ``tp_mesh`` (e.g. ``mesh["tp"]``); see module doc.
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh | None) -> nn.Module:
+    """Shard ``model`` (a ``Transformer`` or a pipeline stage of one) in place over the 1-D
+    mesh ``tp_mesh`` by the sharding plan; see the module doc.
 
-    A no-op when ``tp_mesh`` is None or of size 1. Works on a pruned pipeline stage. Returns the
-    model for chaining.
+    A no-op when ``tp_mesh`` is None or of size 1. Sizes are checked by
+    ``ParallelDims.validate``; a dim that still does not split raises in ``shard_param``.
+    Returns the model for chaining.
     """
     if tp_mesh is None or tp_mesh.size() == 1:
         return model
     tp, rank, group = tp_mesh.size(), tp_mesh.get_local_rank(), tp_mesh.get_group()
-
-    for name, layer in model.layers.items():
-        _shard_attention(layer.attention, f"layers.{name}.attention", rank, tp, group)
-        ff = layer.feed_forward
-        if hasattr(ff, "experts"):
-            _shard_experts(ff.experts, f"layers.{name}.feed_forward.experts", rank, tp, group)
-        else:
-            _shard_dense(ff, f"layers.{name}.feed_forward", rank, tp, group)
+    for name, p in list(model.named_parameters()):
+        if "tp" in shard_spec(p):
+            raise RuntimeError(f"{name}: tensor parallelism is already applied")
+        where = placement(name, model.cfg, tp)
+        module_name, _, attr = name.rpartition(".")
+        if where.tp_dim is not None:
+            shard_param(model.get_submodule(module_name), attr, "tp", where.tp_dim, rank, tp)
+        elif where.tp_partial_grad:
+            mark_shard(p, tp_partial_grad=True)
+    for name, module in model.named_modules():
+        region = tp_regions(name, module)
+        if region is None:
+            continue
+        if region.f_input:  # experts: forward(x, counts, capacity), f on x only
+            module.register_forward_pre_hook(_f_pre_hook(group), with_kwargs=True)
+        if region.g_output:
+            module.register_forward_hook(_g_hook(group))
     return model
-
-
-def _shard_attention(attn: nn.Module, where: str, rank: int, tp: int, group) -> None:
-    d = attn.head_dim
-    n_heads, n_kv = attn.wq.weight.shape[0] // d, attn.wk.weight.shape[0] // d
-    if "tp" in shard_spec(attn.wq.weight):
-        raise RuntimeError(f"{where}: tensor parallelism is already applied")
-    assert n_heads % tp == 0, (f"{where}: n_heads={n_heads} does not split over tp={tp}: "
-                               f"model.n_heads must be divisible by parallel.tp")
-    assert n_kv == 1 or n_kv % tp == 0, (
-        f"{where}: n_kv_heads={n_kv} must be 1 (replicated K/V) or divisible by tp={tp}")
-    shard_param(attn.wq, "weight", "tp", 0, rank, tp)
-    shard_param(attn.wo, "weight", "tp", 1, rank, tp)
-    if n_kv % tp == 0:
-        # Contiguous chunks: rank r holds query heads [r*H/tp, (r+1)*H/tp) and KV heads
-        # [r*Hkv/tp, ...); query head h uses KV head h // (H/Hkv), so each rank's query heads
-        # are exactly the groups of its own KV heads (SDPA enable_gqa maps them locally).
-        shard_param(attn.wk, "weight", "tp", 0, rank, tp)
-        shard_param(attn.wv, "weight", "tp", 0, rank, tp)
-    else:
-        # Multi-query: the one K/V head serves every rank's query heads.
-        mark_shard(attn.wk.weight, tp_partial_grad=True)
-        mark_shard(attn.wv.weight, tp_partial_grad=True)
-    attn.register_forward_pre_hook(_f_pre_hook(group), with_kwargs=True)
-    attn.wo.register_forward_hook(_g_hook(group))
-
-
-def _shard_experts(experts: nn.Module, where: str, rank: int, tp: int, group) -> None:
-    hidden = experts.w1.shape[2]
-    assert hidden % tp == 0, (f"{where}: expert hidden size {hidden} does not split over "
-                              f"tp={tp}: model.expert_hidden must be divisible by parallel.tp")
-    shard_param(experts, "w1", "tp", 2, rank, tp)
-    if experts.w3 is not None:
-        shard_param(experts, "w3", "tp", 2, rank, tp)
-    shard_param(experts, "w2", "tp", 1, rank, tp)
-    # Hooks see forward(x, counts, capacity): f on x only; g on the [M, dim] output.
-    experts.register_forward_pre_hook(_f_pre_hook(group), with_kwargs=True)
-    experts.register_forward_hook(_g_hook(group))
-
-
-def _shard_dense(ff: nn.Module, where: str, rank: int, tp: int, group) -> None:
-    hidden = ff.w1.weight.shape[0]
-    assert hidden % tp == 0, (f"{where}: hidden size {hidden} does not split over tp={tp}: "
-                              f"model.ffn_hidden must be divisible by parallel.tp")
-    shard_param(ff.w1, "weight", "tp", 0, rank, tp)
-    if ff.w3 is not None:
-        shard_param(ff.w3, "weight", "tp", 0, rank, tp)
-    shard_param(ff.w2, "weight", "tp", 1, rank, tp)
-    ff.register_forward_pre_hook(_f_pre_hook(group), with_kwargs=True)
-    ff.register_forward_hook(_g_hook(group))
-
-
-def sync_partial_grads(model_parts: nn.Module | Iterable[nn.Module], tp_mesh) -> None:
-    """Sum over tp the gradients of parameters marked ``tp_partial_grad`` (MQA's K/V).
-
-    Call after backward (all micro-batches), before gradient clipping and the optimizer step.
-    Parameters without a gradient are skipped (the same ones on every tp rank: the graphs are
-    alike). One all-reduce per dtype. ``moe.parallel.data.reduce_gradients`` does the same sum
-    when given the full mesh: a trainer calls one or the other, never both (twice doubles it).
-    """
-    if tp_mesh is None or tp_mesh.size() == 1:
-        return
-    parts = [model_parts] if isinstance(model_parts, nn.Module) else list(model_parts)
-    seen, grads = set(), {}
-    for part in parts:
-        for p in part.parameters():
-            if id(p) in seen or p.grad is None or not shard_spec(p).get("tp_partial_grad"):
-                continue
-            seen.add(id(p))
-            grads.setdefault(p.grad.dtype, []).append(p.grad)
-    for ts in grads.values():
-        flat = _flatten_dense_tensors(ts)
-        dist.all_reduce(flat, group=tp_mesh.get_group())
-        for t, r in zip(ts, _unflatten_dense_tensors(flat, ts)):
-            t.copy_(r)

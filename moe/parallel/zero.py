@@ -8,7 +8,7 @@ other replicas. Owners are chosen greedily by size, deterministically, so every 
 
 Gradients are still all-reduced in full (moe/parallel/data.py); a reduce-scatter would halve
 that traffic and is the obvious next step. Checkpoints save each state tensor from its owner
-only (moe/parallel/checkpoint.py saves what ``optimizer.state`` holds), so a ZeRO-1 run can
+only (moe/parallel/checkpoint/ saves what ``optimizer.state`` holds), so a ZeRO-1 run can
 resume on any layout, with or without ZeRO-1.
 """
 

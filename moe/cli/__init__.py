@@ -1,15 +1,21 @@
-"""Shared command-line handling: ``--config FILE`` plus ``--section.key=value`` overrides."""
+"""The command-line programs, one module each (train, generate, ablate, bench, count_params,
+export_hf, consolidate, routing_report, batch_dependence, init_memory), each a
+``main(argv=None) -> int`` (the exit status) run by ``scripts/<name>.py`` and by the
+``moe-<name>`` console scripts of pyproject.toml; here, what they share: ``--config FILE`` plus
+``--section.key=value`` overrides."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from moe.config import Config, ConfigError, load_config
 
 
 def parse_config(argv: list[str] | None = None, description: str = "",
-                 extra: callable = None) -> tuple[Config, argparse.Namespace]:
+                 extra: Callable[[argparse.ArgumentParser], None] | None = None,
+                 ) -> tuple[Config, argparse.Namespace]:
     """Parse known flags (added by ``extra(parser)``), treat the rest as config overrides.
 
     A bad config exits with status 2 and a one-line ``error: ...`` message.

@@ -1,0 +1,110 @@
+"""Decode benchmark: tokens/s at batch 1 against Hugging Face generate(), KV-cache bytes per
+token (MQA vs MHA), and tokens per expert per decode step at batch 1, 8 and 64.
+
+    python scripts/bench_decode.py                       # human-readable
+    python scripts/bench_decode.py --json                # one JSON object
+    python scripts/bench_decode.py --repeats 5 --train.threads=1 --no-hf
+
+The model is configs/bench.yaml with dropless routing, initialised from train.seed; both
+sides decode greedily from the same random prompt (moe/inference/bench.py says how it is
+timed). Any --section.key=value overrides the config. Speculative decoding: ``--target RUN
+--draft RUN`` (trained runs, e.g. of configs/tiny.yaml and configs/draft.yaml); without them
+random models (nothing trained: the rates, not a useful speedup; see
+moe/inference/bench_speculative.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moe.config import ConfigError
+from moe.inference.bench import bench_config, run_decode_bench
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Any --section.key=value overrides the config.")
+    p.add_argument("--config", default="configs/bench.yaml")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each side")
+    p.add_argument("--stat-steps", type=int, default=16,
+                   help="decode steps counted for the MoE statistics")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face (no transformers)")
+    p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
+    p.add_argument("--target", default=None, metavar="RUN",
+                   help="speculative decoding: the target's run (with --draft)")
+    p.add_argument("--draft", default=None, metavar="RUN",
+                   help="speculative decoding: the draft's run (with --target)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per target call")
+    p.add_argument("--spec-new-tokens", type=int, default=64,
+                   help="new tokens per prompt in the speculative section")
+    p.add_argument("--no-speculative", action="store_true", help="skip speculative decoding")
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
+    if bad:
+        p.error(f"unrecognised arguments: {' '.join(bad)} "
+                "(overrides look like --section.key=value)")
+    if args.repeats < 1 or args.prompt_tokens < 1 or args.new_tokens < 1 or args.stat_steps < 1:
+        p.error("--repeats, --prompt-tokens, --new-tokens and --stat-steps must be >= 1")
+    try:
+        cfg = bench_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    log = None if args.json else (lambda s: print(s, flush=True))
+    try:
+        r = run_decode_bench(cfg, prompt_len=args.prompt_tokens, new_tokens=args.new_tokens,
+                             repeats=args.repeats, stat_steps=args.stat_steps,
+                             hf=not args.no_hf, target_run=args.target, draft_run=args.draft,
+                             draft_tokens=args.draft_tokens,
+                             spec_new_tokens=args.spec_new_tokens,
+                             speculative=not args.no_speculative, log=log)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"\n{r['machine']}; {r['threads']} threads; 1-min load average "
+          f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
+    print(f"decode, batch 1 (median of {r['runs']} runs, {r['new_tokens']} new tokens):")
+    print(f"  ours           {r['tokens_per_s']:8.1f} tokens/s")
+    print(f"  ours, sorted MoE path {r['tokens_per_s_reference']:8.1f} tokens/s")
+    if "hf_tokens_per_s" in r:
+        print(f"  HF generate()  {r['hf_tokens_per_s']:8.1f} tokens/s   ours / HF = "
+              f"{r['speedup_over_hf']:.2f}x (paired by turn: {r['speedup_over_hf_paired']:.2f}x, "
+              f"CPU time: {r['speedup_over_hf_cpu']:.2f}x)")
+        print(f"  fastest runs   ours {r['tokens_per_s_best']:.1f}, HF "
+              f"{r['hf_tokens_per_s_best']:.1f} tokens/s")
+        same = "yes" if r["same_tokens"] else f"no, first differs at {r['first_mismatch']}"
+        print(f"  same greedy tokens as HF: {same}")
+    print(f"KV cache per token: {r['kv_cache_bytes_per_token']:.0f} B (n_kv_heads="
+          f"{r['config']['n_kv_heads']}) vs {r['kv_cache_bytes_per_token_mha']:.0f} B multi-head "
+          f"({r['kv_cache_mha_over_mqa']:.0f}x)")
+    print("tokens per expert per decode step:")
+    for name, st in r["moe_decode"].items():
+        print(f"  {name:9s} mean {st['tokens_per_expert_mean']:.2f}, "
+              f"max {st['tokens_per_expert_max_mean']:.2f}, "
+              f"experts used {st['experts_used_mean']:.1f}, "
+              f"with 0 tokens {st['frac_experts_0_tokens']:.0%}, "
+              f"with 0-1 {st['frac_experts_0_or_1']:.0%}")
+    if "speculative" in r:
+        sp = r["speculative"]
+        print(f"speculative decoding ({sp['models']} models, {sp['draft_tokens']} draft tokens, "
+              f"{sp['prompts']} prompts x {sp['new_tokens']} tokens, median of {sp['runs']}; "
+              f"draft/target time per token c = {sp['cost_ratio']:.2f}):")
+        for mode in ("greedy", "sampled"):
+            e = sp[mode]
+            print(f"  {mode:8s} speedup {e['speedup']:.2f}x (predicted "
+                  f"{e['speedup_predicted']:.2f}x), acceptance {e['acceptance_rate']:.3f} "
+                  f"(predicted {e['acceptance_rate_predicted']:.3f}), tokens per target call "
+                  f"{e['tokens_per_target_call']:.2f} (predicted "
+                  f"{e['tokens_per_target_call_predicted']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

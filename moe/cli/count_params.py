@@ -1,0 +1,211 @@
+"""Parameter / FLOP / KV-cache accounting for a config, and per GPU for a parallel layout.
+
+    python scripts/count_params.py --config configs/gpt4.yaml [--section.key=value ...] [--json]
+    python scripts/count_params.py --config configs/gpt4.yaml --parallel.tp=8 --parallel.pp=16
+
+Prints a table by default, or one JSON object with ``--json``. Counts come from building the
+model on the meta device (see ``moe/accounting.py`` for the definitions, the FLOP context
+convention and the layout rules). Attention FLOPs use ``data.seq_len``.
+
+Layout mode: the parallel.* keys of the config (tp, pp, dp, ep, pp_layers, pp_schedule, zero1)
+give the layout; the table shows it when the world size is above 1 (or with ``--layout``), and
+the JSON always has ``params_per_gpu``, ``params_per_node``, the per-GPU bytes (weights,
+gradients, AdamW state with and without ZeRO-1) and KV cache per token per GPU, all for the most
+loaded rank / node, plus the full breakdown under ``layout``. A layout that
+``ParallelDims.validate`` refuses (e.g. n_heads not divisible by tp) is counted as an uneven
+split: the table lists why (``warning:`` lines on stderr with ``--json``); ``--strict`` makes
+it an error instead.
+
+A config error prints ``error: <message>`` on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from moe.accounting import Accounting, account, format_bytes, format_count, format_gb
+from moe.config import Config, ConfigError, load_config
+from moe.parallel.layout import LayoutAccounting, layout_accounting
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Any other --section.key=value argument overrides the config.")
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--bytes-per-element", type=int, default=2,
+                        help="KV-cache element size in bytes (default 2: fp16/bf16)")
+    parser.add_argument("--method", choices=("meta", "analytic"), default="meta",
+                        help="meta: walk the model built on the meta device; analytic: formulas")
+    parser.add_argument("--layout", action="store_true",
+                        help="show the per-GPU layout table also when the world size is 1")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="consecutive ranks per node for params_per_node (default 8)")
+    parser.add_argument("--weight-bytes", type=int, default=2,
+                        help="bytes per weight on the GPU (default 2: bf16/fp16)")
+    parser.add_argument("--grad-bytes", type=int, default=2,
+                        help="bytes per gradient element (default 2: bf16; 4: fp32)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 2 if ParallelDims.validate refuses the layout")
+    return parser.parse_known_args(argv)
+
+
+def _ranges(layers: Sequence[int]) -> str:
+    """(0, 1, 2, 5, 6) -> '0-2, 5-6'."""
+    out, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(f"{start}-{x}" if x != start else f"{x}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def layout_table(cfg: Config, lay: LayoutAccounting) -> str:
+    m = cfg.model
+    c = lay.rank_coords
+    sizes = [len(x) for x in lay.stage_layers]
+    runs, i = [], 0
+    while i < len(sizes):  # 7,7,8 -> "7 x2, 8"
+        j = i
+        while j < len(sizes) and sizes[j] == sizes[i]:
+            j += 1
+        runs.append(f"{sizes[i]}" + (f" x{j - i}" if j - i > 1 else ""))
+        i = j
+    extras = [e for e, on in (("embedding", lay.rank_has_embedding),
+                              ("final norm + output head", lay.rank_has_head)) if on]
+    cat = lay.params_per_gpu_by_category
+    pct = (lambda n: f"{100 * n / lay.params_per_gpu:5.1f}%") if lay.params_per_gpu else str
+    attn_note = (f"wq/wo split over tp={lay.tp}; K/V " +
+                 ("replicated on every tp rank (MQA)" if lay.kv_replicated_over_tp
+                  else f"split over tp={lay.tp}"))
+    expert_note = (f"{-(-m.n_experts // lay.ep)} of {m.n_experts} experts (ep={lay.ep}), "
+                   f"hidden {-(-m.expert_hidden // lay.tp)} of {m.expert_hidden} (tp={lay.tp})")
+    if lay.kv_replicated_over_tp:
+        kv_note = (f"the {'MQA K/V head' if m.n_kv_heads == 1 else 'K/V heads'} replicated on "
+                   f"each of {lay.tp} tp ranks")
+    else:
+        kv_note = f"{m.n_kv_heads // lay.tp} of {m.n_kv_heads} KV heads on the rank"
+    zero_div = f"dense over dp x ep = {lay.dp * lay.ep}, experts over dp = {lay.dp}"
+    rows = [
+        ("layout", f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp} x ep {lay.ep} = {lay.world_size} "
+                   f"GPUs, {lay.gpus_per_node} per node ({lay.n_nodes} node"
+                   f"{'s' if lay.n_nodes > 1 else ''}), zero1 {'on' if lay.zero1 else 'off'}"),
+        ("  pipeline stages", f"{len(sizes)} ({lay.pp_schedule}): layers per stage "
+                              f"{', '.join(runs)}; embedding on stage 0, head on stage "
+                              f"{lay.pp - 1}"),
+        ("  valid", "yes (ParallelDims.validate)" if lay.valid else "NO: see the warnings"),
+        *[("  warning", w) for w in lay.warnings],
+        ("most loaded GPU", f"rank {lay.rank} (pp {c['pp']}, dp {c['dp']}, ep {c['ep']}, "
+                            f"tp {c['tp']}): layers {_ranges(lay.rank_layers)}"
+                            f"{' + ' + ' + '.join(extras) if extras else ''}"),
+        ("  params / GPU", f"{format_count(lay.params_per_gpu):>8}  ({lay.params_per_gpu:,}); "
+                           f"least loaded {format_count(lay.params_per_gpu_min)}, mean "
+                           f"{format_count(lay.params_per_gpu_mean)}"),
+        ("    attention", f"{format_count(cat['attention']):>8}  {pct(cat['attention'])}  "
+                          f"({attn_note})"),
+        ("    experts", f"{format_count(cat['expert']):>8}  {pct(cat['expert'])}  "
+                        f"({expert_note})"),
+        ("    router", f"{format_count(cat['router']):>8}  {pct(cat['router'])}  (replicated)"),
+        ("    dense FFN", f"{format_count(cat['dense_ffn']):>8}  {pct(cat['dense_ffn'])}"),
+        ("    embeddings", f"{format_count(cat['embedding']):>8}  {pct(cat['embedding'])}  "
+                           f"(replicated over tp)"),
+        ("    norms", f"{format_count(cat['norm']):>8}  {pct(cat['norm'])}"),
+        (f"  weights ({lay.weight_bytes} B)", format_gb(lay.weight_bytes_per_gpu)),
+        (f"  gradients ({lay.grad_bytes} B)", f"{format_gb(lay.grad_bytes_per_gpu)}  "
+                                              f"(not sharded by ZeRO-1)"),
+        ("  AdamW state (12 B)", f"{format_gb(lay.optimizer_bytes_per_gpu_no_zero1)}  "
+                                 f"(fp32 master + exp_avg + exp_avg_sq)"),
+        ("    with zero1", f"{format_gb(lay.optimizer_bytes_per_gpu_zero1)}  ({zero_div})"),
+        ("  weights+grads+AdamW", f"{format_gb(lay.train_state_bytes_per_gpu)}  (zero1 "
+                                  f"{'on' if lay.zero1 else 'off'}; activations not counted)"),
+        ("  KV cache / token", f"{format_bytes(lay.kv_cache_bytes_per_token_per_gpu)}  "
+                               f"({len(lay.rank_layers)} layers, {kv_note})"),
+        (f"per node ({lay.gpus_per_node} GPUs)",
+         f"{format_count(lay.params_per_node):>8}  ({lay.params_per_node:,}) on node {lay.node} "
+         f"(ranks {lay.node_ranks[0]}-{lay.node_ranks[1]}, pp stage"
+         f"{'s' if len(lay.node_pp_stages) > 1 else ''} "
+         f"{', '.join(map(str, lay.node_pp_stages))}); least loaded node "
+         f"{format_count(lay.params_per_node_min)}"),
+        ("", "distinct parameters: an element held by several GPUs of the node counts once"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
+
+
+def table(cfg: Config, acc: Accounting) -> str:
+    m, p = cfg.model, acc.params
+    pct = (lambda n: f"{100 * n / p.total_params:5.1f}%") if p.total_params else (lambda n: "")
+    attn = ("MQA" if m.n_kv_heads == 1 else "MHA" if m.n_kv_heads == m.n_heads else "GQA")
+    kv_seq, kv_seq_mha = (acc.kv_cache_bytes_per_token * acc.seq_len,
+                          acc.kv_cache_bytes_per_token_mha * acc.seq_len)
+    rows = [
+        ("model", f"{m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads x {m.head_size} "
+                  f"({attn}, {m.n_kv_heads} kv), {p.n_moe_layers} MoE layers x {m.n_experts} "
+                  f"experts (top-{m.top_k}), expert_hidden {m.expert_hidden}, "
+                  f"vocab {m.vocab_size}"),
+        ("", ""),
+        ("total params", f"{format_count(p.total_params):>8}  ({p.total_params:,})"),
+        ("active params / token", f"{format_count(p.active_params):>8}  ({p.active_params:,})"),
+        ("  attention", f"{format_count(p.attention_params):>8}  {pct(p.attention_params)}"),
+        ("  experts (all)", f"{format_count(p.expert_params):>8}  {pct(p.expert_params)}"),
+        ("    per expert", f"{format_count(p.params_per_expert):>8}  (all layers)"),
+        ("  router", f"{format_count(p.router_params):>8}  {pct(p.router_params)}"),
+        ("  dense FFN", f"{format_count(p.dense_ffn_params):>8}  {pct(p.dense_ffn_params)}"),
+        ("  embeddings", f"{format_count(p.embedding_params):>8}  {pct(p.embedding_params)}"
+                         f"{'  (tied)' if m.tie_embeddings else ''}"),
+        ("  norms", f"{format_count(p.norm_params):>8}  {pct(p.norm_params)}"),
+        ("", ""),
+        ("forward FLOPs / token", f"{format_count(acc.flops_per_token, 'FLOP')}  (mean causal "
+                                   f"context over seq_len {acc.seq_len}; attention "
+                                   f"{format_count(acc.attention_flops_per_token, 'FLOP')})"),
+        ("  at full context", f"{format_count(acc.flops_per_token_full_context, 'FLOP')}"),
+        ("KV cache / token", f"{format_bytes(acc.kv_cache_bytes_per_token)}  "
+                              f"({acc.bytes_per_element} B/element, {m.n_kv_heads} kv heads)"),
+        ("  with MHA", f"{format_bytes(acc.kv_cache_bytes_per_token_mha)}  "
+                       f"({m.n_heads} kv heads)"),
+        ("  per seq_len sequence", f"{format_bytes(kv_seq)}  (MHA {format_bytes(kv_seq_mha)})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    acc = account(cfg.model, seq_len=cfg.data.seq_len, bytes_per_element=args.bytes_per_element,
+                  method=args.method)
+    try:
+        lay = layout_accounting(cfg, gpus_per_node=args.gpus_per_node,
+                                weight_bytes=args.weight_bytes, grad_bytes=args.grad_bytes,
+                                kv_bytes_per_element=args.bytes_per_element, strict=args.strict)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        for w in lay.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        out = {"config": args.config, **acc.to_dict()}
+        out.update({k: getattr(lay, k) for k in (
+            "params_per_gpu", "params_per_node", "weight_bytes_per_gpu", "grad_bytes_per_gpu",
+            "optimizer_bytes_per_gpu", "optimizer_bytes_per_gpu_no_zero1",
+            "optimizer_bytes_per_gpu_zero1", "train_state_bytes_per_gpu",
+            "kv_cache_bytes_per_token_per_gpu")})
+        out["layout"] = lay.to_dict()
+        print(json.dumps(out))
+    else:
+        print(table(cfg, acc))
+        if lay.world_size > 1 or args.layout:
+            print()
+            print(layout_table(cfg, lay))
+    return 0
+

@@ -1,0 +1,181 @@
+"""Generate text from a trained model, streaming it to the terminal as it is decoded.
+
+    python scripts/generate.py --run runs/tiny --prompt "def " [--prompt "class "]
+        [--prompt-file FILE] [--max-new-tokens 200] [--temperature 0.8] [--top-k 50]
+        [--top-p 1.0] [--seed 0] [--ignore-eot] [--batch] [--device auto] [--threads 0]
+        [--draft RUN] [--draft-tokens 4]
+
+``--run``: a run folder (its newest good checkpoint), a ``step_*`` folder or a consolidated
+file (``--checkpoint`` names one explicitly). Prompts: each ``--prompt``, and those of
+``--prompt-file`` (prompts separated by lines holding only ``---``; ``-`` reads stdin); none
+given: "def ". Generation stops at ``<|endoftext|>`` unless ``--ignore-eot``. Each prompt is
+streamed in turn; ``--batch`` decodes them together (one KV-cache slot each) and prints each
+when done: the same tokens, as every prompt draws from its own generator seeded ``--seed``.
+``--temperature 0`` is greedy. ``--draft RUN``: speculative decoding with that run's model as
+the draft (same tokenizer; ``--draft-tokens`` drafted per target call; one prompt at a time,
+so not with ``--batch``): greedy gives the same text as without it; the acceptance rate goes
+to stderr. Code: moe/inference/ (engine, sampling, speculative); installed as the
+moe-generate command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from moe.checkpoint import CheckpointError, load_model
+from moe.data import EOT_ID, BPETokenizer
+from moe.device import resolve_device
+from moe.inference import Engine, SamplingParams
+from moe.inference.speculative import SpeculativeDecoder
+
+SEPARATOR = "---"
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        text = sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text()
+        parts, cur = [], []
+        for line in text.splitlines(keepends=True):
+            if line.strip() == SEPARATOR:
+                parts.append("".join(cur))
+                cur = []
+            else:
+                cur.append(line)
+        parts.append("".join(cur))
+        prompts += [p for p in parts if p.strip()]
+    return prompts or ["def "]
+
+
+class Detokenizer:
+    """Text of a growing token list, given out as the new part each time. Byte-level BPE can
+    split a character across tokens: text ending in an incomplete one (U+FFFD) waits."""
+
+    def __init__(self, tokenizer: BPETokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids)
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--run", required=True,
+                   help="run folder, step folder or consolidated checkpoint file")
+    p.add_argument("--checkpoint", default=None, help="a step folder or consolidated file "
+                   "(default: the run's newest good checkpoint)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    p.add_argument("--prompt-file", default=None,
+                   help=f"prompts separated by lines holding only {SEPARATOR!r} (- for stdin)")
+    p.add_argument("--max-new-tokens", "--tokens", dest="max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0: every token")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eot", action="store_true",
+                   help="do not stop at <|endoftext|>")
+    p.add_argument("--batch", action="store_true",
+                   help="decode all prompts together; print each when done")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    p.add_argument("--draft", default=None, metavar="RUN",
+                   help="speculative decoding: a draft model's run, step folder or file")
+    p.add_argument("--draft-tokens", type=int, default=4,
+                   help="tokens the draft proposes per target call (with --draft)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p,
+                                stop_tokens=() if args.ignore_eot else (EOT_ID,))
+        prompts = read_prompts(args)
+        device = resolve_device(args.device)
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        loaded = load_model(args.checkpoint or args.run, device=device)
+        spec = None
+        if args.draft:
+            if args.batch:
+                raise ValueError("--draft decodes one prompt at a time: drop --batch")
+            draft = load_model(args.draft, device=device)
+            if loaded.tokenizer and draft.tokenizer and \
+                    Path(loaded.tokenizer).read_bytes() != Path(draft.tokenizer).read_bytes():
+                raise ValueError(f"the draft's tokenizer {draft.tokenizer} differs from the "
+                                 f"target's {loaded.tokenizer}")
+            spec = SpeculativeDecoder(loaded.model, draft.model, args.draft_tokens)
+    except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if loaded.tokenizer is None:
+        print(f"error: no tokenizer.json for {loaded.checkpoint} (neither in its run folder nor "
+              "in its data cache)", file=sys.stderr)
+        return 2
+    tokenizer = BPETokenizer.load(loaded.tokenizer)
+    ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
+
+    def gen() -> torch.Generator:
+        return torch.Generator().manual_seed(args.seed)
+
+    out = sys.stdout
+    try:
+        if args.batch:
+            engine = Engine(loaded.model, n_slots=len(ids))
+            news = engine.generate(ids, params, [gen() for _ in ids])
+            for i, (p, new) in enumerate(zip(ids, news)):
+                if len(ids) > 1:
+                    out.write(f"=== {i + 1}/{len(ids)}\n")
+                out.write(tokenizer.decode([t for t in p + new if t != EOT_ID]) + "\n")
+            return 0
+        engine = Engine(loaded.model, n_slots=1)
+        for i, p in enumerate(ids):
+            if len(ids) > 1:
+                out.write(f"=== {i + 1}/{len(ids)}\n")
+            out.write(tokenizer.decode(p))
+            out.flush()
+            detok = Detokenizer(tokenizer)
+            if spec is None:
+                steps = ([tok for _, tok in step] for step in engine.stream([p], params, gen()))
+            else:
+                steps = spec.stream(p, params, gen())
+            for step in steps:
+                for tok in step:
+                    if tok in params.stop_tokens:
+                        continue
+                    out.write(detok.push(tok))
+                    out.flush()
+            out.write(detok.flush() + "\n")
+            out.flush()
+        if spec is not None:
+            st = spec.stats
+            print(f"[speculative] {args.draft_tokens} draft tokens: acceptance "
+                  f"{st.acceptance_rate:.2f} (predicted 1 - TV: "
+                  f"{st.acceptance_rate_predicted:.2f}), {st.tokens_per_target_call:.2f} tokens "
+                  f"per target call (predicted {st.tokens_per_target_call_predicted:.2f})",
+                  file=sys.stderr)
+    except ValueError as e:  # e.g. a prompt longer than the context
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

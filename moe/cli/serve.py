@@ -1,0 +1,94 @@
+"""Serve a trained model over an OpenAI-compatible HTTP API (continuous batching).
+
+    python scripts/serve.py --run runs/tiny [--port 8000] [--host 127.0.0.1] [--slots 8]
+        [--model-name NAME] [--checkpoint PATH] [--device auto] [--threads 0]
+
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "tiny", "prompt": "def ", "max_tokens": 32, "temperature": 0}'
+
+``--run``: a run folder (its newest good checkpoint), a ``step_*`` folder or a consolidated
+file. The model is served as ``--model-name`` (default: the run folder's name) at
+``/v1/completions`` (streaming with ``"stream": true``) and listed at ``/v1/models``.
+``--slots``: KV-cache slots, the most requests decoded together; more wait in a queue and are
+admitted as others finish. ``--draft RUN`` (speculative decoding) is not yet used with
+continuous batching: the server refuses to start with it rather than ignore it. Code:
+moe/inference/server.py, moe/inference/scheduler.py; installed as the moe-serve command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from moe.checkpoint import CheckpointError, load_model
+from moe.data import BPETokenizer
+from moe.device import resolve_device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--run", required=True,
+                   help="run folder, step folder or consolidated checkpoint file")
+    p.add_argument("--checkpoint", default=None, help="a step folder or consolidated file "
+                   "(default: the run's newest good checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8,
+                   help="KV-cache slots: requests decoded together (continuous batching)")
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the run folder's name)")
+    p.add_argument("--draft", default=None,
+                   help="draft model for speculative decoding: not yet used with continuous "
+                        "batching (refused)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    p.add_argument("--log-level", default="info", help="uvicorn's log level")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.draft is not None:
+        print("error: --draft: speculative decoding is not yet used with continuous batching; "
+              "serve without it", file=sys.stderr)
+        return 2
+    if args.slots < 1 or not 0 <= args.port < 65536:
+        print(f"error: --slots {args.slots} must be >= 1 and --port {args.port} in [0, 65535]",
+              file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+
+        from moe.inference.server import build_app
+    except ImportError as e:
+        print(f"error: {e} (pip install fastapi uvicorn)", file=sys.stderr)
+        return 2
+    try:
+        device = resolve_device(args.device)
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        loaded = load_model(args.checkpoint or args.run, device=device)
+    except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if loaded.tokenizer is None:
+        print(f"error: no tokenizer.json for {loaded.checkpoint} (neither in its run folder nor "
+              "in its data cache)", file=sys.stderr)
+        return 2
+    run = Path(args.run)
+    name = args.model_name or (run.stem if run.is_file() else run.resolve().name)
+    app = build_app(loaded.model, BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
+                    model_name=name)
+    print(f"serving {loaded.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
+          f"({args.slots} slots, {device})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""Inference: a static KV cache, sampling controls and the engine that drives the model.
+
+    cache.py     KVCache (per-layer [slots, n_kv_heads, max_len, head_dim] buffers), CacheView
+    sampling.py  SamplingParams, filter_logits / probs / sample (the one filter used everywhere)
+    engine.py    Engine: prefill, decode, forward (S tokens per slot), truncate, stream, generate
+    scheduler.py Scheduler, Request: continuous batching over the engine's slots
+    speculative.py SpeculativeDecoder (a draft proposes, the target verifies), verify, stats
+    server.py    the OpenAI-compatible HTTP server (FastAPI; imported on its own, not here)
+    bench.py     the decode benchmark of scripts/bench_decode.py (ours vs Hugging Face)
+
+The one-call API is ``moe.generate.generate``. The model stays plain PyTorch: the cache is
+passed to ``Transformer.forward(tokens, kv_cache=...)`` and the model never imports this.
+"""
+
+from moe.inference.cache import CacheView, KVCache
+from moe.inference.engine import Engine
+from moe.inference.sampling import SamplingParams, filter_logits, probs, sample, sample_from
+from moe.inference.scheduler import Request, Scheduler, static_batches
+from moe.inference.speculative import SpeculativeDecoder, SpeculativeStats
+
+__all__ = ["CacheView", "KVCache", "Engine", "SamplingParams", "filter_logits", "probs", "sample",
+           "sample_from", "Request", "Scheduler", "static_batches", "SpeculativeDecoder",
+           "SpeculativeStats"]

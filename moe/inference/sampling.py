@@ -1,0 +1,102 @@
+"""Sampling controls: one filter from logits to the distribution a token is drawn from.
+
+``filter_logits`` applies, in Hugging Face's order, temperature, then top-k, then top-p
+(nucleus, Holtzman et al. 2019); ``probs`` is its softmax and ``sample`` draws from it. Every
+caller (the engine, the one-call ``moe.generate.generate``, speculative decoding's p and q)
+goes through these, so a distribution is filtered the same way wherever it is used.
+
+- ``temperature=0`` is greedy: the distribution is one-hot on the argmax (the first index on
+  a tie, as ``torch.argmax``), and ``sample`` consumes no random numbers.
+- ``top_k=k``: keep the tokens whose logit is >= the k-th largest (a tie at the k-th value
+  keeps all its tokens, as Hugging Face's ``TopKLogitsWarper``); 0 keeps all.
+- ``top_p=p``: after top-k, sort by probability (descending; ties by token id) and keep each
+  token whose predecessors' total probability is < p: the smallest prefix whose mass reaches
+  p. The most likely token is always kept; 1.0 keeps all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks for. Invalid values raise ValueError naming the field."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = ()  # generation ends after emitting one of these
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """ValueError for a temperature < 0 (or NaN), a top_k < 0, a top_p outside (0, 1]."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 "
+                         "(0 is greedy)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 keeps every token)")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """logits [..., V] -> fp32 logits / temperature with -inf outside the kept set.
+
+    At temperature 0 only the argmax keeps its (unscaled) logit.
+    """
+    check_sampling(temperature, top_k, top_p)
+    logits = logits.float()
+    if temperature == 0:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep.scatter_(-1, logits.argmax(-1, keepdim=True), True)
+        return logits.masked_fill(~keep, float("-inf"))
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1:
+        probs, order = torch.sort(logits.softmax(-1), dim=-1, descending=True, stable=True)
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution ``sample`` draws from: softmax of ``filter_logits`` (one-hot if greedy)."""
+    return filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)
+
+
+def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of probs [B, V] -> [B] ids (torch.multinomial, on the generator's
+    device: a CPU generator draws the same tokens whatever device the model is on)."""
+    dev = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(dev), 1, generator=generator).squeeze(-1).to(probs.device)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> [B] token ids: the argmax if greedy, else a draw from ``probs``."""
+    if params.greedy:
+        return logits.argmax(-1)
+    return sample_from(probs(logits, params), generator)

@@ -1,0 +1,197 @@
+"""Continuous batching: a fixed set of KV-cache slots shared by a queue of requests.
+
+    sched = Scheduler(Engine(model, n_slots=8), detokenize=tokenizer.decode)
+    req = sched.submit(Request(prompt_ids, SamplingParams(max_new_tokens=64), seed=1))
+    while sched.has_work:
+        for r in sched.step():          # the requests that changed this step
+            print(r.id, r.tokens[-1:], r.finish_reason)
+
+Each ``step`` (as in Orca, Yu et al. 2022, and vLLM's scheduler, at the granularity of one
+token): queued requests are admitted, first come first served, into the free slots and
+prefilled together (one ragged prefill); every other running request decodes one token, all
+in one batched ``Engine.decode``; a request that finishes (a stop token, a stop string, its
+``max_new_tokens``) frees its slot at once, and the next step refills it from the queue.
+Static batching, by contrast, starts the next batch only when the longest request of the
+current one is done (``Engine.generate``); the decode benchmark (moe/inference/bench.py,
+``continuous_over_static``) measures the difference on mixed output lengths.
+
+Exactness: a request gets the tokens it gets alone (``Engine.generate([prompt], params,
+generator)``): the engine keeps each slot's positions, so batching never changes a
+sequence's logits (dropless routing, to float noise), each request samples with its own
+``torch.Generator`` (seeded ``seed``) exactly once per token, and a sequence past the cache's
+``max_len`` slides its window the way ``Engine.stream`` does (a re-prefill of the last
+``max_len`` tokens). A new request's first token comes from its prefill, in the same step
+where the running ones decode, so admitting never stalls the others for a step.
+
+Stop strings need text: with ``detokenize`` (token ids -> str) the scheduler keeps each
+request's ``text`` (the generated tokens decoded, a final stop token left out) and ends the
+request when a stop string appears, cutting ``text`` where it begins (OpenAI's behaviour: the
+stop string is not returned). The finish reasons are OpenAI's: "stop" and "length".
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from moe.inference.engine import Engine
+from moe.inference.sampling import SamplingParams, sample
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request and, as it runs, its state (read it; the scheduler writes it)."""
+
+    prompt: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None  # draws from a torch.Generator seeded with this (None: global RNG)
+    stop_strings: tuple[str, ...] = ()
+    id: Hashable = None
+    # --- state ---
+    tokens: list[int] = field(default_factory=list)  # generated so far (a stop token included)
+    text: str = ""  # with a detokenize: the text of ``tokens``, cut before a stop string
+    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+    slot: int | None = None  # the cache slot while running
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Scheduler:
+    def __init__(self, engine: Engine,
+                 detokenize: Callable[[list[int]], str] | None = None):
+        """``engine``: its ``n_slots`` is the most requests decoded together. ``detokenize``:
+        needed by requests with stop strings (and fills ``Request.text``)."""
+        self.engine = engine
+        self.detokenize = detokenize
+        self.queue: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.free: list[int] = list(range(engine.n_slots))  # lowest slot first
+        self.admitted: list[Request] = []  # in order of admission (tests read it)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; ValueError (before queuing) for a prompt the engine refuses."""
+        request.prompt = self.engine.check_prompt(request.prompt)
+        request.stop_strings = tuple(request.stop_strings)
+        if request.stop_strings and self.detokenize is None:
+            raise ValueError("stop strings need a Scheduler(detokenize=...) to read the text")
+        if any(not isinstance(s, str) or not s for s in request.stop_strings):
+            raise ValueError(f"stop strings {request.stop_strings!r} must be non-empty str")
+        if request.seed is not None and request.generator is None:
+            request.generator = torch.Generator().manual_seed(request.seed)
+        self.queue.append(request)
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Drop a request (e.g. its client went away): out of the queue, or out of its slot."""
+        if request in self.queue:
+            self.queue.remove(request)
+        elif request.slot is not None and self.running.get(request.slot) is request:
+            self._release(request)
+
+    def clear(self) -> list[Request]:
+        """Drop every request (after a failed step); returns them."""
+        dropped = list(self.running.values()) + list(self.queue)
+        for r in list(self.running.values()):
+            self._release(r)
+        self.queue.clear()
+        return dropped
+
+    # --- one step --------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Admit into free slots, prefill them, decode the rest; returns the requests that
+        got a token or finished this step (finished ones have left their slots)."""
+        changed: list[Request] = []
+        decoding = list(self.running.values())  # admitted before this step: one decode each
+        new: list[Request] = []
+        while self.queue and self.free:
+            r = self.queue.popleft()
+            if r.params.max_new_tokens == 0:  # nothing to generate: no slot needed
+                r.finish_reason = "length"
+                changed.append(r)
+                continue
+            r.slot = self.free.pop(0)
+            self.running[r.slot] = r
+            self.admitted.append(r)
+            new.append(r)
+        logits: dict[int, torch.Tensor] = {}
+        if new:
+            out = self.engine.prefill([r.slot for r in new], [r.prompt for r in new])
+            logits.update(zip((r.slot for r in new), out))
+        fits = [r for r in decoding if self.engine.length(r.slot) < self.engine.max_len]
+        if fits:
+            out = self.engine.decode([r.slot for r in fits], [r.tokens[-1] for r in fits])
+            logits.update(zip((r.slot for r in fits), out))
+        for r in decoding:
+            if r.slot not in logits:  # the window slides: re-prefill the last max_len tokens
+                seq = (list(r.prompt) + r.tokens)[-self.engine.max_len:]
+                logits[r.slot] = self.engine.prefill([r.slot], [seq])[0]
+        active = new + decoding
+        for r, tok in zip(active, self._sample(active, logits)):
+            self._append(r, tok)
+            changed.append(r)
+        return changed
+
+    def _sample(self, rows: list[Request], logits: dict[int, torch.Tensor]) -> list[int]:
+        """One token per request, each from its own generator: a batched argmax when all
+        are greedy (the engine's rule), else ``sample`` row by row (the one filter)."""
+        if not rows:
+            return []
+        if all(r.params.greedy for r in rows):
+            return torch.stack([logits[r.slot] for r in rows]).argmax(-1).tolist()
+        return [int(sample(logits[r.slot][None], r.params, r.generator)[0]) for r in rows]
+
+    def _append(self, r: Request, tok: int) -> None:
+        r.tokens.append(tok)
+        p = r.params
+        stopped = tok in p.stop_tokens
+        if self.detokenize is not None:
+            r.text = self.detokenize(r.tokens[:-1] if stopped else r.tokens)
+            cut = [i for i in (r.text.find(s) for s in r.stop_strings) if i >= 0]
+            if cut:
+                r.text, stopped = r.text[:min(cut)], True
+        if stopped:
+            r.finish_reason = "stop"
+        elif len(r.tokens) >= p.max_new_tokens:
+            r.finish_reason = "length"
+        if r.finished:
+            self._release(r)
+
+    def _release(self, r: Request) -> None:
+        del self.running[r.slot]
+        self.free.append(r.slot)
+        self.free.sort()
+        self.engine.reset(r.slot)
+        r.slot = None
+
+    # --- offline use -----------------------------------------------------------------------
+
+    def run(self, requests: Iterable[Request]) -> list[list[int]]:
+        """Submit ``requests``, step until all are done; their generated tokens, in order."""
+        requests = [self.submit(r) for r in requests]
+        while self.has_work:
+            self.step()
+        return [r.tokens for r in requests]
+
+
+def static_batches(engine: Engine, requests: Sequence[Request]) -> list[list[int]]:
+    """The baseline: batches of ``engine.n_slots`` requests in order, each run to its longest
+    request's end before the next starts (``Engine.generate``; a finished row idles)."""
+    out: list[list[int]] = []
+    n = engine.n_slots
+    for i in range(0, len(requests), n):
+        batch = requests[i:i + n]
+        gens = [r.generator if r.generator is not None or r.seed is None
+                else torch.Generator().manual_seed(r.seed) for r in batch]
+        out += engine.generate([r.prompt for r in batch], [r.params for r in batch], gens)
+    return out

@@ -1,0 +1,372 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching scheduler (FastAPI + uvicorn).
+
+    app = build_app(model, tokenizer, n_slots=8, model_name="tiny")
+    uvicorn.run(app, port=8000)        # or: moe-serve --run runs/tiny --port 8000
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
+    client.completions.create(model="tiny", prompt="def ", max_tokens=32, temperature=0)
+
+Endpoints: ``POST /v1/completions`` (OpenAI's legacy completions API), ``GET /v1/models``,
+``GET /health``. As in vLLM's OpenAI entrypoint, one engine loop runs the scheduler in a
+background thread; every HTTP request (and every prompt of a list) becomes a scheduler request,
+so concurrent requests share decode steps, and each handler awaits its tokens through an
+asyncio queue the loop feeds. ``stream: true`` answers with server-sent events, one
+``text_completion`` chunk per piece of text, then ``data: [DONE]``.
+
+What a request may ask (``CompletionRequest``): ``prompt`` as a string, a list of strings, a list
+of token ids or a list of such lists (one choice each, ``index`` in order); ``max_tokens``
+(default 16; null: up to the context), ``temperature`` (0: greedy), ``top_p``, ``top_k`` (an
+extension, as vLLM's), ``stop`` (up to 4 strings, not returned), ``seed`` (the request's own
+generator: same seed, same tokens, whatever else is running), ``stream``,
+``stream_options.include_usage``, ``user``. Generation also stops at ``<|endoftext|>``
+(finish_reason "stop", not returned). Refused with a 400: ``n`` > 1, ``best_of`` > 1, ``echo``,
+``logprobs``, ``suffix``, ``logit_bias``, nonzero penalties, unknown fields, wrong types, a
+prompt plus ``max_tokens`` longer than the context. Errors have OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from torch import nn
+
+from moe.inference.engine import Engine
+from moe.inference.sampling import SamplingParams
+from moe.inference.scheduler import Request, Scheduler
+
+log = logging.getLogger("moe.serve")
+
+# --- protocol --------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions: OpenAI's fields (strict types, unknown keys refused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # extension (vLLM's): 0 keeps every token
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+
+
+class APIError(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind, self.code = (
+            message, param, status, kind, code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind,
+                                       "param": self.param, "code": self.code}}, self.status)
+
+
+def _refuse_unsupported(req: CompletionRequest) -> None:
+    unsupported = [("n", req.n != 1, "n > 1 is not supported: send the prompt again"),
+                   ("best_of", req.best_of not in (None, 1), "best_of > 1 is not supported"),
+                   ("echo", req.echo, "echo is not supported"),
+                   ("logprobs", req.logprobs is not None, "logprobs are not supported"),
+                   ("suffix", req.suffix is not None, "suffix is not supported"),
+                   ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
+                   ("presence_penalty", req.presence_penalty != 0, "penalties are not supported"),
+                   ("frequency_penalty", req.frequency_penalty != 0,
+                    "penalties are not supported"),
+                   ("stream_options", req.stream_options is not None and not req.stream,
+                    "stream_options is only allowed with stream: true")]
+    for param, bad, why in unsupported:
+        if bad:
+            raise APIError(why, param)
+
+
+# --- the engine loop -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Update:
+    """What the loop tells a handler after a step: a snapshot of its request."""
+
+    n_tokens: int
+    text: str
+    finish_reason: str | None
+    error: str | None = None
+
+
+class EngineLoop:
+    """The scheduler in one background thread; handlers reach it through a thread-safe inbox."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.steps = 0
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="moe-engine-loop", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.inbox.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def submit(self, request: Request, notify: Callable[[Update], None]) -> None:
+        self.inbox.put(("add", request, notify))
+
+    def abort(self, request: Request) -> None:
+        self.inbox.put(("abort", request, None))
+
+    def _run(self) -> None:
+        notify: dict[Request, Callable[[Update], None]] = {}
+        sched = self.scheduler
+        while True:
+            block = not sched.has_work  # idle: sleep until a request arrives
+            while True:
+                try:
+                    item = self.inbox.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if item is None:
+                    return
+                kind, r, cb = item
+                if kind == "add":
+                    try:
+                        sched.submit(r)
+                        notify[r] = cb
+                    except ValueError as e:  # handlers check first: a last safeguard
+                        cb(Update(0, "", None, error=str(e)))
+                elif r in notify:
+                    sched.abort(r)
+                    del notify[r]
+            if not sched.has_work:
+                continue
+            try:
+                changed = sched.step()
+            except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+                log.exception("engine step failed")
+                for r in sched.clear():
+                    cb = notify.pop(r, None)
+                    if cb is not None:
+                        cb(Update(len(r.tokens), r.text, None, error=f"{type(e).__name__}: {e}"))
+                continue
+            self.steps += 1
+            for r in changed:
+                cb = notify.pop(r) if r.finished else notify.get(r)
+                if cb is not None:
+                    cb(Update(len(r.tokens), r.text, r.finish_reason))
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+class CompletionServer:
+    """Request checking, scheduling and response shaping for one model."""
+
+    def __init__(self, model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "moe",
+                 max_len: int | None = None):
+        self.tokenizer, self.model_name = tokenizer, model_name
+        self.engine = Engine(model, n_slots=n_slots, max_len=max_len)
+        self.loop = EngineLoop(Scheduler(self.engine, detokenize=tokenizer.decode))
+        self.created = int(time.time())
+
+    def requests(self, req: CompletionRequest) -> list[Request]:
+        """Scheduler requests for each prompt, or an APIError saying what is wrong."""
+        if req.model != self.model_name:
+            raise APIError(f"The model `{req.model}` does not exist (this server serves "
+                           f"`{self.model_name}`)", "model", 404, code="model_not_found")
+        _refuse_unsupported(req)
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError("stop: give at most 4 non-empty strings", "stop")
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            raise APIError("prompt: give a string, a list of strings or token ids", "prompt")
+        ctx, out = self.engine.max_len, []
+        for prompt in prompts:
+            ids = (self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+                   if isinstance(prompt, str) else list(prompt))
+            try:
+                ids = self.engine.check_prompt(ids)
+            except ValueError as e:
+                raise APIError(str(e), "prompt") from None
+            max_tokens = ctx - len(ids) if req.max_tokens is None else req.max_tokens
+            if len(ids) + max_tokens > ctx:
+                raise APIError(f"This model's maximum context length is {ctx} tokens. However, "
+                               f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in "
+                               f"the prompt, {max_tokens} for the completion). Please reduce "
+                               "the prompt or max_tokens.", "max_tokens" if
+                               len(ids) <= ctx else "prompt")
+            try:
+                params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature,
+                                        top_k=req.top_k, top_p=req.top_p,
+                                        stop_tokens=(self.tokenizer.eot_id,))
+            except ValueError as e:
+                raise APIError(str(e)) from None
+            out.append(Request(ids, params, seed=req.seed, stop_strings=tuple(stops)))
+        return out
+
+    async def updates(self, requests: list[Request]) -> AsyncIterator[tuple[int, Update]]:
+        """(choice index, update) as the loop makes them; aborts what is left if cancelled."""
+        aio = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        left = set(range(len(requests)))
+        for i, r in enumerate(requests):
+            self.loop.submit(r, lambda u, i=i: aio.call_soon_threadsafe(q.put_nowait, (i, u)))
+        try:
+            while left:
+                i, u = await q.get()
+                if u.finish_reason is not None or u.error is not None:
+                    left.discard(i)
+                yield i, u
+        finally:
+            for i in left:
+                self.loop.abort(requests[i])
+
+    def chunk(self, rid: str, choices: list[dict], usage: dict | None = None) -> dict:
+        out = {"id": rid, "object": "text_completion", "created": int(time.time()),
+               "model": self.model_name, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    async def complete(self, req: CompletionRequest) -> dict:
+        requests = self.requests(req)
+        final: dict[int, Update] = {}
+        async for i, u in self.updates(requests):
+            if u.error is not None:
+                raise APIError(f"generation failed: {u.error}", status=500, kind="server_error")
+            if u.finish_reason is not None:
+                final[i] = u
+        choices = [{"index": i, "text": final[i].text, "logprobs": None,
+                    "finish_reason": final[i].finish_reason} for i in range(len(requests))]
+        return self.chunk(f"cmpl-{uuid.uuid4().hex}", choices, _usage(requests, final))
+
+    async def stream(self, req: CompletionRequest, requests: list[Request]
+                     ) -> AsyncIterator[str]:
+        """SSE lines for ``requests`` (of ``req``). Text is held back while it might still
+        become a stop string (its last len(longest stop) - 1 characters) or ends in an
+        incomplete UTF-8 character."""
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        hold = max((len(s) for s in requests[0].stop_strings), default=1) - 1
+        sent = [0] * len(requests)
+        final: dict[int, Update] = {}
+        async for i, u in self.updates(requests):
+            if u.error is not None:
+                err = {"message": f"generation failed: {u.error}", "type": "server_error",
+                       "param": None, "code": None}
+                yield f"data: {json.dumps({'error': err})}\n\n"
+                return
+            if u.finish_reason is None:
+                safe = u.text.rstrip("\ufffd")
+                safe = safe[:max(0, len(safe) - hold)]
+            else:
+                safe, final[i] = u.text, u
+            if len(safe) > sent[i] or u.finish_reason is not None:
+                delta, sent[i] = safe[sent[i]:], max(sent[i], len(safe))
+                choice = {"index": i, "text": delta, "logprobs": None,
+                          "finish_reason": u.finish_reason}
+                yield f"data: {json.dumps(self.chunk(rid, [choice]))}\n\n"
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield f"data: {json.dumps(self.chunk(rid, [], _usage(requests, final)))}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def _usage(requests: list[Request], final: dict[int, Update]) -> dict:
+    prompt = sum(len(r.prompt) for r in requests)
+    done = sum(u.n_tokens for u in final.values())
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "moe",
+              max_len: int | None = None) -> FastAPI:
+    """The FastAPI app serving ``model`` (a ``Transformer``) with ``tokenizer`` (a
+    ``BPETokenizer``: encode, decode, eot_id) on ``n_slots`` cache slots. The engine loop
+    starts and stops with the app's lifespan; ``app.state.server`` is the CompletionServer."""
+    server = CompletionServer(model, tokenizer, n_slots, model_name, max_len)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.loop.start()
+        try:
+            yield
+        finally:
+            server.loop.stop()
+
+    app = FastAPI(title="moe", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, e: RequestValidationError):
+        errors = e.errors()
+        parts, param = [], None
+        for err in errors:
+            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            param = param or (loc[0] if loc else None)
+            what = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg")
+            parts.append(f"{'.'.join(loc) or 'body'}: {what}")
+        return APIError("; ".join(parts) or "invalid request", param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        return APIError(str(e.detail), status=e.status_code).response()
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if not req.stream:
+            return JSONResponse(await server.complete(req))
+        requests = server.requests(req)  # a bad request is refused before streaming starts
+        return StreamingResponse(server.stream(req, requests), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": server.model_name, "object": "model", "created": server.created,
+                "owned_by": "moe", "max_model_len": server.engine.max_len}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "slots": server.engine.n_slots, "steps": server.loop.steps}
+
+    return app
+

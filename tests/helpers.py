@@ -1,0 +1,101 @@
+"""Shared test helpers: the tiny model, meshes, shard slicing and the parity assertions.
+
+    cfg = tiny_model_config(n_kv_heads=2)              # a validated tiny ModelConfig
+    mesh = build_mesh(ep=2, tp=2)                      # the trainer's mesh (ParallelDims)
+    reduce_gradients([model], mesh)                    # the trainer's reduction, then
+    assert_grads_match([model], ref)                   # every shard's grad == its slice of ref's
+    assert_same_rows(ref_rows, rows, keys)             # metrics rows, step by step
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import pytest
+import torch
+from torch import nn
+
+from moe.config import ModelConfig
+from moe.parallel.mesh import ParallelDims, shard_slices
+
+TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=16,
+            n_experts=4, top_k=2, expert_hidden=32, ffn_hidden=48, capacity_factor=1.0,
+            min_capacity=0, router_jitter=0.0)
+
+
+def tiny_model_config(**kw) -> ModelConfig:
+    """The tiny model of the parity tests (4 heads, 1 KV head, 4 experts top-2), with ``kw``
+    overriding any field; validated."""
+    cfg = ModelConfig(**{**TINY, **kw})
+    cfg.validate()
+    return cfg
+
+
+def build_mesh(tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1):
+    """The device mesh the trainer uses for these sizes (needs an initialised process group)."""
+    dims = ParallelDims(tp=tp, pp=pp, dp=dp, ep=ep)
+    dims.build_mesh("cpu")
+    return dims.mesh()
+
+
+def local_slice(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of a full-model tensor that the local parameter ``p`` holds, by the cuts
+    parallelism recorded on it (outermost first)."""
+    for dim, index, n in shard_slices(p):
+        full = full.chunk(n, dim=dim)[index]
+    return full
+
+
+def _value(p: torch.Tensor, what: str) -> torch.Tensor:
+    if what == "data":
+        return p.detach()
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def assert_grads_match(parts: nn.Module | Iterable[nn.Module], ref: nn.Module,
+                       rtol: float = 1e-5, atol: float = 1e-7, tag: str = "",
+                       what: str = "grad") -> int:
+    """Every parameter of ``parts`` has the gradient (``what="data"``: the value) of its slice
+    of ``ref``'s; a missing gradient counts as zeros. Call after the trainer's
+    ``reduce_gradients``. Returns how many parameters were compared; raises listing every
+    mismatch."""
+    parts = [parts] if isinstance(parts, nn.Module) else list(parts)
+    ref_params = dict(ref.named_parameters())
+    errors, n = [], 0
+    for part in parts:
+        for name, p in part.named_parameters():
+            got, want = _value(p, what), local_slice(_value(ref_params[name], what), p)
+            n += 1
+            if got.shape != want.shape:
+                errors.append(f"{tag} {name}: {what} shape {tuple(got.shape)} != "
+                              f"{tuple(want.shape)}")
+            elif not torch.allclose(got, want, rtol=rtol, atol=atol):
+                errors.append(f"{tag} {name}: {what} max abs error "
+                              f"{(got - want).abs().max().item():.3g}")
+    assert not errors, "\n".join(errors)
+    return n
+
+
+def read_rows(run_dir: str | Path) -> list[dict]:
+    """A run's metrics.jsonl rows."""
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def assert_same_rows(ref: list[dict], rows: list[dict], keys: Iterable[str],
+                     rel: float = 1e-5, abs: float = 1e-7, tag: str = "",
+                     routing: bool = True) -> None:
+    """Metrics rows step by step: the same steps, ``keys`` equal to ``rel``/``abs`` where the
+    reference has them, and (``routing``) the same tokens and kept tokens per expert."""
+    assert [r["step"] for r in ref] == [r["step"] for r in rows], tag
+    for a, b in zip(ref, rows):
+        for key in keys:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=abs), (tag, a["step"], key)
+        if routing and "layers" in a:
+            for layer, st in a["layers"].items():
+                other = b["layers"][layer]
+                assert st["tokens_per_expert"] == other["tokens_per_expert"], (tag, layer)
+                assert st["kept_per_expert"] == other["kept_per_expert"], (tag, layer)

@@ -1,0 +1,102 @@
+"""The sharding plan (moe/parallel/plan.py) is the one source of every parameter's layout.
+
+No processes: tensor and expert parallelism are applied on the meta device with stand-in 1-D
+meshes, and each parameter's recorded shard must be what the plan says for its name.
+"""
+
+import fnmatch
+
+import pytest
+import torch
+
+from moe.model import build_model
+from moe.parallel.expert import apply_expert_parallel
+from moe.parallel.mesh import ParallelDims, shard_slices, shard_spec
+from moe.parallel.plan import PARAMETER_PLAN, placement, rule_for
+from moe.parallel.tensor import apply_tensor_parallel
+from tests.helpers import tiny_model_config
+
+VARIANTS = {
+    "mqa_moe": dict(),
+    "gqa_dense_and_moe": dict(n_kv_heads=2, moe_every=2),
+    "dense_and_moe_gelu": dict(moe_every=2, activation="gelu"),
+    "mha_tied": dict(n_kv_heads=4, tie_embeddings=True),
+}
+
+
+class FakeMesh:
+    """A 1-D mesh stand-in: what apply_tensor/expert_parallel read (hooks are never run)."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def get_local_rank(self):
+        return self._rank
+
+    def get_group(self):
+        return None
+
+
+def test_every_parameter_has_a_rule_and_every_rule_a_parameter():
+    names = set()
+    for kw in VARIANTS.values():
+        names |= {n for n, _ in build_model(tiny_model_config(**kw), "meta").named_parameters()}
+    for name in names:
+        rule_for(name)  # raises on a name the plan does not cover
+    for pattern, _ in PARAMETER_PLAN:  # no stale entry
+        assert any(fnmatch.fnmatchcase(n, pattern) for n in names), pattern
+
+
+def test_unknown_parameter_is_refused_by_name():
+    with pytest.raises(KeyError, match="layers.0.vision.proj.weight.*moe/parallel/plan.py"):
+        rule_for("layers.0.vision.proj.weight")
+
+
+def test_placements_by_hand():
+    mqa = tiny_model_config(n_kv_heads=1)  # 4 heads of 8
+    gqa = tiny_model_config(n_kv_heads=2)
+    assert placement("layers.0.attention.wq.weight", mqa, 2).tp_dim == 0
+    assert placement("layers.0.attention.wq.weight", mqa, 2).tp_unit == 8  # a whole head
+    mqa_k = placement("layers.0.attention.wk.weight", mqa, 2)
+    assert mqa_k.tp_dim is None and mqa_k.tp_partial_grad  # replicated, gradient summed
+    assert not placement("layers.0.attention.wk.weight", mqa, 1).tp_partial_grad
+    assert placement("layers.0.attention.wv.weight", gqa, 2).tp_dim == 0
+    assert placement("layers.1.feed_forward.experts.w2", mqa, 2).tp_dim == 1
+    assert placement("layers.1.feed_forward.experts.w2", mqa, 2).ep_dim == 0
+    assert placement("layers.0.feed_forward.router.gate.weight", mqa, 2) == placement(
+        "norm.weight", mqa, 2)  # replicated
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("tp, ep", [(2, 1), (1, 2), (2, 2)])
+def test_applied_shards_are_the_plans(variant, tp, ep):
+    cfg = tiny_model_config(**VARIANTS[variant])
+    full = {n: tuple(p.shape) for n, p in build_model(cfg, "meta").named_parameters()}
+    model = build_model(cfg, "meta")
+    apply_tensor_parallel(model, FakeMesh(tp, tp - 1))
+    apply_expert_parallel(model, FakeMesh(ep, 0))
+    for name, p in model.named_parameters():
+        want = placement(name, cfg, tp)
+        spec = shard_spec(p)
+        assert spec.get("tp") == (want.tp_dim if tp > 1 else None), name
+        assert spec.get("ep") == (want.ep_dim if ep > 1 else None), name
+        assert bool(spec.get("tp_partial_grad")) == want.tp_partial_grad, name
+        shape = list(full[name])
+        for dim, _, n in shard_slices(p):
+            shape[dim] //= n
+        assert tuple(p.shape) == tuple(shape), name
+    assert p.is_meta  # nothing was allocated
+
+
+def test_single_process_has_no_mesh():
+    dims = ParallelDims()
+    assert dims.mesh() is None and dims.mesh("tp") is None
+    assert dims == ParallelDims(tp=1)  # the mesh is not part of the sizes
+    with pytest.raises(ValueError, match="needs a device mesh"):
+        from moe.config import Config
+        from moe.parallel.parallelize import parallelize
+
+        parallelize(torch.nn.Linear(1, 1), ParallelDims(tp=2), Config())
