@@ -14,16 +14,18 @@ Categories (they partition the parameters; tied weights are counted once)::
     router      layers.*.feed_forward.router.*
     expert      layers.*.feed_forward.experts.*        (all experts of all MoE layers)
     dense_ffn   layers.*.feed_forward.{w1,w2,w3}       (non-MoE layers' feed-forward)
+    shared_expert layers.*.feed_forward.shared_experts.* (always-on experts, DeepSeekMoE)
     norm        layers.*.attention_norm, layers.*.ffn_norm, norm
 
 Active parameters (per token): every parameter except the experts a token is not routed to,
-i.e. the experts count ``top_k / n_experts`` of their parameters; the router, the embeddings
-and the norms count in full.
+i.e. the experts count ``top_k / n_experts`` of their parameters; the router, the shared
+experts, the embeddings and the norms count in full.
 
 Forward FLOPs per token (multiply-add = 2 FLOPs)::
 
     flops = 2 * active matmul params + attention score/value FLOPs
-    active matmul params = attention + router + dense_ffn + expert * top_k / n_experts
+    active matmul params = attention + router + dense_ffn + shared_expert
+                           + expert * top_k / n_experts
                            + output head (vocab * d_model, also when tied)
     attention FLOPs      = 2 * 2 * n_layers * context * n_heads * head_dim
                            (q.k^T over ``context`` keys, then probs @ v)
@@ -60,7 +62,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -86,11 +87,12 @@ class ParamCounts:
     n_moe_layers: int
     n_experts: int
     top_k: int
+    shared_expert_params: int = 0  # always-on experts of all MoE layers (model.n_shared_experts)
 
     @property
     def params_per_expert(self) -> int:
         """One expert's parameters summed over all MoE layers (SemiAnalysis' "~111B per expert")."""
-        return self.expert_params // self.n_experts
+        return self.expert_params // self.n_experts if self.n_experts else 0
 
     @property
     def active_expert_params(self) -> int:
@@ -100,7 +102,8 @@ class ParamCounts:
     def active_matmul_params(self) -> int:
         """Weights a token multiplies by in the forward (input-embedding lookup excluded)."""
         return (self.attention_params + self.router_params + self.dense_ffn_params
-                + self.active_expert_params + self.output_head_params)
+                + self.shared_expert_params + self.active_expert_params
+                + self.output_head_params)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -132,7 +135,7 @@ class Accounting:
 # Counting by module name
 
 
-CATEGORIES = ("attention", "expert", "router", "dense_ffn", "embedding", "norm")
+CATEGORIES = ("attention", "expert", "router", "dense_ffn", "embedding", "norm", "shared_expert")
 
 
 def classify_param(name: str) -> str:
@@ -153,6 +156,8 @@ def classify_param(name: str) -> str:
                 return "router"
             if parts[3] == "experts":
                 return "expert"
+            if parts[3] == "shared_experts":
+                return "shared_expert"
             if parts[3] in ("w1", "w2", "w3"):
                 return "dense_ffn"
     raise ValueError(f"accounting does not know parameter {name!r}: update moe/accounting.py")
@@ -161,15 +166,16 @@ def classify_param(name: str) -> str:
 def _finish(cfg: ModelConfig, sums: dict, output_head: int, n_moe: int) -> ParamCounts:
     total = sum(sums[c] for c in CATEGORIES)
     experts = sums["expert"]
-    if experts % cfg.n_experts:
+    if cfg.n_experts and experts % cfg.n_experts:
         raise ValueError(f"expert parameters {experts} not divisible by n_experts={cfg.n_experts}")
-    active = total - experts + experts // cfg.n_experts * cfg.top_k
+    active = total - experts + (experts // cfg.n_experts * cfg.top_k if cfg.n_experts else 0)
     return ParamCounts(total_params=total, active_params=active,
                        attention_params=sums["attention"], expert_params=experts,
                        router_params=sums["router"], dense_ffn_params=sums["dense_ffn"],
                        embedding_params=sums["embedding"], norm_params=sums["norm"],
                        output_head_params=output_head, n_moe_layers=n_moe,
-                       n_experts=cfg.n_experts, top_k=cfg.top_k)
+                       n_experts=cfg.n_experts, top_k=cfg.top_k,
+                       shared_expert_params=sums["shared_expert"])
 
 
 def count_model_params(model: nn.Module) -> ParamCounts:
@@ -216,6 +222,7 @@ def analytic_params(cfg: ModelConfig) -> ParamCounts:
         "router": n_moe * d * cfg.n_experts,
         "expert": n_moe * cfg.n_experts * mats * d * cfg.expert_hidden,
         "dense_ffn": n_dense * mats * d * cfg.ffn_hidden,
+        "shared_expert": n_moe * mats * d * cfg.shared_hidden_total,
         "embedding": (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * d,
         "norm": (2 * L + 1) * d,
     }
@@ -226,8 +233,8 @@ def analytic_params(cfg: ModelConfig) -> ParamCounts:
 # FLOPs and KV cache
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None,
-                              context: Optional[float] = None) -> int:
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int | None = None,
+                              context: float | None = None) -> int:
     """Score (q.k^T) + value (probs @ v) FLOPs of one token: 2 * 2 * n_layers * context *
     n_heads * head_dim. ``context`` defaults to the mean causal context of a full window,
     (seq_len + 1) / 2, with seq_len defaulting to ``cfg.max_seq_len``."""
@@ -238,8 +245,8 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None,
     return round(per_key * context)
 
 
-def flops_per_token(cfg: ModelConfig, counts: Optional[ParamCounts] = None,
-                    seq_len: Optional[int] = None, context: Optional[float] = None) -> int:
+def flops_per_token(cfg: ModelConfig, counts: ParamCounts | None = None,
+                    seq_len: int | None = None, context: float | None = None) -> int:
     """Forward FLOPs per token: 2 * active matmul params + attention score/value FLOPs.
 
     Context convention: see :func:`attention_flops_per_token` (default: mean causal context
@@ -249,14 +256,14 @@ def flops_per_token(cfg: ModelConfig, counts: Optional[ParamCounts] = None,
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_element: int = 2,
-                             n_kv_heads: Optional[int] = None) -> int:
+                             n_kv_heads: int | None = None) -> int:
     """2 (k, v) * n_layers * n_kv_heads * head_dim * bytes_per_element; ``n_kv_heads``
     defaults to the config's (pass ``cfg.n_heads`` for the multi-head equivalent)."""
     kv = cfg.n_kv_heads if n_kv_heads is None else n_kv_heads
     return 2 * cfg.n_layers * kv * cfg.head_size * bytes_per_element
 
 
-def account(cfg: ModelConfig, seq_len: Optional[int] = None, bytes_per_element: int = 2,
+def account(cfg: ModelConfig, seq_len: int | None = None, bytes_per_element: int = 2,
             method: str = "meta") -> Accounting:
     """Everything at once. ``seq_len`` defaults to ``cfg.max_seq_len`` (the script passes
     ``data.seq_len``)."""

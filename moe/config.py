@@ -40,6 +40,41 @@ def _yaml_load(text: str):
 
 
 @dataclass
+class RopeScalingConfig:
+    """``model.rope_scaling``: stretch rotary positions past the pre-training context (the
+    formulas and their papers: moe/model/rope.py; docs/long_context.md has the recipe)."""
+    type: str = "yarn"  # linear | dynamic (NTK, no fine-tune needed) | yarn
+    factor: float = 4.0  # the context grows by this factor (>= 1)
+    # The pre-training context N: dynamic and yarn need it; linear ignores it.
+    original_max_seq_len: Optional[int] = None
+    # YaRN's ramp: dimensions turning < beta_slow times over N tokens are interpolated, more
+    # than beta_fast times kept as trained (the paper's and HF's defaults).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    # YaRN's cos/sin multiplier; null: 0.1 ln(factor) + 1 (attention logits x its square).
+    attention_factor: Optional[float] = None
+
+    def validate(self, max_seq_len: int) -> None:
+        _choice(self, "type", ("linear", "dynamic", "yarn"))
+        if not self.factor >= 1:
+            raise ConfigError(f"model.rope_scaling.factor={self.factor} must be >= 1 (the context "
+                              "grows by this factor)")
+        n = self.original_max_seq_len
+        if n is None and self.type != "linear":
+            raise ConfigError(f"model.rope_scaling.original_max_seq_len is required for type="
+                              f"{self.type}: set it to the pre-training context (e.g. 128)")
+        if n is not None and not 0 < n <= max_seq_len:
+            raise ConfigError(f"model.rope_scaling.original_max_seq_len={n} must be in "
+                              f"[1, model.max_seq_len={max_seq_len}]")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ConfigError(f"model.rope_scaling.beta_fast={self.beta_fast} and beta_slow="
+                              f"{self.beta_slow} must satisfy 0 < beta_slow < beta_fast")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ConfigError(f"model.rope_scaling.attention_factor={self.attention_factor} "
+                              "must be > 0, or null for 0.1 ln(factor) + 1")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 8192
     d_model: int = 256
@@ -50,6 +85,8 @@ class ModelConfig:
     head_dim: Optional[int] = None  # None: d_model // n_heads
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    # Context extension (linear | dynamic | yarn; null: plain RoPE): see RopeScalingConfig.
+    rope_scaling: Optional[RopeScalingConfig] = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     activation: str = "swiglu"  # swiglu | gelu
@@ -84,11 +121,36 @@ class ModelConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     expert_impl: str = "auto"  # auto | grouped | bmm | loop (loop is the readable reference)
+    # Routing research options (docs/moe.md, "Routing options"; moe/model/router.py).
+    # Scores: softmax over experts (Mixtral, GShard) | sigmoid per expert (DeepSeek-V3); the
+    # chosen weights are renormalised per router_weights, then multiplied by route_scale.
+    router_score: str = "softmax"
+    route_scale: float = 1.0
+    # Balancing: aux_loss = the Switch/GShard loss at aux_loss_coef (applied ONLY here) | bias =
+    # DeepSeek-V3's auxiliary-loss-free per-expert bias, added to the scores for selection only
+    # and moved by bias_update_rate * sign(mean load - load) after every optimizer step, from
+    # the global batch's loads (moe/model/balance.py) | none. seq_aux_loss_coef: DeepSeek-V3's
+    # complementary sequence-wise balance loss (any balance; 0 = off).
+    balance: str = "aux_loss"
+    bias_update_rate: float = 1e-3
+    seq_aux_loss_coef: float = 0.0
+    # Always-on shared experts beside the routed ones (DeepSeekMoE), each of
+    # shared_expert_hidden units (null: expert_hidden), run as ONE SwiGLU FFN of
+    # n_shared_experts * shared_expert_hidden (the same function as summing separate ones).
+    # n_experts=0 (with top_k=0) leaves only the shared experts: a dense FFN.
+    n_shared_experts: int = 0
+    shared_expert_hidden: Optional[int] = None
+    # token_choice: each token picks its top_k experts | expert_choice: each expert takes its
+    # top-capacity tokens of every capacity group (Zhou et al. 2022; capacity =
+    # ceil(capacity_factor * n * top_k / n_experts), so top_k * capacity_factor experts per
+    # token on average). Expert choice is not causal: training and evaluation only.
+    routing: str = "token_choice"
 
     def validate(self) -> None:
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-                  "max_seq_len", "moe_every", "ffn_hidden", "n_experts", "top_k",
-                  "expert_hidden", "capacity_group_seqs")
+                  "max_seq_len", "moe_every", "ffn_hidden", "expert_hidden",
+                  "capacity_group_seqs")
+        self._validate_routing()
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads="
                               f"{self.n_heads}: change one of them or set model.head_dim")
@@ -97,9 +159,6 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
                               f"{self.n_kv_heads}: use 1 (MQA), n_heads (MHA) or a divisor")
-        if self.top_k > self.n_experts:
-            raise ConfigError(f"model.top_k={self.top_k} must be <= model.n_experts="
-                              f"{self.n_experts}: lower top_k or add experts")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ConfigError(f"model.capacity_factor={self.capacity_factor} must be > 0, or "
                               "null for dropless routing")
@@ -123,6 +182,45 @@ class ModelConfig:
         _choice(self, "expert_impl", ("auto", "grouped", "bmm", "loop"))
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ConfigError("model.rope_theta, model.norm_eps and model.init_std must be > 0")
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate(self.max_seq_len)
+
+    def _validate_routing(self) -> None:
+        """n_experts / top_k and the routing research options (router_score ... routing)."""
+        _choice(self, "router_score", ("softmax", "sigmoid"))
+        _choice(self, "balance", ("aux_loss", "bias", "none"))
+        _choice(self, "routing", ("token_choice", "expert_choice"))
+        _nonnegative(self, "bias_update_rate", "seq_aux_loss_coef", "n_shared_experts")
+        if not self.route_scale > 0:
+            raise ConfigError(f"model.route_scale={self.route_scale} must be > 0")
+        if self.shared_expert_hidden is not None and self.shared_expert_hidden <= 0:
+            raise ConfigError(f"model.shared_expert_hidden={self.shared_expert_hidden} must be "
+                              "> 0, or null (= model.expert_hidden)")
+        if self.n_experts == 0:
+            if self.n_shared_experts == 0 or self.top_k != 0:
+                raise ConfigError(f"model.n_experts=0 (no routed experts) needs "
+                                  f"model.n_shared_experts >= 1 and model.top_k=0, got "
+                                  f"n_shared_experts={self.n_shared_experts}, top_k={self.top_k}")
+            return
+        _positive(self, "n_experts", "top_k")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"model.top_k={self.top_k} must be <= model.n_experts="
+                              f"{self.n_experts}: lower top_k or add experts")
+        if self.routing == "expert_choice":
+            if self.balance != "none" or self.seq_aux_loss_coef:
+                raise ConfigError(f"model.routing=expert_choice balances by construction: set "
+                                  f"model.balance=none (got {self.balance}) and "
+                                  f"model.seq_aux_loss_coef=0 (got {self.seq_aux_loss_coef})")
+            if self.capacity_factor is None or self.eval_capacity_factor_resolved is None:
+                raise ConfigError("model.routing=expert_choice needs a capacity: "
+                                  "model.capacity_factor and model.eval_capacity_factor must be "
+                                  "numbers (null would give every expert every token)")
+
+    @property
+    def shared_hidden_total(self) -> int:
+        """Hidden units of the shared-expert FFN of an MoE layer (0 without shared experts)."""
+        per = self.expert_hidden if self.shared_expert_hidden is None else self.shared_expert_hidden
+        return self.n_shared_experts * per
 
     @property
     def eval_capacity_factor_resolved(self) -> float | None:
@@ -238,6 +336,11 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     run_dir: str = "runs/tiny"
+    # A new run from a trained model's weights (a run folder or a step_* folder) with a fresh
+    # optimizer, schedule and data position; only model.max_seq_len, model.rope_scaling and
+    # data.seq_len (and any train.* key) may differ from its config (moe/init_from.py). A
+    # checkpoint already in run_dir wins: the run resumes from it instead.
+    init_from: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
@@ -445,16 +548,38 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    """``section.key`` = value; ``section.key.sub`` sets one field of a nested mapping key
+    (``model.rope_scaling.type=yarn``), creating it with its defaults when it is null."""
     parts = dotted.split(".")
-    if len(parts) != 2 or parts[0] not in _sections():
+    if len(parts) not in (2, 3) or parts[0] not in _sections():
         raise ConfigError(f"unknown config key '{dotted}': keys look like section.key with "
                           f"section one of {', '.join(_sections())}")
     section = getattr(cfg, parts[0])
+    if len(parts) == 2:
+        _set_field(section, parts[0], parts[1], value)
+        return
     hints = typing.get_type_hints(type(section))
-    if parts[1] not in hints:
-        known = ", ".join(f.name for f in dataclasses.fields(section))
-        raise ConfigError(f"unknown config key '{dotted}'; {parts[0]} keys are: {known}")
-    setattr(section, parts[1], _coerce(dotted, value, hints[parts[1]]))
+    nested = _nested_type(hints[parts[1]]) if parts[1] in hints else None
+    if nested is None:
+        raise ConfigError(f"unknown config key '{dotted}': {parts[0]}.{parts[1]} is not a "
+                          "mapping key (keys look like section.key)")
+    if getattr(section, parts[1]) is None:
+        setattr(section, parts[1], nested())
+    _set_field(getattr(section, parts[1]), f"{parts[0]}.{parts[1]}", parts[2], value)
+
+
+def _set_field(obj: Any, prefix: str, name: str, value: Any) -> None:
+    hints = typing.get_type_hints(type(obj))
+    if name not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise ConfigError(f"unknown config key '{prefix}.{name}'; {prefix} keys are: {known}")
+    setattr(obj, name, _coerce(f"{prefix}.{name}", value, hints[name]))
+
+
+def _nested_type(hint: Any) -> type | None:
+    """The dataclass of a nested mapping key (``Optional[RopeScalingConfig]``), else None."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return options[0] if len(options) == 1 and dataclasses.is_dataclass(options[0]) else None
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -492,6 +617,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return [value]
         if isinstance(value, list):
             return list(value)
+    elif dataclasses.is_dataclass(hint):  # a nested mapping: each key checked as a config key
+        if isinstance(value, hint):
+            return dataclasses.replace(value)
+        if isinstance(value, dict):
+            obj = hint()
+            for k, v in value.items():
+                _set_field(obj, key, str(k), v)
+            return obj
+        fields = ", ".join(f.name for f in dataclasses.fields(hint))
+        raise ConfigError(f"config key '{key}' expects a mapping of {fields} (or null), "
+                          f"got {value!r}")
     name = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"config key '{key}' expects {name}, got {value!r}")
 
@@ -502,7 +638,8 @@ def _sections() -> list[str]:
 
 def _section_name(obj: Any) -> str:
     return {ModelConfig: "model", DataConfig: "data", TrainConfig: "train",
-            ParallelConfig: "parallel", LogConfig: "log"}.get(type(obj), type(obj).__name__)
+            ParallelConfig: "parallel", LogConfig: "log",
+            RopeScalingConfig: "model.rope_scaling"}.get(type(obj), type(obj).__name__)
 
 
 def _positive(obj: Any, *keys: str) -> None:

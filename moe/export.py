@@ -37,6 +37,13 @@ carried over, and HF's ``router_aux_loss_coef`` is set to ``aux_loss_coef / top_
 load-balancing loss is ``top_k`` times ours (it also pools all layers, and has no z-loss), so
 fine-tuning in transformers optimises a close, not identical, objective.
 
+RoPE scaling (``model.rope_scaling``, moe/model/rope.py): written as the config's
+``rope_scaling`` (transformers 5 stores it in ``rope_parameters``): linear and YaRN (with
+``original_max_position_embeddings``, ``beta_fast``, ``beta_slow`` and the resolved
+``attention_factor``) give our logits at any length; dynamic NTK exports
+``max_position_embeddings = original_max_seq_len`` (HF's original length) and matches ours on a
+fresh model's forward of one length (HF keeps a grown table for later calls; ours does not).
+
 Tokenizer: ``export_hf(..., tokenizer=...)`` (and ``export_checkpoint``, which finds the run's
 tokenizer in its data cache) also writes our byte-level BPE as a ``PreTrainedTokenizerFast``
 (tokenizer.json + tokenizer_config.json) and sets bos = eos = pad = unk = ``<|endoftext|>`` (id 0)
@@ -73,6 +80,16 @@ def _require_transformers():
 def check_exportable(model: torch.nn.Module) -> ModelConfig:
     """Raise ExportError when ``model`` cannot become a MixtralForCausalLM; return its config."""
     cfg: ModelConfig = model.cfg
+    if cfg.routing == "expert_choice":
+        raise ExportError("model.routing=expert_choice is not causal (an expert's choice of a "
+                          "token depends on later tokens): it cannot be exported for generation")
+    mixtral_cannot = [f"{k}={getattr(cfg, k)}" for k, ok in (
+        ("router_score", cfg.router_score == "softmax"), ("route_scale", cfg.route_scale == 1.0),
+        ("balance", cfg.balance != "bias"), ("n_shared_experts", cfg.n_shared_experts == 0))
+        if not ok]
+    if mixtral_cannot:
+        raise ExportError(f"model.{', model.'.join(mixtral_cannot)}: Mixtral has softmax top-k "
+                          "routing without a balancing bias, scaling or shared experts")
     if cfg.moe_every != 1:
         raise ExportError(f"model.moe_every={cfg.moe_every}: Mixtral has an MoE in every layer, "
                           "so only moe_every=1 can be exported")
@@ -101,6 +118,11 @@ def mixtral_config(cfg: ModelConfig, **overrides: Any):
     """The ``transformers.MixtralConfig`` for ``cfg``; ``overrides`` go to MixtralConfig
     (e.g. ``bos_token_id``, ``eos_token_id`` for your tokenizer)."""
     transformers = _require_transformers()
+    from moe.model.rope import hf_rope_parameters
+
+    # model.rope_scaling -> HF's rope_scaling / rope_parameters (the same formulas: see
+    # moe/model/rope.py); dynamic NTK reads its original length from max_position_embeddings.
+    scaling, max_positions = hf_rope_parameters(cfg)
     kwargs: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -110,7 +132,7 @@ def mixtral_config(cfg: ModelConfig, **overrides: Any):
         num_key_value_heads=cfg.n_kv_heads,
         head_dim=cfg.head_size,
         hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
+        max_position_embeddings=max_positions,
         rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta,  # v4: an attribute; v5: moved into rope_parameters
         tie_word_embeddings=cfg.tie_embeddings,
@@ -121,6 +143,8 @@ def mixtral_config(cfg: ModelConfig, **overrides: Any):
         router_jitter_noise=0.0,
         initializer_range=cfg.init_std,
     )
+    if scaling is not None:
+        kwargs["rope_scaling"] = dict(scaling)  # v5 moves it into rope_parameters
     kwargs.update(overrides)
     hf_cfg = transformers.MixtralConfig(**kwargs)
     rope = getattr(hf_cfg, "rope_parameters", None)
@@ -128,6 +152,13 @@ def mixtral_config(cfg: ModelConfig, **overrides: Any):
     if theta != cfg.rope_theta:
         raise ExportError(f"this transformers version did not take rope_theta={cfg.rope_theta} "
                           f"(got {theta}); update moe/export.py")
+    if scaling is not None:
+        got = rope if isinstance(rope, dict) else (getattr(hf_cfg, "rope_scaling", None) or {})
+        kind = got.get("rope_type", got.get("type"))
+        if kind != scaling["rope_type"] or any(got.get(k) != v for k, v in scaling.items()
+                                               if k != "rope_type"):
+            raise ExportError(f"this transformers version did not take rope_scaling={scaling} "
+                              f"(got {got}); update moe/export.py")
     return hf_cfg
 
 

@@ -41,6 +41,9 @@ def generate(model: nn.Module, prompt: torch.Tensor | Sequence[Sequence[int]], *
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, stop_tokens=tuple(stop_tokens))
+    if getattr(model.cfg, "routing", "token_choice") == "expert_choice":
+        raise ValueError("model.routing=expert_choice is not causal (an expert's choice of a "
+                         "token depends on later tokens): it cannot generate")
     as_tensor = isinstance(prompt, torch.Tensor)
     if as_tensor and prompt.dim() != 2:
         raise ValueError(f"prompt of shape {tuple(prompt.shape)}: want [batch, seq] token ids")

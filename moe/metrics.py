@@ -23,7 +23,7 @@ class RoutingAccumulator:
     the full model's MoE layers, so ranks holding different pipeline stages pack alike.
     """
 
-    FIELDS = ("aux_loss", "z_loss", "entropy", "router_loss")
+    FIELDS = ("aux_loss", "z_loss", "entropy", "router_loss", "seq_aux_loss")
 
     def __init__(self, layer_names: list[str], n_experts: int):
         self.names = list(layer_names)
@@ -38,7 +38,8 @@ class RoutingAccumulator:
         st = layer.last_stats
         self.tokens[i] += st.tokens_per_expert.detach().double().cpu()
         self.kept[i] += st.kept_per_expert.detach().double().cpu()
-        vals = torch.stack([st.aux_loss, st.z_loss, st.entropy, layer.router_loss()])
+        seq = st.seq_aux_loss if st.seq_aux_loss is not None else torch.zeros_like(st.z_loss)
+        vals = torch.stack([st.aux_loss, st.z_loss, st.entropy, layer.router_loss(), seq])
         self.scalars[i] += weight * vals.detach().double().cpu()
 
     def add(self, layers: dict[str, MoE], weight: float) -> None:
@@ -61,13 +62,15 @@ class RoutingAccumulator:
         for i, name in enumerate(self.names):
             tpe, kpe = self.tokens[i], self.kept[i]
             t, k = float(tpe.sum()), float(kpe.sum())
-            aux, z, ent, _ = self.scalars[i].tolist()
+            aux, z, ent, _, seq = self.scalars[i].tolist()
             per_layer[name] = {
                 "tokens_per_expert": [int(v) for v in tpe.tolist()],
                 "kept_per_expert": [int(v) for v in kpe.tolist()],
                 "drop_frac": 1.0 - k / t if t else 0.0,
-                "max_over_mean_load": float(tpe.max() / tpe.mean().clamp_min(1e-9)),
-                "aux_loss": aux, "z_loss": z, "entropy": ent,
+                # 1.0 without routed experts (model.n_experts=0: shared experts only)
+                "max_over_mean_load": (float(tpe.max() / tpe.mean().clamp_min(1e-9))
+                                       if tpe.numel() else 1.0),
+                "aux_loss": aux, "z_loss": z, "entropy": ent, "seq_aux_loss": seq,
             }
         n = max(1, len(per_layer))
         total, kept = float(self.tokens.sum()), float(self.kept.sum())
@@ -79,6 +82,7 @@ class RoutingAccumulator:
             "max_over_mean_load": max((v["max_over_mean_load"] for v in per_layer.values()),
                                       default=1.0),
             "router_entropy": float(self.scalars[:, 2].sum()) / n,
+            "seq_aux_loss": float(self.scalars[:, 4].sum()) / n,
         }
         return scalars, per_layer
 

@@ -23,7 +23,8 @@ Each event writes a one-line message and a metrics row
 ``{"step", "event": "nonfinite", "action", "loss", "grad_norm", "skipped", "rolled_back"}``
 (``step`` is the step that failed; a rollback's row adds ``to_checkpoint``). After
 ``train.max_nonfinite`` events with no step completed past the previous failure (a rollback
-that fails again at the same step counts), the next one stops the run. The counts are checkpointed, so a resumed run keeps them.
+that fails again at the same step counts), the next one stops the run. The counts are
+checkpointed, so a resumed run keeps them.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) ->
 
 
 def build_optimizer(model: nn.Module | list[nn.Module], cfg: TrainConfig,
-                    mesh: "DeviceMesh | None" = None, zero1: bool = False) -> torch.optim.AdamW:
+                    mesh: DeviceMesh | None = None, zero1: bool = False) -> torch.optim.AdamW:
     """The one optimizer builder: AdamW, or with ``zero1`` and a mesh ZeRO-1's AdamW whose
     state is sharded over each parameter's data-parallel replicas (moe/parallel/zero.py)."""
     if zero1 and mesh is not None:

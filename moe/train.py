@@ -7,6 +7,10 @@ rank's part of the model (the values a single process would draw from train.seed
 batch. Running again with the same ``train.run_dir`` resumes from its latest checkpoint
 and continues exactly as an unbroken run would (model, optimizer, data position, RNG), also on
 another layout.
+
+``train.init_from`` starts a new run from another run's weights (fresh optimizer, schedule and
+data position; only model.max_seq_len, model.rope_scaling, data.seq_len and train.* may
+change: moe/init_from.py). A checkpoint in ``train.run_dir`` wins over it: the run resumes.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ import torch
 import yaml
 
 from moe import run_lock
-from moe.checkpoint import latest_good_checkpoint, read_extra, restore_checkpoint, save_checkpoint
+from moe.checkpoint import (latest_good_checkpoint, list_checkpoints, read_extra,
+                            restore_checkpoint, save_checkpoint)
 from moe.config import Config, ConfigError
 from moe.data import BPETokenizer, PackedLoader, prepare_data, val_batches
 from moe.device import autocast_context, resolve_device
 from moe.generate import generate
+from moe.init_from import load_init_weights, resolve_init_from
 from moe.metrics import MetricsLogger, RoutingAccumulator
 from moe.model import build_model
+from moe.model.balance import update_expert_biases
 from moe.nonfinite import NonFiniteError, NonFiniteGuard
 from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
 from moe.parallel.mesh import init_distributed
@@ -97,6 +104,10 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     rank0 = mesh is None or torch.distributed.get_rank() == 0
     if rank0:
         run_lock.check_free(run_dir)
+    # train.init_from is checked before anything is built (a refused change costs nothing),
+    # and only for a run folder with no checkpoint yet: otherwise the run resumes.
+    init_source = (resolve_init_from(cfg, mesh)
+                   if tc.init_from and not list_checkpoints(run_dir) else None)
 
     seq_len = cfg.data.seq_len
     try:
@@ -131,6 +142,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             if changed:
                 print("resume: optimizer settings changed since the checkpoint, applying "
                       + "; ".join(changed), file=sys.stderr)
+    elif init_source is not None:  # a new run from those weights, at step 0
+        load_init_weights(init_source, runtime.parts, mesh, main)
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         # The run folder carries its tokenizer: export and generation need no data cache.
@@ -196,6 +209,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if mc.balance == "bias":  # DeepSeek-V3: b += u * sign(mean - load), global loads
+            update_expert_biases(runtime.moe_layers(), routing.names, routing.tokens)
         step += 1
         tokens += batch * seq_len
         if device.type == "cuda":
@@ -221,7 +236,11 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     progress.close()
 
     summary.update(step=step, tokens=tokens, is_main=main, nonfinite=guard.state_dict())
-    if tc.sample_tokens:
+    if tc.sample_tokens and mc.routing == "expert_choice":
+        if main:
+            print("(no sample: model.routing=expert_choice is not causal, it cannot generate)",
+                  file=sys.stderr)
+    elif tc.sample_tokens:
         if runtime.pipeline is None:
             summary["sample"] = sample(runtime.parts[0], data.tokenizer, cfg, device)
         elif main:

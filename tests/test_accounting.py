@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.accounting import (account, analytic_params, classify_param, count_model_params,
-                            count_params, flops_per_token, kv_cache_bytes_per_token)
+from moe.accounting import (
+    account,
+    analytic_params,
+    classify_param,
+    count_model_params,
+    count_params,
+    flops_per_token,
+    kv_cache_bytes_per_token,
+)
 from moe.config import ModelConfig, load_config
 from moe.model import build_model
 
@@ -206,9 +213,13 @@ def test_script_config_error_exits_2(args, key):
 # Per-GPU layout (layout_accounting): exact values on a small model, cross-checked against the
 # trainer's own sharding code, and the GPT-4 config at tp 8 x pp 16 against the reports.
 
-from moe.parallel.layout import (ADAM_BYTES_PER_PARAM, layout_accounting,  # noqa: E402
-                                 params_per_rank, stage_layers)
 from moe.config import Config, ConfigError  # noqa: E402
+from moe.parallel.layout import (  # noqa: E402
+    ADAM_BYTES_PER_PARAM,
+    layout_accounting,
+    params_per_rank,
+    stage_layers,
+)
 from moe.parallel.mesh import ParallelDims  # noqa: E402
 
 A100_CONFIGS = ["a100x8_tp2pp2dp2", "a100x8_tp8"]

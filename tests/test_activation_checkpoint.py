@@ -21,8 +21,11 @@ from moe.config import ConfigError, load_config
 from moe.metrics import RoutingAccumulator
 from moe.model import build_model
 from moe.parallel import activation_checkpoint as ac
-from moe.parallel.activation_checkpoint import (apply_activation_checkpointing,
-                                                checkpoint_mode, is_recomputing)
+from moe.parallel.activation_checkpoint import (
+    apply_activation_checkpointing,
+    checkpoint_mode,
+    is_recomputing,
+)
 from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
 from tests.dist_utils import run_ranks
 
@@ -176,8 +179,8 @@ def test_selective_policy_saves_matmuls_and_attention():
 
 
 def test_trainer_run_with_full_checkpointing_matches_none(tmp_path):
-    from tests.test_train import TINY as TRAIN_TINY
     from moe.train import train
+    from tests.test_train import TINY as TRAIN_TINY
 
     losses = {}
     for mode in ("none", "full"):
@@ -219,7 +222,7 @@ def _pp_run(rank, world):
         acc = RoutingAccumulator(moe_layer_names(cfg), cfg.model.n_experts)
         calls = []
 
-        def on_moe(name, layer, share):
+        def on_moe(name, layer, share, calls=calls, acc=acc):
             calls.append((name, is_recomputing()))
             acc.add_layer(name, layer, share)
 

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from moe.config import load_config
-from moe.data import (EOT, EOT_ID, PackedLoader, data_fingerprint, open_corpus, prepare_data,
-                      split_names, train_bpe, val_batches)
+from moe.data import (
+    EOT,
+    EOT_ID,
+    PackedLoader,
+    data_fingerprint,
+    open_corpus,
+    prepare_data,
+    split_names,
+    train_bpe,
+    val_batches,
+)
 from moe.data import prepare as prepare_mod
 from moe.data.corpus import generated_reason, stdlib_files
 from moe.data.loader import val_windows

@@ -11,7 +11,6 @@ from moe.model import MoE
 from moe.model.experts import GroupedExperts, resolve_impl
 from moe.model.layers import FeedForward
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 IMPLS = ["loop", "grouped", "bmm"]

@@ -18,8 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.checkpoint import (CheckpointError, checkpoint_problem, latest_good_checkpoint,
-                            list_checkpoints, load_model, resolve_checkpoint, save_checkpoint)
+from moe.checkpoint import (
+    CheckpointError,
+    checkpoint_problem,
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from moe.config import load_config
 from moe.parallel.checkpoint import MANIFEST_FILE
 from moe.train import train
@@ -50,7 +57,8 @@ def _rows(run_dir) -> list[dict]:
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", ROOT / "scripts" / f"{name}.py")
+    path = ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

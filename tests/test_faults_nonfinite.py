@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import run_ranks
 
 import moe.parallel.pipeline
 import moe.parallel.runtime
-from dist_utils import run_ranks
 from moe.checkpoint import full_state, latest_checkpoint
 from moe.config import load_config
 from moe.data import PackedLoader, prepare_data
@@ -235,7 +235,8 @@ def test_stop_cli_one_line_and_checkpoint_kept(tmp_path):
 
 def _faults_on_two_ranks(rank, world_size, tmp):
     """dp2, then pp2, with skip: a NaN loss on rank 1 only at the 2nd batch and an inf
-    gradient on rank 0 only at the 4th. Returns, per layout, what this rank decided and a checksum."""
+    gradient on rank 0 only at the 4th. Returns, per layout, what this rank decided and a
+    checksum."""
     import moe.parallel.pipeline as pipeline
     import moe.parallel.runtime as runtime
 

@@ -1,4 +1,5 @@
-"""Layout choices made for the user: pipeline micro-batches when parallel.pp_microbatches is unset."""
+"""Layout choices made for the user: pipeline micro-batches when parallel.pp_microbatches is
+unset."""
 
 from pathlib import Path
 

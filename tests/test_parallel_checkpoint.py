@@ -20,8 +20,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.checkpoint import (full_state, latest_checkpoint, list_checkpoints, load_model,
-                            read_extra, restore_checkpoint, save_checkpoint)
+from moe.checkpoint import (
+    full_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    read_extra,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from moe.config import from_dict, load_config
 from moe.model import build_model
 from moe.optim import build_optimizer
@@ -112,10 +119,9 @@ def _loss(model, x):
 
 
 def _ranks_main(rank, world, root):
-    from tests.helpers import build_mesh
-
     import moe.parallel.checkpoint as ckpt
     from moe.parallel.checkpoint import atomic
+    from tests.helpers import build_mesh
 
     root = Path(root)
     meshes = {k: build_mesh(**dict(zip(MESH_DIMS, s))) for k, s in LAYOUTS.items()}

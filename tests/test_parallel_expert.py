@@ -183,7 +183,7 @@ def run_direct_case(ep_mesh, impl: str) -> None:
         for name in ("w1", "w2", "w3"):
             want = getattr(full, name).grad.chunk(ep)[rank]
             torch.testing.assert_close(getattr(ex, name).grad, want, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"{impl} {counts} {name}: {m}")
+                                       msg=lambda m, c=counts, n=name: f"{impl} {c} {n}: {m}")
 
 
 CASES_2 = [

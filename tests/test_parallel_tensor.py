@@ -129,7 +129,7 @@ def _run(rank, world_size):
             failures.append(f"{case}: logits max abs error {err:.3g}")
         if not torch.allclose(outs["tp"][1], outs["ref"][1], rtol=1e-5, atol=0):
             failures.append(f"{case}: loss {outs['tp'][1].item()} != {outs['ref'][1].item()}")
-        _check(lambda: assert_grads_match(model, ref, 1e-5, 1e-6), failures, case)
+        _check(lambda m=model, r=ref: assert_grads_match(m, r, 1e-5, 1e-6), failures, case)
         _check_replicas(model, group, size, "grad", failures, case)
 
         # One AdamW step on both: updated parameters still match (replicas bitwise). Adam's
@@ -139,7 +139,8 @@ def _run(rank, world_size):
         for m in (ref, model):
             opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1, eps=1e-4)
             opt.step()
-        _check(lambda: assert_grads_match(model, ref, 1e-5, 1e-6, what="data"), failures, case)
+        _check(lambda m=model, r=ref: assert_grads_match(m, r, 1e-5, 1e-6, what="data"),
+               failures, case)
         _check_replicas(model, group, size, "data", failures, case)
         for layer in model.layers.values():
             attn = layer.attention

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dist_utils import run_ranks
+
 from moe.config import load_config
 from moe.train import train
 

@@ -21,6 +21,8 @@ VARIANTS = {
     "gqa_dense_and_moe": dict(n_kv_heads=2, moe_every=2),
     "dense_and_moe_gelu": dict(moe_every=2, activation="gelu"),
     "mha_tied": dict(n_kv_heads=4, tie_embeddings=True),
+    "shared_experts_bias": dict(n_shared_experts=2, shared_expert_hidden=16, balance="bias",
+                                router_score="sigmoid"),
 }
 
 

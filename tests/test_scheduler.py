@@ -125,3 +125,14 @@ def test_submit_refuses_what_cannot_run(model):
     with pytest.raises(ValueError, match="detokenize"):
         sched.submit(Request([1], stop_strings=("x",)))
     assert not sched.has_work
+
+
+def test_the_benchmark_section_compares_the_same_tokens(model):
+    from moe.inference.bench import batching_throughput
+
+    r = batching_throughput(model, n_slots=3, n_requests=7, prompt_len=6, new_tokens=16,
+                            repeats=1, seed=0)
+    assert r["continuous_over_static"] > 0 and r["continuous_over_static_padded"] > 0
+    b = r["batching"]
+    assert b["same_tokens"] and b["generated_tokens"] > 0
+    assert b["steps_continuous"] <= b["steps_static"]  # never more token steps than static

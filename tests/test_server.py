@@ -102,8 +102,11 @@ def test_concurrent_requests_each_get_their_alone_answer(served, client):
         r = client.completions.create(model="tiny", **job)
         return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
 
+    steps = httpx.get(served[0] + "/health").json()["steps"]
     with ThreadPoolExecutor(len(jobs)) as pool:  # 12 requests on 3 slots: most wait a turn
         answers = list(pool.map(ask, jobs))
+    steps = httpx.get(served[0] + "/health").json()["steps"] - steps
+    assert steps < sum(n for _, _, n in answers)  # requests shared decode steps
     for job, (text, reason, n) in zip(jobs, answers):
         want = alone(model, tok, job["prompt"], job["max_tokens"], job["temperature"],
                      job.get("seed"))
@@ -141,7 +144,7 @@ def test_stop_strings_cut_the_text_streaming_or_not(served, client):
 
 def test_raw_sse_stream_and_usage(served):
     url = served[0]
-    body = {"model": "tiny", "prompt": ["def ", [5, 6, 7]], "max_tokens": 5, "temperature": 0,
+    body = {"model": "tiny", "prompt": [[5, 6, 7], [9, 10]], "max_tokens": 5, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -151,8 +154,7 @@ def test_raw_sse_stream_and_usage(served):
     assert {c["object"] for c in chunks} == {"text_completion"}
     assert {ch["index"] for c in chunks for ch in c["choices"]} == {0, 1}
     usage = chunks[-1]["usage"]
-    assert chunks[-1]["choices"] == [] and usage["prompt_tokens"] == len(
-        served[2].encode("def ")) + 3
+    assert chunks[-1]["choices"] == [] and usage["prompt_tokens"] == 5
 
 
 def test_a_list_of_prompts_gets_one_choice_each(served, client):
@@ -166,7 +168,7 @@ def test_a_list_of_prompts_gets_one_choice_each(served, client):
 
 BAD = [({"max_tokens": -1}, "max_tokens"),
        ({"prompt": "x" * 200}, "longer than the context"),
-       ({"max_tokens": 40, "prompt": "class Foo: pass"}, "maximum context length"),
+       ({"max_tokens": 47, "prompt": "class Foo: pass"}, "maximum context length"),
        ({"frobnicate": 1}, "unknown field"),
        ({"max_tokens": "5"}, "max_tokens"),
        ({"temperature": "hot"}, "temperature"),
@@ -175,10 +177,11 @@ BAD = [({"max_tokens": -1}, "max_tokens"),
        ({"top_p": 0}, "top_p"),
        ({"prompt": [500]}, "outside"),
        ({"prompt": []}, "prompt"),
+       ({"prompt": ["def ", [5]]}, "prompt"),  # strings and token ids mixed
        ({"n": 2}, "n > 1"),
        ({"logprobs": 1}, "logprobs"),
        ({"echo": True}, "echo"),
-       ({"stream_options": {"include_usage": True}}, "stream_options")]
+       ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options")]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -202,6 +205,30 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(served, 
         client.completions.create(model="tiny", prompt="def ", max_tokens=-3)
     good = client.completions.create(model="tiny", prompt="def ", max_tokens=6, temperature=0)
     assert (good.choices[0].text, good.choices[0].finish_reason) == alone(model, tok, "def ", 6)
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(served):
+    from fastapi.testclient import TestClient
+
+    _, model, tok, _ = served
+    app = build_app(model, tok, n_slots=2, model_name="tiny")
+    engine = app.state.server.engine
+    prefill, calls = engine.prefill, []
+
+    def broken_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return prefill(*args)
+
+    engine.prefill = broken_once
+    body = {"model": "tiny", "prompt": "def ", "max_tokens": 5, "temperature": 0}
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == alone(model, tok, "def ", 5)[0]
 
 
 def test_the_command_serves_a_run_folder(served, monkeypatch):

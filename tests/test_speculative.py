@@ -312,7 +312,7 @@ def test_generate_command_with_draft(tmp_path, capsys):
     assert out.out == alone and "[speculative] 3 draft tokens: acceptance" in out.err
     assert main(args + ["--draft", str(runs["draft"]), "--batch"]) == 2
     assert "drop --batch" in capsys.readouterr().err
-    train_bpe(texts[:2], 300).save(runs["draft"] / "tokenizer.json")
+    train_bpe(["zzz yyy, xxx\n"] * 20, 300).save(runs["draft"] / "tokenizer.json")
     assert main(args + ["--draft", str(runs["draft"])]) == 2
     err = capsys.readouterr().err
     assert "tokenizer" in err and err.count("\n") == 1, err

@@ -14,6 +14,11 @@ from moe.config import Config, ConfigError, load_config, set_key
 # Keys the sweep sets itself; a grid over them would fight the sweep's bookkeeping.
 RESERVED_KEYS = {"train.run_dir": "run folders are <out>/runs/<name>",
                  "train.seed": "use --seeds N (seed i is train.seed + i)"}
+# Grid keys that are not config keys: the sweep turns them into config values (fixed_compute).
+# granularity m: each routed expert split into m experts of expert_hidden / m, top_k * m of
+# them active (DeepSeekMoE's fine-grained experts; active and total parameters unchanged).
+GRANULARITY = "granularity"
+SWEEP_KEYS = {GRANULARITY: "an integer >= 1 (1 = the base experts)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,10 +52,15 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         for raw in values.split(","):
             if not raw.strip():
                 raise ConfigError(f"bad grid entry '{item}': empty value between commas")
-            cfg = Config()
-            set_key(cfg, key, yaml.safe_load(raw.strip()))  # unknown key / wrong type: raises
-            section, name = key.split(".")
-            value = getattr(getattr(cfg, section), name)
+            if key in SWEEP_KEYS:
+                value = yaml.safe_load(raw.strip())
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ConfigError(f"grid key '{key}' takes {SWEEP_KEYS[key]}, got {raw!r}")
+            else:
+                cfg = Config()
+                set_key(cfg, key, yaml.safe_load(raw.strip()))  # unknown key / wrong type: raises
+                section, name = key.split(".")
+                value = getattr(getattr(cfg, section), name)
             if value in parsed:
                 raise ConfigError(f"grid key '{key}' lists the value {raw.strip()} twice")
             parsed.append(value)
@@ -92,12 +102,20 @@ def fixed_compute(base: Config, values: dict[str, Any]) -> dict[str, Any]:
     point's values. Keys the grid sets itself are never adjusted. Returns {dotted key: value}
     for the keys it changes (empty when nothing needs to change):
 
-    1. Active FFN width: each token passes through ``top_k`` experts of ``expert_hidden`` units,
-       so its expert compute and active expert parameters are proportional to
-       ``W = top_k * expert_hidden``; W is held at the base value ``W0 = top_k0 * hidden0``.
+    0. ``granularity`` m (a grid key of the sweep, not of the config): every routed expert is
+       split in m: ``n_experts * m`` experts of ``expert_hidden / m`` (a ConfigError when not
+       an integer). Total expert parameters are unchanged; rule 1 then gives ``top_k * m``.
+    1. Active FFN width: each token passes through ``top_k`` experts of ``expert_hidden`` units
+       and the shared experts (``n_shared_experts * shared hidden``, always on), so its FFN
+       compute and active FFN parameters are proportional to
+       ``W = top_k * expert_hidden + shared``; W is held at the base value W0.
+       - with granularity or a shared-expert width other than the base's (DeepSeekMoE: the
+         shared experts take the place of routed ones, mK - K_s of the mN experts routed):
+         ``top_k = (W0 - shared) / expert_hidden``, a ConfigError when not a positive integer
+         (shared experts follow ``expert_hidden`` unless ``model.shared_expert_hidden`` is set).
        - ``n_experts < top_k0`` (e.g. ``n_experts=1``, the dense baseline): ``top_k = n_experts``.
-       - whenever top_k differs from top_k0 (set above, or a grid key itself):
-         ``expert_hidden = W0 / top_k``, a ConfigError when not an integer.
+       - whenever top_k differs from top_k0 otherwise (set above, or a grid key itself):
+         ``expert_hidden = (W0 - shared) / top_k``, a ConfigError when not an integer.
        More experts at fixed W add total parameters but no compute per token: the Switch
        Transformer comparison. (The router grows as d_model * n_experts: negligible.)
     2. Token budget: ``max_steps * batch_size * seq_len`` is held at the base value: when
@@ -108,19 +126,39 @@ def fixed_compute(base: Config, values: dict[str, Any]) -> dict[str, Any]:
     m0, t0 = base.model, base.train
     adjusted: dict[str, Any] = {}
     n_experts = values.get("model.n_experts", m0.n_experts)
+    hidden = values.get("model.expert_hidden", m0.expert_hidden)
+    g = values.get(GRANULARITY, 1)
+    if g != 1:
+        if hidden % g:
+            raise ConfigError(f"granularity={g}: expert_hidden={hidden} does not split into "
+                              f"{g} equal experts; pick a divisor of it")
+        n_experts, hidden = n_experts * g, hidden // g
+        adjusted.update({"model.n_experts": n_experts, "model.expert_hidden": hidden})
+    shared_each = values.get("model.shared_expert_hidden", m0.shared_expert_hidden) or hidden
+    shared = values.get("model.n_shared_experts", m0.n_shared_experts) * shared_each
+    width = m0.top_k * m0.expert_hidden + m0.shared_hidden_total  # W0
+    split = g != 1 or shared != m0.shared_hidden_total
     if "model.top_k" in values:
         top_k = values["model.top_k"]
+    elif split:
+        top_k = (width - shared) // hidden
+        if (width - shared) % hidden or not 1 <= top_k <= n_experts:
+            raise ConfigError(f"fixed compute: the active FFN width {width} less the shared "
+                              f"experts' {shared} is not 1 to n_experts={n_experts} routed "
+                              f"experts of {hidden}; change the grid, or use --no-fixed-compute")
+        if top_k != m0.top_k:
+            adjusted["model.top_k"] = top_k
     elif n_experts < m0.top_k:
         top_k = adjusted["model.top_k"] = n_experts
     else:
         top_k = m0.top_k
-    if top_k != m0.top_k and "model.expert_hidden" not in values:
-        width = m0.top_k * m0.expert_hidden
-        if top_k <= 0 or width % top_k:
-            raise ConfigError(f"fixed compute: active FFN width top_k * expert_hidden = {width} "
+    if top_k != m0.top_k and "model.expert_hidden" not in values and not split:
+        routed = width - shared
+        if top_k <= 0 or routed % top_k:
+            raise ConfigError(f"fixed compute: active FFN width top_k * expert_hidden = {routed} "
                               f"is not divisible by top_k={top_k}; pick another top_k or "
                               f"expert_hidden, or use --no-fixed-compute")
-        adjusted["model.expert_hidden"] = width // top_k
+        adjusted["model.expert_hidden"] = routed // top_k
     if ({"train.batch_size", "data.seq_len"} & set(values)) and "train.max_steps" not in values:
         budget = t0.max_steps * t0.batch_size * base.data.seq_len
         per_step = values.get("train.batch_size", t0.batch_size) * values.get("data.seq_len",
@@ -187,8 +225,11 @@ def make_points(config: str | None, overrides: list[str], grid: dict[str, list],
             head = [] if "log.progress" in user_keys else ["--log.progress=false"]
             group = ([f"--log.wandb_group={wandb_group}"] if wandb_group and base.log.wandb !=
                      "disabled" and "log.wandb_group" not in user_keys else [])
+            config_values = {k: v for k, v in values.items() if k not in SWEEP_KEYS}
+            if not fixed and values.get(GRANULARITY, 1) != 1:
+                p.error = "error: granularity is a fixed-compute split: drop --no-fixed-compute"
             p.overrides = head + list(overrides) + group + [
-                f"--{k}={cli_value(v)}" for k, v in {**values, **p.adjusted}.items()] + [
+                f"--{k}={cli_value(v)}" for k, v in {**config_values, **p.adjusted}.items()] + [
                 f"--train.seed={p.seed}", f"--train.run_dir={p.run_dir}"]
             if p.error is None:
                 try:

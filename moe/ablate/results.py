@@ -11,8 +11,9 @@ from typing import Any
 from moe.ablate.points import format_value, short_keys
 
 RESULT_COLUMNS = ["name", "status", "cached", "seed", "seed_index"]  # + grid keys, then:
-STAT_COLUMNS = ["top_k", "expert_hidden", "max_steps", "adjusted", "final_val_loss",
-                "final_lm_loss", "drop_frac", "tokens_per_s", "total_params", "active_params",
+STAT_COLUMNS = ["n_experts", "top_k", "expert_hidden", "n_shared_experts", "max_steps",
+                "adjusted", "final_val_loss", "final_lm_loss", "drop_frac", "max_over_mean_load",
+                "tokens_per_s", "total_params", "active_params",
                 "wall_s", "run_dir", "same_as", "error"]
 
 
@@ -98,21 +99,23 @@ def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: 
     deltas = paired_deltas(rows, grid_keys) if len({str(r.get(k0)) for r in rows}) > 1 else {}
     head = [short[k] for k in grid_keys] + ["runs ok", "val loss"] + (
         [f"Δ val vs {short[k0]}={v0}"] if deltas else []) + [
-        "drop frac", "tokens/s", "active params", "total params", "adjusted"]
+        "drop frac", "max/mean load", "tokens/s", "active params", "total params", "adjusted"]
     lines = [
         "# Ablation summary", "",
         f"Mean ± std over seeds ({seeds} per point). val loss: final validation loss (eval "
         f"capacity factor of the config); "
         + (f"Δ val: val loss minus that of {short[k0]}={v0} with the same seed and other grid "
            "values (paired by seed); " if deltas else "")
-        + "drop frac: training drop fraction, mean over the last 10% of logged steps; "
+        + "drop frac: training drop fraction, max/mean load: most loaded expert over the "
+        "mean (worst layer), both means over the last 10% of logged steps; "
         f"tokens/s: median training throughput. Fixed-compute rule: {'on' if fixed else 'off'}.",
         "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, group in group_rows(rows, grid_keys).items():
         ok = [r for r in group if r.get("status") == "ok" and r.get("final_val_loss") is not None]
         cells = [format_value(v) for v in key] + [f"{len(ok)}/{len(group)}"]
         for metric, fmt in (("final_val_loss", "{:.4f}"), ("delta", "{:+.4f}"),
-                            ("drop_frac", "{:.4f}"), ("tokens_per_s", "{:.0f}")):
+                            ("drop_frac", "{:.4f}"), ("max_over_mean_load", "{:.2f}"),
+                            ("tokens_per_s", "{:.0f}")):
             if metric == "delta":
                 if not deltas:
                     continue

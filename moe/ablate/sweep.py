@@ -81,7 +81,8 @@ def is_finished(run_dir: Path, max_steps: int) -> bool:
 
 
 def run_stats(run_dir: Path, max_steps: int) -> dict:
-    """final_val_loss, final_lm_loss, drop_frac (mean over the last 10% of logged train rows),
+    """final_val_loss, final_lm_loss, drop_frac and max_over_mean_load (means over the last
+    10% of logged train rows),
     tokens_per_s (median over logged train rows) from a run's metrics.jsonl."""
     from moe.metrics import read_metrics
 
@@ -93,6 +94,9 @@ def run_stats(run_dir: Path, max_steps: int) -> dict:
         tail = train[-max(1, math.ceil(0.1 * len(train))):]
         out["final_lm_loss"] = train[-1]["lm_loss"]
         out["drop_frac"] = statistics.fmean(r["drop_frac"] for r in tail)
+        # Most loaded expert / mean, worst layer of each step (before dropping), same rows.
+        out["max_over_mean_load"] = statistics.fmean(r.get("max_over_mean_load", 1.0)
+                                                     for r in tail)
         out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in train)
     return out
 
@@ -159,7 +163,8 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
             write_tables()
             continue
         mc, max_steps = p.cfg.model, p.cfg.train.max_steps
-        row.update(top_k=mc.top_k, expert_hidden=mc.expert_hidden, max_steps=max_steps,
+        row.update(n_experts=mc.n_experts, top_k=mc.top_k, expert_hidden=mc.expert_hidden,
+                   n_shared_experts=mc.n_shared_experts, max_steps=max_steps,
                    **params(p.cfg))
         record = p.run_dir / "ablate.json"
         twin = first_of.setdefault(run_identity(p.cfg), row)

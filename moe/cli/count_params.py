@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 from moe.accounting import Accounting, account, format_bytes, format_count, format_gb
 from moe.config import Config, ConfigError, load_config
+from moe.context_memory import ContextMemory, context_memory
 from moe.parallel.layout import LayoutAccounting, layout_accounting
 
 
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         help="bytes per weight on the GPU (default 2: bf16/fp16)")
     parser.add_argument("--grad-bytes", type=int, default=2,
                         help="bytes per gradient element (default 2: bf16; 4: fp32)")
+    parser.add_argument("--context-lengths", default="8192,32768",
+                        help="sequence lengths for the long-context memory lines (KV cache and "
+                             "training activations per sequence; default 8192,32768)")
     parser.add_argument("--strict", action="store_true",
                         help="exit 2 if ParallelDims.validate refuses the layout")
     return parser.parse_known_args(argv)
@@ -113,6 +117,8 @@ def layout_table(cfg: Config, lay: LayoutAccounting) -> str:
                         f"({expert_note})"),
         ("    router", f"{format_count(cat['router']):>8}  {pct(cat['router'])}  (replicated)"),
         ("    dense FFN", f"{format_count(cat['dense_ffn']):>8}  {pct(cat['dense_ffn'])}"),
+        *([("    shared experts", f"{format_count(cat['shared_expert']):>8}  "
+                                  f"{pct(cat['shared_expert'])}")] if cat['shared_expert'] else []),
         ("    embeddings", f"{format_count(cat['embedding']):>8}  {pct(cat['embedding'])}  "
                            f"(replicated over tp)"),
         ("    norms", f"{format_count(cat['norm']):>8}  {pct(cat['norm'])}"),
@@ -157,6 +163,9 @@ def table(cfg: Config, acc: Accounting) -> str:
         ("    per expert", f"{format_count(p.params_per_expert):>8}  (all layers)"),
         ("  router", f"{format_count(p.router_params):>8}  {pct(p.router_params)}"),
         ("  dense FFN", f"{format_count(p.dense_ffn_params):>8}  {pct(p.dense_ffn_params)}"),
+        *([("  shared experts", f"{format_count(p.shared_expert_params):>8}  "
+                                f"{pct(p.shared_expert_params)}  (always active)")]
+          if p.shared_expert_params else []),
         ("  embeddings", f"{format_count(p.embedding_params):>8}  {pct(p.embedding_params)}"
                          f"{'  (tied)' if m.tie_embeddings else ''}"),
         ("  norms", f"{format_count(p.norm_params):>8}  {pct(p.norm_params)}"),
@@ -175,6 +184,35 @@ def table(cfg: Config, acc: Accounting) -> str:
     return "\n".join(f"{k:<{width}}  {v}".rstrip() for k, v in rows)
 
 
+def long_context_table(rows: list[ContextMemory]) -> str:
+    """KV cache and training-activation memory of one sequence at each --context-lengths
+    (moe/context_memory.py says what is counted)."""
+    if not rows:
+        return "long context: no --context-lengths"
+    head = ("tokens", "KV cache", "KV (MHA)", "activations", "(log-probs)", "full AC",
+            "+unfused scores")
+    table = [head] + [(f"{r.seq_len}", format_bytes(r.kv_cache_bytes),
+                       format_bytes(r.kv_cache_bytes_mha), format_bytes(r.activation_bytes),
+                       format_bytes(r.logits_bytes), format_bytes(r.activation_bytes_full_ac),
+                       format_bytes(r.attention_scores_bytes)) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    lines = [f"long context, one sequence, whole model ({rows[0].bytes_per_element} B/element; "
+             "training activations without / with full activation checkpointing; "
+             "moe/context_memory.py)"]
+    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
+    return "\n".join(lines)
+
+
+def _context_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lengths = [0]
+    if any(n <= 0 for n in lengths):
+        raise ConfigError(f"--context-lengths={text!r} must be positive integers, e.g. 8192,32768")
+    return lengths
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
@@ -191,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        long_rows = [context_memory(cfg.model, n, args.bytes_per_element)
+                     for n in _context_lengths(args.context_lengths)]
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         for w in lay.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -201,11 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer_bytes_per_gpu_zero1", "train_state_bytes_per_gpu",
             "kv_cache_bytes_per_token_per_gpu")})
         out["layout"] = lay.to_dict()
+        out["long_context"] = [r.to_dict() for r in long_rows]
         print(json.dumps(out))
     else:
         print(table(cfg, acc))
         if lay.world_size > 1 or args.layout:
             print()
             print(layout_table(cfg, lay))
+        print()
+        print(long_context_table(long_rows))
     return 0
 

@@ -11,7 +11,8 @@ file. The model is served as ``--model-name`` (default: the run folder's name) a
 ``/v1/completions`` (streaming with ``"stream": true``) and listed at ``/v1/models``.
 ``--slots``: KV-cache slots, the most requests decoded together; more wait in a queue and are
 admitted as others finish. ``--draft RUN`` (speculative decoding) is not yet used with
-continuous batching: the server refuses to start with it rather than ignore it. Code:
+continuous batching (moe/inference/speculative.py decodes one sequence at a time): the server
+refuses to start with it rather than ignore it. Code:
 moe/inference/server.py, moe/inference/scheduler.py; installed as the moe-serve command.
 """
 

@@ -98,12 +98,12 @@ class Scheduler:
         elif request.slot is not None and self.running.get(request.slot) is request:
             self._release(request)
 
-    def clear(self) -> list[Request]:
-        """Drop every request (after a failed step); returns them."""
-        dropped = list(self.running.values()) + list(self.queue)
-        for r in list(self.running.values()):
+    def drop_running(self) -> list[Request]:
+        """Drop the running requests (after a step failed: their slots' state is unknown) and
+        return them; the queue stays, to be admitted next."""
+        dropped = list(self.running.values())
+        for r in dropped:
             self._release(r)
-        self.queue.clear()
         return dropped
 
     # --- one step --------------------------------------------------------------------------

@@ -146,6 +146,8 @@ class EngineLoop:
             self.thread = None
 
     def submit(self, request: Request, notify: Callable[[Update], None]) -> None:
+        """Queue ``request``; ``notify(update)`` is called from the loop's thread after each
+        step that changed it, the last time with a finish_reason or an error."""
         self.inbox.put(("add", request, notify))
 
     def abort(self, request: Request) -> None:
@@ -170,7 +172,7 @@ class EngineLoop:
                         sched.submit(r)
                         notify[r] = cb
                     except ValueError as e:  # handlers check first: a last safeguard
-                        cb(Update(0, "", None, error=str(e)))
+                        _call(cb, Update(0, "", None, error=str(e)))
                 elif r in notify:
                     sched.abort(r)
                     del notify[r]
@@ -180,16 +182,24 @@ class EngineLoop:
                 changed = sched.step()
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 log.exception("engine step failed")
-                for r in sched.clear():
+                for r in sched.drop_running():
                     cb = notify.pop(r, None)
                     if cb is not None:
-                        cb(Update(len(r.tokens), r.text, None, error=f"{type(e).__name__}: {e}"))
+                        _call(cb, Update(len(r.tokens), r.text, None,
+                                         error=f"{type(e).__name__}: {e}"))
                 continue
             self.steps += 1
             for r in changed:
                 cb = notify.pop(r) if r.finished else notify.get(r)
                 if cb is not None:
-                    cb(Update(len(r.tokens), r.text, r.finish_reason))
+                    _call(cb, Update(len(r.tokens), r.text, r.finish_reason))
+
+
+def _call(notify: Callable[[Update], None], update: Update) -> None:
+    try:
+        notify(update)
+    except RuntimeError:  # the handler's event loop has closed (shutting down): nobody listens
+        pass
 
 
 # --- the app ---------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ projections (``attention.wo``, ``w2``) at std / sqrt(2 n_layers) (GPT-2), norms 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ Slices = list[tuple[int, int, int]]  # (dim, chunk index, number of chunks), out
 class Init:
     """How one parameter is drawn. ``per_expert``: dim 0 indexes experts, each its own stream."""
 
-    kind: str  # normal | trunc_normal | ones
+    kind: str  # normal | trunc_normal | ones | zeros
     std: float = 0.0
     per_expert: bool = False
 
@@ -43,6 +43,8 @@ class Init:
         out = torch.empty(shape, dtype=torch.float32)
         if self.kind == "ones":
             return out.fill_(1.0)
+        if self.kind == "zeros":
+            return out.fill_(0.0)
         if self.kind == "normal":
             return out.normal_(0.0, self.std, generator=generator)
         if self.kind == "trunc_normal":
@@ -60,13 +62,14 @@ def trunc_normal(std: float, per_expert: bool = False) -> Init:
 
 
 ONES = Init("ones")
+ZEROS = Init("zeros")  # also for persistent buffers (the router's balancing bias)
 
 
 def prefixed(prefix: str, rules: dict[str, Init]) -> dict[str, Init]:
     return {f"{prefix}.{k}": v for k, v in rules.items()}
 
 
-def param_seed(seed: int, name: str, expert: Optional[int] = None) -> int:
+def param_seed(seed: int, name: str, expert: int | None = None) -> int:
     """A 63-bit seed from (seed, name[, expert]); stable across runs, machines and Python."""
     key = f"{seed}/{name}" + ("" if expert is None else f"/{expert}")
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
@@ -94,8 +97,8 @@ def _take(t: torch.Tensor, ranges: list[range]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_parameters(module: nn.Module, rules: dict[str, Init], seed: Optional[int] = None,
-                    slices_of: Optional[Callable[[torch.Tensor], Slices]] = None) -> None:
+def init_parameters(module: nn.Module, rules: dict[str, Init], seed: int | None = None,
+                    slices_of: Callable[[torch.Tensor], Slices] | None = None) -> None:
     """Draw every parameter of ``module`` by its rule (``rules`` keyed by the names
     ``module.named_parameters()`` gives). ``seed=None`` takes one from torch's global RNG, so
     ``torch.manual_seed(s)`` still decides the weights."""
@@ -113,10 +116,16 @@ def init_parameters(module: nn.Module, rules: dict[str, Init], seed: Optional[in
         else:
             g = torch.Generator().manual_seed(param_seed(seed, name))
             p.copy_(_take(rule.draw(tuple(full), g), ranges))
+    # Buffers with a rule (state that is not learned by gradient, e.g. router.expert_bias) are
+    # filled too: ``to_empty`` leaves a meta-built buffer uninitialised. Replicated: drawn whole.
+    for name, b in module.named_buffers():
+        if name in rules:
+            b.copy_(rules[name].draw(tuple(b.shape), torch.Generator().manual_seed(
+                param_seed(seed, name))))
 
 
-def materialize(module: nn.Module, device: torch.device | str, seed: Optional[int] = None,
-                slices_of: Optional[Callable[[torch.Tensor], Slices]] = None) -> nn.Module:
+def materialize(module: nn.Module, device: torch.device | str, seed: int | None = None,
+                slices_of: Callable[[torch.Tensor], Slices] | None = None) -> nn.Module:
     """Allocate a meta-device ``module`` on ``device`` and initialise it (``module.init_weights``).
 
     ``to_empty`` replaces meta parameters by new objects; the attributes parallelism recorded

@@ -33,8 +33,8 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.model.experts import GroupedExperts
-from moe.model.init import Init, init_parameters, prefixed, trunc_normal
-from moe.model.layers import activate
+from moe.model.init import ZEROS, Init, init_parameters, prefixed, trunc_normal
+from moe.model.layers import FeedForward, activate
 from moe.model.router import (
     Router,
     RoutingStats,
@@ -42,6 +42,7 @@ from moe.model.router import (
     load_balancing_loss,
     plan_capacity,
     router_z_loss,
+    sequence_balance_loss,
 )
 
 # Default of ``MoE.forward(capacity_factor=...)``: the config's factor (training or eval).
@@ -91,22 +92,42 @@ class MoE(nn.Module):
         self.min_capacity = cfg.min_capacity
         self.drop_policy = cfg.drop_policy
         self.group_seqs = cfg.capacity_group_seqs
-        self.aux_loss_coef = cfg.aux_loss_coef
+        # The Switch/GShard loss is applied with model.balance=aux_loss only (logged always).
+        self.aux_loss_coef = cfg.aux_loss_coef if cfg.balance == "aux_loss" else 0.0
         self.z_loss_coef = cfg.z_loss_coef
+        # Routing research options (docs/moe.md): expert choice, bias balancing (its update:
+        # moe/model/balance.py), the sequence-wise balance loss, shared experts.
+        self.routing = cfg.routing
+        self.bias_update_rate = cfg.bias_update_rate
+        self.seq_aux_loss_coef = cfg.seq_aux_loss_coef
         # The router losses are averaged over MoE layers, so coefficients do not depend on depth.
         self.layer_weight = 1.0 / n_moe_layers
         # This micro-batch's share of the global batch (set by the trainer; 1/accumulation).
         self.loss_scale = 1.0
-        self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.router_jitter,
-                             cfg.router_weights_resolved)
-        self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.expert_hidden,
-                                      cfg.activation, cfg.expert_impl)
+        self.router = self.experts = None  # n_experts=0: shared experts only (a dense FFN)
+        if cfg.n_experts:
+            self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.router_jitter,
+                                 cfg.router_weights_resolved, cfg.router_score, cfg.route_scale,
+                                 bias=cfg.balance == "bias")
+            self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.expert_hidden,
+                                          cfg.activation, cfg.expert_impl)
+        # DeepSeekMoE's always-on experts: one FFN of n_shared * hidden units (the same function
+        # as n_shared separate ones), tensor-parallel like the dense FFN (moe/parallel/plan.py).
+        self.shared_experts = (FeedForward(cfg.d_model, cfg.shared_hidden_total, cfg.activation)
+                               if cfg.n_shared_experts else None)
         self.last_stats: RoutingStats | None = None
         self.last_experts: torch.Tensor | None = None  # [T, k] experts chosen in the last forward
 
     def init_rules(self, std: float, out_std: float) -> dict[str, Init]:
-        return {"router.gate.weight": trunc_normal(std),
-                **prefixed("experts", self.experts.init_rules(std, out_std))}
+        rules: dict[str, Init] = {}
+        if self.router is not None:
+            rules["router.gate.weight"] = trunc_normal(std)
+            if self.router.expert_bias is not None:
+                rules["router.expert_bias"] = ZEROS  # a buffer: balancing starts unbiased
+            rules.update(prefixed("experts", self.experts.init_rules(std, out_std)))
+        if self.shared_experts is not None:
+            rules.update(prefixed("shared_experts", self.shared_experts.init_rules(std, out_std)))
+        return rules
 
     def init_weights(self, std: float, out_std: float, seed: int | None = None) -> None:
         """Initialise a standalone MoE layer (seed None: from torch's global RNG)."""
@@ -131,8 +152,14 @@ class MoE(nn.Module):
         b, s, dim = x.shape
         dropless = capacity_factor is None or (capacity_factor is CONFIG_CAPACITY and (
             self.capacity_factor if self.training else self.eval_capacity_factor) is None)
+        if self.router is None:  # no routed experts: the shared FFN alone
+            return self._forward_shared_only(x)
         if decode_path and dropless and self._few_token_path_applies(b * s):
-            return self._forward_few(x.reshape(-1, dim)).view(b, s, dim)
+            flat = x.reshape(-1, dim)
+            out = self._forward_few(flat)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(flat)
+            return out.view(b, s, dim)
         if b % self.group_seqs and not (dropless and capacity_factor is None):
             raise ValueError(f"batch of {b} sequences is not a whole number of capacity groups "
                              f"of {self.group_seqs} (model.capacity_group_seqs)")
@@ -141,9 +168,11 @@ class MoE(nn.Module):
         flat = x.reshape(-1, dim)  # [T, dim]
         t, k = flat.shape[0], self.top_k
 
+        capacity = self.capacity(t // n_groups, capacity_factor)
+        if self.routing == "expert_choice":
+            return self._forward_expert_choice(x, flat, n_groups, capacity)
         logits, probs, weights, experts = self.router(flat)
         self.last_experts = experts
-        capacity = self.capacity(t // n_groups, capacity_factor)
         keep, _ = plan_capacity(weights, experts, n_groups, self.n_experts, capacity,
                                 self.drop_policy)
 
@@ -169,25 +198,71 @@ class MoE(nn.Module):
         # slot order (bitwise the same for top_k <= 2, float rounding beyond).
         out = y.new_zeros(t, dim).index_add(0, token, y)
         out = out.to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
 
         aux = load_balancing_loss(probs, experts, n_groups)
+        # Per sequence (DeepSeek-V3 eq. 17): groups of one sequence whatever capacity_group_seqs.
+        seq = sequence_balance_loss(probs, experts, b) if self.seq_aux_loss_coef else None
+        return self._finish(out, logits, probs, aux, seq,
+                            torch.bincount(flat_experts, minlength=self.n_experts),
+                            counts).view(b, s, dim)
+
+    def _finish(self, out, logits, probs, aux, seq, tokens_per_expert, kept_per_expert):
+        """Keep the statistics and inject the router losses' gradient; out: [T, dim]."""
         z = router_z_loss(logits)
         with torch.no_grad():
             self.last_stats = RoutingStats(
-                tokens_per_expert=torch.bincount(flat_experts, minlength=self.n_experts),
-                kept_per_expert=counts,
+                tokens_per_expert=tokens_per_expert,
+                kept_per_expert=kept_per_expert,
                 aux_loss=aux.detach(), z_loss=z.detach(),
                 entropy=-(probs * probs.clamp_min(1e-20).log()).sum(-1).mean(),
-                n_tokens=t)
+                n_tokens=out.shape[0],
+                seq_aux_loss=(torch.zeros((), device=out.device) if seq is None
+                              else seq.detach()))
         if self.training and torch.is_grad_enabled():
             router_loss = self.aux_loss_coef * aux + self.z_loss_coef * z
+            if seq is not None:
+                router_loss = router_loss + self.seq_aux_loss_coef * seq
             if router_loss.requires_grad:
                 out = inject_loss_grad(out, router_loss, self.layer_weight * self.loss_scale)
-        return out.view(b, s, dim)
+        return out
+
+    def _forward_expert_choice(self, x: torch.Tensor, flat: torch.Tensor, n_groups: int,
+                               capacity: int) -> torch.Tensor:
+        """Expert-choice routing (moe/model/router.py ``expert_choice_plan``): every expert
+        takes its ``capacity`` best tokens of each group; nothing is dropped, an expert is
+        never over capacity, and a token may get any number of experts (none included).
+        Combine weights: the chosen scores times route_scale (no renormalisation: a token's
+        experts are not a fixed k). No balance loss applies (balanced by construction)."""
+        b, s, dim = x.shape
+        t = flat.shape[0]
+        logits, probs, token, weight, counts = self.router.expert_choice(flat, n_groups, capacity)
+        self.last_experts = None  # [T, k] does not exist: a token has any number of experts
+        y = self.experts(flat.index_select(0, token), counts, capacity * n_groups)
+        y = y.float() * weight.unsqueeze(1)  # fp32 combine, as in token choice
+        out = y.new_zeros(t, dim).index_add(0, token, y).to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        zero = torch.zeros((), device=flat.device)
+        return self._finish(out, logits, probs, zero, None, counts, counts).view(b, s, dim)
+
+    def _forward_shared_only(self, x: torch.Tensor) -> torch.Tensor:
+        """n_experts=0: the shared experts are the whole layer (a dense FFN); empty stats."""
+        b, s, dim = x.shape
+        out = self.shared_experts(x)
+        zero = torch.zeros((), device=x.device)
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        self.last_experts = None
+        self.last_stats = RoutingStats(tokens_per_expert=empty, kept_per_expert=empty,
+                                       aux_loss=zero, z_loss=zero, entropy=zero, n_tokens=b * s,
+                                       seq_aux_loss=zero)
+        return out
 
     def _few_token_path_applies(self, n_tokens: int) -> bool:
         e = self.experts
-        return (not self.training and n_tokens * self.top_k <= self.n_experts
+        return (not self.training and self.routing == "token_choice"
+                and n_tokens * self.top_k <= self.n_experts
                 and type(e) is GroupedExperts and not e._forward_hooks
                 and not e._forward_pre_hooks)
 
@@ -232,4 +307,6 @@ class MoE(nn.Module):
     def router_loss(self) -> torch.Tensor:
         """This layer's weighted contribution to the total loss, from the last forward."""
         st = self.last_stats
-        return self.layer_weight * (self.aux_loss_coef * st.aux_loss + self.z_loss_coef * st.z_loss)
+        seq = self.seq_aux_loss_coef * st.seq_aux_loss if st.seq_aux_loss is not None else 0.0
+        return self.layer_weight * (self.aux_loss_coef * st.aux_loss + self.z_loss_coef * st.z_loss
+                                    + seq)

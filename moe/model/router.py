@@ -1,4 +1,5 @@
-"""Top-k router, expert capacity, token dropping and the router losses.
+"""Top-k router (softmax or sigmoid scores, optional balancing bias), expert-choice routing,
+expert capacity, token dropping and the router losses.
 
 Everything here works on flat token tensors ``[T, ...]`` whose tokens are laid out as
 ``G`` capacity groups of ``n = T / G`` consecutive tokens. A capacity group is a fixed number of
@@ -33,24 +34,47 @@ def expert_capacity(tokens_in_group: int, top_k: int, n_experts: int,
 
 
 class Router(nn.Module):
-    """Linear gate, softmax over experts, top-k, in fp32 even under autocast.
+    """Linear gate, scores, top-k, in fp32 even under autocast.
 
-    ``weights="renorm"``: the chosen probabilities renormalised to sum 1 (Mixtral);
-    ``"raw"``: the chosen probabilities as they are (Switch Transformer, top-1). Renormalising a
-    single weight gives w / w = 1, whose gradient is zero: a renormalised top-1 gate learns from
-    the router losses only. ``ModelConfig.router_weights_resolved`` picks one from the config.
+    Scores (``score``): ``softmax`` over experts (Mixtral, GShard) or ``sigmoid`` per expert
+    (DeepSeek-V3, sec. 2.1.2: s_{i,t} = sigmoid(u_t . e_i)). ``probs`` [T, E] is the score
+    distribution over experts: the softmax itself, or the sigmoid scores normalised to sum 1
+    over all experts (DeepSeek-V3's s' of eq. 19); the balance losses and the entropy read it.
+
+    Combine weights (``weights``): ``"renorm"``: the chosen scores renormalised to sum 1 over
+    the top-k (Mixtral; DeepSeek-V3 eq. 13, g = s / sum of the chosen s); ``"raw"``: the chosen
+    scores as they are (Switch Transformer, top-1). Renormalising a single weight gives
+    w / w = 1, whose gradient is zero: a renormalised top-1 gate learns from the router losses
+    only. ``ModelConfig.router_weights_resolved`` picks one. Then times ``route_scale``
+    (DeepSeek-V3's routed scaling factor, 2.5 in V3).
+
+    ``expert_bias`` (``bias=True``, ``model.balance=bias``): DeepSeek-V3's auxiliary-loss-free
+    balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for MoE"; V3
+    eq. 16): the top-k is taken over ``score + b``, the combine weights use the unbiased scores.
+    A persistent fp32 buffer of shape [E] (checkpointed, replicated on every rank), moved by
+    ``moe.model.balance.update_expert_biases`` after each optimizer step, never by gradients.
+
     The gate is ``gate`` (an ``nn.Linear(dim, n_experts, bias=False)``), Mixtral's name.
     """
 
     def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0,
-                 weights: str = "renorm"):
+                 weights: str = "renorm", score: str = "softmax", route_scale: float = 1.0,
+                 bias: bool = False):
         super().__init__()
         if weights not in ("renorm", "raw"):
             raise ValueError(f"router weights {weights!r}: use renorm or raw")
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router score {score!r}: use softmax or sigmoid")
         self.top_k = top_k
         self.jitter = jitter
         self.renorm = weights == "renorm"
+        self.score = score
+        self.route_scale = route_scale
         self.gate = nn.Linear(dim, n_experts, bias=False)
+        if bias:
+            self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
+        else:
+            self.expert_bias = None
 
     def forward(self, x: torch.Tensor):
         """x: [T, dim] -> logits [T, E], probs [T, E], weights [T, k] (all fp32), experts [T, k].
@@ -58,23 +82,77 @@ class Router(nn.Module):
         Autocast is switched off: inside ``torch.autocast`` an ``F.linear`` of fp32 tensors still
         runs in bf16, and bf16 logits change routing decisions, the z-loss and the aux loss.
         """
-        dev = x.device.type  # meta (shape inference) has no autocast to switch off
-        # Entered only when autocast is on: the context costs ~10 us, a third of a batch-1
-        # decode step's routing.
-        no_autocast = (torch.autocast(device_type=dev, enabled=False)
-                       if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
-                       else contextlib.nullcontext())
-        with no_autocast:
-            x = x.float()
-            if self.training and self.jitter > 0:
-                # Multiplicative input jitter (Switch Transformer, sec. 2.4).
-                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = F.linear(x, self.gate.weight.float())
-            probs = logits.softmax(dim=-1)
-            weights, experts = probs.topk(self.top_k, dim=-1)
+        with _no_autocast(x):
+            logits, scores, probs = self.scores(x)
+            if self.expert_bias is None:
+                weights, experts = scores.topk(self.top_k, dim=-1)
+            else:  # the bias chooses, the unbiased score weighs (DeepSeek-V3 eq. 16)
+                experts = (scores + self.expert_bias).topk(self.top_k, dim=-1).indices
+                weights = scores.gather(1, experts)
             if self.renorm:
                 weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.route_scale != 1.0:
+                weights = weights * self.route_scale
         return logits, probs, weights, experts
+
+    def expert_choice(self, x: torch.Tensor, n_groups: int, capacity: int):
+        """Expert-choice routing of x [T, dim] (``expert_choice_plan`` on the scores, weights
+        times route_scale): logits, probs [T, E]; token, weight [M]; counts [E]. The bias is
+        not used (``model.balance`` must be none)."""
+        with _no_autocast(x):
+            logits, scores, probs = self.scores(x)
+            token, weight, counts = expert_choice_plan(scores, n_groups, capacity)
+            if self.route_scale != 1.0:
+                weight = weight * self.route_scale
+        return logits, probs, token, weight, counts
+
+    def scores(self, x: torch.Tensor):
+        """x: [T, dim] -> logits, scores (softmax or sigmoid), probs (scores normalised over
+        experts), all [T, E] fp32. Call with autocast off (``forward`` does)."""
+        x = x.float()
+        if self.training and self.jitter > 0:
+            # Multiplicative input jitter (Switch Transformer, sec. 2.4).
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(x, self.gate.weight.float())
+        if self.score == "softmax":
+            scores = probs = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        return logits, scores, probs
+
+
+def _no_autocast(x: torch.Tensor):
+    """Autocast off for the router's fp32 math. Entered only when autocast is on: the context
+    costs ~10 us, a third of a batch-1 decode step's routing. (meta, for shape inference, has
+    no autocast to switch off.)"""
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.autocast(device_type=dev, enabled=False)
+    return contextlib.nullcontext()
+
+
+def expert_choice_plan(scores: torch.Tensor, n_groups: int, capacity: int):
+    """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing",
+    sec. 3.1): within each capacity group of n tokens, every expert takes the ``capacity``
+    tokens with the highest scores for it: I = TopK(S^T, C) per group, G = the chosen scores.
+
+    scores: [T, E] fp32 (the router's softmax or sigmoid scores), T = n_groups * n tokens.
+    Returns the assignments sorted by expert (group, then score rank inside an expert):
+    token [M] (token ids), weight [M] (its score, the combine weight) and counts [E]
+    (= n_groups * capacity for every expert: each is exactly full), M = E * n_groups * capacity.
+    A token may be taken by several experts or by none (it then keeps only the residual path).
+    Not causal: a token's experts depend on the later tokens of its group.
+    """
+    t, n_experts = scores.shape
+    n = t // n_groups
+    vals, idx = scores.view(n_groups, n, n_experts).topk(capacity, dim=1)  # [G, C, E]
+    base = (torch.arange(n_groups, device=scores.device) * n).view(n_groups, 1, 1)
+    token = (idx + base).permute(2, 0, 1).reshape(-1)  # [E * G * C], expert-major
+    weight = vals.permute(2, 0, 1).reshape(-1)
+    counts = torch.full((n_experts,), n_groups * capacity, dtype=torch.long,
+                        device=scores.device)
+    return token, weight, counts
 
 
 DROP_POLICIES = ("choice_major", "token_major", "probs")
@@ -147,6 +225,18 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_groups: in
     return (n_experts * (f * p).sum(1)).mean()
 
 
+def sequence_balance_loss(probs: torch.Tensor, experts: torch.Tensor,
+                          n_sequences: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (sec. 2.1.2, eqs. 17-20), per
+    sequence, averaged over the sequences:
+        f_i = E / (k * S) * (tokens of the sequence whose top-k holds expert i)
+        P_i = (1/S) * sum_t s'_{i,t},   s' = the scores normalised over experts (``probs``)
+        L_seq = sum_i f_i * P_i
+    ``load_balancing_loss`` with one group per sequence (uniform routing: 1.0). It depends on
+    each sequence alone, so no batch split or layout changes it."""
+    return load_balancing_loss(probs, experts, n_sequences)
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -160,8 +250,9 @@ class RoutingStats:
     kept_per_expert: torch.Tensor  # [E] after dropping
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
-    entropy: torch.Tensor  # mean over tokens of the router's softmax entropy (nats)
+    entropy: torch.Tensor  # mean over tokens of the entropy of ``probs`` (nats)
     n_tokens: int
+    seq_aux_loss: torch.Tensor | None = None  # the sequence-wise balance loss (0 when off)
 
     def drop_frac(self) -> float:
         total = float(self.tokens_per_expert.sum())

@@ -28,8 +28,9 @@ from torch import nn
 from moe.config import ModelConfig
 from moe.model.attention import Attention
 from moe.model.init import ONES, Init, init_parameters, materialize, normal, prefixed
-from moe.model.layers import FeedForward, RMSNorm, rotary_tables
+from moe.model.layers import FeedForward, RMSNorm
 from moe.model.moe import CONFIG_CAPACITY, MoE
+from moe.model.rope import forward_tables, rope_tables
 
 
 class Block(nn.Module):
@@ -73,7 +74,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rotary_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg)  # model.rope_scaling applied (moe/model/rope.py)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -105,8 +106,7 @@ class Transformer(nn.Module):
         device = self.rope_cos.device
         if cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
             self.output.weight = self.tok_embeddings.weight
-        self.rope_cos, self.rope_sin = rotary_tables(cfg.head_size, cfg.max_seq_len,
-                                                     cfg.rope_theta, device=device)
+        self.rope_cos, self.rope_sin = rope_tables(cfg, device=device)
         init_parameters(self, self.init_rules(), seed, slices_of)
 
     def forward(self, tokens: torch.Tensor, kv_cache=None, *, capacity_factor=CONFIG_CAPACITY,
@@ -128,7 +128,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {s} tokens exceeds model.max_seq_len="
                              f"{self.rope_cos.shape[0]}")
         if kv_cache is None:
-            cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+            # The first s rows (dynamic NTK: tables for this length; moe/model/rope.py).
+            cos, sin = forward_tables(self.cfg, self.rope_cos, self.rope_sin, s)
             extra = {}
         else:
             pos = kv_cache.input_pos  # [B, S]; the cache checked pos < max_seq_len

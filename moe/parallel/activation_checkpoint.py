@@ -37,12 +37,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
-                                    create_selective_checkpoint_contexts)
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from moe.model.moe import MoE
 

@@ -100,7 +100,8 @@ def grad_norm(parts: list[nn.Module], mesh: DeviceMesh | None) -> torch.Tensor:
     return sq.sqrt()
 
 
-def clip_gradients(parts: list[nn.Module], mesh: DeviceMesh | None, max_norm: float) -> torch.Tensor:
+def clip_gradients(parts: list[nn.Module], mesh: DeviceMesh | None,
+                   max_norm: float) -> torch.Tensor:
     """Clip to ``max_norm`` (0 disables) by the global norm; returns the norm before clipping."""
     norm = grad_norm(parts, mesh)
     if max_norm > 0:

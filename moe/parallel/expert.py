@@ -3,10 +3,11 @@
     apply_expert_parallel(model, mesh["ep"])   # after pipeline split and tensor parallel
 
 Rank r keeps experts [r * E/ep, (r + 1) * E/ep) of every MoE layer (``experts.w1/w2/w3`` sliced
-on the ep dim the sharding plan gives them, dim 0; names unchanged, recorded as ``{"ep": 0}``). Routing, capacity and dropping are
-untouched: they run on the rank that holds the tokens, per capacity group, before any exchange,
-so they are the same however the batch is split. The exchange is GShard's dispatch / combine
-all-to-all pair (Lepikhin et al. 2020) on the ragged (unpadded) layout.
+on the ep dim the sharding plan gives them, dim 0; names unchanged, recorded as ``{"ep": 0}``).
+Routing, capacity and dropping are untouched: they run on the rank that holds the tokens, per
+capacity group, before any exchange, so they are the same however the batch is split. The
+exchange is GShard's dispatch / combine all-to-all pair (Lepikhin et al. 2020) on the ragged
+(unpadded) layout.
 
 The MoE layer calls ``experts(x, counts, capacity)`` with x: [M, dim] sorted by *global* expert
 and counts: [E]. Under expert parallelism the same call does, inside the experts module:

@@ -273,7 +273,7 @@ def layout_accounting(cfg: Config, gpus_per_node: int = 8, weight_bytes: int = 2
             total = 0
             for s in {c[0] for c in members}:
                 here = [(e, t) for (s2, e, t) in members if s2 == s]
-                for (cat, shape, rule), mult in groups[s].items():
+                for (_, shape, rule), mult in groups[s].items():
                     held = {(t if rule.tp_dim is not None else 0,
                              e if rule.ep_dim is not None else 0) for e, t in here}
                     total += mult * sum(_local_numel(shape, rule, tp, ep, t, e) for e, t in held)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -47,10 +47,10 @@ class ParallelDims:
     pp: int = 1
     dp: int = 1
     ep: int = 1
-    _mesh: Optional["DeviceMesh"] = field(default=None, compare=False, repr=False)
+    _mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "ParallelDims":
+    def from_config(cls, cfg: Config) -> ParallelDims:
         p = cfg.parallel
         return cls(tp=p.tp, pp=p.pp, dp=p.dp, ep=p.ep)
 
@@ -67,7 +67,7 @@ class ParallelDims:
     def shape(self) -> tuple[int, int, int, int]:
         return (self.pp, self.dp, self.ep, self.tp)
 
-    def build_mesh(self, device_type: str = "cpu") -> "DeviceMesh":
+    def build_mesh(self, device_type: str = "cpu") -> DeviceMesh:
         """Make the ``("pp", "dp", "ep", "tp")`` mesh (and its flattened dims, ``FLAT_DIMS``)
         over the initialised process group; kept on this object. Collective: every rank."""
         from torch.distributed.device_mesh import init_device_mesh
@@ -80,7 +80,7 @@ class ParallelDims:
         object.__setattr__(self, "_mesh", mesh)  # frozen: sizes never change, the mesh is set once
         return mesh
 
-    def mesh(self, dim: str | None = None) -> Optional["DeviceMesh"]:
+    def mesh(self, dim: str | None = None) -> DeviceMesh | None:
         """The whole mesh, or the 1-D mesh of ``dim`` (a ``MESH_DIMS`` or ``FLAT_DIMS`` name);
         None in a single process (no mesh built)."""
         if self._mesh is None:
@@ -107,6 +107,9 @@ class ParallelDims:
         if n_moe and m.expert_hidden % self.tp:
             raise ConfigError(f"model.expert_hidden={m.expert_hidden} is not divisible by "
                               f"parallel.tp={self.tp}")
+        if n_moe and m.shared_hidden_total % self.tp:
+            raise ConfigError(f"model.n_shared_experts x shared expert hidden = "
+                              f"{m.shared_hidden_total} is not divisible by parallel.tp={self.tp}")
         if n_moe < m.n_layers and m.ffn_hidden % self.tp:
             raise ConfigError(f"model.ffn_hidden={m.ffn_hidden} is not divisible by "
                               f"parallel.tp={self.tp}")
@@ -174,7 +177,7 @@ def shard_spec(p: torch.Tensor) -> dict:
 
 
 def mark_shard(p: torch.Tensor, **spec) -> None:
-    setattr(p, "_moe_shard", {**shard_spec(p), **spec})
+    p._moe_shard = {**shard_spec(p), **spec}
 
 
 def shard_slices(p: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -207,12 +210,14 @@ def init_distributed(cfg: Config):
     """Initialise the process group from torchrun's environment and build the mesh.
 
     Returns (dims, device); ``dims.mesh()`` is the device mesh. Without torchrun (no RANK in
-    the environment) and all sizes 1, returns (dims, None) with no mesh: single-process. Under torchrun a process group is
-    always made, one rank included: ``torchrun --nproc_per_node=1`` runs the distributed path
-    (NCCL on a GPU) exactly as a larger job would, only with every size 1.
+    the environment) and all sizes 1, returns (dims, None) with no mesh: single-process.
+    Under torchrun a process group is always made, one rank included: ``torchrun
+    --nproc_per_node=1`` runs the distributed path (NCCL on a GPU) exactly as a larger job
+    would, only with every size 1.
     """
-    import torch.distributed as dist
     from datetime import timedelta
+
+    import torch.distributed as dist
     dims = ParallelDims.from_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launched = "RANK" in os.environ or dist.is_initialized()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ MoECallback = Callable[[str, nn.Module, float], None]
 # Splitting
 
 
-def n_pipeline_stages(cfg: Config | ParallelConfig, pp_size: Optional[int] = None) -> int:
+def n_pipeline_stages(cfg: Config | ParallelConfig, pp_size: int | None = None) -> int:
     """Total number of stages: pp (``pp_size``, default ``parallel.pp``), times the virtual
     stages per rank for interleaved 1F1B."""
     p = cfg.parallel if isinstance(cfg, Config) else cfg
@@ -71,7 +71,7 @@ def n_pipeline_stages(cfg: Config | ParallelConfig, pp_size: Optional[int] = Non
 
 
 def split_layers(n_layers: int, n_stages: int,
-                 pp_layers: Optional[list] = None) -> list[list[int]]:
+                 pp_layers: list | None = None) -> list[list[int]]:
     """Global layer indices of each stage, in order.
 
     ``pp_layers`` lists the layer count per stage (``parallel.pp_layers``). Otherwise the split
@@ -141,8 +141,7 @@ def build_stage_models(model: nn.Module, pp_rank: int, pp_size: int,
 
 
 def _schedule_class(name: str):
-    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe,
-                                              ScheduleInterleaved1F1B)
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
             "interleaved_1f1b": ScheduleInterleaved1F1B}[name]
@@ -158,7 +157,7 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
 def build_schedule(stage_models: list[tuple[int, nn.Module]], pp_mesh, cfg: Config,
                    micro_batch_shape: tuple[int, int], n_microbatches: int,
                    loss_fn: Callable, device: torch.device | str,
-                   logits_dtype: Optional[torch.dtype] = None):
+                   logits_dtype: torch.dtype | None = None):
     """A ``PipelineStage`` per stage module and the ``parallel.pp_schedule`` schedule over them.
 
     pp_mesh: a 1-D DeviceMesh (or a ProcessGroup) over the pipeline ranks. micro_batch_shape:
@@ -230,8 +229,8 @@ class PipelineRuntime:
 
     def __init__(self, stage_models: list[tuple[int, nn.Module]], pp_mesh, cfg: Config,
                  micro_batch_shape: tuple[int, int], n_microbatches: int,
-                 device: torch.device | str, *, global_batch: Optional[int] = None,
-                 on_moe_forward: Optional[MoECallback] = None, autocast=None):
+                 device: torch.device | str, *, global_batch: int | None = None,
+                 on_moe_forward: MoECallback | None = None, autocast=None):
         mb = micro_batch_shape[0]
         if global_batch is not None and global_batch < mb * n_microbatches:
             raise ValueError(f"global batch of {global_batch} sequences is smaller than the "
@@ -279,8 +278,8 @@ class PipelineRuntime:
                 self.on_moe_forward(name, module, self.share)
         return hook
 
-    def step(self, x_local: Optional[torch.Tensor], y_local: Optional[torch.Tensor],
-             share: Optional[float] = None) -> Optional[torch.Tensor]:
+    def step(self, x_local: torch.Tensor | None, y_local: torch.Tensor | None,
+             share: float | None = None) -> torch.Tensor | None:
         """Forward and backward over the local batch; gradients accumulate into ``.grad``.
 
         x_local / y_local: [n_microbatches * mb, S] token ids / targets (only the first stage
@@ -303,7 +302,7 @@ class PipelineRuntime:
             part.set_loss_scale(self.share)
         args = (x_local,) if self.is_first else ()
         target = y_local if self.is_last else None
-        losses: Optional[list] = [] if self.is_last else None
+        losses: list | None = [] if self.is_last else None
         with self.autocast():
             self.schedule.step(*args, target=target, losses=losses, **self._step_kwargs)
         if not self.is_last:
@@ -317,7 +316,7 @@ class PipelineRuntime:
 
 
 @torch.no_grad()
-def pipeline_forward(pipe: PipelineRuntime, x: torch.Tensor) -> Optional[torch.Tensor]:
+def pipeline_forward(pipe: PipelineRuntime, x: torch.Tensor) -> torch.Tensor | None:
     """Forward only, for evaluation or generation: logits [B, S, vocab] on the rank holding the
     last stage, None elsewhere. Every pp rank calls it with the same x (any batch size).
 

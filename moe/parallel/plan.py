@@ -19,6 +19,7 @@ needs to know a parameter's layout reads it, never a second copy of the rules:
     experts.w1/w3    [E, dim, hid]  ep dim 0 (whole experts), tp dim 2
     experts.w2       [E, hid, dim]  ep dim 0, tp dim 1
     dense w1/w3      [hid, dim]     tp dim 0;   dense w2 [dim, hid]: tp dim 1
+    shared_experts.* as the dense FFN (hid = n_shared_experts * shared hidden)
     router, norms, embeddings, head: replicated
 
 A parameter no pattern matches is an error ("add it to moe/parallel/plan.py"): a new module
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Optional
 
 from moe.config import ModelConfig
 
@@ -43,9 +43,9 @@ class Rule:
     "head" (whole attention heads), "kv_head" (whole KV heads; fewer KV heads than tp ranks
     means replicated with a partial gradient)."""
 
-    tp_dim: Optional[int] = None
+    tp_dim: int | None = None
     tp_unit: str = "row"
-    ep_dim: Optional[int] = None
+    ep_dim: int | None = None
 
 
 REPLICATED = Rule()
@@ -67,6 +67,11 @@ PARAMETER_PLAN: tuple[tuple[str, Rule], ...] = (
     ("layers.*.feed_forward.w1.weight", Rule(tp_dim=0)),
     ("layers.*.feed_forward.w3.weight", Rule(tp_dim=0)),
     ("layers.*.feed_forward.w2.weight", Rule(tp_dim=1)),
+    # Shared experts (model.n_shared_experts): one FFN beside the routed experts, split like
+    # the dense FFN. (The router's balancing bias, a buffer, is replicated: router.* above.)
+    ("layers.*.feed_forward.shared_experts.w1.weight", Rule(tp_dim=0)),
+    ("layers.*.feed_forward.shared_experts.w3.weight", Rule(tp_dim=0)),
+    ("layers.*.feed_forward.shared_experts.w2.weight", Rule(tp_dim=1)),
 )
 
 
@@ -78,7 +83,7 @@ class Region:
     pattern: str
     f_input: bool = False
     g_output: bool = False
-    module_type: Optional[str] = None
+    module_type: str | None = None
 
     def matches(self, name: str, module) -> bool:
         return fnmatch.fnmatchcase(name, self.pattern) and (
@@ -92,6 +97,8 @@ TP_REGIONS: tuple[Region, ...] = (
     Region("layers.*.attention.wo", g_output=True),
     Region("layers.*.feed_forward.experts", f_input=True, g_output=True),
     Region("layers.*.feed_forward", f_input=True, g_output=True, module_type="FeedForward"),
+    Region("layers.*.feed_forward.shared_experts", f_input=True, g_output=True,
+           module_type="FeedForward"),
 )
 
 
@@ -102,9 +109,9 @@ class Placement:
     ``tp_unit``: elements along ``tp_dim`` that stay together (a head: head_dim rows).
     ``tp_partial_grad``: replicated over tp, each rank computes part of the gradient."""
 
-    tp_dim: Optional[int] = None
+    tp_dim: int | None = None
     tp_unit: int = 1
-    ep_dim: Optional[int] = None
+    ep_dim: int | None = None
     tp_partial_grad: bool = False
 
 
@@ -127,7 +134,7 @@ def placement(name: str, m: ModelConfig, tp: int) -> Placement:
     return Placement(tp_dim=rule.tp_dim, tp_unit=unit, ep_dim=rule.ep_dim)
 
 
-def tp_regions(name: str, module) -> Optional[Region]:
+def tp_regions(name: str, module) -> Region | None:
     """The tensor-parallel region a module forms, if any (first match)."""
     for region in TP_REGIONS:
         if region.matches(name, module):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable, ContextManager, Optional
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed as dist
@@ -32,9 +33,9 @@ def moe_layer_names(cfg: Config) -> list[str]:
 
 
 class Runtime:
-    def __init__(self, cfg: Config, model: nn.Module, dims: Optional[ParallelDims] = None,
+    def __init__(self, cfg: Config, model: nn.Module, dims: ParallelDims | None = None,
                  device: torch.device | None = None,
-                 autocast: Optional[Callable[[], ContextManager]] = None):
+                 autocast: Callable[[], AbstractContextManager] | None = None):
         self.cfg = cfg
         self.dims = dims or ParallelDims()
         self.mesh = self.dims.mesh()

@@ -37,11 +37,19 @@ Callers outside moe/parallel use the façade ``moe.checkpoint``.
 """
 
 from moe.parallel.checkpoint.atomic import save_checkpoint
-from moe.parallel.checkpoint.integrity import (EXTRA_FILE, MANIFEST_FILE, CheckpointError,
-                                               check_checkpoint, checkpoint_dir,
-                                               checkpoint_problem, is_checkpoint,
-                                               latest_checkpoint, latest_good_checkpoint,
-                                               list_checkpoints, read_extra)
+from moe.parallel.checkpoint.integrity import (
+                                               EXTRA_FILE,
+                                               MANIFEST_FILE,
+                                               CheckpointError,
+                                               check_checkpoint,
+                                               checkpoint_dir,
+                                               checkpoint_problem,
+                                               is_checkpoint,
+                                               latest_checkpoint,
+                                               latest_good_checkpoint,
+                                               list_checkpoints,
+                                               read_extra,
+)
 from moe.parallel.checkpoint.sharding import model_state, optimizer_state, restore_checkpoint
 from moe.parallel.checkpoint.unsharded import consolidate, full_state
 

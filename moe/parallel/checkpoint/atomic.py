@@ -24,9 +24,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from moe.parallel.checkpoint.integrity import (EXTRA_FILE, FORMAT, _rank, _step,
-                                               checkpoint_dir, checkpoint_problem, is_checkpoint,
-                                               list_checkpoints, write_manifest)
+from moe.parallel.checkpoint.integrity import (
+    EXTRA_FILE,
+    FORMAT,
+    _rank,
+    _step,
+    checkpoint_dir,
+    checkpoint_problem,
+    is_checkpoint,
+    list_checkpoints,
+    write_manifest,
+)
 from moe.parallel.checkpoint.sharding import _dcp_quiet, _parts, model_state, optimizer_state
 
 

@@ -27,8 +27,8 @@ loading layout and lets ``dcp.load`` read each rank's slice: that is the reshard
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.distributed.checkpoint as dcp

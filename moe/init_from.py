@@ -1,0 +1,86 @@
+"""``train.init_from``: a new run that starts from a trained model's weights.
+
+The long-context recipe (docs/long_context.md): pre-train at a short context, then fine-tune
+the same weights at a longer one with ``model.rope_scaling``. Unlike a resume, the new run
+gets a fresh AdamW state, learning-rate schedule, data position and step count, and may change
+exactly the keys an extension needs:
+
+    model.max_seq_len, model.rope_scaling, data.seq_len    (rotary tables only: not weights)
+    data.cache_dir                                          (where the same token cache lives)
+    train.*                                                 (batch, schedule, lr, steps, ...)
+
+Every other ``model.*`` or ``data.*`` key that differs from the checkpoint's config changes the
+weights' shapes, what they compute, or the tokenizer, and is refused with one line naming each
+key (and both values). The weights load through ``restore_checkpoint`` into this run's layout
+(any tp x pp x dp x ep: the checkpoint's own layout does not matter).
+
+A checkpoint already in ``train.run_dir`` wins: the run resumes from it and ``init_from`` is
+not read again (a fine-tune that was interrupted continues where it stopped).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from moe.checkpoint import CheckpointError, read_extra, resolve_checkpoint, restore_checkpoint
+from moe.config import Config, ConfigError
+
+# The keys that may differ from the checkpoint's config (train.* always may).
+ALLOWED = ("model.max_seq_len", "model.rope_scaling", "data.seq_len", "data.cache_dir")
+
+
+def init_config_problems(saved: dict, cfg: Config) -> list[str]:
+    """``"key (saved -> now)"`` for each model/data key outside ``ALLOWED`` that differs; a
+    key the saved config lacks (added to the code since) counts as its default."""
+    now, default = cfg.to_dict(), Config().to_dict()
+    diffs = []
+    for sec in ("model", "data"):
+        for k, value in now[sec].items():
+            old = saved.get(sec, {}).get(k, default[sec][k])
+            if f"{sec}.{k}" not in ALLOWED and old != value:
+                diffs.append(f"{sec}.{k} ({old!r} -> {value!r})")
+    return diffs
+
+
+def check_init_config(saved: dict, cfg: Config, source: Path) -> None:
+    """ConfigError (one line) naming every refused difference."""
+    diffs = init_config_problems(saved, cfg)
+    if diffs:
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: this run changes "
+                          f"{', '.join(diffs)} from {source}; init_from allows only "
+                          f"{', '.join(ALLOWED)} and train.* to change: use the checkpoint's "
+                          "values (its run folder's config.yaml)")
+
+
+def resolve_init_from(cfg: Config, mesh=None) -> Path:
+    """The checkpoint folder ``train.init_from`` names (a run folder: its newest good one),
+    its config checked against ``cfg``. Collective with a mesh: rank 0 resolves, every rank
+    gets its answer or its error."""
+    out: list = [None]
+    if mesh is None or dist.get_rank() == 0:
+        try:
+            out[0] = ("ok", resolve_checkpoint(cfg.train.init_from))
+        except (FileNotFoundError, CheckpointError) as e:
+            out[0] = ("error", str(e))
+    if mesh is not None:
+        dist.broadcast_object_list(out, src=0)
+    kind, value = out[0]
+    if kind == "error":
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: {value}")
+    source = Path(value)
+    check_init_config(read_extra(source)["config"], cfg, source)
+    return source
+
+
+def load_init_weights(source: Path, parts, mesh=None, main: bool = True) -> int:
+    """Copy the weights of ``source`` into ``parts`` (this rank's model or stage modules, in
+    this run's layout); no optimizer state. Returns the source's training step."""
+    extra = restore_checkpoint(source, parts, None, mesh)
+    step = int(extra.get("step", 0))
+    if main:
+        print(f"init_from: weights of {source} (trained {step} steps); fresh optimizer, "
+              "schedule and data position", file=sys.stderr)
+    return step
