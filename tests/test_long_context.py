@@ -394,3 +394,57 @@ def test_recipe_configs_load():
     base = load_config(root / "configs" / "tiny.yaml")
     assert base.model.max_seq_len == 128 == base.data.seq_len
     assert ft.train.init_from
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory at long context (moe/context_memory.py, scripts/count_params.py)
+
+
+def _saved_activation_bytes(model, tokens) -> int:
+    """Bytes autograd saves for backward in one training forward + loss (parameters and
+    buffers excluded, each storage once)."""
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model.train()(tokens)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(moe_every=2, n_layers=3), dict(activation="gelu"),
+                                dict(n_kv_heads=2, head_dim=24)],
+                         ids=["moe", "dense+moe", "gelu", "gqa_head_dim"])
+def test_activation_formula_matches_what_autograd_saves(kw):
+    from moe.context_memory import activation_bytes_per_token
+
+    cfg = model_cfg(**{**dict(vocab_size=256, max_seq_len=256, expert_hidden=96,
+                              ffn_hidden=80), **kw})
+    tokens = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(0))
+    measured = _saved_activation_bytes(build_model(cfg, seed=0), tokens) / tokens.numel()
+    formula, _ = activation_bytes_per_token(cfg, bytes_per_element=4)  # fp32 on CPU
+    assert formula == pytest.approx(measured, rel=0.03)
+
+
+def test_count_params_reports_long_context_memory_for_gpt4(capsys):
+    from moe.cli import count_params
+
+    root = Path(__file__).resolve().parents[1]
+    assert count_params.main(["--config", str(root / "configs" / "gpt4.yaml"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["long_context"]
+    assert [r["seq_len"] for r in rows] == [8192, 32768]
+    # MQA, 120 layers, head_dim 128, bf16: 60 KiB a token; 480 MiB at 8k, 4x that at 32k.
+    assert rows[0]["kv_cache_bytes"] == 8192 * 61440 == rows[1]["kv_cache_bytes"] // 4
+    assert rows[0]["kv_cache_bytes_mha"] == 120 * rows[0]["kv_cache_bytes"]
+    assert rows[1]["activation_bytes"] == 4 * rows[0]["activation_bytes"]  # linear: fused SDPA
+    assert rows[1]["attention_scores_bytes"] == 16 * rows[0]["attention_scores_bytes"]
+    assert rows[0]["activation_bytes_full_ac"] < rows[0]["activation_bytes"] / 10
+    assert count_params.main(["--config", str(root / "configs" / "gpt4.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "long context, one sequence" in out and "32768" in out and "480.0 MiB" in out
+    assert count_params.main(["--context-lengths=0"]) == 2

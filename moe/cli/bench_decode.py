@@ -93,13 +93,17 @@ def main(argv: list[str] | None = None) -> int:
               f"with 0-1 {st['frac_experts_0_or_1']:.0%}")
     if "speculative" in r:
         sp = r["speculative"]
-        print(f"speculative decoding ({sp['models']} models, {sp['draft_tokens']} draft tokens, "
+        models = "random models" if sp["models"] == "random" else f"{sp['target']} / {sp['draft']}"
+        print(f"speculative decoding ({models}, {sp['draft_tokens']} draft tokens, "
               f"{sp['prompts']} prompts x {sp['new_tokens']} tokens, median of {sp['runs']}; "
-              f"draft/target time per token c = {sp['cost_ratio']:.2f}):")
+              f"draft/target step c = {sp['cost_ratio']:.2f}, verify/step "
+              f"{sp['verify_cost_ratio']:.2f}):")
         for mode in ("greedy", "sampled"):
             e = sp[mode]
             print(f"  {mode:8s} speedup {e['speedup']:.2f}x (predicted "
-                  f"{e['speedup_predicted']:.2f}x), acceptance {e['acceptance_rate']:.3f} "
+                  f"{e['speedup_predicted']:.2f}x; with the measured verify "
+                  f"{e['speedup_predicted_measured_verify']:.2f}x), acceptance "
+                  f"{e['acceptance_rate']:.3f} "
                   f"(predicted {e['acceptance_rate_predicted']:.3f}), tokens per target call "
                   f"{e['tokens_per_target_call']:.2f} (predicted "
                   f"{e['tokens_per_target_call_predicted']:.2f})")

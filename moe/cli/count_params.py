@@ -16,6 +16,11 @@ loaded rank / node, plus the full breakdown under ``layout``. A layout that
 split: the table lists why (``warning:`` lines on stderr with ``--json``); ``--strict`` makes
 it an error instead.
 
+Long context: a last section (JSON: ``long_context``) gives one sequence's KV cache and
+training activation memory (none / full activation checkpointing, and what unfused attention
+scores would add) at each of ``--context-lengths`` (default 8192,32768: GPT-4's reported 8k
+pre-training and 32k fine-tuned contexts); moe/context_memory.py says what is counted.
+
 A config error prints ``error: <message>`` on stderr and exits 2.
 """
 
@@ -197,7 +202,7 @@ def long_context_table(rows: list[ContextMemory]) -> str:
                        format_bytes(r.attention_scores_bytes)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [f"long context, one sequence, whole model ({rows[0].bytes_per_element} B/element; "
-             "training activations without / with full activation checkpointing; "
+             "training activations, full AC = activation checkpointing; "
              "moe/context_memory.py)"]
     lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
     return "\n".join(lines)
