@@ -42,6 +42,7 @@ from moe import accounting
 from moe.accounting import ParamCounts
 from moe.config import Config, ModelConfig
 from moe.device import autocast_dtype, resolve_device
+from moe.malloc import keep_freed_memory
 from moe.model import build_model, lm_loss
 from moe.model.experts import resolve_impl
 from moe.optim import build_optimizer
@@ -238,6 +239,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     """
     log = log or (lambda s: None)
     threads = set_threads(cfg)
+    keep_freed_memory()  # as the trainer does (moe/malloc.py)
     device = resolve_device(cfg.train.device)
     amp = autocast_dtype(device, cfg.train.dtype)
     run_dtype = amp or torch.float32
@@ -346,6 +348,88 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
                                "ratio_to_dense": res[impl]["tokens_per_s"] / dense["tokens_per_s"]}
                         for impl in IMPLS}
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Many small experts: forward + backward at several expert counts
+
+
+def expert_count_config(m: ModelConfig, n_experts: int, mode: str = "fine",
+                        reference: int = 8) -> ModelConfig:
+    """The config's model at ``n_experts`` experts.
+
+    ``fine`` (fine-grained, DeepSeekMoE): each expert of the ``reference``-expert model (the
+    config's top_k and expert_hidden) split into ``n_experts / reference``: top_k and
+    expert_hidden scaled by that factor, so active AND total parameters stay those of the
+    reference (configs/bench.yaml: 8 x 512 top-2, 16 x 256 top-4, 64 x 64 top-16, 256 x 16
+    top-64). ``same``: only n_experts changes (top_k experts of expert_hidden each: the same
+    compute per token, total expert parameters grow with n_experts; Switch's comparison).
+    """
+    c = copy.deepcopy(m)
+    c.n_experts = n_experts
+    if mode == "fine":
+        if n_experts % reference or (m.expert_hidden * reference) % n_experts:
+            raise ValueError(f"fine-grained experts: {n_experts} is not a multiple of "
+                             f"{reference} dividing expert_hidden={m.expert_hidden} * {reference}")
+        c.top_k = m.top_k * n_experts // reference
+        c.expert_hidden = m.expert_hidden * reference // n_experts
+    elif mode != "same":
+        raise ValueError(f"expert-count mode {mode!r}: use fine or same")
+    c.validate()
+    return c
+
+
+def run_expert_counts(cfg: Config, counts: tuple[int, ...] = (8, 16, 64, 256),
+                      mode: str = "fine", steps: int = 10, warmup: int = 2,
+                      log: Callable[[str], None] | None = None) -> dict:
+    """Forward + backward tokens/s of the MoE at each expert count (``expert_count_config``),
+    relative to the first count; the variants' steps are taken in turns (order reversed every
+    other turn) so the load of a shared machine falls on all alike. Median over ``steps``
+    timed fwd+bwd (no optimizer step: its cost follows total parameters, not routing)."""
+    log = log or (lambda s: None)
+    threads = set_threads(cfg)
+    keep_freed_memory()  # as the trainer does (moe/malloc.py)
+    device = resolve_device(cfg.train.device)
+    amp = autocast_dtype(device, cfg.train.dtype)
+    load0 = _loadavg()
+    steppers = {n: Stepper(cfg, expert_count_config(cfg.model, n, mode), device, amp)
+                for n in counts}
+
+    def fwd_bwd(s: Stepper) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        s.forward_backward()
+        sync(device)
+        dt = time.perf_counter() - t0
+        s.model.zero_grad(set_to_none=True)
+        return dt
+
+    for n, s in steppers.items():
+        for _ in range(warmup):
+            fwd_bwd(s)
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    order = list(counts)
+    for i in range(steps):
+        for n in (order if i % 2 == 0 else order[::-1]):
+            times[n].append(fwd_bwd(steppers[n]))
+        log(f"turn {i + 1}/{steps}: " + ", ".join(
+            f"{n} experts {statistics.median(times[n]) * 1e3:.0f} ms" for n in counts))
+    tps = {n: steppers[n].tokens_per_step / statistics.median(times[n]) for n in counts}
+    first = counts[0]
+    return {
+        "mode": mode, "threads": threads, "device": str(device), "steps": steps,
+        "warmup": warmup, "tokens_per_step": steppers[first].tokens_per_step,
+        "loadavg_start": load0, "loadavg_end": _loadavg(),
+        "counts": {str(n): {
+            "n_experts": n, "top_k": steppers[n].model.cfg.top_k,
+            "expert_hidden": steppers[n].model.cfg.expert_hidden,
+            "fwd_bwd_tokens_per_s": tps[n], "ratio": tps[n] / tps[first],
+            "fwd_bwd_s_median": statistics.median(times[n]),
+            "drop_frac": steppers[n].drop_frac(),
+            "active_params": steppers[n].n_active,
+            "total_params": sum(p.numel() for p in steppers[n].model.parameters())}
+            for n in counts},
+    }
 
 
 def _loadavg() -> float | None:

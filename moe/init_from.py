@@ -69,7 +69,8 @@ def resolve_init_from(cfg: Config, mesh=None) -> Path:
         dist.broadcast_object_list(out, src=0)
     kind, value = out[0]
     if kind == "error":
-        raise ConfigError(f"train.init_from={cfg.train.init_from}: {value}")
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: {value} (train that run "
+                          "first, or name a run folder or step_* folder that has one)")
     source = Path(value)
     check_init_config(read_extra(source)["config"], cfg, source)
     return source

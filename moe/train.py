@@ -26,8 +26,13 @@ import torch
 import yaml
 
 from moe import run_lock
-from moe.checkpoint import (latest_good_checkpoint, list_checkpoints, read_extra,
-                            restore_checkpoint, save_checkpoint)
+from moe.checkpoint import (
+    latest_good_checkpoint,
+    list_checkpoints,
+    read_extra,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from moe.config import Config, ConfigError
 from moe.data import BPETokenizer, PackedLoader, prepare_data, val_batches
 from moe.device import autocast_context, resolve_device

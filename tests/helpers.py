@@ -40,6 +40,23 @@ def build_mesh(tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1):
     return dims.mesh()
 
 
+class FakeMesh:
+    """A 1-D mesh stand-in holding a size and this rank's coordinate: what applying tensor or
+    expert parallelism reads (no process group: only for code paths that never communicate)."""
+
+    def __init__(self, size: int, rank: int = 0):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def get_local_rank(self) -> int:
+        return self._rank
+
+    def get_group(self):
+        return None
+
+
 def local_slice(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The part of a full-model tensor that the local parameter ``p`` holds, by the cuts
     parallelism recorded on it (outermost first)."""

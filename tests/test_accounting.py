@@ -339,19 +339,7 @@ def test_counts_match_trainer_sharding(cfg_kw):
     import moe.parallel.pipeline as pipeline
     from moe.parallel.expert import apply_expert_parallel
     from moe.parallel.tensor import apply_tensor_parallel
-
-    class Mesh1D:
-        def __init__(self, size, rank):
-            self._size, self._rank = size, rank
-
-        def size(self):
-            return self._size
-
-        def get_local_rank(self):
-            return self._rank
-
-        def get_group(self):
-            return None
+    from tests.helpers import FakeMesh as Mesh1D
 
     cfg = layout_cfg(**cfg_kw)
     p = cfg.parallel

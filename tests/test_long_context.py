@@ -355,6 +355,10 @@ def test_eval_context_buckets(base_run, capsys):
     assert [(b["start"], b["end"]) for b in plain["buckets"]] == [(0, 16), (16, 32), (32, 64)]
     mean = sum(b["loss"] * (b["end"] - b["start"]) for b in plain["buckets"]) / 64
     assert mean == pytest.approx(plain["loss"], rel=1e-5)
+    per_window = torch.tensor(plain["window_losses"])  # [windows, buckets]
+    assert per_window.shape == (4, 3)
+    torch.testing.assert_close(per_window.mean(0).tolist(),
+                               [b["loss"] for b in plain["buckets"]], rtol=1e-5, atol=1e-5)
     assert eval_context.main(["--run", run, "--lengths", "32,64", "--windows", "4", "--json",
                               "--model.rope_scaling.type=yarn", "--model.rope_scaling.factor=2",
                               "--model.rope_scaling.original_max_seq_len=32", *cache]) == 0

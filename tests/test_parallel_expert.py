@@ -28,7 +28,7 @@ from moe.parallel.expert import ExpertParallelExperts, apply_expert_parallel
 from moe.parallel.mesh import shard_spec
 from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks
-from tests.helpers import assert_grads_match, build_mesh, tiny_model_config
+from tests.helpers import FakeMesh, assert_grads_match, build_mesh, tiny_model_config
 
 SEED = 7
 SEQ = 8
@@ -241,17 +241,7 @@ def test_expert_parallel_with_tensor_parallel_and_ep4():
 
 
 def test_apply_rejects_indivisible_experts():
-    class FakeMesh:
-        def size(self):
-            return 3
-
-        def get_local_rank(self):
-            return 0
-
-        def get_group(self):
-            return None
-
     torch.manual_seed(SEED)
     model = build_model(tiny_cfg())
     with pytest.raises(ValueError, match="does not split over ep=3"):
-        apply_expert_parallel(model, FakeMesh())
+        apply_expert_parallel(model, FakeMesh(3))

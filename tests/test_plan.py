@@ -14,7 +14,7 @@ from moe.parallel.expert import apply_expert_parallel
 from moe.parallel.mesh import ParallelDims, shard_slices, shard_spec
 from moe.parallel.plan import PARAMETER_PLAN, placement, rule_for
 from moe.parallel.tensor import apply_tensor_parallel
-from tests.helpers import tiny_model_config
+from tests.helpers import FakeMesh, tiny_model_config
 
 VARIANTS = {
     "mqa_moe": dict(),
@@ -24,22 +24,6 @@ VARIANTS = {
     "shared_experts_bias": dict(n_shared_experts=2, shared_expert_hidden=16, balance="bias",
                                 router_score="sigmoid"),
 }
-
-
-class FakeMesh:
-    """A 1-D mesh stand-in: what apply_tensor/expert_parallel read (hooks are never run)."""
-
-    def __init__(self, size: int, rank: int):
-        self._size, self._rank = size, rank
-
-    def size(self):
-        return self._size
-
-    def get_local_rank(self):
-        return self._rank
-
-    def get_group(self):
-        return None
 
 
 def test_every_parameter_has_a_rule_and_every_rule_a_parameter():

@@ -188,6 +188,43 @@ def test_accounting_counts_shared_experts():
             - plain.router_params
 
 
+# --- small experts: folded combine weights, w1 | w3 in one grouped matmul ---------------------
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "bmm"])
+def test_folded_scale_equals_scaling_the_output(impl):
+    """GroupedExperts(x, scale=s) == s * GroupedExperts(x), values and gradients, for narrow
+    experts (2 * hidden <= dim: grouped runs w1 | w3 as one matmul) with an empty expert."""
+    from moe.model.experts import GroupedExperts
+
+    ex = GroupedExperts(4, 16, 8, "swiglu", impl)
+    ex.init_weights(0.3, 0.3, seed=0)
+    counts = torch.tensor([3, 0, 5, 2])
+    g = torch.Generator().manual_seed(0)
+    x0, s0, dy = torch.randn(10, 16, generator=g), torch.rand(10, generator=g), torch.randn(10, 16)
+    outs = []
+    for fold in (True, False):
+        ex.zero_grad()
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        y = ex(x, counts, 5, scale=s) if fold else ex(x, counts, 5) * s.unsqueeze(1)
+        (y * dy).sum().backward()
+        outs.append([y, x.grad, s.grad] + [p.grad.clone() for p in ex.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ref = GroupedExperts(4, 16, 8, "swiglu", "loop")
+    ref.load_state_dict(ex.state_dict())
+    torch.testing.assert_close(ex(x0, counts, 5), ref(x0, counts, 5), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_folds_the_combine_for_narrow_experts_only():
+    narrow, wide = _moe(expert_hidden=8, expert_impl="grouped"), _moe(expert_hidden=24)
+    assert narrow.fold_combine and not wide.fold_combine
+    ref = _moe(expert_hidden=8, expert_impl="grouped")
+    ref.fold_combine = False
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(narrow(x), ref(x), atol=1e-6, rtol=1e-5)
+
+
 # --- expert choice ------------------------------------------------------------------------------
 
 
@@ -312,9 +349,11 @@ def test_granularity_points_hold_active_ffn_parameters(tmp_path):
 
 # --- layouts through the trainer -------------------------------------------------------------
 
+# expert_hidden < d_model: the combine weights are folded into the experts (and w1 | w3 run
+# as one grouped matmul), also under tp and ep.
 BASE = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=4",
         "--model.n_heads=4", "--model.n_kv_heads=1", "--model.n_experts=4", "--model.top_k=2",
-        "--model.expert_hidden=64", "--model.ffn_hidden=128", "--model.max_seq_len=32",
+        "--model.expert_hidden=32", "--model.ffn_hidden=128", "--model.max_seq_len=32",
         "--model.capacity_factor=1.0", "--data.seq_len=32", "--data.code_max_mb=0.3",
         "--train.batch_size=8", "--train.micro_batch_size=4", "--train.warmup_steps=2",
         "--train.max_steps=3", "--train.decay_steps=4", "--train.eval_every=3",

@@ -6,6 +6,8 @@
   specialisation per MoE layer (``scripts/routing_report.py``).
 - :mod:`moe.analysis.batch`: how a prompt's next-token distribution changes with the other
   sequences of its capacity group (``scripts/batch_dependence.py``).
+- :mod:`moe.analysis.context`: validation loss by position bucket, for context extension
+  (``scripts/eval_context.py``, docs/long_context.md).
 """
 
 from moe.analysis.batch import batch_dependence, group_forward

@@ -7,6 +7,7 @@ parameters (every FFN dense, hidden = top_k * expert_hidden).
     python scripts/bench.py --config configs/bench.yaml --profile       # torch.profiler table
     python scripts/bench.py --config configs/bench.yaml --ac            # activation checkpointing
     python scripts/bench.py --config configs/bench.yaml --model.n_experts=8 --steps 20
+    python scripts/bench.py --config configs/bench.yaml --experts 8,16,64,256   # many experts
 
 Runs on CUDA when available and train.device allows (bf16 autocast for train.dtype auto/bf16),
 else on CPU (fp32 unless train.dtype=bf16). Tokens/s is the median of ``--steps`` timed steps
@@ -38,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ac", action="store_true",
                    help="peak memory and fwd+bwd tokens/s under activation_checkpointing none, "
                         "full and selective, each in a fresh process (moe/bench_memory.py)")
+    p.add_argument("--experts", default=None, metavar="N,N,...",
+                   help="forward+backward tokens/s at these expert counts instead (e.g. "
+                        "8,16,64,256), relative to the first (moe/bench.py run_expert_counts)")
+    p.add_argument("--experts-mode", choices=("fine", "same"), default="fine",
+                   help="fine: split the first count's experts (active and total parameters "
+                        "fixed); same: only n_experts changes (default fine)")
     p.add_argument("--json", action="store_true", help="print one JSON object, nothing else")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
@@ -58,6 +65,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     log = None if args.json else (lambda s: print(s, flush=True))
+    if args.experts:
+        from moe.bench import run_expert_counts
+
+        try:
+            counts = tuple(int(n) for n in args.experts.split(","))
+            r = run_expert_counts(cfg, counts, args.experts_mode, steps=args.steps,
+                                  warmup=args.warmup, log=log)
+        except ValueError as e:
+            p.error(f"--experts {args.experts}: {e}")
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(f"\nforward+backward, {r['tokens_per_step']} tokens/step, {r['threads']} threads, "
+              f"median of {r['steps']} turns ({args.experts_mode}); 1-min load average "
+              f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
+        print(f"{'experts':>8s} {'top_k':>6s} {'hidden':>7s} {'tokens/s':>10s} {'ratio':>6s} "
+              f"{'drop':>6s}")
+        for v in r["counts"].values():
+            print(f"{v['n_experts']:8d} {v['top_k']:6d} {v['expert_hidden']:7d} "
+                  f"{v['fwd_bwd_tokens_per_s']:10.0f} {v['ratio']:6.3f} {v['drop_frac']:6.3f}")
+        return 0
     if args.ac:
         from moe.bench_memory import run_memory_bench
 

@@ -12,7 +12,10 @@ length when the checkpoint's is shorter (plain RoPE extrapolates, or the checkpo
 rope_scaling applies), and ``--model.rope_scaling...`` / ``--model.max_seq_len=`` overrides
 evaluate the same weights with another scaling (``--model.rope_scaling=null``: none). Any
 other override is refused, as ``train.init_from`` refuses it (moe/init_from.py). MoE layers
-use the checkpoint's eval capacity factor (``--dropless``: none). Code: moe/analysis/context.py;
+use the checkpoint's eval capacity factor; ``--dropless`` (none) keeps a position's loss from
+depending on which later tokens took the experts' slots (choice_major drops the later ones).
+``--json`` adds each window's bucket losses (``window_losses``): the windows are the same for
+every model, so two runs compare window by window. Code: moe/analysis/context.py;
 docs/long_context.md has the measured recipe. Exit status 2 on a bad run or override.
 """
 
@@ -25,7 +28,7 @@ import sys
 
 import torch
 
-from moe.analysis.context import bucket_losses, position_losses
+from moe.analysis.context import bucket_losses, token_losses
 from moe.analysis.run import val_windows
 from moe.checkpoint import CheckpointError, load_model
 from moe.config import ConfigError, apply_overrides
@@ -101,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: the validation stream holds {len(windows)} windows of {edges[-1] + 1} "
               f"tokens, fewer than --windows={args.windows}", file=sys.stderr)
     kw = {"capacity_factor": None} if args.dropless else {}
-    per_pos = position_losses(model, windows, args.batch_size, **kw)
+    losses = token_losses(model, windows, args.batch_size, **kw)  # [n, L]
+    per_pos = losses.double().mean(0)
     rows = bucket_losses(per_pos, edges)
+    starts = [0, *edges[:-1]]
     rs = cfg.model.rope_scaling
     out = {"checkpoint": str(loaded.checkpoint), "step": loaded.step,
            "trained_max_seq_len": loaded.cfg.model.max_seq_len,
@@ -111,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
            "windows": len(windows), "length": edges[-1],
            "capacity_factor": None if args.dropless else cfg.model.eval_capacity_factor_resolved,
            "buckets": [{"start": a, "end": b, "loss": loss} for a, b, loss in rows],
-           "loss": float(per_pos.mean())}
+           "loss": float(per_pos.mean()),
+           # Each window's mean loss per bucket [n][buckets]: pair two runs' windows for the
+           # standard error of their difference (the same windows for every model).
+           "window_losses": [[round(float(row[a:b].mean()), 6) for a, b in zip(starts, edges)]
+                             for row in losses]}
     if args.json:
         print(json.dumps(out))
         return 0

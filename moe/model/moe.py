@@ -100,6 +100,7 @@ class MoE(nn.Module):
         self.routing = cfg.routing
         self.bias_update_rate = cfg.bias_update_rate
         self.seq_aux_loss_coef = cfg.seq_aux_loss_coef
+        self.fold_combine = cfg.expert_hidden < cfg.d_model  # see _run_experts
         # The router losses are averaged over MoE layers, so coefficients do not depend on depth.
         self.layer_weight = 1.0 / n_moe_layers
         # This micro-batch's share of the global batch (set by the trainer; 1/accumulation).
@@ -189,11 +190,8 @@ class MoE(nn.Module):
         # index_select / index_add rather than x[idx] / index_copy + sum: their backwards are a
         # plain index_add / index_select (x[idx]'s is a slower accumulating index_put, and
         # index_copy's needs the [T * k, dim] gradient materialised).
-        y = self.experts(flat.index_select(0, token), counts, capacity * n_groups)  # [M, dim]
-        # Combine in fp32, as the router's weights are: under bf16 autocast y is bf16, and
-        # rounding the weights to bf16 would cost the gate's gradient (dL/dw = <dL/dout, y>)
-        # its precision and round each token's sum of k terms twice.
-        y = y.float() * weights.reshape(-1).index_select(0, kept).unsqueeze(1)
+        y = self._run_experts(flat.index_select(0, token), counts, capacity * n_groups,
+                              weights.reshape(-1).index_select(0, kept))  # [M, dim] fp32
         # out[t] = sum of its kept y rows; per token the terms are added in expert order, not
         # slot order (bitwise the same for top_k <= 2, float rounding beyond).
         out = y.new_zeros(t, dim).index_add(0, token, y)
@@ -207,6 +205,21 @@ class MoE(nn.Module):
         return self._finish(out, logits, probs, aux, seq,
                             torch.bincount(flat_experts, minlength=self.n_experts),
                             counts).view(b, s, dim)
+
+    def _run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor, capacity: int,
+                     weight: torch.Tensor) -> torch.Tensor:
+        """experts(x_sorted) times each row's combine weight [M], as fp32 [M, dim].
+
+        Narrow experts in fp32 (``fold_combine``: expert_hidden < d_model): the weight is folded
+        into the experts' hidden activation (moe/model/experts.py), so the scaling touches
+        [M, hidden] rather than [M, dim]. Otherwise the combine is in fp32, as the router's
+        weights are: under bf16 autocast y is bf16, and rounding the weights to bf16 would cost
+        the gate's gradient (dL/dw = <dL/dout, y>) its precision and round each token's sum of
+        k terms twice. (Decided by the config, not the local shard, so every layout computes
+        the same expression.)"""
+        if self.fold_combine and not torch.is_autocast_enabled(x_sorted.device.type):
+            return self.experts(x_sorted, counts, capacity, scale=weight).float()
+        return self.experts(x_sorted, counts, capacity).float() * weight.unsqueeze(1)
 
     def _finish(self, out, logits, probs, aux, seq, tokens_per_expert, kept_per_expert):
         """Keep the statistics and inject the router losses' gradient; out: [T, dim]."""
@@ -239,8 +252,7 @@ class MoE(nn.Module):
         t = flat.shape[0]
         logits, probs, token, weight, counts = self.router.expert_choice(flat, n_groups, capacity)
         self.last_experts = None  # [T, k] does not exist: a token has any number of experts
-        y = self.experts(flat.index_select(0, token), counts, capacity * n_groups)
-        y = y.float() * weight.unsqueeze(1)  # fp32 combine, as in token choice
+        y = self._run_experts(flat.index_select(0, token), counts, capacity * n_groups, weight)
         out = y.new_zeros(t, dim).index_add(0, token, y).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)

@@ -193,13 +193,20 @@ def plan_capacity(weights: torch.Tensor, experts: torch.Tensor, n_groups: int, n
     e_prio = e.gather(1, prio)
     order = torch.sort(e_prio, dim=1, stable=True).indices  # by expert, priority kept inside
     sorted_e = e_prio.gather(1, order)
-    counts = torch.zeros(n_groups, n_experts, dtype=torch.long, device=e.device)
-    counts.scatter_add_(1, e, torch.ones_like(e))
+    counts = _group_counts(e, n_experts)
     starts = counts.cumsum(1) - counts
     rank_sorted = torch.arange(a, device=e.device) - starts.gather(1, sorted_e)
     rank = torch.empty_like(rank_sorted).scatter_(1, prio.gather(1, order), rank_sorted)
     rank = rank.reshape(t, k)
     return rank < capacity, rank
+
+
+def _group_counts(e: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """e: [G, a] expert ids -> [G, E] how many of each group's a ids name each expert (one
+    bincount: faster on CPU than a scatter_add of ones, and exact)."""
+    g = e.shape[0]
+    offset = (torch.arange(g, device=e.device) * n_experts).unsqueeze(1)
+    return torch.bincount((e + offset).reshape(-1), minlength=g * n_experts).view(g, n_experts)
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -217,9 +224,7 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_groups: in
     t, n_experts = probs.shape
     k = experts.shape[1]
     n = t // n_groups
-    counts = torch.zeros(n_groups, n_experts, device=probs.device, dtype=probs.dtype)
-    counts.scatter_add_(1, experts.reshape(n_groups, n * k),
-                        torch.ones(n_groups, n * k, device=probs.device, dtype=probs.dtype))
+    counts = _group_counts(experts.reshape(n_groups, n * k), n_experts).to(probs.dtype)
     f = counts / (n * k)
     p = probs.reshape(n_groups, n, n_experts).mean(1)
     return (n_experts * (f * p).sum(1)).mean()

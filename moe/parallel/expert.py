@@ -78,8 +78,10 @@ class ExpertParallelExperts(GroupedExperts):
     def extra_repr(self) -> str:
         return f"ep_rank={self.ep_rank}, ep_size={self.ep_size}, local_experts={self.w1.shape[0]}"
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
-        """x: [M, dim] sorted by global expert; counts: [E] global; capacity: bound on counts.
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [M, dim] sorted by global expert; counts: [E] global; capacity: bound on counts;
+        scale: [M] per-row output multipliers or None (they travel with their rows).
         Returns [M, dim] in x's order."""
         ep, group = self.ep_size, self.ep_group
         n_local = self.w1.shape[0]
@@ -111,7 +113,10 @@ class ExpertParallelExperts(GroupedExperts):
         order = torch.sort(expert_of_row, stable=True).indices  # [n_recv]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(n_recv, device=order.device)
-        y = super().forward(x_recv.index_select(0, order), recv.sum(0), capacity * ep)
+        if scale is not None:  # one more exchange, of M floats: the fold stays local
+            scale = all_to_all_single_autograd(scale.contiguous(), recv_splits, send_splits,
+                                               group).index_select(0, order)
+        y = super().forward(x_recv.index_select(0, order), recv.sum(0), capacity * ep, scale)
         y_recv = y.index_select(0, inverse)
 
         # 4. Combine: the reverse exchange puts each row back on its source rank, in order.

@@ -101,9 +101,14 @@ class ReduceFromTensorParallel(torch.autograd.Function):
 
 
 def _f_pre_hook(group):
-    """Forward pre-hook applying f to the module's first input (positional or ``x=``)."""
+    """Forward pre-hook applying f to the module's first input (positional or ``x=``), and to
+    a ``scale=`` keyword when given: the MoE's combine weights folded into the experts' hidden
+    activation (moe/model/experts.py), whose gradient each rank computes from its own hidden
+    units only, as x's."""
 
     def hook(module, args, kwargs):
+        if kwargs.get("scale") is not None:
+            kwargs = {**kwargs, "scale": CopyToTensorParallel.apply(kwargs["scale"], group)}
         if args:
             return (CopyToTensorParallel.apply(args[0], group), *args[1:]), kwargs
         if "x" in kwargs:
@@ -149,7 +154,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh | None) -> nn.Mo
         region = tp_regions(name, module)
         if region is None:
             continue
-        if region.f_input:  # experts: forward(x, counts, capacity), f on x only
+        if region.f_input:  # experts: forward(x, counts, capacity[, scale=]): f on x, scale
             module.register_forward_pre_hook(_f_pre_hook(group), with_kwargs=True)
         if region.g_output:
             module.register_forward_hook(_g_hook(group))
