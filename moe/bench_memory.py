@@ -32,8 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 MODES = ("none", "full", "selective")
 

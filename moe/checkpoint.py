@@ -26,10 +26,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe.parallel.checkpoint import (CheckpointError, check_checkpoint, checkpoint_dir,
-                                     checkpoint_problem, consolidate, full_state, is_checkpoint,
-                                     latest_checkpoint, latest_good_checkpoint, list_checkpoints,
-                                     read_extra, restore_checkpoint, save_checkpoint)
+from moe.parallel.checkpoint import (
+    CheckpointError,
+    check_checkpoint,
+    checkpoint_dir,
+    checkpoint_problem,
+    consolidate,
+    full_state,
+    is_checkpoint,
+    latest_checkpoint,
+    latest_good_checkpoint,
+    list_checkpoints,
+    read_extra,
+    restore_checkpoint,
+    save_checkpoint,
+)
 
 if TYPE_CHECKING:
     from moe.config import Config

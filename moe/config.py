@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import yaml
 
@@ -46,13 +46,13 @@ class RopeScalingConfig:
     type: str = "yarn"  # linear | dynamic (NTK, no fine-tune needed) | yarn
     factor: float = 4.0  # the context grows by this factor (>= 1)
     # The pre-training context N: dynamic and yarn need it; linear ignores it.
-    original_max_seq_len: Optional[int] = None
+    original_max_seq_len: int | None = None
     # YaRN's ramp: dimensions turning < beta_slow times over N tokens are interpolated, more
     # than beta_fast times kept as trained (the paper's and HF's defaults).
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     # YaRN's cos/sin multiplier; null: 0.1 ln(factor) + 1 (attention logits x its square).
-    attention_factor: Optional[float] = None
+    attention_factor: float | None = None
 
     def validate(self, max_seq_len: int) -> None:
         _choice(self, "type", ("linear", "dynamic", "yarn"))
@@ -82,11 +82,11 @@ class ModelConfig:
     n_heads: int = 8
     # 1 = multi-query attention, n_heads = multi-head, in between = grouped-query.
     n_kv_heads: int = 1
-    head_dim: Optional[int] = None  # None: d_model // n_heads
+    head_dim: int | None = None  # None: d_model // n_heads
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     # Context extension (linear | dynamic | yarn; null: plain RoPE): see RopeScalingConfig.
-    rope_scaling: Optional[RopeScalingConfig] = None
+    rope_scaling: RopeScalingConfig | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     activation: str = "swiglu"  # swiglu | gelu
@@ -100,8 +100,8 @@ class ModelConfig:
     # capacity = ceil(capacity_factor * tokens_in_group * top_k / n_experts), at least min_capacity;
     # null = dropless. The eval factor applies in model.eval(): "train" (the default) = the same
     # as capacity_factor (so a dropless run also evaluates dropless), a number or null sets it.
-    capacity_factor: Optional[float] = 1.25
-    eval_capacity_factor: Union[float, str, None] = "train"
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | str | None = "train"
     min_capacity: int = 4
     # Order of each expert's queue when capacity binds (the first `capacity` keep a slot):
     #   choice_major: all first choices in token order, then all second choices, ... (GShard,
@@ -139,7 +139,7 @@ class ModelConfig:
     # n_shared_experts * shared_expert_hidden (the same function as summing separate ones).
     # n_experts=0 (with top_k=0) leaves only the shared experts: a dense FFN.
     n_shared_experts: int = 0
-    shared_expert_hidden: Optional[int] = None
+    shared_expert_hidden: int | None = None
     # token_choice: each token picks its top_k experts | expert_choice: each expert takes its
     # top-capacity tokens of every capacity group (Zhou et al. 2022; capacity =
     # ceil(capacity_factor * n * top_k / n_experts), so top_k * capacity_factor experts per
@@ -249,15 +249,15 @@ class DataConfig:
     # builtin: the running interpreter's standard library (code) + pydoc_data.topics (prose).
     # hf: a Hugging Face hub dataset by name. files: local text / JSONL / parquet files.
     source: str = "builtin"
-    hf_name: Optional[str] = None
-    hf_config: Optional[str] = None
+    hf_name: str | None = None
+    hf_config: str | None = None
     hf_split: str = "train"
     files: list = field(default_factory=list)  # paths or globs, for source=files
     # Explicit validation documents: files (same formats as data.files; no hash split of
     # data.files then) or a split of the hub dataset (e.g. "validation"); empty / null: the
     # hash split by data.val_fraction.
     val_files: list = field(default_factory=list)
-    hf_val_split: Optional[str] = None
+    hf_val_split: str | None = None
     text_field: str = "text"
     # Local files are decoded with this codec (ASCII-compatible: utf-8, latin-1, cp1252, ...);
     # undecodable bytes: strict = a one-line error naming file, line and byte offset,
@@ -271,7 +271,7 @@ class DataConfig:
     # Per-source epochs of the built-in mixture (the reports: text twice, code four times).
     code_epochs: float = 4.0
     text_epochs: float = 2.0
-    code_max_mb: Optional[float] = None  # cap on stdlib source read (None: all of it)
+    code_max_mb: float | None = None  # cap on stdlib source read (None: all of it)
     val_fraction: float = 0.02  # of documents, chosen by a stable hash of the document name
     seq_len: int = 256
     cache_dir: str = "data/cache"
@@ -321,7 +321,7 @@ class TrainConfig:
     warmup_steps: int = 30
     # Length of the cosine decay; null = max_steps. Set it when a run will be extended later
     # (a larger max_steps on resume), so the schedule, and the losses, match an unbroken run.
-    decay_steps: Optional[int] = None
+    decay_steps: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -340,7 +340,7 @@ class TrainConfig:
     # optimizer, schedule and data position; only model.max_seq_len, model.rope_scaling and
     # data.seq_len (and any train.* key) may differ from its config (moe/init_from.py). A
     # checkpoint already in run_dir wins: the run resumes from it instead.
-    init_from: Optional[str] = None
+    init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     compile: bool = False
@@ -394,9 +394,9 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
     # Micro-batches per step and data rank under pipeline parallelism; null: the local batch
     # divided by train.micro_batch_size.
-    pp_microbatches: Optional[int] = None
+    pp_microbatches: int | None = None
     pp_stages_per_rank: int = 2  # virtual stages per rank for interleaved_1f1b
-    pp_layers: Optional[list] = None  # layers per stage, e.g. [1, 3]; null: as even as possible
+    pp_layers: list | None = None  # layers per stage, e.g. [1, 3]; null: as even as possible
     zero1: bool = False  # shard AdamW state over the data-parallel ranks (ZeRO stage 1)
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     # Collective timeout: bounds a rank that hangs without dying (a dead rank is noticed at
@@ -425,7 +425,7 @@ class ParallelConfig:
 class LogConfig:
     wandb: str = "disabled"  # disabled | offline | online
     wandb_project: str = "moe"
-    wandb_group: Optional[str] = None
+    wandb_group: str | None = None
     log_every: int = 10
     progress: bool = True
 
@@ -442,7 +442,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         m, d, t = self.model, self.data, self.train

@@ -10,7 +10,6 @@ from moe.config import ModelConfig  # noqa: E402
 from moe.export import ExportError, export_hf, to_mixtral, to_mixtral_model  # noqa: E402
 from moe.model import build_model  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

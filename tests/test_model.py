@@ -12,7 +12,6 @@ from moe.config import ModelConfig
 from moe.model import MoE, Transformer, build_model
 from moe.model.layers import FeedForward
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -194,14 +194,14 @@ def test_accounting_counts_shared_experts():
 @pytest.mark.parametrize("impl", ["loop", "grouped", "bmm"])
 def test_folded_scale_equals_scaling_the_output(impl):
     """GroupedExperts(x, scale=s) == s * GroupedExperts(x), values and gradients, for narrow
-    experts (2 * hidden <= dim: grouped runs w1 | w3 as one matmul) with an empty expert."""
+    experts (8 * hidden <= dim: grouped runs w1 | w3 as one matmul) with an empty expert."""
     from moe.model.experts import GroupedExperts
 
-    ex = GroupedExperts(4, 16, 8, "swiglu", impl)
+    ex = GroupedExperts(4, 32, 4, "swiglu", impl)
     ex.init_weights(0.3, 0.3, seed=0)
     counts = torch.tensor([3, 0, 5, 2])
     g = torch.Generator().manual_seed(0)
-    x0, s0, dy = torch.randn(10, 16, generator=g), torch.rand(10, generator=g), torch.randn(10, 16)
+    x0, s0, dy = torch.randn(10, 32, generator=g), torch.rand(10, generator=g), torch.randn(10, 32)
     outs = []
     for fold in (True, False):
         ex.zero_grad()
@@ -211,18 +211,41 @@ def test_folded_scale_equals_scaling_the_output(impl):
         outs.append([y, x.grad, s.grad] + [p.grad.clone() for p in ex.parameters()])
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    ref = GroupedExperts(4, 16, 8, "swiglu", "loop")
+    ref = GroupedExperts(4, 32, 4, "swiglu", "loop")
     ref.load_state_dict(ex.state_dict())
     torch.testing.assert_close(ex(x0, counts, 5), ref(x0, counts, 5), atol=1e-5, rtol=1e-5)
 
 
 def test_moe_folds_the_combine_for_narrow_experts_only():
-    narrow, wide = _moe(expert_hidden=8, expert_impl="grouped"), _moe(expert_hidden=24)
+    narrow = _moe(d_model=32, expert_hidden=4, expert_impl="grouped")
+    wide = _moe(d_model=32, expert_hidden=48)
     assert narrow.fold_combine and not wide.fold_combine
-    ref = _moe(expert_hidden=8, expert_impl="grouped")
+    ref = _moe(d_model=32, expert_hidden=4, expert_impl="grouped")
     ref.fold_combine = False
-    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(narrow(x), ref(x), atol=1e-6, rtol=1e-5)
+
+
+def test_bench_expert_counts_hold_parameters_and_report_ratios():
+    from moe.bench import expert_count_config, run_expert_counts
+
+    cfg = load_config(str(ROOT / "configs" / "bench.yaml"), [
+        "--model.n_layers=1", "--model.d_model=64", "--model.n_heads=4", "--model.vocab_size=512",
+        "--model.expert_hidden=64", "--data.seq_len=32", "--model.max_seq_len=32",
+        "--train.batch_size=2", "--train.micro_batch_size=2", "--train.device=cpu",
+        "--train.threads=1"])
+    fine = [expert_count_config(cfg.model, n) for n in (8, 16, 64)]
+    assert [(m.n_experts, m.top_k, m.expert_hidden) for m in fine] == [
+        (8, 2, 64), (16, 4, 32), (64, 16, 8)]
+    assert len({count_params(m).active_expert_params for m in fine}) == 1
+    assert len({count_params(m).expert_params for m in fine}) == 1
+    same = expert_count_config(cfg.model, 64, "same")
+    assert (same.top_k, same.expert_hidden) == (2, 64)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        expert_count_config(cfg.model, 12)
+    r = run_expert_counts(cfg, (8, 16), steps=1, warmup=0)
+    assert r["counts"]["8"]["ratio"] == 1.0 and r["counts"]["16"]["fwd_bwd_tokens_per_s"] > 0
+    assert r["counts"]["16"]["top_k"] == 4 and r["loadavg_start"] is not None
 
 
 # --- expert choice ------------------------------------------------------------------------------

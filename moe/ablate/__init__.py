@@ -33,8 +33,15 @@ plots.py (and so matplotlib) when it draws:
     plots.py    the sweep's PNGs from its rows and its runs' metrics (drawing: moe/plots.py)
 """
 
-from moe.ablate.points import (Point, fixed_compute, format_value, make_points, parse_grid,
-                               point_name, run_identity)
+from moe.ablate.points import (
+                               Point,
+                               fixed_compute,
+                               format_value,
+                               make_points,
+                               parse_grid,
+                               point_name,
+                               run_identity,
+)
 from moe.ablate.results import read_results, summary_markdown, write_results
 from moe.ablate.sweep import is_finished, run_point, run_stats, run_sweep, train_command
 

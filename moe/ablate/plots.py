@@ -8,8 +8,9 @@ itself (Agg canvas, categorical x axes) is ``moe.plots``.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import matplotlib
 

@@ -10,8 +10,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from moe.ablate.points import Point, format_value, make_points, run_identity
 from moe.ablate.results import summary_markdown, write_results

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from moe.accounting import Accounting, account, format_bytes, format_count, format_gb
 from moe.config import Config, ConfigError, load_config
 from moe.context_memory import ContextMemory, context_memory
+from moe.inference.memory import ServingMemory, serving_memory
 from moe.parallel.layout import LayoutAccounting, layout_accounting
 
 
@@ -208,6 +209,20 @@ def long_context_table(rows: list[ContextMemory]) -> str:
     return "\n".join(lines)
 
 
+def serving_table(rows: list[ServingMemory]) -> str:
+    r0 = rows[0]
+    lines = [f"serving at tp{r0.tp} x pp{r0.pp} (moe/inference/memory.py): weights "
+             f"{format_gb(r0.weight_bytes_per_gpu)} per GPU, KV "
+             f"{format_bytes(r0.kv_bytes_per_token_per_gpu)} per token per GPU",
+             f"  {'context':>8} {'GPU':>6} {'KV/sequence/GPU':>16} {'max batch':>10} "
+             f"{'bytes read / token (batch 1)':>29}"]
+    for r in rows:
+        lines.append(f"  {r.context:>8} {r.gpu_bytes / 1e9:>4.0f}GB "
+                     f"{format_bytes(r.kv_bytes_per_sequence_per_gpu):>16} {r.max_batch:>10} "
+                     f"{format_gb(r.bytes_read_per_token):>29}")
+    return "\n".join(lines)
+
+
 def _context_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
@@ -240,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:  # the seeds' serving layout (tp8 x pp16) whatever cfg.parallel says
+        serving = serving_memory(cfg, contexts=_context_lengths(args.context_lengths),
+                                 weight_bytes=args.weight_bytes,
+                                 kv_bytes_per_element=args.bytes_per_element)
+    except ConfigError:  # a model that tp8 x pp16 cannot split (toy configs)
+        serving = []
     if args.json:
         for w in lay.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -251,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             "kv_cache_bytes_per_token_per_gpu")})
         out["layout"] = lay.to_dict()
         out["long_context"] = [r.to_dict() for r in long_rows]
+        out["serving"] = [r.to_dict() for r in serving]
         print(json.dumps(out))
     else:
         print(table(cfg, acc))
@@ -259,5 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             print(layout_table(cfg, lay))
         print()
         print(long_context_table(long_rows))
+        if serving:
+            print()
+            print(serving_table(serving))
     return 0
 

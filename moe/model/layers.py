@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [max_seq_len, head_dim] in fp32, rotate-half layout (RoFormer, HF Llama)."""
+    """cos, sin of shape [max_seq_len, head_dim] in fp32, rotate-half layout (RoFormer, HF
+    Llama)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
                                / head_dim)
     t = torch.arange(max_seq_len, device=device, dtype=torch.float32)

@@ -118,9 +118,9 @@ class Transformer(nn.Module):
         forward. ``kv_cache``: a view of a KV cache (``moe.inference.cache.CacheView``) with
         ``input_pos`` [B, S] (each token's position in its sequence), ``attn_mask``
         [B, 1, S, L] (None: every cached key visible) and ``layer(key)`` (the object each
-        attention layer calls ``update`` on). ``capacity_factor``: the MoE layers' capacity factor for this call (None:
-        dropless) instead of the config's; ``decode_path``: let MoE layers take their
-        few-token path (see ``MoE.forward``).
+        attention layer calls ``update`` on). ``capacity_factor``: the MoE layers' capacity
+        factor for this call (None: dropless) instead of the config's; ``decode_path``: let
+        MoE layers take their few-token path (see ``MoE.forward``).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         s = h.shape[1]
@@ -151,7 +151,8 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def set_loss_scale(self, scale: float) -> None:
-        """Share of the global batch in the coming micro-batch: scales injected router-loss grads."""
+        """Share of the global batch in the coming micro-batch: scales injected router-loss
+        gradients."""
         for m in self.moe_layers():
             m.loss_scale = scale
 
