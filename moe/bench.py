@@ -34,7 +34,7 @@ import os
 import random
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -404,7 +404,7 @@ def run_expert_counts(cfg: Config, counts: tuple[int, ...] = (8, 16, 64, 256),
         s.model.zero_grad(set_to_none=True)
         return dt
 
-    for n, s in steppers.items():
+    for s in steppers.values():
         for _ in range(warmup):
             fwd_bwd(s)
     times: dict[int, list[float]] = {n: [] for n in counts}

@@ -11,7 +11,6 @@ from moe.config import ModelConfig
 from moe.model import MoE, build_model, expert_capacity, plan_capacity
 from moe.model.router import DROP_POLICIES, Router, load_balancing_loss, router_z_loss
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 T_, F_ = True, False

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dist_utils import run_ranks
+
 from moe.ablate.points import fixed_compute, make_points, parse_grid
 from moe.accounting import count_params
 from moe.checkpoint import full_state
@@ -17,8 +17,7 @@ from moe.config import ConfigError, ModelConfig, load_config
 from moe.model import MoE, build_model
 from moe.model.balance import bias_update, update_expert_biases
 from moe.model.layers import FeedForward
-from moe.model.router import (Router, expert_choice_plan, load_balancing_loss,
-                              sequence_balance_loss)
+from moe.model.router import Router, expert_choice_plan, load_balancing_loss, sequence_balance_loss
 from moe.train import train
 from tests.helpers import assert_same_rows, read_rows, tiny_model_config
 
@@ -310,6 +309,43 @@ def test_generation_and_export_refuse_expert_choice():
                dict(route_scale=2.0)):
         with pytest.raises(ExportError, match=next(iter(kw))):
             check_exportable(build_model(tiny_model_config(**kw), "meta"))
+
+
+def test_generation_with_shared_experts_bias_and_sigmoid_matches_full_forwards():
+    """The KV-cached decode (few-token MoE path) adds the shared experts and chooses with the
+    bias as the full forward does: greedy tokens equal an argmax loop over full forwards."""
+    from moe.generate import generate
+
+    model = build_model(tiny_model_config(n_shared_experts=1, balance="bias",
+                                          router_score="sigmoid", route_scale=2.0,
+                                          capacity_factor=None), seed=0).eval()
+    for layer in model.moe_layers():
+        layer.router.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
+    prompt = torch.tensor([[1, 5, 9]])
+    out = generate(model, prompt, max_new_tokens=6, temperature=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.tolist() == ids.tolist()
+
+
+def test_batch_dependence_tool_sees_shared_experts_and_refuses_expert_choice():
+    from moe.analysis.batch import group_forward
+
+    model = build_model(tiny_model_config(n_shared_experts=1, balance="bias",
+                                          router_score="sigmoid", capacity_group_seqs=2,
+                                          eval_capacity_factor=0.5), seed=0).eval()
+    for layer in model.moe_layers():
+        layer.router.expert_bias.copy_(torch.tensor([0.0, 0.2, -0.1, 0.0]))
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+    logits, _ = group_forward(model, x[1], x[:1], 1, 0.5)
+    torch.testing.assert_close(logits, ref[1], rtol=1e-4, atol=1e-5)
+    ec = build_model(tiny_model_config(routing="expert_choice", balance="none"), seed=0)
+    with pytest.raises(ValueError, match="token-choice"):
+        group_forward(ec, x[1], x[:1], 1, 0.5)
 
 
 def test_routing_config_errors_name_the_key():

@@ -46,7 +46,10 @@ def _combine(ff: MoE, flat: torch.Tensor, weights: torch.Tensor, experts: torch.
     counts = torch.bincount(flat_experts[kept], minlength=ff.n_experts)
     y = ff.experts(flat[kept // k], counts, capacity)
     y = y * weights.reshape(-1)[kept].unsqueeze(1).to(y.dtype)
-    return y.new_zeros(t * k, flat.shape[1]).index_copy(0, kept, y).view(t, k, -1).sum(1)
+    out = y.new_zeros(t * k, flat.shape[1]).index_copy(0, kept, y).view(t, k, -1).sum(1)
+    if ff.shared_experts is not None:  # model.n_shared_experts: always on, never dropped
+        out = out + ff.shared_experts(flat)
+    return out
 
 
 @torch.no_grad()
@@ -59,6 +62,10 @@ def group_forward(model, prompt: torch.Tensor, mates: torch.Tensor, position: in
     Returns (logits, keep masks of the prompt's assignments per MoE layer, each [L, k]).
     Batch-invariant for the prompt: see the module docstring.
     """
+    if model.cfg.routing != "token_choice" or model.cfg.n_experts == 0:
+        raise ValueError("batch dependence is defined for token-choice routing with routed "
+                         f"experts (model.routing={model.cfg.routing}, "
+                         f"n_experts={model.cfg.n_experts})")
     L = prompt.shape[0]
     m = mates.shape[0]
     if not 0 <= position <= m:

@@ -107,7 +107,8 @@ class GroupedExperts(nn.Module):
         self.impl = impl
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
-        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden)) if activation == "swiglu" else None
+        swiglu = activation == "swiglu"
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden)) if swiglu else None
 
     def init_rules(self, std: float, out_std: float) -> dict[str, Init]:
         # Drawn expert by expert, so an expert-parallel rank draws only its own experts.
