@@ -38,6 +38,7 @@ from moe.data import BPETokenizer, PackedLoader, prepare_data, val_batches
 from moe.device import autocast_context, resolve_device
 from moe.generate import generate
 from moe.init_from import load_init_weights, resolve_init_from
+from moe.malloc import keep_freed_memory
 from moe.metrics import MetricsLogger, RoutingAccumulator
 from moe.model import build_model
 from moe.model.balance import update_expert_biases
@@ -101,6 +102,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         raise ConfigError(f"{dims.describe()} needs {dims.world_size} processes: launch with "
                           f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
     device = dist_device or resolve_device(tc.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page fault per 4 KiB of every large temporary (moe/malloc.py)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_dir = Path(tc.run_dir)
