@@ -90,7 +90,7 @@ def dense_equivalent(m: ModelConfig) -> ModelConfig:
     so moe_every = n_layers + 1 makes none of them MoE."""
     d = copy.deepcopy(m)
     d.moe_every = m.n_layers + 1
-    d.ffn_hidden = m.top_k * m.expert_hidden
+    d.ffn_hidden = m.top_k * m.expert_hidden + m.shared_hidden_total  # shared experts: always on
     d.validate()
     return d
 

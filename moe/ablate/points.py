@@ -185,7 +185,7 @@ def run_identity(cfg: Config) -> str:
     for key, cf in (("capacity_factor", m.capacity_factor),
                     ("eval_capacity_factor", m.eval_capacity_factor_resolved)):
         d["model"][key] = {"capacity": expert_capacity(tokens_in_group, m.top_k, m.n_experts,
-                                                       cf, m.min_capacity)}
+                                                       cf, m.min_capacity) if m.n_experts else 0}
     d["model"]["router_weights"] = m.router_weights_resolved  # auto = what it resolves to
     return json.dumps(d, sort_keys=True)
 
