@@ -32,3 +32,12 @@ def parse_config(argv: list[str] | None = None, description: str = "",
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return cfg, args
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """``--run`` (required) and ``--checkpoint``: what ``moe.checkpoint.load_model`` loads
+    (``args.checkpoint or args.run``) for the inference commands."""
+    parser.add_argument("--run", required=True,
+                        help="run folder, step folder or consolidated checkpoint file")
+    parser.add_argument("--checkpoint", default=None, help="a step folder or consolidated file "
+                        "(default: the run's newest good checkpoint)")

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from moe.checkpoint import CheckpointError, load_model
+from moe.cli import add_model_source
 from moe.data import EOT_ID, BPETokenizer
 from moe.device import resolve_device
 from moe.inference import Engine, SamplingParams
@@ -76,10 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--run", required=True,
-                   help="run folder, step folder or consolidated checkpoint file")
-    p.add_argument("--checkpoint", default=None, help="a step folder or consolidated file "
-                   "(default: the run's newest good checkpoint)")
+    add_model_source(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     p.add_argument("--prompt-file", default=None,
                    help=f"prompts separated by lines holding only {SEPARATOR!r} (- for stdin)")

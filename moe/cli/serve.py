@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from moe.checkpoint import CheckpointError, load_model
+from moe.cli import add_model_source
 from moe.data import BPETokenizer
 from moe.device import resolve_device
 
@@ -33,10 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--run", required=True,
-                   help="run folder, step folder or consolidated checkpoint file")
-    p.add_argument("--checkpoint", default=None, help="a step folder or consolidated file "
-                   "(default: the run's newest good checkpoint)")
+    add_model_source(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8,
