@@ -108,7 +108,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     cfg = from_dict(state["config"])
     cfg.data.cache_dir = cache_dir or _cache_dir(cfg.data.cache_dir)
     cfg.validate()
-    model = build_model(cfg.model, device)  # build_model keeps tied embeddings tied
+    if cfg.vision.enabled:  # the text model plus the vision parts (moe/vision/model.py)
+        from moe.vision.model import build_vision_model
+
+        model = build_vision_model(cfg.model, cfg.vision, device)
+    else:
+        model = build_model(cfg.model, device)  # build_model keeps tied embeddings tied
     model.load_state_dict(state["model"], strict=True)
     return LoadedModel(model.eval(), cfg, checkpoint, int(state.get("step", 0)),
                        _tokenizer(cfg, beside))

@@ -435,12 +435,68 @@ class LogConfig:
 
 
 @dataclass
+class VisionConfig:
+    """``vision:`` a Flamingo-style image encoder joined to the text model by gated
+    cross-attention (moe/vision/, docs/vision.md). ``enabled: false`` (the default) is a
+    text-only run and every other key is unused. The text model keeps its ``model:`` keys, so
+    a vision run can start from a text run's weights (``train.init_from``)."""
+    enabled: bool = False
+    # Images: made on the machine (moe/vision/data.py), square RGB, cut into patches.
+    image_size: int = 32
+    patch_size: int = 4
+    # The ViT patch encoder: d_vision wide, encoder_layers deep.
+    d_vision: int = 64
+    encoder_layers: int = 2
+    encoder_heads: int = 4
+    # The Perceiver resampler: n_latents learned queries per image (Flamingo: 64).
+    n_latents: int = 16
+    resampler_layers: int = 1
+    # A gated cross-attention block before text layers 0, k, 2k, ... (k = cross_attn_every);
+    # its feed-forward is cross_attn_ffn_mult * model.d_model wide. Tokens see the latest
+    # image at or before them (attend: last, Flamingo) or every one (all).
+    cross_attn_every: int = 2
+    cross_attn_ffn_mult: int = 4
+    attend: str = "last"
+    # Train only the vision parts (encoder, resampler, cross-attention): Flamingo's frozen LM.
+    freeze_text: bool = False
+    # Steps of the vision encoder's own pre-training before step 1 of a new run (what is in
+    # each grid cell, moe/vision/pretrain.py) at pretrain_lr: without it the gates do not
+    # open. 0: none.
+    pretrain_steps: int = 500
+    pretrain_lr: float = 1e-3
+    # The generated data set (cached in data.cache_dir): images per split, objects per image.
+    n_train: int = 20000
+    n_val: int = 512
+    n_heldout: int = 256
+    max_objects: int = 3
+    data_seed: int = 0
+
+    def validate(self) -> None:
+        _positive(self, "image_size", "patch_size", "d_vision", "encoder_layers",
+                  "encoder_heads", "n_latents", "resampler_layers", "cross_attn_every",
+                  "cross_attn_ffn_mult", "n_train", "n_val", "n_heldout", "max_objects")
+        _choice(self, "attend", ("last", "all"))
+        _nonnegative(self, "pretrain_steps")
+        _positive(self, "pretrain_lr")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size={self.image_size} is not a multiple of "
+                              f"vision.patch_size={self.patch_size}")
+        if self.d_vision % self.encoder_heads or (self.d_vision // self.encoder_heads) % 2:
+            raise ConfigError(f"vision.d_vision={self.d_vision} must be vision.encoder_heads="
+                              f"{self.encoder_heads} times an even head size")
+        if not 1 <= self.max_objects <= 3:
+            raise ConfigError(f"vision.max_objects={self.max_objects} must be 1, 2 or 3 (the "
+                              "scenes have distinct colours and shapes)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def validate(self) -> Config:
         for f in dataclasses.fields(self):
@@ -459,7 +515,20 @@ class Config:
                               f"of model.capacity_group_seqs={g}")
         if m.expert_impl == "grouped":
             self._check_grouped_mm()
+        if self.vision.enabled:
+            self._check_vision()
         return self
+
+    def _check_vision(self) -> None:
+        """What a vision run supports: data parallelism (and expert parallelism, which splits
+        the text model's experts only); tensor and pipeline parallelism refuse."""
+        p = self.parallel
+        if p.tp > 1 or p.pp > 1:
+            raise ConfigError(f"vision.enabled runs support parallel.dp and parallel.ep, not "
+                              f"tp={p.tp} pp={p.pp}: set parallel.tp=1 and parallel.pp=1")
+        if self.train.batch_ramp_tokens:
+            raise ConfigError("vision.enabled runs take a fixed batch: set "
+                              "train.batch_ramp_tokens=0")
 
     def _check_grouped_mm(self) -> None:
         """``torch._grouped_mm``'s requirements (moe/model/experts.py), checked before a run
@@ -639,7 +708,8 @@ def _sections() -> list[str]:
 def _section_name(obj: Any) -> str:
     return {ModelConfig: "model", DataConfig: "data", TrainConfig: "train",
             ParallelConfig: "parallel", LogConfig: "log",
-            RopeScalingConfig: "model.rope_scaling"}.get(type(obj), type(obj).__name__)
+            RopeScalingConfig: "model.rope_scaling", VisionConfig: "vision"
+            }.get(type(obj), type(obj).__name__)
 
 
 def _positive(obj: Any, *keys: str) -> None:

@@ -21,6 +21,7 @@ not read again (a fine-tune that was interrupted continues where it stopped).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -76,10 +77,14 @@ def resolve_init_from(cfg: Config, mesh=None) -> Path:
     return source
 
 
-def load_init_weights(source: Path, parts, mesh=None, main: bool = True) -> int:
+def load_init_weights(source: Path, parts, mesh=None, main: bool = True,
+                      keep: Callable[[str], bool] | None = None) -> int:
     """Copy the weights of ``source`` into ``parts`` (this rank's model or stage modules, in
-    this run's layout); no optimizer state. Returns the source's training step."""
-    extra = restore_checkpoint(source, parts, None, mesh)
+    this run's layout); no optimizer state. Returns the source's training step.
+
+    ``keep(name)``: parameters the source may lack, left as initialised (a vision run started
+    from a text run: its vision parts, moe/vision/model.py); every other one must be there."""
+    extra = restore_checkpoint(source, parts, None, mesh, missing_ok=keep)
     step = int(extra.get("step", 0))
     if main:
         print(f"init_from: weights of {source} (trained {step} steps); fresh optimizer, "

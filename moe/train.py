@@ -34,18 +34,16 @@ from moe.checkpoint import (
     save_checkpoint,
 )
 from moe.config import Config, ConfigError
-from moe.data import BPETokenizer, PackedLoader, prepare_data, val_batches
 from moe.device import autocast_context, resolve_device
-from moe.generate import generate
 from moe.init_from import load_init_weights, resolve_init_from
 from moe.malloc import keep_freed_memory
 from moe.metrics import MetricsLogger, RoutingAccumulator
-from moe.model import build_model
 from moe.model.balance import update_expert_biases
 from moe.nonfinite import NonFiniteError, NonFiniteGuard
 from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
 from moe.parallel.mesh import init_distributed
 from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
+from moe.task import make_task
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -58,7 +56,7 @@ def _check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None
     """A checkpoint can only continue the same model and data: name what differs. A key the
     saved config lacks (added to the code since) counts as its default."""
     now, default = cfg.to_dict(), Config().to_dict()
-    diffs = [f"{sec}.{k}" for sec in ("model", "data") for k in now[sec]
+    diffs = [f"{sec}.{k}" for sec in ("model", "data", "vision") for k in now[sec]
              if saved.get(sec, {}).get(k, default[sec][k]) != now[sec][k]]
     if diffs:
         raise ConfigError(f"{path} was trained with different {', '.join(diffs)}: use a new "
@@ -117,21 +115,19 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     init_source = (resolve_init_from(cfg, mesh)
                    if tc.init_from and not list_checkpoints(run_dir) else None)
 
-    seq_len = cfg.data.seq_len
-    try:
-        data = prepare_data(cfg)
-        val = val_batches(data.val, seq_len, tc.micro_batch_size, tc.eval_batches)
-    except (ValueError, FileNotFoundError) as e:  # bad data settings: one line, no traceback
-        raise ConfigError(f"data: {e}") from e
+    # The data, the model and a step's loss: the language model, or the vision model
+    # (vision.enabled). Bad data settings are one line, no traceback (moe/task.py).
+    task = make_task(cfg)
+    seq_len = task.seq_len
     torch.manual_seed(tc.seed)  # the global RNG: router jitter
     # Shapes only (meta device): the runtime materialises this rank's part, drawn from
     # train.seed by parameter name, so every layout and device starts from the same weights.
-    model = build_model(mc, "meta")
-    runtime = Runtime(cfg, model, dims, device,
+    runtime = Runtime(cfg, task.build_model("meta"), dims, device,
                       autocast=lambda: autocast_context(device, tc.dtype))
     main = runtime.is_main
+    task.prepare(runtime)  # e.g. vision.freeze_text: before the optimizer sees the parameters
     optimizer = build_optimizer(runtime.parts, tc, mesh, zero1=cfg.parallel.zero1)
-    loader = PackedLoader(data.train, data.epochs, seq_len, tc.seed)
+    loader = task.loader()
 
     if rank0:  # from here the folder is ours until train() returns (moe/run_lock.py)
         cleanup.enter_context(run_lock.hold(run_dir))
@@ -151,14 +147,18 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                 print("resume: optimizer settings changed since the checkpoint, applying "
                       + "; ".join(changed), file=sys.stderr)
     elif init_source is not None:  # a new run from those weights, at step 0
-        load_init_weights(init_source, runtime.parts, mesh, main)
+        load_init_weights(init_source, runtime.parts, mesh, main, keep=task.init_keep)
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         # The run folder carries its tokenizer: export and generation need no data cache.
-        data.tokenizer.save(run_dir / "tokenizer.json")
+        task.tokenizer.save(run_dir / "tokenizer.json")
     logger = MetricsLogger(run_dir, cfg, resume_step=step) if main else None
     if logger is not None:  # metrics.jsonl closed and wandb finished however the run ends
         cleanup.push(_close_logger(logger))
+    if ckpt is None:  # a new run (e.g. the vision encoder's pre-training, moe/vision/pretrain.py)
+        started = task.start(runtime, init_source)
+        if started and main:
+            logger.log({"step": 0, "tokens": 0, **started})
     if tc.compile:
         runtime.compile()
     progress = _progress_bar(cfg, step, enabled=main)
@@ -205,8 +205,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
         routing = RoutingAccumulator(layer_names, mc.n_experts)
-        x, y = loader.next_batch(batch)  # the global batch, identical on every rank
-        step_lm = runtime.forward_backward(x, y, routing)
+        step_lm = task.step(runtime, loader, batch, routing)  # the global batch, every rank
         grad_norm = float(runtime.reduce_and_clip(tc.grad_clip))
         # Both global and identical on every rank (moe/nonfinite.py): the same decision on all.
         step_lm = runtime.reduce_step_metrics(step_lm, routing)
@@ -217,7 +216,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if mc.balance == "bias":  # DeepSeek-V3: b += u * sign(mean - load), global loads
+        # DeepSeek-V3: b += u * sign(mean - load), global loads (not for a frozen text model)
+        if mc.balance == "bias" and task.trains_text:
             update_expert_biases(runtime.moe_layers(), routing.names, routing.tokens)
         step += 1
         tokens += batch * seq_len
@@ -231,9 +231,10 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         if main and (step % cfg.log.log_every == 0 or step in (1, tc.max_steps)):
             logger.log({**row, "layers": per_layer})
         if step % tc.eval_every == 0 or step == tc.max_steps:
-            summary["val_loss"] = runtime.evaluate(val)
+            evaluation = task.evaluate(runtime)
+            summary.update(evaluation)
             if main:
-                logger.log({"step": step, "tokens": tokens, "val_loss": summary["val_loss"]})
+                logger.log({"step": step, "tokens": tokens, **evaluation})
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             save()
         progress.update(1)
@@ -244,30 +245,11 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     progress.close()
 
     summary.update(step=step, tokens=tokens, is_main=main, nonfinite=guard.state_dict())
-    if tc.sample_tokens and mc.routing == "expert_choice":
-        if main:
-            print("(no sample: model.routing=expert_choice is not causal, it cannot generate)",
-                  file=sys.stderr)
-    elif tc.sample_tokens:
-        if runtime.pipeline is None:
-            summary["sample"] = sample(runtime.parts[0], data.tokenizer, cfg, device)
-        elif main:
-            print("(no sample under pipeline parallelism: run scripts/generate.py --run "
-                  f"{run_dir} in one process)", file=sys.stderr)
+    if tc.sample_tokens:
+        text = task.sample(runtime, device)
+        if text is not None:
+            summary["sample"] = text
     return summary
-
-
-def sample(model: torch.nn.Module, tokenizer: BPETokenizer, cfg: Config,
-           device: torch.device) -> str:
-    """Sample from the model; under tp/ep every rank runs it (same seed, same tokens)."""
-    tc = cfg.train
-    ids = tokenizer.encode(tc.sample_prompt)
-    prompt = torch.tensor([ids or [tokenizer.eot_id]], device=device)
-    gen = torch.Generator().manual_seed(tc.seed)
-    with autocast_context(device, tc.dtype):
-        out = generate(model, prompt, max_new_tokens=tc.sample_tokens,
-                       temperature=tc.sample_temperature, top_k=tc.sample_top_k, generator=gen)
-    return tokenizer.decode(out[0].tolist())
 
 
 def _progress_bar(cfg: Config, step: int, enabled: bool = True) -> tqdm:

@@ -223,6 +223,24 @@ def serving_table(rows: list[ServingMemory]) -> str:
     return "\n".join(lines)
 
 
+def vision_counts(cfg: Config) -> dict[str, int]:
+    from moe.vision.model import vision_param_counts
+
+    return vision_param_counts(cfg.model, cfg.vision)
+
+
+def vision_table(c: dict[str, int]) -> str:
+    """The vision parts (vision.enabled), counted apart from the text model above."""
+    rows = [("vision params", f"{format_count(c['vision_total'])}  (beside "
+                              f"{format_count(c['text_total'])} text params)"),
+            ("  vision_encoder", format_count(c["vision_encoder"])),
+            ("  perceiver", format_count(c["perceiver"])),
+            ("  cross_attn", f"{format_count(c['cross_attn'])}  ({c['cross_attn_layers']} "
+                             "gated blocks)")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def _context_lengths(text: str) -> list[int]:
     try:
         lengths = [int(x) for x in text.split(",") if x.strip()]
@@ -273,9 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         out["layout"] = lay.to_dict()
         out["long_context"] = [r.to_dict() for r in long_rows]
         out["serving"] = [r.to_dict() for r in serving]
+        if cfg.vision.enabled:
+            out["vision"] = vision_counts(cfg)
         print(json.dumps(out))
     else:
         print(table(cfg, acc))
+        if cfg.vision.enabled:
+            print()
+            print(vision_table(vision_counts(cfg)))
         if lay.world_size > 1 or args.layout:
             print()
             print(layout_table(cfg, lay))

@@ -4,6 +4,7 @@
         [--prompt-file FILE] [--max-new-tokens 200] [--temperature 0.8] [--top-k 50]
         [--top-p 1.0] [--seed 0] [--ignore-eot] [--batch] [--device auto] [--threads 0]
         [--draft RUN] [--draft-tokens 4]
+    python scripts/generate.py --run runs/vision_tiny --image shapes.png [--prompt "a"]
 
 ``--run``: a run folder (its newest good checkpoint), a ``step_*`` folder or a consolidated
 file (``--checkpoint`` names one explicitly). Prompts: each ``--prompt``, and those of
@@ -14,8 +15,11 @@ when done: the same tokens, as every prompt draws from its own generator seeded 
 ``--temperature 0`` is greedy. ``--draft RUN``: speculative decoding with that run's model as
 the draft (same tokenizer; ``--draft-tokens`` drafted per target call; one prompt at a time,
 so not with ``--batch``): greedy gives the same text as without it; the acceptance rate goes
-to stderr. Code: moe/inference/ (engine, sampling, speculative); installed as the
-moe-generate command.
+to stderr. ``--image PATH`` (a vision run, vision.enabled): caption a PNG / JPEG image
+(resized to vision.image_size) by continuing each prompt (default "a", the start of every
+caption; "q: what colour is the circle? a:" asks a question) after the image, without a KV
+cache (moe/vision/caption.py). Code: moe/inference/ (engine, sampling, speculative);
+installed as the moe-generate command.
 """
 
 from __future__ import annotations
@@ -96,7 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: a draft model's run, step folder or file")
     p.add_argument("--draft-tokens", type=int, default=4,
                    help="tokens the draft proposes per target call (with --draft)")
+    p.add_argument("--image", default=None, metavar="PATH",
+                   help="caption this image (a vision run): the prompts continue after it")
     return p
+
+
+def caption_main(args: argparse.Namespace, loaded, tokenizer: BPETokenizer,
+                 params: SamplingParams) -> int:
+    """--image: each prompt continued after the image (a vision run's model)."""
+    from moe.vision.caption import caption_image
+    from moe.vision.data import load_image
+
+    cfg = loaded.cfg
+    try:
+        if not cfg.vision.enabled:
+            raise ValueError(f"--image needs a vision run (vision.enabled), and "
+                             f"{loaded.checkpoint} is a text model")
+        if args.draft or args.batch:
+            raise ValueError("--image captions one image without --draft or --batch")
+        image = load_image(args.image, cfg.vision.image_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prompts = args.prompt or (read_prompts(args) if args.prompt_file else ["a"])
+    for i, text in enumerate(prompts):
+        if len(prompts) > 1:
+            sys.stdout.write(f"=== {i + 1}/{len(prompts)}\n")
+        ids = tokenizer.encode(text)
+        new = caption_image(loaded.model, image, [tokenizer.eot_id, *ids],
+                            max_new_tokens=params.max_new_tokens, params=params,
+                            generator=torch.Generator().manual_seed(args.seed))
+        sys.stdout.write(tokenizer.decode(ids + [t for t in new if t != EOT_ID]) + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
               "in its data cache)", file=sys.stderr)
         return 2
     tokenizer = BPETokenizer.load(loaded.tokenizer)
+    if args.image:
+        return caption_main(args, loaded, tokenizer, params)
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
 
     def gen() -> torch.Generator:

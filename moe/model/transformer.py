@@ -122,6 +122,18 @@ class Transformer(nn.Module):
         factor for this call (None: dropless) instead of the config's; ``decode_path``: let
         MoE layers take their few-token path (see ``MoE.forward``).
         """
+        h, cos, sin, extra = self.prepare(tokens, kv_cache, capacity_factor, decode_path)
+        for key, layer in self.layers.items():
+            h = self.run_layer(key, layer, h, cos, sin, kv_cache, extra)
+        return self.finish(h)
+
+    # The forward's three parts, shared with models that add to the layer loop (the vision
+    # model's cross-attention, moe/vision/model.py).
+    def prepare(self, tokens: torch.Tensor, kv_cache=None, capacity_factor=CONFIG_CAPACITY,
+                decode_path: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    dict]:
+        """The embedded input, the rotary tables for its positions and the keyword
+        arguments every block gets."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         s = h.shape[1]
         if s > self.rope_cos.shape[0]:
@@ -138,11 +150,17 @@ class Transformer(nn.Module):
             extra = {"mask": kv_cache.attn_mask}
         if decode_path or capacity_factor is not CONFIG_CAPACITY:
             extra.update(capacity_factor=capacity_factor, decode_path=decode_path)
-        for key, layer in self.layers.items():
-            if kv_cache is None:
-                h = layer(h, cos, sin, **extra)
-            else:
-                h = layer(h, cos, sin, kv_cache=kv_cache.layer(key), **extra)
+        return h, cos, sin, extra
+
+    @staticmethod
+    def run_layer(key: str, layer: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  kv_cache, extra: dict) -> torch.Tensor:
+        if kv_cache is None:
+            return layer(h, cos, sin, **extra)
+        return layer(h, cos, sin, kv_cache=kv_cache.layer(key), **extra)
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and head (a pipeline stage without them returns ``h``)."""
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -21,6 +21,7 @@ needs to know a parameter's layout reads it, never a second copy of the rules:
     dense w1/w3      [hid, dim]     tp dim 0;   dense w2 [dim, hid]: tp dim 1
     shared_experts.* as the dense FFN (hid = n_shared_experts * shared hidden)
     router, norms, embeddings, head: replicated
+    vision_encoder.*, perceiver.*, cross_attn.*: replicated (vision runs: dp and ep only)
 
 A parameter no pattern matches is an error ("add it to moe/parallel/plan.py"): a new module
 (vision, shared experts) must say how it is laid out before any layout can run it.
@@ -72,6 +73,12 @@ PARAMETER_PLAN: tuple[tuple[str, Rule], ...] = (
     ("layers.*.feed_forward.shared_experts.w1.weight", Rule(tp_dim=0)),
     ("layers.*.feed_forward.shared_experts.w3.weight", Rule(tp_dim=0)),
     ("layers.*.feed_forward.shared_experts.w2.weight", Rule(tp_dim=1)),
+    # The vision parts (vision.enabled, moe/vision/model.py): replicated, the only layout a
+    # vision run has (it refuses tp and pp; under ep they sit beside the experts, summed over
+    # every data rank like the text model's dense weights).
+    ("vision_encoder.*", REPLICATED),
+    ("perceiver.*", REPLICATED),
+    ("cross_attn.*", REPLICATED),
 )
 
 

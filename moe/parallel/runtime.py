@@ -107,17 +107,27 @@ class Runtime:
         if self._routing is not None and layer.training:
             self._routing.add_layer(name, layer, share)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor,
-                         routing: RoutingAccumulator) -> float:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, routing: RoutingAccumulator,
+                         inputs: dict[str, torch.Tensor] | None = None,
+                         n_targets: int | None = None) -> float:
         """Forward and backward of one global batch; gradients accumulate in the parts.
 
+        ``inputs``: further model inputs batched like ``x`` (the vision model's ``images`` and
+        ``media_pos``), cut into the same micro-batches. ``n_targets``: the number of targets
+        in the GLOBAL batch that count (the rest are ``IGNORE_INDEX``): the loss is the sum of
+        their cross-entropies over it, so a token weighs the same in any micro-batch on any
+        layout; None: every target counts and each micro-batch's mean weighs its share of
+        sequences (the text LM, where the two are the same).
         Returns this rank's share-weighted LM loss (0 on ranks without the last stage).
         """
         batch = x.shape[0]
         x, y = self.local_batch(x), self.local_batch(y)
+        inputs = {k: self.local_batch(v) for k, v in (inputs or {}).items()}
         self._routing = routing
         total = 0.0
         if self.pipeline is not None:
+            if inputs or n_targets is not None:
+                raise ValueError("pipeline parallelism runs the text LM only")
             share = (x.shape[0] // self.n_micro) / batch
             self.set_loss_scale(share)
             loss = self.pipeline.step(x.to(self.device), y.to(self.device), share)
@@ -128,15 +138,25 @@ class Runtime:
                 share = mb / batch  # token-weighted: the step's gradient is the global batch's
                 xb = x[lo:lo + mb].to(self.device, non_blocking=True)
                 yb = y[lo:lo + mb].to(self.device, non_blocking=True)
+                extra = {k: v[lo:lo + mb].to(self.device, non_blocking=True)
+                         for k, v in inputs.items()}
                 self.set_loss_scale(share)
                 with self.autocast():
-                    logits = self._forward(xb)
-                loss = lm_loss(logits, yb)
-                (loss * share).backward()  # router losses inject their own gradient (moe.py)
-                total += share * float(loss.detach())
+                    logits = self._forward(xb, **extra)
+                if n_targets is None:
+                    loss, weight = lm_loss(logits, yb), share
+                else:
+                    loss, weight = lm_loss(logits, yb, reduction="sum"), 1 / max(n_targets, 1)
+                (loss * weight).backward()  # router losses inject their own gradient (moe.py)
+                total += weight * float(loss.detach())
                 routing.add(layers, share)
         self._routing = None
         return total
+
+    @property
+    def forward(self) -> nn.Module:
+        """The model call of a single-stage layout (compiled after ``compile()``)."""
+        return self._forward
 
     def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
         dp_ops.reduce_gradients(self.parts, self.mesh)

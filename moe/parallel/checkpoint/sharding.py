@@ -27,7 +27,7 @@ loading layout and lets ``dcp.load`` read each rank's slice: that is the reshard
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -182,7 +182,7 @@ def _step_device(group: dict, p: torch.Tensor) -> torch.device:
 
 
 def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer | None = None,
-                       mesh=None) -> dict:
+                       mesh=None, missing_ok: Callable[[str], bool] | None = None) -> dict:
     """Load a checkpoint saved in any layout into this rank's ``parts`` (the model, or the
     list of stage modules this rank holds) and ``optimizer``, in place and in the current
     layout; returns its extra dict (loader state, RNG, step, tokens, config, ...).
@@ -190,7 +190,11 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
     Parameters get exactly the saved values of their slice; AdamW state is created where the
     optimizer has none (exp_avg, exp_avg_sq, step as saved) and group hyper-parameters are
     restored. Collective with a mesh; with ``mesh=None`` it needs no process group.
+    ``missing_ok(name)``: model tensors the checkpoint may lack, kept as they are (weights
+    only: not with an optimizer); any other missing one is a KeyError.
     """
+    if missing_ok is not None and optimizer is not None:
+        raise ValueError("missing_ok loads weights only: pass optimizer=None")
     path = _folder(path)
     parts = _parts(parts)
     _check_mesh(parts, mesh)
@@ -213,6 +217,8 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
     for part in parts:
         for name, t in part.state_dict(keep_vars=True).items():
             key = MODEL + _strip(name)
+            if missing_ok is not None and key not in meta and missing_ok(_strip(name)):
+                continue
             add(key, t.detach(), shard_spec(t), "model tensor")
             sinks.append((key, t))
 

@@ -1,0 +1,268 @@
+"""The vision run (``vision.enabled``): what the trainer's loop runs instead of the text LM.
+
+A training example is one generated image and its text (moe/vision/data.py), laid out as
+
+    tokens   <|endoftext|> t1 t2 ... tn <|endoftext|> pad ...      (data.seq_len + 1)
+    image    sits before token 0 (media_pos = 0): every text token sees it
+
+so the first <|endoftext|> is the image marker, and the loss counts every text token and the
+closing <|endoftext|> (padding is ``IGNORE_INDEX``). The loss of a step is the sum of token
+cross-entropies over the number of counted tokens in the GLOBAL batch (``n_targets``), so it
+is the same for any split of the batch over micro-batches and data ranks.
+
+Every evaluation logs, on the fixed validation images:
+
+    val_loss                   the text loss with the true images
+    val_loss_shuffled_images   the same texts with the images rolled by one across each batch
+                               (every text gets another text's image)
+    val_loss_no_images         the text model alone (no cross-attention)
+    val_accuracy               colour / shape questions about seen colour x shape pairs
+    heldout_accuracy           the same questions about pairs never seen in training (the
+                               composition test), and its colour / shape parts
+    gate_attn_{i}, gate_ffn_{i}  |tanh| of each cross-attention block's gates
+
+Accuracy scores every candidate answer by its summed log-probability after the question
+(chance: 1/6 for colours, 1/4 for shapes).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe.checkpoint import read_extra
+from moe.config import Config, ConfigError
+from moe.data.tokenizer import BPETokenizer
+from moe.device import autocast_context
+from moe.inference.sampling import SamplingParams
+from moe.metrics import RoutingAccumulator
+from moe.model.loss import IGNORE_INDEX, lm_loss
+from moe.task import load_data
+from moe.vision import data as vdata
+from moe.vision.caption import answer_logprobs, caption_image, image_tensor
+from moe.vision.model import build_vision_model, is_vision_param
+from moe.vision.pretrain import pretrain_encoder
+
+ACCURACY_IMAGES = 256  # validation images asked about for val_accuracy
+
+
+def encode_texts(tok: BPETokenizer, texts: list[str], seq_len: int) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+    """x, y int64 [N, seq_len]: marker + text + <|endoftext|>, shifted, padding ignored."""
+    eot = tok.eot_id
+    x = np.full((len(texts), seq_len), eot, dtype=np.int64)
+    y = np.full((len(texts), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for i, ids in enumerate(tok.encode_batch(texts)):
+        seq = [eot, *ids, eot]
+        if len(seq) - 1 > seq_len:
+            raise ConfigError(f"a vision text of {len(seq) - 1} tokens does not fit "
+                              f"data.seq_len={seq_len}: raise data.seq_len (and "
+                              "model.max_seq_len)")
+        x[i, :len(seq) - 1] = seq[:-1]
+        y[i, :len(seq) - 1] = seq[1:]
+    return x, y
+
+
+class ImageTextLoader:
+    """Shuffled passes over the training examples: pass p is the permutation drawn from
+    ``default_rng([seed, p])``; a batch may run across a pass boundary. Resumes exactly."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def next_indices(self, k: int) -> np.ndarray:
+        out = []
+        while k > 0:
+            take = min(k, self.n - self.pos)
+            out.append(self._order[self.pos:self.pos + take])
+            self.pos += take
+            k -= take
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation()
+        return np.concatenate(out)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("n") != self.n:
+            raise ConfigError(f"the checkpoint's loader read {state.get('n')} training images, "
+                              f"this run has {self.n}: resume with the same vision.n_train")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation()
+
+
+class VisionTask:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        vc, tc = cfg.vision, cfg.train
+        self.seq_len = cfg.data.seq_len
+        # The tokenizer of data.* (the text run's, so a text checkpoint's embeddings fit).
+        self.tokenizer = load_data(cfg).tokenizer
+        self.trains_text = not vc.freeze_text
+        self.data = vdata.load_or_build(cfg.data.cache_dir, vc.n_train, vc.n_val, vc.n_heldout,
+                                        vc.data_seed, vc.image_size, vc.max_objects)
+        self.train_x, self.train_y = encode_texts(self.tokenizer, self.data.train.texts,
+                                                  self.seq_len)
+        self.val_x, self.val_y = encode_texts(self.tokenizer, self.data.val.texts, self.seq_len)
+        if len(self.val_x) < tc.micro_batch_size:
+            raise ConfigError(f"vision.n_val={vc.n_val} must be >= train.micro_batch_size="
+                              f"{tc.micro_batch_size}")
+        self.val_queries = _val_queries(self.data.val, ACCURACY_IMAGES)
+        self.heldout_queries = vdata.composition_queries(self.data.heldout)
+
+    @staticmethod
+    def init_keep(name: str) -> bool:
+        return is_vision_param(name)  # a text checkpoint lacks them: they stay as initialised
+
+    def build_model(self, device: str | torch.device = "meta") -> nn.Module:
+        return build_vision_model(self.cfg.model, self.cfg.vision, device)
+
+    def prepare(self, runtime) -> None:
+        """vision.freeze_text: only the vision parts train (Flamingo's frozen LM)."""
+        if self.cfg.vision.freeze_text:
+            for part in runtime.parts:
+                for name, p in part.named_parameters():
+                    if not is_vision_param(name):
+                        p.requires_grad_(False)
+
+    def start(self, runtime, init_source) -> dict | None:
+        """Pre-train the vision encoder (vision.pretrain_steps) unless its weights came from
+        ``train.init_from`` (a vision run's checkpoint)."""
+        vc, tc = self.cfg.vision, self.cfg.train
+        if not vc.pretrain_steps:
+            return None
+        if init_source is not None and read_extra(init_source)["config"].get(
+                "vision", {}).get("enabled"):
+            return None
+        start = time.perf_counter()
+        loss = pretrain_encoder(runtime.parts[0], self.data.train, vc.pretrain_steps,
+                                tc.batch_size, vc.pretrain_lr, tc.seed)
+        if runtime.is_main:
+            print(f"vision encoder pre-trained: {vc.pretrain_steps} steps, what-is-where loss "
+                  f"{loss:.3f}, {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        return {"vision_pretrain_loss": loss}
+
+    def loader(self) -> ImageTextLoader:
+        return ImageTextLoader(len(self.train_x), self.cfg.train.seed)
+
+    def _inputs(self, split: vdata.VisionSplit, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        images = image_tensor(split.images[idx])[:, None]  # [B, 1, 3, H, W]
+        return {"images": images, "media_pos": torch.zeros(len(idx), 1, dtype=torch.long)}
+
+    def step(self, runtime, loader: ImageTextLoader, batch: int,
+             routing: RoutingAccumulator) -> float:
+        idx = loader.next_indices(batch)  # the global batch, identical on every rank
+        x, y = torch.from_numpy(self.train_x[idx]), torch.from_numpy(self.train_y[idx])
+        n_targets = int((y != IGNORE_INDEX).sum())
+        return runtime.forward_backward(x, y, routing, self._inputs(self.data.train, idx),
+                                        n_targets=n_targets)
+
+    # -- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, runtime) -> dict[str, float]:
+        """Every rank runs every batch (an expert-parallel forward needs all ranks) and gets
+        the same numbers."""
+        runtime.train(False)
+        try:
+            out = self._losses(runtime)
+            out.update(self._accuracy(runtime, self.data.val, self.val_queries, "val"))
+            out.update(self._accuracy(runtime, self.data.heldout, self.heldout_queries,
+                                      "heldout"))
+            for key, (attn, ffn) in runtime.parts[0].gates().items():
+                out[f"gate_attn_{key}"], out[f"gate_ffn_{key}"] = attn, ffn
+        finally:
+            runtime.train(True)
+        return out
+
+    def _forward(self, runtime, x: torch.Tensor, inputs: dict | None) -> torch.Tensor:
+        dev = runtime.device
+        inputs = {k: v.to(dev) for k, v in (inputs or {}).items()}
+        with runtime.autocast():
+            return runtime.forward(x.to(dev), **inputs)
+
+    def _losses(self, runtime) -> dict[str, float]:
+        mb = self.cfg.train.micro_batch_size
+        sums = {"val_loss": 0.0, "val_loss_shuffled_images": 0.0, "val_loss_no_images": 0.0}
+        count = 0
+        for lo in range(0, len(self.val_x) - mb + 1, mb):
+            idx = np.arange(lo, lo + mb)
+            x, y = torch.from_numpy(self.val_x[idx]), torch.from_numpy(self.val_y[idx])
+            y_dev = y.to(runtime.device)
+            inputs = self._inputs(self.data.val, idx)
+            shuffled = {**inputs, "images": inputs["images"].roll(1, dims=0)}
+            for key, given in (("val_loss", inputs), ("val_loss_shuffled_images", shuffled),
+                               ("val_loss_no_images", None)):
+                logits = self._forward(runtime, x, given)
+                sums[key] += float(lm_loss(logits, y_dev, reduction="sum"))
+            count += int((y != IGNORE_INDEX).sum())
+        return {k: v / count for k, v in sums.items()}
+
+    def _accuracy(self, runtime, split: vdata.VisionSplit, queries: list, name: str
+                  ) -> dict[str, float]:
+        """Share of questions whose true answer has the highest log-probability."""
+        tok, eot, mb = self.tokenizer, self.tokenizer.eot_id, self.cfg.train.micro_batch_size
+        rows, owners = [], []  # one row per (query, candidate)
+        for qi, (image, q) in enumerate(queries):
+            prompt = [eot, *tok.encode(q.prompt)]
+            for cand in vdata.candidates(q.kind, self.cfg.vision.max_objects):
+                answer = tok.encode(cand)
+                rows.append((image, prompt + answer, len(prompt)))
+                owners.append((qi, cand == q.answer))
+        width = max(len(ids) for _, ids, _ in rows) - 1
+        scores = torch.empty(len(rows))
+        for lo in range(0, len(rows), 4 * mb):
+            chunk = rows[lo:lo + 4 * mb]
+            x = torch.full((len(chunk), width), eot, dtype=torch.long)
+            y = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+            for r, (_, ids, n_prompt) in enumerate(chunk):
+                x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+                y[r, n_prompt - 1:len(ids) - 1] = torch.tensor(ids[n_prompt:])  # answer only
+            inputs = self._inputs(split, np.array([img for img, _, _ in chunk]))
+            logits = self._forward(runtime, x, inputs)
+            scores[lo:lo + len(chunk)] = answer_logprobs(logits, y.to(logits.device)).cpu()
+        best: dict[int, tuple[float, bool]] = {}
+        for (qi, true), s in zip(owners, scores.tolist()):
+            if qi not in best or s > best[qi][0]:
+                best[qi] = (s, true)
+        by_kind: dict[str, list[bool]] = {}
+        for qi, (_, q) in enumerate(queries):
+            by_kind.setdefault(q.kind, []).append(best[qi][1])
+        out = {f"{name}_{kind}_accuracy": float(np.mean(v)) for kind, v in by_kind.items()}
+        out[f"{name}_accuracy"] = float(np.mean([c for v in by_kind.values() for c in v]))
+        return out
+
+    def sample(self, runtime, device: torch.device) -> str | None:
+        """A caption of the first held-out image, greedy, beside the true one."""
+        tok, tc = self.tokenizer, self.cfg.train
+        prompt = [tok.eot_id, *tok.encode("a")]
+        with autocast_context(device, tc.dtype):
+            new = caption_image(runtime.parts[0], self.data.heldout.images[0], prompt,
+                                max_new_tokens=min(tc.sample_tokens, 48),
+                                params=SamplingParams(max_new_tokens=48, temperature=0.0,
+                                                      stop_tokens=(tok.eot_id,)))
+        text = tok.decode(prompt[1:] + [t for t in new if t != tok.eot_id])
+        if runtime.is_main:
+            truth = vdata.caption(self.data.heldout.scenes[0])
+            print(f"held-out image 0: {truth!r}\nmodel caption:    {text!r}", file=sys.stderr)
+        return text
+
+
+def _val_queries(split: vdata.VisionSplit, n_images: int) -> list:
+    """A colour and a shape question about one object of each of the first images (seen
+    colour x shape pairs: the counterpart of the held-out composition queries)."""
+    out = []
+    for i, scene in enumerate(split.scenes[:n_images]):
+        o = scene.objects[i % len(scene.objects)]
+        out += [(i, vdata.colour_question(o)), (i, vdata.shape_question(o))]
+    return out

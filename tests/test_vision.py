@@ -1,0 +1,264 @@
+"""The Flamingo-style vision model: exact identity at initialisation, who attends to which
+image, the gates' gradients, and the trainer's vision runs (data parallel = one process,
+exact resume, frozen text, init_from a text run, refused layouts, metrics)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist_utils import run_ranks
+from helpers import assert_same_rows, read_rows, tiny_model_config
+
+from moe.config import ConfigError, VisionConfig, load_config
+from moe.device import autocast_context
+from moe.model import build_model
+from moe.train import train
+from moe.vision.attention import GatedCrossAttentionBlock, media_mask
+from moe.vision.model import build_vision_model, is_vision_param
+
+VC = VisionConfig(enabled=True, image_size=16, patch_size=4, d_vision=32, encoder_layers=1,
+                  encoder_heads=2, n_latents=4, resampler_layers=1, cross_attn_every=1)
+
+
+def _inputs(b=2, s=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 64, (b, s), generator=g)
+    images = torch.rand(b, 2, 3, 16, 16, generator=g)
+    media_pos = torch.tensor([[0, 5], [3, -1]])[:b]  # row 1: tokens 0-2 see no image
+    return tokens, images, media_pos
+
+
+def _open_gates(model, attn=1.0, ffn=1.0):
+    with torch.no_grad():
+        for block in model.cross_attn.values():
+            block.attn_gate.fill_(attn)
+            block.ffn_gate.fill_(ffn)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_logits_equal_the_text_model_at_init(bf16):
+    """tanh(0) = 0 gates: the vision model's logits ARE the text-only model's (same seed, so
+    the same text weights), with images given, fp32 and under CPU bf16 autocast."""
+    cfg = tiny_model_config()
+    text, vision = build_model(cfg, seed=3), build_vision_model(cfg, VC, seed=3)
+    tokens, images, media_pos = _inputs()
+    with autocast_context(torch.device("cpu"), "bf16" if bf16 else "fp32"):
+        want = text(tokens)
+        got = vision(tokens, images=images, media_pos=media_pos)
+        assert torch.equal(got, want)
+        assert torch.equal(vision(tokens), want)  # no images: the text forward itself
+    _open_gates(vision)
+    assert not torch.allclose(vision(tokens, images=images, media_pos=media_pos),
+                              text(tokens))
+
+
+def test_media_mask_hand_computed():
+    media_pos = torch.tensor([[0, 3], [2, -1]])
+    mask, seen = media_mask(media_pos, torch.arange(5), n_latents=2, attend="last")
+    assert mask.shape == (2, 1, 5, 4)
+    # Row 0: tokens 0-2 see image 0 only, tokens 3-4 image 1 only (the latest).
+    per_image = mask[0, 0, :, ::2]
+    assert per_image.tolist() == [[True, False]] * 3 + [[False, True]] * 2
+    assert torch.equal(mask[0, 0, :, 0], mask[0, 0, :, 1])  # both latents of an image
+    # Row 1: tokens 0-1 see nothing (all True in the mask, zeroed by `seen`); -1 is no image.
+    assert seen[1, :, 0].tolist() == [False, False, True, True, True]
+    assert mask[1, 0, 2:, ::2].tolist() == [[True, False]] * 3
+    mask_all, _ = media_mask(media_pos, torch.arange(5), n_latents=2, attend="all")
+    assert mask_all[0, 0, :, ::2].tolist() == [[True, False]] * 3 + [[True, True]] * 2
+
+
+def test_cross_attention_block_sees_only_its_images():
+    """A token's output changes with the image it may see and no other: text before any
+    image gets exactly x (+ the feed-forward, gated off here)."""
+    torch.manual_seed(0)
+    block = GatedCrossAttentionBlock(32, 16, 4, 1, 8, 64, "swiglu")
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        block.attn_gate.fill_(1.0)
+        block.ffn_gate.fill_(0.0)
+    x = torch.randn(1, 6, 32)
+    media = torch.randn(1, 2 * 3, 16)  # two images of 3 latents
+    mask, seen = media_mask(torch.tensor([[2, 4]]), torch.arange(6), 3, "last")
+    out = block(x, media, mask, seen)
+    assert torch.equal(out[0, :2], x[0, :2])  # no image before them: attends to nothing
+    other = media.clone()
+    other[:, :3] += 1.0  # change image 0
+    out2 = block(x, other, mask, seen)
+    assert torch.equal(out2[0, 4:], out[0, 4:])  # tokens 4-5 see only image 1
+    assert not torch.allclose(out2[0, 2:4], out[0, 2:4])
+
+
+def test_at_init_only_the_gates_and_the_text_model_get_gradients():
+    """Flamingo's init: d/d(alpha) tanh(alpha) * y = y, so the gates learn first; the
+    blocks' own weights get zero gradient until a gate opens."""
+    cfg = tiny_model_config()
+    model = build_vision_model(cfg, VC, seed=0)
+    tokens, images, media_pos = _inputs()
+    model(tokens, images=images, media_pos=media_pos).float().pow(2).mean().backward()
+    block = model.cross_attn["0"]
+    assert block.attn_gate.grad.abs().item() > 0 and block.ffn_gate.grad.abs().item() > 0
+    assert block.attn.wq.weight.grad.abs().max().item() == 0
+    assert model.perceiver.latents.grad.abs().max().item() == 0
+    assert model.layers["0"].attention.wq.weight.grad.abs().max().item() > 0
+
+
+def test_vision_parameter_names_are_stable():
+    names = [n for n, _ in build_vision_model(tiny_model_config(), VC, "meta").named_parameters()]
+    vision = [n for n in names if is_vision_param(n)]
+    assert "vision_encoder.patch_embed.weight" in vision
+    assert "perceiver.latents" in vision and "cross_attn.1.attn_gate" in vision
+    text = [n for n in names if not is_vision_param(n)]
+    assert text == [n for n, _ in build_model(tiny_model_config(), "meta").named_parameters()]
+
+
+# -- the trainer ---------------------------------------------------------------------------
+
+TEXT = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
+        "--model.n_heads=4", "--model.n_kv_heads=1", "--model.n_experts=4", "--model.top_k=2",
+        "--model.expert_hidden=64", "--model.max_seq_len=128", "--model.capacity_factor=1.0",
+        "--data.code_max_mb=0.3", "--train.warmup_steps=2", "--train.lr=3e-3",
+        "--train.sample_tokens=0", "--log.progress=false", "--log.log_every=1"]
+VISION = ["--vision.enabled=true", "--vision.image_size=16", "--vision.d_vision=32",
+          "--vision.encoder_layers=1", "--vision.encoder_heads=2", "--vision.n_latents=4",
+          "--vision.cross_attn_every=1", "--vision.n_train=48", "--vision.n_val=8",
+          "--vision.n_heldout=4", "--vision.pretrain_steps=3", "--data.seq_len=112",
+          "--train.batch_size=8",
+          "--train.micro_batch_size=4", "--train.max_steps=3", "--train.eval_every=3",
+          "--train.decay_steps=4"]
+KEYS = ("vision_pretrain_loss", "loss", "lm_loss", "aux_loss", "z_loss", "drop_frac",
+        "grad_norm", "val_loss",
+        "val_loss_shuffled_images", "val_loss_no_images", "heldout_accuracy", "val_accuracy",
+        "gate_attn_0", "gate_ffn_1")
+
+
+def _vision_args(tmp, name, *extra):
+    return TEXT + VISION + [f"--data.cache_dir={tmp / 'cache'}",
+                            f"--train.run_dir={tmp / name}", *extra]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vision")
+
+
+@pytest.fixture(scope="module")
+def single(workdir):
+    """One process, three steps: the reference rows."""
+    train(load_config(None, _vision_args(workdir, "single")))
+    return read_rows(workdir / "single")
+
+
+def test_vision_run_logs_what_the_issue_asks(single):
+    evals = [r for r in single if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3]
+    row = evals[0]
+    for key in ("val_loss_shuffled_images", "val_loss_no_images", "heldout_accuracy",
+                "heldout_colour_accuracy", "heldout_shape_accuracy", "val_accuracy",
+                "gate_attn_0", "gate_ffn_0", "gate_attn_1"):
+        assert key in row, key
+    assert 0 <= row["heldout_accuracy"] <= 1
+    assert 0 < row["gate_attn_0"] < 0.1  # three steps: gates left 0, barely
+    assert single[0]["step"] == 0 and single[0]["vision_pretrain_loss"] > 0
+    steps = [r for r in single if "lm_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and steps[-1]["lm_loss"] < steps[0]["lm_loss"]
+
+
+def _train_rank(rank, world, overrides):
+    train(load_config(None, overrides))
+
+
+@pytest.mark.parametrize("name,world,extra", [("dp2", 2, ["--parallel.dp=2"]),
+                                              ("ep2", 2, ["--parallel.ep=2"])])
+def test_data_and_expert_parallel_match_one_process(workdir, single, name, world, extra):
+    """Same global batch, split over ranks (micro-batches of 4 on each): every logged number,
+    the vision metrics included, is the single process's."""
+    run_ranks(_train_rank, world, _vision_args(workdir, name, *extra), timeout_s=300)
+    assert_same_rows(single, read_rows(workdir / name), KEYS, tag=name)
+
+
+def test_resume_continues_exactly(workdir, single):
+    args = _vision_args(workdir, "resumed", "--train.ckpt_every=1")
+    train(load_config(None, args + ["--train.max_steps=2"]))
+    train(load_config(None, args))
+    rows = read_rows(workdir / "resumed")
+    # The first run also evaluated where it stopped (step 2): not in the reference.
+    rows = [r for r in rows if not ("val_loss" in r and r["step"] == 2)]
+    assert_same_rows(single, rows, KEYS, tag="resume")
+
+
+def test_freeze_text_and_init_from_a_text_run(workdir):
+    """A text run, then a vision run from its weights with the text model frozen: after
+    training, every text weight is still the text run's and the vision parts moved."""
+    from moe.checkpoint import load_model
+
+    text_args = TEXT + [f"--data.cache_dir={workdir / 'cache'}", "--data.seq_len=32",
+                        "--train.batch_size=4", "--train.micro_batch_size=4",
+                        "--train.max_steps=2", "--train.eval_every=2", "--train.eval_batches=1",
+                        f"--train.run_dir={workdir / 'text'}"]
+    train(load_config(None, text_args))
+    train(load_config(None, _vision_args(workdir, "frozen", "--vision.freeze_text=true",
+                                         f"--train.init_from={workdir / 'text'}")))
+    text = load_model(workdir / "text").model.state_dict()
+    loaded = load_model(workdir / "frozen")
+    assert loaded.cfg.vision.enabled
+    vision = loaded.model.state_dict()
+    for name, value in text.items():
+        assert torch.equal(vision[name], value), name
+    fresh = build_vision_model(loaded.cfg.model, loaded.cfg.vision, seed=loaded.cfg.train.seed)
+    moved = [n for n, p in fresh.state_dict().items()
+             if is_vision_param(n) and not torch.equal(p, vision[n])]
+    assert "cross_attn.0.attn_gate" in moved and "perceiver.latents" in moved
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("--parallel.tp=2", "vision.enabled runs support parallel.dp and parallel.ep"),
+    ("--parallel.pp=2", "vision.enabled runs support parallel.dp and parallel.ep"),
+    ("--vision.image_size=30", "vision.image_size=30 is not a multiple"),
+    ("--vision.attend=first", "vision.attend='first' must be one of last, all"),
+    ("--vision.max_objects=4", "vision.max_objects=4 must be 1, 2 or 3"),
+])
+def test_bad_vision_settings_are_one_line(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, _vision_args(tmp_path, "bad", bad))
+    assert "\n" not in str(err.value)
+
+
+def test_text_longer_than_seq_len_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="raise data.seq_len"):
+        train(load_config(None, _vision_args(tmp_path, "short", "--data.seq_len=16")))
+    assert not (tmp_path / "short").exists()  # refused before anything is written
+
+
+def test_generate_captions_an_image_file_and_counts_vision_params(workdir, single, tmp_path):
+    """scripts/generate.py --image PATH on a PNG; a file that is not an image and a text run
+    are one-line errors. count_params lists the vision parameters apart."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from moe.vision import data as vd
+
+    root = Path(__file__).resolve().parents[1]
+    image = tmp_path / "shapes.png"
+    vd.save_image(image, vd.render(vd.Scene((vd.Shape("red", "square", 4),)), 16))
+    run = [sys.executable, "scripts/generate.py", "--run", str(workdir / "single"),
+           "--temperature", "0", "--max-new-tokens", "5"]
+    out = subprocess.run(run + ["--image", str(image)], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("a") and len(out.stdout.strip()) > 1
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    out = subprocess.run(run + ["--image", str(bad)], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and "not_an_image.png" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = subprocess.run([sys.executable, "scripts/count_params.py", "--json",
+                          "--config", "configs/vision_tiny.yaml"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    counts = json.loads(out.stdout)["vision"]
+    assert counts["vision_total"] == (counts["vision_encoder"] + counts["perceiver"]
+                                      + counts["cross_attn"]) > 0
+    assert counts["text_total"] == json.loads(out.stdout)["total_params"]
