@@ -462,7 +462,7 @@ class VisionConfig:
     # Steps of the vision encoder's own pre-training before step 1 of a new run (what is in
     # each grid cell, moe/vision/pretrain.py) at pretrain_lr: without it the gates do not
     # open. 0: none.
-    pretrain_steps: int = 500
+    pretrain_steps: int = 1500
     pretrain_lr: float = 1e-3
     # The generated data set (cached in data.cache_dir): images per split, objects per image.
     n_train: int = 20000

@@ -129,6 +129,7 @@ VISION = ["--vision.enabled=true", "--vision.image_size=16", "--vision.d_vision=
 KEYS = ("vision_pretrain_loss", "loss", "lm_loss", "aux_loss", "z_loss", "drop_frac",
         "grad_norm", "val_loss",
         "val_loss_shuffled_images", "val_loss_no_images", "heldout_accuracy", "val_accuracy",
+        "heldout_accuracy_calibrated",
         "gate_attn_0", "gate_ffn_1")
 
 
@@ -155,6 +156,7 @@ def test_vision_run_logs_what_the_issue_asks(single):
     row = evals[0]
     for key in ("val_loss_shuffled_images", "val_loss_no_images", "heldout_accuracy",
                 "heldout_colour_accuracy", "heldout_shape_accuracy", "val_accuracy",
+                "heldout_accuracy_calibrated", "val_shape_accuracy_calibrated",
                 "gate_attn_0", "gate_ffn_0", "gate_attn_1"):
         assert key in row, key
     assert 0 <= row["heldout_accuracy"] <= 1
@@ -262,3 +264,13 @@ def test_generate_captions_an_image_file_and_counts_vision_params(workdir, singl
     assert counts["vision_total"] == (counts["vision_encoder"] + counts["perceiver"]
                                       + counts["cross_attn"]) > 0
     assert counts["text_total"] == json.loads(out.stdout)["total_params"]
+
+
+def test_answer_logprobs_hand_computed():
+    """Summed log-probabilities of the counted targets only (the answer, not the prompt)."""
+    from moe.vision.caption import answer_logprobs
+
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]]))
+    targets = torch.tensor([[-100, 1, 2]])
+    want = torch.log(torch.tensor(0.8)) + torch.log(torch.tensor(0.6))
+    assert torch.allclose(answer_logprobs(logits, targets), want[None])

@@ -26,7 +26,7 @@ def caption_image(model: nn.Module, image: np.ndarray, prompt_ids: list[int], *,
                   generator: torch.Generator | None = None) -> list[int]:
     """Continue ``prompt_ids`` (it starts with the image marker, the token the image sits
     before) given one image (uint8 [H, W, 3]); returns the new tokens, stopping after any of
-    ``params.stop_tokens``. ``params`` default: greedy."""
+    ``params.stop_tokens``. ``params`` default: greedy. Routing is dropless."""
     params = params or SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     device = next(model.parameters()).device
     images = image_tensor(image[None, None], device)  # [1, 1, 3, H, W]
@@ -39,8 +39,9 @@ def caption_image(model: nn.Module, image: np.ndarray, prompt_ids: list[int], *,
         for _ in range(max_new_tokens):
             if len(ids) >= limit:
                 break
+            # Dropless, as moe.generate: a capacity would drop tokens of this one sequence.
             logits = model(torch.tensor([ids], device=device), images=images,
-                           media_pos=media_pos)[0, -1].float()
+                           media_pos=media_pos, capacity_factor=None)[0, -1].float()
             tok = int(sample(logits[None], params, generator)[0])
             ids.append(tok)
             new.append(tok)

@@ -22,7 +22,8 @@ Every evaluation logs, on the fixed validation images:
     gate_attn_{i}, gate_ffn_{i}  |tanh| of each cross-attention block's gates
 
 Accuracy scores every candidate answer by its summed log-probability after the question
-(chance: 1/6 for colours, 1/4 for shapes).
+(chance: 1/6 for colours, 1/4 for shapes); ``*_accuracy_calibrated`` by its gain over the
+same question without the image (the text prior removed).
 """
 
 from __future__ import annotations
@@ -210,7 +211,10 @@ class VisionTask:
 
     def _accuracy(self, runtime, split: vdata.VisionSplit, queries: list, name: str
                   ) -> dict[str, float]:
-        """Share of questions whose true answer has the highest log-probability."""
+        """Share of questions whose true answer has the highest log-probability, and
+        (``_calibrated``) the highest log-probability gain over the text model alone: the
+        answer the image makes likelier than the question alone does (PMI scoring, Holtzman
+        et al. 2021), which discounts the text prior a held-out pair contradicts."""
         tok, eot, mb = self.tokenizer, self.tokenizer.eot_id, self.cfg.train.micro_batch_size
         rows, owners = [], []  # one row per (query, candidate)
         for qi, (image, q) in enumerate(queries):
@@ -220,7 +224,7 @@ class VisionTask:
                 rows.append((image, prompt + answer, len(prompt)))
                 owners.append((qi, cand == q.answer))
         width = max(len(ids) for _, ids, _ in rows) - 1
-        scores = torch.empty(len(rows))
+        scores, priors = torch.empty(len(rows)), torch.empty(len(rows))
         for lo in range(0, len(rows), 4 * mb):
             chunk = rows[lo:lo + 4 * mb]
             x = torch.full((len(chunk), width), eot, dtype=torch.long)
@@ -229,17 +233,23 @@ class VisionTask:
                 x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
                 y[r, n_prompt - 1:len(ids) - 1] = torch.tensor(ids[n_prompt:])  # answer only
             inputs = self._inputs(split, np.array([img for img, _, _ in chunk]))
+            y = y.to(runtime.device)
             logits = self._forward(runtime, x, inputs)
-            scores[lo:lo + len(chunk)] = answer_logprobs(logits, y.to(logits.device)).cpu()
-        best: dict[int, tuple[float, bool]] = {}
-        for (qi, true), s in zip(owners, scores.tolist()):
-            if qi not in best or s > best[qi][0]:
-                best[qi] = (s, true)
-        by_kind: dict[str, list[bool]] = {}
-        for qi, (_, q) in enumerate(queries):
-            by_kind.setdefault(q.kind, []).append(best[qi][1])
-        out = {f"{name}_{kind}_accuracy": float(np.mean(v)) for kind, v in by_kind.items()}
-        out[f"{name}_accuracy"] = float(np.mean([c for v in by_kind.values() for c in v]))
+            scores[lo:lo + len(chunk)] = answer_logprobs(logits, y).cpu()
+            priors[lo:lo + len(chunk)] = answer_logprobs(self._forward(runtime, x, None), y).cpu()
+        out = {}
+        for suffix, score in (("", scores), ("_calibrated", scores - priors)):
+            best: dict[int, tuple[float, bool]] = {}
+            for (qi, true), s in zip(owners, score.tolist()):
+                if qi not in best or s > best[qi][0]:
+                    best[qi] = (s, true)
+            by_kind: dict[str, list[bool]] = {}
+            for qi, (_, q) in enumerate(queries):
+                by_kind.setdefault(q.kind, []).append(best[qi][1])
+            out.update({f"{name}_{kind}_accuracy{suffix}": float(np.mean(v))
+                        for kind, v in by_kind.items()})
+            out[f"{name}_accuracy{suffix}"] = float(np.mean([c for v in by_kind.values()
+                                                            for c in v]))
         return out
 
     def sample(self, runtime, device: torch.device) -> str | None:
