@@ -9,11 +9,13 @@ import fnmatch
 import pytest
 import torch
 
+from moe.config import VisionConfig
 from moe.model import build_model
 from moe.parallel.expert import apply_expert_parallel
 from moe.parallel.mesh import ParallelDims, shard_slices, shard_spec
 from moe.parallel.plan import PARAMETER_PLAN, placement, rule_for
 from moe.parallel.tensor import apply_tensor_parallel
+from moe.vision.model import build_vision_model
 from tests.helpers import FakeMesh, tiny_model_config
 
 VARIANTS = {
@@ -30,6 +32,8 @@ def test_every_parameter_has_a_rule_and_every_rule_a_parameter():
     names = set()
     for kw in VARIANTS.values():
         names |= {n for n, _ in build_model(tiny_model_config(**kw), "meta").named_parameters()}
+    vision = build_vision_model(tiny_model_config(), VisionConfig(enabled=True), "meta")
+    names |= {n for n, _ in vision.named_parameters()}
     for name in names:
         rule_for(name)  # raises on a name the plan does not cover
     for pattern, _ in PARAMETER_PLAN:  # no stale entry
