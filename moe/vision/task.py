@@ -121,6 +121,7 @@ class VisionTask:
                               f"{tc.micro_batch_size}")
         self.val_queries = _val_queries(self.data.val, ACCURACY_IMAGES)
         self.heldout_queries = vdata.composition_queries(self.data.heldout)
+        self._scoring: dict[str, tuple[list, list]] = {}  # _scoring_rows per split name
 
     @staticmethod
     def init_keep(name: str) -> bool:
@@ -209,22 +210,19 @@ class VisionTask:
             count += int((y != IGNORE_INDEX).sum())
         return {k: v / count for k, v in sums.items()}
 
-    def _accuracy(self, runtime, split: vdata.VisionSplit, queries: list, name: str
-                  ) -> dict[str, float]:
-        """Share of questions whose true answer has the highest log-probability, and
-        (``_calibrated``) the highest log-probability gain over the text model alone: the
-        answer the image makes likelier than the question alone does (PMI scoring, Holtzman
-        et al. 2021), which discounts the text prior a held-out pair contradicts."""
+    def _scoring_rows(self, queries: list) -> tuple[list, list]:
+        """The candidate-answer rows of ``queries``, tokenised once (not at every eval):
+        chunks of (image indices, x, y with only the answer counted) and, per row, (query
+        index, whether it is the true answer)."""
         tok, eot, mb = self.tokenizer, self.tokenizer.eot_id, self.cfg.train.micro_batch_size
         rows, owners = [], []  # one row per (query, candidate)
         for qi, (image, q) in enumerate(queries):
             prompt = [eot, *tok.encode(q.prompt)]
             for cand in vdata.candidates(q.kind, self.cfg.vision.max_objects):
-                answer = tok.encode(cand)
-                rows.append((image, prompt + answer, len(prompt)))
+                rows.append((image, prompt + tok.encode(cand), len(prompt)))
                 owners.append((qi, cand == q.answer))
         width = max(len(ids) for _, ids, _ in rows) - 1
-        scores, priors = torch.empty(len(rows)), torch.empty(len(rows))
+        chunks = []
         for lo in range(0, len(rows), 4 * mb):
             chunk = rows[lo:lo + 4 * mb]
             x = torch.full((len(chunk), width), eot, dtype=torch.long)
@@ -232,11 +230,25 @@ class VisionTask:
             for r, (_, ids, n_prompt) in enumerate(chunk):
                 x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
                 y[r, n_prompt - 1:len(ids) - 1] = torch.tensor(ids[n_prompt:])  # answer only
-            inputs = self._inputs(split, np.array([img for img, _, _ in chunk]))
+            chunks.append((np.array([img for img, _, _ in chunk]), x, y))
+        return chunks, owners
+
+    def _accuracy(self, runtime, split: vdata.VisionSplit, queries: list, name: str
+                  ) -> dict[str, float]:
+        """Share of questions whose true answer has the highest log-probability, and
+        (``_calibrated``) the highest log-probability gain over the text model alone: the
+        answer the image makes likelier than the question alone does (PMI scoring, Holtzman
+        et al. 2021), which discounts the text prior a held-out pair contradicts."""
+        if name not in self._scoring:
+            self._scoring[name] = self._scoring_rows(queries)
+        chunks, owners = self._scoring[name]
+        scores, priors = [], []
+        for images, x, y in chunks:
             y = y.to(runtime.device)
-            logits = self._forward(runtime, x, inputs)
-            scores[lo:lo + len(chunk)] = answer_logprobs(logits, y).cpu()
-            priors[lo:lo + len(chunk)] = answer_logprobs(self._forward(runtime, x, None), y).cpu()
+            logits = self._forward(runtime, x, self._inputs(split, images))
+            scores.append(answer_logprobs(logits, y).cpu())
+            priors.append(answer_logprobs(self._forward(runtime, x, None), y).cpu())
+        scores, priors = torch.cat(scores), torch.cat(priors)
         out = {}
         for suffix, score in (("", scores), ("_calibrated", scores - priors)):
             best: dict[int, tuple[float, bool]] = {}
