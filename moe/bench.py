@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from moe import accounting
 from moe.accounting import ParamCounts
@@ -407,15 +408,19 @@ def run_expert_counts(cfg: Config, counts: tuple[int, ...] = (8, 16, 64, 256),
     for s in steppers.values():
         for _ in range(warmup):
             fwd_bwd(s)
+    experts = {n: ExpertsAlone(steppers[n]) for n in counts}
     times: dict[int, list[float]] = {n: [] for n in counts}
+    expert_times: dict[int, list[float]] = {n: [] for n in counts}
     order = list(counts)
     for i in range(steps):
         for n in (order if i % 2 == 0 else order[::-1]):
             times[n].append(fwd_bwd(steppers[n]))
+            expert_times[n].append(experts[n].fwd_bwd(device))
         log(f"turn {i + 1}/{steps}: " + ", ".join(
             f"{n} experts {statistics.median(times[n]) * 1e3:.0f} ms" for n in counts))
     tps = {n: steppers[n].tokens_per_step / statistics.median(times[n]) for n in counts}
     first = counts[0]
+    t_first, x_first = statistics.median(times[first]), statistics.median(expert_times[first])
     return {
         "mode": mode, "threads": threads, "device": str(device), "steps": steps,
         "warmup": warmup, "tokens_per_step": steppers[first].tokens_per_step,
@@ -425,11 +430,70 @@ def run_expert_counts(cfg: Config, counts: tuple[int, ...] = (8, 16, 64, 256),
             "expert_hidden": steppers[n].model.cfg.expert_hidden,
             "fwd_bwd_tokens_per_s": tps[n], "ratio": tps[n] / tps[first],
             "fwd_bwd_s_median": statistics.median(times[n]),
+            # The experts' own computation (GroupedExperts forward + backward on the layers'
+            # real expert loads; routing, dispatch and combine left out), and the ratio the
+            # model would have if only that changed from the first count: how much of the
+            # gap is the expert kernels' (fewer kept rows can also make the rest cheaper).
+            "experts_fwd_bwd_s_median": statistics.median(expert_times[n]),
+            "experts_only_ratio": t_first / (
+                t_first - x_first + statistics.median(expert_times[n])),
             "drop_frac": steppers[n].drop_frac(),
             "active_params": steppers[n].n_active,
             "total_params": sum(p.numel() for p in steppers[n].model.parameters())}
             for n in counts},
     }
+
+
+class ExpertsAlone:
+    """The experts of a Stepper's MoE layers run alone: each layer's GroupedExperts forward +
+    backward on the expert loads (rows per expert) its last forward routed, with random rows
+    and gradients. What the expert kernels cost, apart from routing, dispatch and combine: if
+    this alone grows by more than the budget from one expert count to another, no change
+    outside the experts reaches it (``run_expert_counts``' ``experts_only_ratio``)."""
+
+    def __init__(self, stepper: Stepper):
+        self.calls: list[tuple[nn.Module, torch.Tensor, int, bool]] = []
+
+        def record(module, args, kwargs):
+            x, counts, capacity = args[:3]
+            self.calls.append((module, counts.detach().clone(), int(capacity),
+                               kwargs.get("scale") is not None))
+
+        layers = [m.experts for m in stepper.model.moe_layers() if m.experts is not None]
+        hooks = [e.register_forward_pre_hook(record, with_kwargs=True) for e in layers]
+        try:
+            with torch.no_grad(), torch.autocast(stepper.device.type,
+                                                 dtype=stepper.amp or torch.float32,
+                                                 enabled=stepper.amp is not None):
+                stepper.model(stepper.batches[0][:, :-1])
+        finally:
+            for h in hooks:
+                h.remove()
+        self.calls = self.calls[:len(layers)]  # one forward: one call per layer
+        g = torch.Generator(device="cpu").manual_seed(0)
+        rows = max((int(c.sum()) for _, c, _, _ in self.calls), default=0)
+        dim = layers[0].w1.shape[1] if layers else 0
+        self.x = torch.randn(rows, dim, generator=g).to(stepper.device)
+        self.dy = torch.randn(rows, dim, generator=g).to(stepper.device)
+        self.scale = torch.rand(rows, generator=g).to(stepper.device)
+        self.stepper = stepper
+
+    def fwd_bwd(self, device: torch.device) -> float:
+        """Seconds for every layer's experts forward + backward (one call each)."""
+        s = self.stepper
+        sync(device)
+        t0 = time.perf_counter()
+        for experts, counts, capacity, scaled in self.calls:
+            m = int(counts.sum())
+            x = self.x[:m].detach().requires_grad_()
+            with torch.autocast(s.device.type, dtype=s.amp or torch.float32,
+                                enabled=s.amp is not None):
+                y = experts(x, counts, capacity, scale=self.scale[:m] if scaled else None)
+            y.backward(self.dy[:m].to(y.dtype))
+        sync(device)
+        dt = time.perf_counter() - t0
+        s.model.zero_grad(set_to_none=True)
+        return dt
 
 
 def _loadavg() -> float | None:

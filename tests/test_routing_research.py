@@ -245,6 +245,28 @@ def test_bench_expert_counts_hold_parameters_and_report_ratios():
     r = run_expert_counts(cfg, (8, 16), steps=1, warmup=0)
     assert r["counts"]["8"]["ratio"] == 1.0 and r["counts"]["16"]["fwd_bwd_tokens_per_s"] > 0
     assert r["counts"]["16"]["top_k"] == 4 and r["loadavg_start"] is not None
+    assert r["counts"]["8"]["experts_only_ratio"] == 1.0
+    assert 0 < r["counts"]["16"]["experts_fwd_bwd_s_median"] < r["counts"]["16"]["fwd_bwd_s_median"]
+
+
+def test_experts_alone_replays_each_layers_real_loads():
+    """The expert-only timing of the expert-count benchmark runs each MoE layer's experts on
+    the rows per expert that layer's routing kept, one call per layer, with gradients."""
+    from moe.bench import ExpertsAlone, Stepper
+
+    cfg = load_config(str(ROOT / "configs" / "bench.yaml"), [
+        "--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.vocab_size=512",
+        "--model.expert_hidden=64", "--data.seq_len=32", "--model.max_seq_len=32",
+        "--train.batch_size=2", "--train.micro_batch_size=2", "--train.device=cpu",
+        "--train.threads=1"])
+    s = Stepper(cfg, cfg.model, torch.device("cpu"), None)
+    alone = ExpertsAlone(s)
+    layers = list(s.model.moe_layers())
+    assert [m for m, *_ in alone.calls] == [m.experts for m in layers]
+    for (_, counts, _, _), layer in zip(alone.calls, layers):
+        assert torch.equal(counts, layer.last_stats.kept_per_expert)
+    assert alone.fwd_bwd(torch.device("cpu")) > 0
+    assert all(p.grad is None for p in s.model.parameters())  # left as it found them
 
 
 # --- expert choice ------------------------------------------------------------------------------

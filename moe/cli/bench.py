@@ -81,10 +81,15 @@ def main(argv: list[str] | None = None) -> int:
               f"median of {r['steps']} turns ({args.experts_mode}); 1-min load average "
               f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
         print(f"{'experts':>8s} {'top_k':>6s} {'hidden':>7s} {'tokens/s':>10s} {'ratio':>6s} "
-              f"{'drop':>6s}")
+              f"{'drop':>6s} {'step ms':>8s} {'experts ms':>11s} {'experts only':>13s}")
         for v in r["counts"].values():
             print(f"{v['n_experts']:8d} {v['top_k']:6d} {v['expert_hidden']:7d} "
-                  f"{v['fwd_bwd_tokens_per_s']:10.0f} {v['ratio']:6.3f} {v['drop_frac']:6.3f}")
+                  f"{v['fwd_bwd_tokens_per_s']:10.0f} {v['ratio']:6.3f} {v['drop_frac']:6.3f} "
+                  f"{v['fwd_bwd_s_median'] * 1e3:8.1f} {v['experts_fwd_bwd_s_median'] * 1e3:11.1f} "
+                  f"{v['experts_only_ratio']:13.3f}")
+        print("experts ms: the experts' own forward + backward (GroupedExperts on each layer's "
+              "real loads, no routing, dispatch or combine); experts only: the ratio if only "
+              "that changed from the first count")
         return 0
     if args.ac:
         from moe.bench_memory import run_memory_bench
