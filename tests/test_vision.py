@@ -129,7 +129,8 @@ VISION = ["--vision.enabled=true", "--vision.image_size=16", "--vision.d_vision=
 KEYS = ("vision_pretrain_loss", "loss", "lm_loss", "aux_loss", "z_loss", "drop_frac",
         "grad_norm", "val_loss",
         "val_loss_shuffled_images", "val_loss_no_images", "heldout_accuracy", "val_accuracy",
-        "heldout_accuracy_calibrated",
+        "heldout_accuracy_calibrated", "val_exists_accuracy", "heldout_exists_accuracy",
+        "heldout_exists_accuracy_calibrated",
         "gate_attn_0", "gate_ffn_1")
 
 
@@ -157,9 +158,21 @@ def test_vision_run_logs_what_the_issue_asks(single):
     for key in ("val_loss_shuffled_images", "val_loss_no_images", "heldout_accuracy",
                 "heldout_colour_accuracy", "heldout_shape_accuracy", "val_accuracy",
                 "heldout_accuracy_calibrated", "val_shape_accuracy_calibrated",
+                "val_exists_accuracy", "val_exists_accuracy_calibrated",
+                "heldout_exists_accuracy", "heldout_exists_accuracy_calibrated",
                 "gate_attn_0", "gate_ffn_0", "gate_attn_1"):
         assert key in row, key
     assert 0 <= row["heldout_accuracy"] <= 1
+    # The exists (binding) queries have their own keys: the colour / shape aggregates keep
+    # their meaning (val_accuracy is the mean of its colour and shape parts: as many of each).
+    assert not any(k.startswith(("val_exists_exists", "heldout_exists_exists")) for k in row)
+    assert row["val_accuracy"] == pytest.approx(
+        (row["val_colour_accuracy"] + row["val_shape_accuracy"]) / 2)
+    assert row["heldout_accuracy"] == pytest.approx(
+        (row["heldout_colour_accuracy"] + row["heldout_shape_accuracy"]) / 2)
+    # Yes / no queries: 8 val images (those with a distractor), 4 heldout and their negatives.
+    for key in ("val_exists_accuracy", "heldout_exists_accuracy"):
+        assert 0 <= row[key] <= 1
     assert 0 < row["gate_attn_0"] < 0.1  # three steps: gates left 0, barely
     assert single[0]["step"] == 0 and single[0]["vision_pretrain_loss"] > 0
     steps = [r for r in single if "lm_loss" in r]

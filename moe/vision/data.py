@@ -18,9 +18,43 @@ Text is lower case; answers start with a space because they are appended to thei
     shape       "q: what shape is the red one? a:"   -> " square"
     count       "q: how many shapes? a:"             -> " two"
     position    "q: where is the red square? a:"     -> " top left"
-    training    caption + " " + 2 or 3 questions, each "prompt answer.":
-                "a red square at the top left and a blue circle at the bottom. q: how many
-                shapes? a: two. q: where is the blue circle? a: bottom."
+    exists      "q: is there a red square? a:"       -> " yes" / " no"
+    training    the caption, or 2 or 3 questions, each "prompt answer.":
+                "a red square at the top left and a blue circle at the bottom."
+                "q: how many shapes? a: two. q: where is the blue circle? a: bottom."
+
+Binding ("exists"). Colours and shapes are distinct within a scene, so no colour, shape or
+position question needs a colour bound to a shape: the colour alone names the object. An
+exists question does: its negatives are preferably *distractors*, a pair whose colour belongs
+to one object of the scene and whose shape to another ("is there a blue triangle?" beside a
+blue square and a red triangle), which a model that only knows which colours and which shapes
+are present cannot answer.
+
+The data mix (``training_text``): ``CAPTION_SHARE`` = 1/2 of the texts are the caption; of the
+question texts, ``EXISTS_SHARE`` = 1/2 are one exists question and 1-2 other questions (in
+random order), the rest 2-3 of the colour / shape / position / count questions as before. So
+a quarter of all texts asks an exists question (21% of the questions of a train split; count
+26%, colour, shape and position 17-18% each: colour and shape questions are about 60% as
+many as with format 2, whose question texts had no exists question). In train
+and val texts an exists question is only about a seen pair (never a ``HELD_OUT`` one): its
+positive is an object's own pair, its negative a seen distractor or, when the scene has none
+(one object, or only held-out cross pairs), a seen pair with one attribute from the scene and
+the other absent. Nothing else in the text gives its answer away:
+
+- the other questions of an exists text are the count question and questions about the
+  objects it does not *involve* (so none names its colour or its shape, which would tell the
+  answer: "what shape is the red one? a: circle" rules out a red square); it involves the
+  objects carrying its colour or shape and, when that is one object of several, one more
+  drawn at random, so that yes and no leave the same objects to the other questions;
+- which exists question a text asks is chosen to balance yes and no per (pair, object count)
+  over the split (``make_split`` keeps the counts): overall and for every seen pair as many
+  yes as no, to within a few, so the question alone predicts nothing (``exists_balance``).
+
+Probes: ``composition_queries`` (the colour and the shape of each held-out object),
+``binding_probe`` (is there <held-out pair>? yes on each heldout image, and as many no's per
+held-out pair on images of the same distribution holding its colour and shape on two
+different objects: a small split of its own, built from the heldout split and the seed), and
+``exists_queries``, the seen-pair counterpart on val images (a yes and a distractor no each).
 
 Cache (``load_or_build``): ``<cache_dir>/vision-<fingerprint>/`` holds, per split,
 ``{split}.npz`` (``images``: uint8 [N, size, size, 3]) and ``{split}.json`` (``scenes``: lists
@@ -45,7 +79,7 @@ from PIL import Image, UnidentifiedImageError
 from moe.data.cache import atomic_file, build_lock, log, read_meta, write_meta
 
 # Bump when the images or texts change for the same parameters: old caches then miss.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: exists questions in the texts
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -61,7 +95,8 @@ POSITIONS: tuple[str, ...] = ("top left", "top", "top right", "left", "centre", 
                               "bottom left", "bottom", "bottom right")
 GRID = 3
 NUMBER_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
-KINDS: tuple[str, ...] = ("colour", "shape", "count", "position")
+KINDS: tuple[str, ...] = ("colour", "shape", "count", "position", "exists")
+ANSWERS_EXISTS: tuple[str, str] = ("yes", "no")
 SPLITS: tuple[str, ...] = ("train", "val", "heldout")
 
 # One held-out shape per colour (and each shape held out for one or two colours), so the
@@ -76,7 +111,10 @@ TRAIN_COMBOS: tuple[tuple[str, str], ...] = tuple(
 RADIUS_RANGE = (0.30, 0.42)
 RADIUS_DEFAULT = 0.36  # render(rng=None): no jitter, the middle size
 MAX_JITTER_PX = 2.0
-MAX_WORDS = 45  # the longest training text, in words
+MAX_WORDS = 27  # the longest text: 3 position questions with 2-word positions, 9 words each
+CAPTION_SHARE = 0.5  # of the texts: the caption; the others are questions
+EXISTS_SHARE = 0.5  # of the question texts: one exists question and 1-2 others
+PROBE_STREAM = len(SPLITS)  # binding_probe's generator: (seed, PROBE_STREAM), apart from splits
 PREVIEWS = 4  # preview PNGs per split
 PREVIEW_SCALE = 4
 
@@ -262,9 +300,15 @@ def count_question(scene: Scene) -> Question:
                     "count")
 
 
+def exists_question(colour: str, shape: str, present: bool) -> Question:
+    return Question(f"q: is there a {colour} {shape}? a:",
+                    " " + ANSWERS_EXISTS[0 if present else 1], "exists")
+
+
 def questions(scene: Scene) -> list[Question]:
-    """Every question about the scene: per object in reading order its colour, shape and
-    position question, then the count question."""
+    """Every colour, shape, position and count question about the scene: per object in
+    reading order its colour, shape and position question, then the count question (the exists
+    questions are ``exists_questions``)."""
     out: list[Question] = []
     for o in sorted(scene.objects, key=lambda o: o.cell):
         out += [colour_question(o), shape_question(o), position_question(o)]
@@ -272,17 +316,127 @@ def questions(scene: Scene) -> list[Question]:
     return out
 
 
-def training_text(scene: Scene, rng: np.random.Generator) -> str:
-    """The caption (half the images, by rng) or 2 or 3 of the scene's questions with their
+def cross_pairs(scene: Scene) -> list[tuple[Shape, Shape]]:
+    """(a, b) for every two different objects: the pair (a.colour, b.shape) is not in the
+    scene (colours are distinct) although its colour and its shape are."""
+    objs = sorted(scene.objects, key=lambda o: o.cell)
+    return [(a, b) for a in objs for b in objs if a is not b]
+
+
+@dataclass(frozen=True)
+class _ExistsOption:
+    question: Question
+    pair: tuple[str, str]
+    involved: tuple[Shape, ...]  # the objects carrying its colour or shape
+
+
+def _exists_options(scene: Scene) -> list[_ExistsOption]:
+    """The exists questions a text may ask about the scene, seen pairs only: a positive per
+    seen object, then the seen distractors, or (none) the seen pairs with one attribute from
+    an object and the other absent from the scene."""
+    objs = sorted(scene.objects, key=lambda o: o.cell)
+    out = [_ExistsOption(exists_question(o.colour, o.shape, True), (o.colour, o.shape), (o,))
+           for o in objs if (o.colour, o.shape) not in HELD_OUT]
+    negatives = [_ExistsOption(exists_question(a.colour, b.shape, False), (a.colour, b.shape),
+                               (a, b))
+                 for a, b in cross_pairs(scene) if (a.colour, b.shape) not in HELD_OUT]
+    if not negatives:
+        colours, shapes = {o.colour for o in objs}, {o.shape for o in objs}
+        for o in objs:
+            pairs = [(o.colour, s) for s in SHAPES if s not in shapes]
+            pairs += [(c, o.shape) for c in COLOUR_NAMES if c not in colours]
+            negatives += [_ExistsOption(exists_question(c, s, False), (c, s), (o,))
+                          for c, s in pairs if (c, s) not in HELD_OUT]
+    return out + negatives
+
+
+def exists_questions(scene: Scene) -> list[Question]:
+    """Every exists question a training text may ask about the scene (``training_text``)."""
+    return [opt.question for opt in _exists_options(scene)]
+
+
+def _balance_key(pair: tuple[str, str], scene: Scene) -> tuple[str, str, int]:
+    return (*pair, len(scene.objects))
+
+
+def _exists_text(scene: Scene, rng: np.random.Generator, balance: dict) -> list[Question]:
+    """One exists question, the one whose answer its (pair, object count) lacks most in
+    ``balance`` (ties by rng), with 1-2 questions that do not involve its objects."""
+    options = _exists_options(scene)
+
+    def need(opt: _ExistsOption) -> int:  # yes - no so far, signed for the answer it adds
+        yes, no = balance.get(_balance_key(opt.pair, scene), (0, 0))
+        return no - yes if opt.question.answer == " yes" else yes - no
+
+    needs = [need(o) for o in options]
+    best = [o for o, n in zip(options, needs) if n == max(needs)]
+    opt = best[int(rng.integers(len(best)))]
+    key = _balance_key(opt.pair, scene)
+    yes, no = balance.get(key, (0, 0))
+    balance[key] = (yes + 1, no) if opt.question.answer == " yes" else (yes, no + 1)
+    involved = list(opt.involved)
+    rest = [o for o in sorted(scene.objects, key=lambda o: o.cell) if o not in involved]
+    if len(involved) == 1 and rest:  # as many objects left to the others as a distractor
+        involved.append(rest.pop(int(rng.integers(len(rest)))))
+    others = [q for o in rest for q in (colour_question(o), shape_question(o),
+                                         position_question(o))]
+    others.append(count_question(scene))
+    k = int(rng.integers(1, 3))
+    picked = [others[i] for i in rng.choice(len(others), size=min(k, len(others)),
+                                            replace=False)]
+    picked.insert(int(rng.integers(len(picked) + 1)), opt.question)
+    return picked
+
+
+def training_text(scene: Scene, rng: np.random.Generator, balance: dict | None = None) -> str:
+    """The caption (``CAPTION_SHARE`` of the images, by rng) or 2 or 3 questions with their
     answers, never both: a question that followed the caption could be answered by copying
     from the text, and the model would learn to read the caption instead of the image (the
-    composition test asks questions with no caption before them)."""
-    if rng.random() < 0.5:
+    composition tests ask questions with no caption before them). ``EXISTS_SHARE`` of the
+    question texts hold one exists question (``_exists_text``); the others 2-3 of
+    ``questions``. ``balance``: the split's yes / no counts per (colour, shape, object count),
+    updated here; None: a fresh count (the exists question is drawn at random)."""
+    if rng.random() < CAPTION_SHARE:
         return caption(scene)
-    qs = questions(scene)
-    k = int(rng.integers(2, 4))
-    picked = rng.choice(len(qs), size=min(k, len(qs)), replace=False)
-    return " ".join(qs[i].prompt + qs[i].answer + "." for i in picked)
+    if rng.random() < EXISTS_SHARE:
+        qs = _exists_text(scene, rng, {} if balance is None else balance)
+    else:
+        pool = questions(scene)
+        k = int(rng.integers(2, 4))
+        qs = [pool[i] for i in rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
+    return " ".join(q.prompt + q.answer + "." for q in qs)
+
+
+def parse_questions(text: str) -> list[Question]:
+    """The questions of a question text, with their kinds (the inverse of ``training_text``
+    for question texts); [] for a caption."""
+    if not text.startswith("q: "):
+        return []
+    out = []
+    for chunk in text[3:].split(" q: "):
+        prompt, answer = ("q: " + chunk).rstrip(".").split(" a:")
+        kind = next(k for k, start in (("colour", "q: what colour"), ("shape", "q: what shape"),
+                                       ("count", "q: how many"), ("position", "q: where"),
+                                       ("exists", "q: is there")) if prompt.startswith(start))
+        out.append(Question(prompt + " a:", answer, kind))
+    return out
+
+
+def exists_pair(q: Question) -> tuple[str, str]:
+    """(colour, shape) an exists question asks about."""
+    colour, shape = q.prompt.removeprefix("q: is there a ").removesuffix("? a:").split(" ")
+    return colour, shape
+
+
+def exists_balance(texts: list[str]) -> dict[tuple[str, str], tuple[int, int]]:
+    """(yes, no) counts of the exists questions in ``texts``, per (colour, shape)."""
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for text in texts:
+        for q in parse_questions(text):
+            if q.kind == "exists":
+                yes, no = out.get(exists_pair(q), (0, 0))
+                out[exists_pair(q)] = (yes + 1, no) if q.answer == " yes" else (yes, no + 1)
+    return out
 
 
 def candidates(kind: str, max_objects: int = 3) -> tuple[str, ...]:
@@ -297,6 +451,8 @@ def candidates(kind: str, max_objects: int = 3) -> tuple[str, ...]:
     elif kind == "count":
         _check_max_objects(max_objects)
         words = NUMBER_WORDS[:max_objects]
+    elif kind == "exists":
+        words = ANSWERS_EXISTS
     else:
         raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
     return tuple(" " + w for w in words)
@@ -327,9 +483,89 @@ def composition_queries(split: VisionSplit) -> list[tuple[int, Question]]:
     return out
 
 
+def exists_queries(split: VisionSplit, n_images: int | None = None
+                   ) -> list[tuple[int, Question]]:
+    """Seen-pair binding queries (the counterpart of ``binding_probe``): for each of the first
+    ``n_images`` images that has a seen distractor, "is there <an object's own pair>?" (yes,
+    object i % count) and "is there <a seen distractor>?" (no, distractor i % count): one yes
+    and one no per image, so neither the image alone nor the answer rate tells the answer."""
+    out: list[tuple[int, Question]] = []
+    for i, scene in enumerate(split.scenes[:n_images]):
+        objs = [o for o in sorted(scene.objects, key=lambda o: o.cell)
+                if (o.colour, o.shape) not in HELD_OUT]
+        negs = [(a.colour, b.shape) for a, b in cross_pairs(scene)
+                if (a.colour, b.shape) not in HELD_OUT]
+        if objs and negs:
+            o, (c, s) = objs[i % len(objs)], negs[i % len(negs)]
+            out += [(i, exists_question(o.colour, o.shape, True)),
+                    (i, exists_question(c, s, False))]
+    return out
+
+
+@dataclass
+class BindingProbe:
+    """The held-out binding test: ``queries`` index ``split``, whose first images are the
+    heldout split's (same order) and the rest images drawn for negatives only."""
+    split: VisionSplit
+    queries: list[tuple[int, Question]]
+
+
+def heldout_cross_pairs(scene: Scene) -> list[tuple[str, str]]:
+    """Held-out pairs whose colour and shape are both in the scene, on different objects."""
+    return sorted({(a.colour, b.shape) for a, b in cross_pairs(scene)
+                   if (a.colour, b.shape) in HELD_OUT})
+
+
+def binding_probe(heldout: VisionSplit, seed: int, max_objects: int = 3,
+                  max_draws: int | None = None) -> BindingProbe:
+    """Is there <held-out pair>? For each heldout image, its own held-out pair (yes). For each
+    held-out pair h, as many no's as it has yes's: first heldout images holding h's colour and
+    shape apart (reading order), then new scenes of the heldout distribution (one held-out
+    object, the rest seen; ``random_scene(heldout=True)``, redrawn until it holds a still
+    needed pair apart; generator ``(seed, PROBE_STREAM)``), rendered (jittered) after the
+    heldout images; one no per new image. So yes and no are balanced per held-out pair and
+    overall (chance 50%), the negatives' images come from the positives' distribution, and a
+    model that checks only that the colour and the shape are present scores 50%. Where a pair
+    cannot get enough negatives within ``max_draws`` scenes (default 100 per heldout image;
+    max_objects=2 leaves only the held-out circles and crosses possible, 1 none), its yes's are
+    cut to its no's, the last first. Images are the heldout's size. Deterministic."""
+    pos: dict[tuple[str, str], list[int]] = {h: [] for h in sorted(HELD_OUT)}
+    neg: dict[tuple[str, str], list[int]] = {h: [] for h in sorted(HELD_OUT)}
+    for i, scene in enumerate(heldout.scenes):
+        for o in heldout_objects(scene):
+            pos[(o.colour, o.shape)].append(i)
+    for i, scene in enumerate(heldout.scenes):
+        for h in heldout_cross_pairs(scene):
+            if len(neg[h]) < len(pos[h]):
+                neg[h].append(i)
+    rng = np.random.default_rng([seed, PROBE_STREAM])
+    scenes: list[Scene] = []
+    draws, max_draws = 0, 100 * len(heldout) if max_draws is None else max_draws
+    while draws < max_draws and any(len(neg[h]) < len(pos[h]) for h in neg) and max_objects > 1:
+        draws += 1
+        scene = random_scene(rng, max_objects, heldout=True)
+        needed = [h for h in heldout_cross_pairs(scene) if len(neg[h]) < len(pos[h])]
+        if needed:
+            h = min(needed, key=lambda h: (len(neg[h]) - len(pos[h]), h))  # the most lacking
+            neg[h].append(len(heldout) + len(scenes))
+            scenes.append(scene)
+    images = np.zeros((len(scenes), *heldout.images.shape[1:]), dtype=np.uint8)
+    for j, scene in enumerate(scenes):
+        images[j] = render(scene, heldout.images.shape[1], rng)
+    split = VisionSplit(np.concatenate([heldout.images, images]), heldout.scenes + scenes,
+                        heldout.texts + [caption(sc) for sc in scenes])
+    queries: list[tuple[int, Question]] = []
+    for h in sorted(HELD_OUT):
+        m = min(len(pos[h]), len(neg[h]))
+        queries += [(i, exists_question(*h, True)) for i in pos[h][:m]]
+        queries += [(i, exists_question(*h, False)) for i in neg[h][:m]]
+    return BindingProbe(split, sorted(queries, key=lambda q: (q[0], q[1].answer)))
+
+
 def make_split(kind: str, n: int, seed: int, size: int = 32, max_objects: int = 3) -> VisionSplit:
     """n images of one split, a function of (kind, n, seed, size, max_objects) only. Train, val
-    and heldout draw from generators seeded by (seed, split index): independent streams."""
+    and heldout draw from generators seeded by (seed, split index): independent streams. The
+    exists questions are balanced over the split (``training_text``'s ``balance``)."""
     if kind not in SPLITS:
         raise ValueError(f"unknown split {kind!r}; expected one of {SPLITS}")
     if n < 0 or seed < 0:
@@ -338,11 +574,12 @@ def make_split(kind: str, n: int, seed: int, size: int = 32, max_objects: int = 
     rng = np.random.default_rng([seed, SPLITS.index(kind)])
     images = np.zeros((n, size, size, 3), dtype=np.uint8)
     scenes, texts = [], []
+    balance: dict = {}
     for i in range(n):
         scene = random_scene(rng, max_objects, heldout=kind == "heldout")
         images[i] = render(scene, size, rng)
         scenes.append(scene)
-        texts.append(training_text(scene, rng))
+        texts.append(training_text(scene, rng, balance))
     return VisionSplit(images, scenes, texts)
 
 

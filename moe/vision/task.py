@@ -17,13 +17,24 @@ Every evaluation logs, on the fixed validation images:
                                (every text gets another text's image)
     val_loss_no_images         the text model alone (no cross-attention)
     val_accuracy               colour / shape questions about seen colour x shape pairs
+                               (and its val_colour_accuracy / val_shape_accuracy parts)
     heldout_accuracy           the same questions about pairs never seen in training (the
                                composition test), and its colour / shape parts
+    val_exists_accuracy        binding on seen pairs: "is there a <pair>?" on val images, a
+                               yes (an object's own pair) and a distractor no (the colour of
+                               one object, the shape of another) per image (data.exists_queries)
+    heldout_exists_accuracy    binding on held-out pairs (data.binding_probe): yes on every
+                               heldout image for its held-out pair, as many no's per held-out
+                               pair on images holding its colour and shape on two objects
     gate_attn_{i}, gate_ffn_{i}  |tanh| of each cross-attention block's gates
 
 Accuracy scores every candidate answer by its summed log-probability after the question
-(chance: 1/6 for colours, 1/4 for shapes); ``*_accuracy_calibrated`` by its gain over the
-same question without the image (the text prior removed).
+(chance: 1/6 for colours, 1/4 for shapes, 1/2 for exists: yes and no are balanced exactly);
+``*_accuracy_calibrated`` by its gain over the same question without the image (the text
+prior removed). The exists metrics are their own aggregate: ``val_accuracy`` and
+``heldout_accuracy`` keep their meaning (colour and shape questions only) and there is no
+combined binding key; ``heldout_exists_accuracy`` IS the held-out binding accuracy. They are
+absent where no query can be made (vision.max_objects=1: no distractor exists).
 """
 
 from __future__ import annotations
@@ -121,7 +132,17 @@ class VisionTask:
                               f"{tc.micro_batch_size}")
         self.val_queries = _val_queries(self.data.val, ACCURACY_IMAGES)
         self.heldout_queries = vdata.composition_queries(self.data.heldout)
-        self._scoring: dict[str, tuple[list, list]] = {}  # _scoring_rows per split name
+        self.val_exists_queries = vdata.exists_queries(self.data.val, ACCURACY_IMAGES)
+        # Built here, not cached: a few hundred images drawn from the seed in well under 1 s.
+        self.binding = vdata.binding_probe(self.data.heldout, vc.data_seed, vc.max_objects)
+        # (name, split, queries, aggregate key or None): what _accuracy scores at each eval.
+        self.scoring_sets = [
+            ("val", self.data.val, self.val_queries, "val_accuracy"),
+            ("heldout", self.data.heldout, self.heldout_queries, "heldout_accuracy"),
+            ("val_exists", self.data.val, self.val_exists_queries, None),
+            ("heldout_exists", self.binding.split, self.binding.queries, None),
+        ]
+        self._scoring: dict[str, tuple[list, list]] = {}  # _scoring_rows per scoring set
 
     @staticmethod
     def init_keep(name: str) -> bool:
@@ -178,9 +199,9 @@ class VisionTask:
         runtime.train(False)
         try:
             out = self._losses(runtime)
-            out.update(self._accuracy(runtime, self.data.val, self.val_queries, "val"))
-            out.update(self._accuracy(runtime, self.data.heldout, self.heldout_queries,
-                                      "heldout"))
+            for name, split, queries, aggregate in self.scoring_sets:
+                if queries:
+                    out.update(self._accuracy(runtime, split, queries, name, aggregate))
             for key, (attn, ffn) in runtime.parts[0].gates().items():
                 out[f"gate_attn_{key}"], out[f"gate_ffn_{key}"] = attn, ffn
         finally:
@@ -233,12 +254,15 @@ class VisionTask:
             chunks.append((np.array([img for img, _, _ in chunk]), x, y))
         return chunks, owners
 
-    def _accuracy(self, runtime, split: vdata.VisionSplit, queries: list, name: str
-                  ) -> dict[str, float]:
+    def _accuracy(self, runtime, split: vdata.VisionSplit, queries: list, name: str,
+                  aggregate: str | None = None) -> dict[str, float]:
         """Share of questions whose true answer has the highest log-probability, and
         (``_calibrated``) the highest log-probability gain over the text model alone: the
         answer the image makes likelier than the question alone does (PMI scoring, Holtzman
-        et al. 2021), which discounts the text prior a held-out pair contradicts."""
+        et al. 2021), which discounts the text prior a held-out pair contradicts. Keys:
+        ``{split}_{kind}_accuracy`` per question kind, where ``split`` is ``name`` up to its
+        first "_" (the scoring set "val_exists" gives val_exists_accuracy), and
+        ``{aggregate}`` over all its queries when given; both with ``_calibrated``."""
         if name not in self._scoring:
             self._scoring[name] = self._scoring_rows(queries)
         chunks, owners = self._scoring[name]
@@ -258,9 +282,11 @@ class VisionTask:
             by_kind: dict[str, list[bool]] = {}
             for qi, (_, q) in enumerate(queries):
                 by_kind.setdefault(q.kind, []).append(best[qi][1])
-            out.update({f"{name}_{kind}_accuracy{suffix}": float(np.mean(v))
+            prefix = name.split("_")[0]
+            out.update({f"{prefix}_{kind}_accuracy{suffix}": float(np.mean(v))
                         for kind, v in by_kind.items()})
-            out[f"{name}_accuracy{suffix}"] = float(np.mean([c for v in by_kind.values()
+            if aggregate is not None:
+                out[f"{aggregate}{suffix}"] = float(np.mean([c for v in by_kind.values()
                                                             for c in v]))
         return out
 
