@@ -455,7 +455,7 @@ class ExpertsAlone:
         self.calls: list[tuple[nn.Module, torch.Tensor, int, bool]] = []
 
         def record(module, args, kwargs):
-            x, counts, capacity = args[:3]
+            _, counts, capacity = args[:3]
             self.calls.append((module, counts.detach().clone(), int(capacity),
                                kwargs.get("scale") is not None))
 
