@@ -287,3 +287,59 @@ def test_answer_logprobs_hand_computed():
     targets = torch.tensor([[-100, 1, 2]])
     want = torch.log(torch.tensor(0.8)) + torch.log(torch.tensor(0.6))
     assert torch.allclose(answer_logprobs(logits, targets), want[None])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cached_caption_equals_the_full_forward(bf16):
+    """caption_image's KV-cached decode (image encoded once, the prompt prefilled, then one
+    token a forward) gives the full forward's logits at every step and the same tokens, with
+    the gates open, in fp32 and under CPU bf16 autocast; it stops at max_seq_len."""
+    from moe.vision.caption import caption_image
+
+    cfg = tiny_model_config()
+    model = build_vision_model(cfg, VC, seed=5).eval()
+    _open_gates(model, attn=0.8, ffn=0.5)
+    image = (torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(1)) * 255).to(
+        torch.uint8).numpy()
+    runs = {}
+    with autocast_context(torch.device("cpu"), "bf16" if bf16 else "fp32"):
+        for cached in (True, False):
+            logits: list[torch.Tensor] = []
+            new = caption_image(model, image, [0, 7, 9], max_new_tokens=12, use_cache=cached,
+                                step_logits=logits)
+            runs[cached] = (new, torch.stack(logits))
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 12
+    tol = 5e-2 if bf16 else 1e-5
+    torch.testing.assert_close(runs[True][1], runs[False][1], atol=tol, rtol=tol)
+    full = caption_image(model, image, [0] * (cfg.max_seq_len - 2), max_new_tokens=9)
+    assert len(full) == 2  # the sequence reaches max_seq_len
+    with pytest.raises(ValueError, match="image marker"):
+        caption_image(model, image, [], max_new_tokens=3)
+
+
+def test_cached_forward_with_media_equals_the_full_forward():
+    """The model's cached path with precomputed latents (``media=``): a prefix, then the rest
+    token by token, equals one full forward, for rows whose second image comes mid-sequence
+    and a row that sees no image for its first tokens."""
+    from moe.inference.cache import KVCache
+
+    cfg = tiny_model_config()
+    model = build_vision_model(cfg, VC, seed=6).eval()
+    _open_gates(model)
+    tokens, images, media_pos = _inputs()
+    with torch.no_grad():
+        want = model(tokens, images=images, media_pos=media_pos, capacity_factor=None)
+        media = model.encode_images(images)
+        cache = KVCache(model, 2)
+        got = [model(tokens[:, :4], cache.view([0, 1], 4), media=media, media_pos=media_pos,
+                     capacity_factor=None)]
+        cache.advance([0, 1], [4, 4])
+        for t in range(4, tokens.shape[1]):
+            got.append(model(tokens[:, t:t + 1], cache.view([0, 1], 1), media=media,
+                             media_pos=media_pos, capacity_factor=None))
+            cache.advance([0, 1], [1, 1])
+    torch.testing.assert_close(torch.cat(got, 1), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(tokens, images=images, media=media, media_pos=media_pos)
+    with pytest.raises(ValueError, match=r"need media_pos of shape \(2, 2\)"):
+        model(tokens, media=media, media_pos=media_pos[:, :1])

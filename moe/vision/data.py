@@ -177,20 +177,23 @@ def _check_max_objects(max_objects: int) -> None:
 
 
 def _pick_others(rng: np.random.Generator, k: int, colours: list[int],
-                 shapes: list[int]) -> list[tuple[int, int]] | None:
+                 shapes: list[int], any_pair: bool = False) -> list[tuple[int, int]] | None:
     """k train-combo (colour, shape) index pairs from the given pools, distinct in both; None
-    when the draw hit a held-out combo (the caller redraws: rejection keeps it simple)."""
+    when the draw hit a held-out combo (the caller redraws: rejection keeps it simple).
+    any_pair: every combo is allowed."""
     cs = rng.permutation(colours)[:k]
     ss = rng.permutation(shapes)[:k]
     pairs = [(int(c), int(s)) for c, s in zip(cs, ss)]
-    if any((COLOUR_NAMES[c], SHAPES[s]) in HELD_OUT for c, s in pairs):
+    if not any_pair and any((COLOUR_NAMES[c], SHAPES[s]) in HELD_OUT for c, s in pairs):
         return None
     return pairs
 
 
-def random_scene(rng: np.random.Generator, max_objects: int = 3, heldout: bool = False) -> Scene:
+def random_scene(rng: np.random.Generator, max_objects: int = 3, heldout: bool = False,
+                 any_pair: bool = False) -> Scene:
     """1..max_objects objects, uniformly many; all train combos, or (heldout) exactly one
-    held-out combo and the rest train combos. Objects are in reading order (by cell)."""
+    held-out combo and the rest train combos, or (any_pair: only for moe/vision/probe.py's
+    control, never in a split) any combos. Objects are in reading order (by cell)."""
     _check_max_objects(max_objects)
     k = int(rng.integers(1, max_objects + 1))
     all_c, all_s = list(range(len(COLOUR_NAMES))), list(range(len(SHAPES)))
@@ -202,7 +205,7 @@ def random_scene(rng: np.random.Generator, max_objects: int = 3, heldout: bool =
                                 [s for s in all_s if s != first[1]])
             pairs = None if rest is None else [first, *rest]
         else:
-            pairs = _pick_others(rng, k, all_c, all_s)
+            pairs = _pick_others(rng, k, all_c, all_s, any_pair)
         if pairs is not None:
             break
     cells = rng.choice(GRID * GRID, size=k, replace=False)

@@ -71,18 +71,25 @@ class VisionLanguageModel(Transformer):
         return {key: block.gates() for key, block in self.cross_attn.items()}
 
     def forward(self, tokens: torch.Tensor, kv_cache=None, *, images: torch.Tensor | None = None,
-                media_pos: torch.Tensor | None = None, capacity_factor=CONFIG_CAPACITY,
-                decode_path: bool = False) -> torch.Tensor:
+                media_pos: torch.Tensor | None = None, media: torch.Tensor | None = None,
+                capacity_factor=CONFIG_CAPACITY, decode_path: bool = False) -> torch.Tensor:
         """tokens [B, S]; images [B, N, 3, H, W] in [0, 1]; media_pos [B, N]: the position of
         the first token that sees each image (-1: no image in that slot; see
-        ``media_mask``). Without images: the text model's forward. Returns logits."""
-        if images is None:
+        ``media_mask``); or, instead of images, ``media``: their latents from
+        ``encode_images`` [B, N * n_latents, d_vision] (a cached decode encodes once). Without
+        either: the text model's forward. Returns logits."""
+        if images is None and media is None:
             return super().forward(tokens, kv_cache, capacity_factor=capacity_factor,
                                    decode_path=decode_path)
-        if media_pos is None or media_pos.shape != images.shape[:2]:
-            raise ValueError(f"images of shape {tuple(images.shape)} need media_pos of shape "
-                             f"{tuple(images.shape[:2])} (the first token that sees each)")
-        media = self.encode_images(images)
+        if images is not None and media is not None:
+            raise ValueError("give images or their media latents, not both")
+        n_images = images.shape[1] if images is not None else \
+            media.shape[1] // self.vcfg.n_latents
+        if media_pos is None or media_pos.shape != (tokens.shape[0], n_images):
+            raise ValueError(f"{n_images} image(s) per row need media_pos of shape "
+                             f"{(tokens.shape[0], n_images)} (the first token that sees each)")
+        if media is None:
+            media = self.encode_images(images)
         h, cos, sin, extra = self.prepare(tokens, kv_cache, capacity_factor, decode_path)
         positions = (kv_cache.input_pos if kv_cache is not None
                      else torch.arange(tokens.shape[1], device=tokens.device))
