@@ -343,3 +343,22 @@ def test_cached_forward_with_media_equals_the_full_forward():
         model(tokens, images=images, media=media, media_pos=media_pos)
     with pytest.raises(ValueError, match=r"need media_pos of shape \(2, 2\)"):
         model(tokens, media=media, media_pos=media_pos[:, :1])
+
+
+def test_probe_reads_a_trained_runs_encoder(workdir, single, capsys):
+    """scripts/vision_probe.py --run: the readout probe on a trained vision run's encoder
+    (the run's own config and data); --encoder-pairs is refused with --run."""
+    import json
+
+    from moe.cli import vision_probe
+
+    run = str(workdir / "single")
+    assert vision_probe.main(["--run", run, "--features=latents,oracle", "--steps=3",
+                              "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["encoder"]["run"].startswith(run) and out["encoder"]["step"] > 0
+    assert [r["features"] for r in out["rows"]] == ["latents", "oracle"]
+    assert vision_probe.main(["--run", run, "--encoder-pairs=all"]) == 2
+    assert "drop it with --run" in capsys.readouterr().err
+    assert vision_probe.main(["--run", run, "--vision.n_val=8"]) == 2
+    assert "its own config" in capsys.readouterr().err

@@ -61,9 +61,8 @@ def _sources(text: str) -> list[str]:
     return sources
 
 
-def _encoder(args, cfg, data: vdata.VisionData, log) -> tuple[torch.nn.Module, dict]:
-    if args.run:
-        loaded = load_model(args.run)
+def _encoder(args, cfg, data: vdata.VisionData, loaded, log) -> tuple[torch.nn.Module, dict]:
+    if loaded is not None:
         log(f"encoder of {loaded.checkpoint} (step {loaded.step})")
         return loaded.model, {"run": str(loaded.checkpoint), "step": loaded.step}
     vc = cfg.vision
@@ -86,9 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sources = _sources(args.features)
         noises = [float(x) for x in args.noise.split(",") if x]
+        if args.run and (args.config or overrides):
+            raise ValueError("--run probes the run with its own config: drop --config and "
+                             f"the overrides {overrides}")
         if args.run and args.encoder_pairs != "seen":
             raise ValueError("--encoder-pairs is for a fresh encoder: drop it with --run")
-        cfg = load_model(args.run).cfg if args.run else load_config(args.config, overrides)
+        loaded = load_model(args.run) if args.run else None
+        cfg = loaded.cfg if loaded is not None else load_config(args.config, overrides)
         if not cfg.vision.enabled:
             raise ConfigError("the probe needs a vision config (vision.enabled: true), e.g. "
                               "configs/vision_tiny.yaml")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         vc, mc = cfg.vision, cfg.model
         data = vdata.load_or_build(cfg.data.cache_dir, vc.n_train, vc.n_val, vc.n_heldout,
                                    vc.data_seed, vc.image_size, vc.max_objects)
-        model, encoder_info = (_encoder(args, cfg, data, log)
+        model, encoder_info = (_encoder(args, cfg, data, loaded, log)
                                if set(sources) - {"oracle"} else (None, {}))
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)

@@ -16,11 +16,10 @@ scores it on validation and held-out images:
 
 With oracle features the features cannot be the problem: what the readout then gets wrong on
 held-out pairs is what learning from the training pairs alone teaches it. Measured (docs/
-vision.md, "Why held-out pairs fail"): oracle features give 100% on validation and at most
-chance on held-out pairs. In training, every circle in an image with a red object is another
-object, so the "red" query gains from avoiding circles, and nothing ever penalises it for
-that. The encoder's features give the same picture, including with an encoder pre-trained on
-every pair (``any_pair_split``).
+vision.md, "Why held-out pairs fail"): oracle features give 100% on validation and on the seen
+objects of held-out images, and chance or near it on the held-out pairs (the training pairs say
+red is never a circle, and the readout uses that). The encoder's features do worse, also
+with an encoder pre-trained on every pair (``any_pair_split``).
 
 Training images only (no held-out pair); the probe's draws are seeded.
 """
