@@ -464,6 +464,11 @@ class VisionConfig:
     # open. 0: none.
     pretrain_steps: int = 1500
     pretrain_lr: float = 1e-3
+    # What reads the latents in that pre-training: linear (one head on all latents at once),
+    # attention (one learned query per cell, through a multi-query cross-attention as the
+    # text model's: each cell's contents must be where a query can find them) or both (the
+    # two losses summed). docs/vision.md has what each gives.
+    pretrain_head: str = "linear"
     # The generated data set (cached in data.cache_dir): images per split, objects per image.
     n_train: int = 20000
     n_val: int = 512
@@ -476,6 +481,7 @@ class VisionConfig:
                   "encoder_heads", "n_latents", "resampler_layers", "cross_attn_every",
                   "cross_attn_ffn_mult", "n_train", "n_val", "n_heldout", "max_objects")
         _choice(self, "attend", ("last", "all"))
+        _choice(self, "pretrain_head", ("linear", "attention", "both"))
         _nonnegative(self, "pretrain_steps")
         _positive(self, "pretrain_lr")
         if self.image_size % self.patch_size:

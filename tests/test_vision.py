@@ -232,6 +232,8 @@ def test_freeze_text_and_init_from_a_text_run(workdir):
     ("--vision.image_size=30", "vision.image_size=30 is not a multiple"),
     ("--vision.attend=first", "vision.attend='first' must be one of last, all"),
     ("--vision.max_objects=4", "vision.max_objects=4 must be 1, 2 or 3"),
+    ("--vision.pretrain_head=mlp",
+     "vision.pretrain_head=.mlp. must be one of linear, attention, both"),
 ])
 def test_bad_vision_settings_are_one_line(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -362,3 +364,22 @@ def test_probe_reads_a_trained_runs_encoder(workdir, single, capsys):
     assert "drop it with --run" in capsys.readouterr().err
     assert vision_probe.main(["--run", run, "--vision.n_val=8"]) == 2
     assert "its own config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("head", ["linear", "attention", "both"])
+def test_encoder_pretraining_learns_with_either_head(head):
+    """Both pre-training heads bring the what-is-where loss down from its start, and train
+    only the encoder and the resampler (the text model and the gates are untouched)."""
+    from moe.vision import data as vd
+    from moe.vision.pretrain import pretrain_encoder
+
+    model = build_vision_model(tiny_model_config(), VC, seed=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    split = vd.make_split("train", 256, seed=1, size=16)
+    first = pretrain_encoder(model, split, 1, 32, 3e-3, seed=0, head_kind=head)
+    last = pretrain_encoder(model, split, 150, 32, 3e-3, seed=0, head_kind=head)
+    assert last < 0.6 * first
+    moved = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"vision_encoder", "perceiver"}
+    with pytest.raises(ValueError, match="unknown pre-training head 'mlp'"):
+        pretrain_encoder(model, split, 1, 32, 3e-3, seed=0, head_kind="mlp")

@@ -71,7 +71,7 @@ def _encoder(args, cfg, data: vdata.VisionData, loaded, log) -> tuple[torch.nn.M
         len(data.train), vc.data_seed, vc.image_size, vc.max_objects)
     start = time.perf_counter()
     loss = pretrain_encoder(model, images, vc.pretrain_steps, cfg.train.batch_size,
-                            vc.pretrain_lr, cfg.train.seed)
+                            vc.pretrain_lr, cfg.train.seed, vc.pretrain_head)
     log(f"encoder pre-trained on {args.encoder_pairs} pairs: {vc.pretrain_steps} steps, loss "
         f"{loss:.3f}, {time.perf_counter() - start:.0f}s")
     return model, {"pretrain_loss": loss, "pretrain_steps": vc.pretrain_steps}

@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.vision import data as vdata
+from moe.vision.attention import CrossAttention
 from moe.vision.caption import image_tensor
 
 N_CELLS = 9
+HEADS = ("linear", "attention", "both")  # vision.pretrain_head
 
 
 def cell_labels(split: vdata.VisionSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -44,19 +46,56 @@ def cell_labels(split: vdata.VisionSplit) -> tuple[np.ndarray, np.ndarray]:
     return colours, shapes
 
 
+class LinearHead(nn.Module):
+    """All latents at once [B, L, d] -> per-cell logits [B, 9, n_out]."""
+
+    def __init__(self, n_latents: int, dim: int, n_out: int, g: torch.Generator):
+        super().__init__()
+        self.proj = nn.Linear(n_latents * dim, N_CELLS * n_out)
+        with torch.no_grad():
+            self.proj.weight.normal_(0.0, 0.02, generator=g)
+            self.proj.bias.zero_()
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.proj(latents.flatten(1)).view(latents.shape[0], N_CELLS, -1)
+
+
+class AttentionHead(nn.Module):
+    """One learned query per cell attends over the latents through a multi-query
+    ``CrossAttention`` (one K/V head, as the text model's cross-attention), then a linear map
+    to the cell's logits: [B, L, d] -> [B, 9, n_out]."""
+
+    def __init__(self, dim: int, n_heads: int, n_out: int, g: torch.Generator):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(N_CELLS, dim, generator=g))
+        self.attn = CrossAttention(dim, dim, n_heads, 1, dim // n_heads)
+        self.out = nn.Linear(dim, n_out)
+        with torch.no_grad():
+            for w in (self.attn.wq, self.attn.wk, self.attn.wv, self.attn.wo, self.out):
+                w.weight.normal_(0.0, dim ** -0.5, generator=g)
+            self.out.bias.zero_()
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(self.queries.expand(latents.shape[0], -1, -1), latents))
+
+
 def pretrain_encoder(model: nn.Module, split: vdata.VisionSplit, steps: int, batch: int,
-                     lr: float, seed: int) -> float:
+                     lr: float, seed: int, head_kind: str = "linear") -> float:
     """Train ``model.vision_encoder`` and ``model.perceiver`` for ``steps`` AdamW steps of
-    ``batch`` images on the per-cell labels; returns the mean loss of the last 10% of steps."""
+    ``batch`` images on the per-cell labels, read by a ``head_kind`` head (linear or
+    attention, thrown away after); returns the mean loss of the last 10% of steps."""
     device = model.perceiver.latents.device
     n_c, n_s = len(vdata.COLOUR_NAMES) + 1, len(vdata.SHAPES) + 1
     vc = model.vcfg
-    head = nn.Linear(vc.n_latents * vc.d_vision, N_CELLS * (n_c + n_s))
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.weight.normal_(0.0, 0.02, generator=g)
-        head.bias.zero_()
-    head.to(device)
+    if head_kind not in HEADS:
+        raise ValueError(f"unknown pre-training head {head_kind!r}: use {', '.join(HEADS)}")
+    heads = nn.ModuleList()
+    if head_kind in ("linear", "both"):
+        heads.append(LinearHead(vc.n_latents, vc.d_vision, n_c + n_s, g))
+    if head_kind in ("attention", "both"):
+        heads.append(AttentionHead(vc.d_vision, vc.encoder_heads, n_c + n_s, g))
+    head = heads.to(device)
     params = [*model.vision_encoder.parameters(), *model.perceiver.parameters()]
     trainable = [p for p in params if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -66,9 +105,12 @@ def pretrain_encoder(model: nn.Module, split: vdata.VisionSplit, steps: int, bat
     for _ in range(steps):
         idx = rng.integers(0, len(split), batch)
         images = image_tensor(split.images[idx], device)
-        latents = model.perceiver(model.vision_encoder(images)).flatten(1)
-        out = head(latents).view(batch, N_CELLS, n_c + n_s)
-        loss = (F.cross_entropy(out[..., :n_c].flatten(0, 1), colours[idx].flatten().to(device))
+        latents = model.perceiver(model.vision_encoder(images))
+        loss = 0.0
+        for h in heads:
+            out = h(latents)  # [B, 9, n_c + n_s]
+            loss = loss + (
+                F.cross_entropy(out[..., :n_c].flatten(0, 1), colours[idx].flatten().to(device))
                 + F.cross_entropy(out[..., n_c:].flatten(0, 1), shapes[idx].flatten().to(device)))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -170,7 +170,7 @@ class VisionTask:
             return None
         start = time.perf_counter()
         loss = pretrain_encoder(runtime.parts[0], self.data.train, vc.pretrain_steps,
-                                tc.batch_size, vc.pretrain_lr, tc.seed)
+                                tc.batch_size, vc.pretrain_lr, tc.seed, vc.pretrain_head)
         if runtime.is_main:
             print(f"vision encoder pre-trained: {vc.pretrain_steps} steps, what-is-where loss "
                   f"{loss:.3f}, {time.perf_counter() - start:.1f}s", file=sys.stderr)
