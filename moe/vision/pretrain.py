@@ -11,12 +11,13 @@ differ by ~10%), and measured on configs/vision_tiny.yaml the attention gates st
 steps of this pre-training (about 15 s on 2 cores) the model used the images within 200
 steps (docs/vision.md has the numbers).
 
-The objective: from the resampler's latents, a linear head predicts, for each of the 3 x 3
-grid cells, the colour of the object there (or none) and its shape (or none): a supervised
-stand-in for the contrastive pre-training, on the TRAINING images only (no held-out colour x
-shape pair is seen), whose labels come with the generator. The head is thrown away. Every
-draw is seeded by ``train.seed``, so every data-parallel rank computes the same weights
-without communicating.
+The objective: from the resampler's latents, a head (``vision.pretrain_head``: linear on
+all latents at once by default, or one attention query per cell, or both) predicts, for each
+of the 3 x 3 grid cells, the colour of the object there (or none) and its shape (or none):
+a supervised stand-in for the contrastive pre-training, on the TRAINING images only (no
+held-out colour x shape pair is seen), whose labels come with the generator. The head is
+thrown away. Every draw is seeded by ``train.seed``, so every data-parallel rank computes the
+same weights without communicating.
 """
 
 from __future__ import annotations
@@ -82,8 +83,9 @@ class AttentionHead(nn.Module):
 def pretrain_encoder(model: nn.Module, split: vdata.VisionSplit, steps: int, batch: int,
                      lr: float, seed: int, head_kind: str = "linear") -> float:
     """Train ``model.vision_encoder`` and ``model.perceiver`` for ``steps`` AdamW steps of
-    ``batch`` images on the per-cell labels, read by a ``head_kind`` head (linear or
-    attention, thrown away after); returns the mean loss of the last 10% of steps."""
+    ``batch`` images on the per-cell labels, read by a ``head_kind`` head (``HEADS``: linear,
+    attention, or both with their losses summed; thrown away after); returns the mean loss of
+    the last 10% of steps."""
     device = model.perceiver.latents.device
     n_c, n_s = len(vdata.COLOUR_NAMES) + 1, len(vdata.SHAPES) + 1
     vc = model.vcfg
