@@ -459,6 +459,10 @@ class VisionConfig:
     attend: str = "last"
     # Train only the vision parts (encoder, resampler, cross-attention): Flamingo's frozen LM.
     freeze_text: bool = False
+    # Train the encoder and resampler only in their own pre-training (pretrain_steps), then
+    # freeze them: Flamingo's frozen vision encoder. Without it the language-model loss
+    # reshapes them, and they lose what the pre-training put there (docs/vision.md).
+    freeze_encoder: bool = False
     # Steps of the vision encoder's own pre-training before step 1 of a new run (what is in
     # each grid cell, moe/vision/pretrain.py) at pretrain_lr: without it the gates do not
     # open. 0: none.

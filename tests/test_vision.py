@@ -383,3 +383,30 @@ def test_encoder_pretraining_learns_with_either_head(head):
     assert moved == {"vision_encoder", "perceiver"}
     with pytest.raises(ValueError, match="unknown pre-training head 'mlp'"):
         pretrain_encoder(model, split, 1, 32, 3e-3, seed=0, head_kind="mlp")
+
+
+def test_freeze_encoder_trains_it_in_pretraining_only(workdir):
+    """vision.freeze_encoder: the run's encoder and resampler are exactly what their own
+    pre-training made (redone here from the same seed), while the cross-attention and the
+    text model train on."""
+    from moe.checkpoint import load_model
+    from moe.vision import data as vd
+    from moe.vision.pretrain import pretrain_encoder
+
+    cfg = load_config(None, _vision_args(workdir, "frozen_enc", "--vision.freeze_encoder=true",
+                                         "--vision.pretrain_head=both"))
+    train(cfg)
+    trained = load_model(workdir / "frozen_enc").model.state_dict()
+    vc, tc = cfg.vision, cfg.train
+    fresh = build_vision_model(cfg.model, vc, seed=tc.seed)
+    start = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    split = vd.load_or_build(cfg.data.cache_dir, vc.n_train, vc.n_val, vc.n_heldout,
+                             vc.data_seed, vc.image_size, vc.max_objects).train
+    pretrain_encoder(fresh, split, vc.pretrain_steps, tc.batch_size, vc.pretrain_lr, tc.seed,
+                     vc.pretrain_head)
+    for name, p in fresh.named_parameters():
+        if name.startswith(("vision_encoder.", "perceiver.")):
+            assert torch.equal(trained[name], p), name
+    assert not torch.equal(start["perceiver.latents"], trained["perceiver.latents"])
+    for name in ("cross_attn.0.attn_gate", "layers.0.attention.wq.weight"):
+        assert not torch.equal(start[name], trained[name]), name

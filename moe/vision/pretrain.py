@@ -33,6 +33,7 @@ from moe.vision.caption import image_tensor
 
 N_CELLS = 9
 HEADS = ("linear", "attention", "both")  # vision.pretrain_head
+PRETRAINED_MODULES = ("vision_encoder", "perceiver")  # what this pre-training trains
 
 
 def cell_labels(split: vdata.VisionSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -98,8 +99,11 @@ def pretrain_encoder(model: nn.Module, split: vdata.VisionSplit, steps: int, bat
     if head_kind in ("attention", "both"):
         heads.append(AttentionHead(vc.d_vision, vc.encoder_heads, n_c + n_s, g))
     head = heads.to(device)
-    params = [*model.vision_encoder.parameters(), *model.perceiver.parameters()]
-    trainable = [p for p in params if p.requires_grad] + list(head.parameters())
+    params = [p for name in PRETRAINED_MODULES for p in getattr(model, name).parameters()]
+    frozen = [p for p in params if not p.requires_grad]  # vision.freeze_encoder: trained here only
+    for p in frozen:
+        p.requires_grad_(True)
+    trainable = params + list(head.parameters())
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     colours, shapes = (torch.from_numpy(a) for a in cell_labels(split))
     rng = np.random.default_rng([seed, 1])
@@ -120,5 +124,7 @@ def pretrain_encoder(model: nn.Module, split: vdata.VisionSplit, steps: int, bat
         losses.append(float(loss.detach()))
     for p in trainable:
         p.grad = None
+    for p in frozen:
+        p.requires_grad_(False)
     tail = losses[-max(1, steps // 10):]
     return float(np.mean(tail)) if tail else float("nan")

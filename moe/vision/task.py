@@ -57,7 +57,7 @@ from moe.task import load_data
 from moe.vision import data as vdata
 from moe.vision.caption import answer_logprobs, caption_image, image_tensor
 from moe.vision.model import build_vision_model, is_vision_param
-from moe.vision.pretrain import pretrain_encoder
+from moe.vision.pretrain import PRETRAINED_MODULES, pretrain_encoder
 
 ACCURACY_IMAGES = 256  # validation images asked about for val_accuracy
 
@@ -152,12 +152,17 @@ class VisionTask:
         return build_vision_model(self.cfg.model, self.cfg.vision, device)
 
     def prepare(self, runtime) -> None:
-        """vision.freeze_text: only the vision parts train (Flamingo's frozen LM)."""
-        if self.cfg.vision.freeze_text:
-            for part in runtime.parts:
-                for name, p in part.named_parameters():
-                    if not is_vision_param(name):
-                        p.requires_grad_(False)
+        """vision.freeze_text: only the vision parts train (Flamingo's frozen LM);
+        vision.freeze_encoder: the encoder and resampler train only in their own
+        pre-training (``start``), not with the language-model loss (Flamingo's frozen vision
+        encoder)."""
+        vc = self.cfg.vision
+        for part in runtime.parts:
+            for name, p in part.named_parameters():
+                top = name.split(".", 1)[0]
+                if (vc.freeze_text and not is_vision_param(name)) or (
+                        vc.freeze_encoder and top in PRETRAINED_MODULES):
+                    p.requires_grad_(False)
 
     def start(self, runtime, init_source) -> dict | None:
         """Pre-train the vision encoder (vision.pretrain_steps) unless its weights came from
