@@ -415,7 +415,7 @@ def run_expert_counts(cfg: Config, counts: tuple[int, ...] = (8, 16, 64, 256),
     for i in range(steps):
         for n in (order if i % 2 == 0 else order[::-1]):
             times[n].append(fwd_bwd(steppers[n]))
-            expert_times[n].append(experts[n].fwd_bwd(device))
+            expert_times[n].append(experts[n].fwd_bwd())
         log(f"turn {i + 1}/{steps}: " + ", ".join(
             f"{n} experts {statistics.median(times[n]) * 1e3:.0f} ms" for n in counts))
     tps = {n: steppers[n].tokens_per_step / statistics.median(times[n]) for n in counts}
@@ -478,10 +478,10 @@ class ExpertsAlone:
         self.scale = torch.rand(rows, generator=g).to(stepper.device)
         self.stepper = stepper
 
-    def fwd_bwd(self, device: torch.device) -> float:
+    def fwd_bwd(self) -> float:
         """Seconds for every layer's experts forward + backward (one call each)."""
         s = self.stepper
-        sync(device)
+        sync(s.device)
         t0 = time.perf_counter()
         for experts, counts, capacity, scaled in self.calls:
             m = int(counts.sum())
@@ -490,7 +490,7 @@ class ExpertsAlone:
                                 enabled=s.amp is not None):
                 y = experts(x, counts, capacity, scale=self.scale[:m] if scaled else None)
             y.backward(self.dy[:m].to(y.dtype))
-        sync(device)
+        sync(s.device)
         dt = time.perf_counter() - t0
         s.model.zero_grad(set_to_none=True)
         return dt
