@@ -72,6 +72,13 @@ class RopeScalingConfig:
         if self.attention_factor is not None and not self.attention_factor > 0:
             raise ConfigError(f"model.rope_scaling.attention_factor={self.attention_factor} "
                               "must be > 0, or null for 0.1 ln(factor) + 1")
+        if self.type == "yarn" and max_seq_len > self.factor * n:
+            # YaRN's interpolated dimensions cover factor * N positions; past that they see
+            # angles they never saw in training (extrapolation, which YaRN exists to avoid).
+            raise ConfigError(f"model.max_seq_len={max_seq_len} exceeds model.rope_scaling."
+                              f"factor={self.factor} x original_max_seq_len={n} = "
+                              f"{self.factor * n:g}: raise factor to at least "
+                              f"{max_seq_len / n:g} or lower max_seq_len")
 
 
 @dataclass
@@ -146,7 +153,19 @@ class ModelConfig:
     # token on average). Expert choice is not causal: training and evaluation only.
     routing: str = "token_choice"
 
+    def __post_init__(self) -> None:
+        # ModelConfig(rope_scaling={"type": "yarn", ...}) from Python takes a mapping, as the
+        # YAML path does; its keys are checked like config keys.
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = _coerce("model.rope_scaling", self.rope_scaling,
+                                        RopeScalingConfig)
+
     def validate(self) -> None:
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling,
+                                                            RopeScalingConfig):
+            raise ConfigError(f"model.rope_scaling expects a mapping of "
+                              f"{', '.join(f.name for f in dataclasses.fields(RopeScalingConfig))}"
+                              f" (or null), got {self.rope_scaling!r}")
         _positive(self, "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                   "max_seq_len", "moe_every", "ffn_hidden", "expert_hidden",
                   "capacity_group_seqs")
@@ -156,6 +175,10 @@ class ModelConfig:
                               f"{self.n_heads}: change one of them or set model.head_dim")
         if self.head_dim is not None and (self.head_dim <= 0 or self.head_dim % 2):
             raise ConfigError(f"model.head_dim={self.head_dim} must be a positive even number")
+        if self.head_dim is None and self.head_size % 2:  # rotary embeddings rotate pairs
+            raise ConfigError(f"model.d_model={self.d_model} / model.n_heads={self.n_heads} = "
+                              f"{self.head_size} is an odd head size (rotary embeddings need an "
+                              f"even one): change d_model or n_heads, or set model.head_dim")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
                               f"{self.n_kv_heads}: use 1 (MQA), n_heads (MHA) or a divisor")
@@ -201,12 +224,30 @@ class ModelConfig:
                 raise ConfigError(f"model.n_experts=0 (no routed experts) needs "
                                   f"model.n_shared_experts >= 1 and model.top_k=0, got "
                                   f"n_shared_experts={self.n_shared_experts}, top_k={self.top_k}")
+            if self.balance == "bias" or self.routing == "expert_choice":
+                raise ConfigError(f"model.n_experts=0 has no router for model.balance="
+                                  f"{self.balance} / model.routing={self.routing}: set "
+                                  f"balance=aux_loss (or none) and routing=token_choice")
             return
         _positive(self, "n_experts", "top_k")
         if self.top_k > self.n_experts:
             raise ConfigError(f"model.top_k={self.top_k} must be <= model.n_experts="
                               f"{self.n_experts}: lower top_k or add experts")
+        if (self.routing == "token_choice" and self.top_k == 1
+                and self.router_weights_resolved == "renorm" and self.balance != "aux_loss"
+                and not self.seq_aux_loss_coef):
+            # One renormalised weight is w / w = 1: no loss reaches the gate (measured gate
+            # gradient 6.7e-13), so routing stays where initialisation put it.
+            raise ConfigError(f"model.top_k=1 with model.router_weights=renorm gives every "
+                              f"token the weight 1, and with model.balance={self.balance} the "
+                              f"gate gets no gradient: set model.router_weights=raw (Switch) "
+                              f"or auto")
         if self.routing == "expert_choice":
+            if self.drop_policy != "choice_major" or self.router_weights != "auto":
+                raise ConfigError(f"model.routing=expert_choice has no token queues or top-k "
+                                  f"weights: leave model.drop_policy (got {self.drop_policy}) "
+                                  f"and model.router_weights (got {self.router_weights}) at "
+                                  f"their defaults")
             if self.balance != "none" or self.seq_aux_loss_coef:
                 raise ConfigError(f"model.routing=expert_choice balances by construction: set "
                                   f"model.balance=none (got {self.balance}) and "
@@ -276,6 +317,11 @@ class DataConfig:
     seq_len: int = 256
     cache_dir: str = "data/cache"
     tokenizer_train_mb: float = 64.0  # at most this much training text feeds the BPE trainer
+    # The validation set: this many windows of seq_len + 1 tokens spread evenly over the val
+    # split, the same in every run and layout whatever train.micro_batch_size (evaluation cuts
+    # them into micro-batches; the loss is a mean per token). A multiple of
+    # model.capacity_group_seqs.
+    val_windows: int = 128
 
     def validate(self) -> None:
         _choice(self, "source", ("builtin", "hf", "files"))
@@ -300,7 +346,7 @@ class DataConfig:
         _nonnegative(self, "chunk_chars")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
-        _positive(self, "seq_len", "tokenizer_train_mb")
+        _positive(self, "seq_len", "tokenizer_train_mb", "val_windows")
         _nonnegative(self, "code_epochs", "text_epochs")
         if self.code_epochs + self.text_epochs <= 0:
             raise ConfigError("data.code_epochs + data.text_epochs must be > 0")
@@ -311,10 +357,13 @@ class TrainConfig:
     seed: int = 1337
     batch_size: int = 16  # global batch, in sequences
     micro_batch_size: int = 16  # sequences per forward; accumulation = batch / micro
-    # Batch-size ramp-up: the global batch grows linearly from batch_ramp_start to batch_size
-    # over the first batch_ramp_tokens tokens (0 disables), rounded to micro-batches.
+    # Batch-size ramp-up: the global batch grows linearly from batch_ramp_start (0: one
+    # increment) to batch_size over the first batch_ramp_tokens tokens (0 disables), in steps
+    # of batch_ramp_increment sequences (0: model.capacity_group_seqs). The batches depend on
+    # these keys only; a layout whose data ranks cannot split start and increment is refused.
     batch_ramp_tokens: int = 0
     batch_ramp_start: int = 0
+    batch_ramp_increment: int = 0
     max_steps: int = 300
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -331,8 +380,7 @@ class TrainConfig:
     # the for-loop, on 2 cores: see moe/optim.py) | foreach | for-loop. Same update up to
     # float rounding.
     optimizer_impl: str = "fused"
-    eval_every: int = 50
-    eval_batches: int = 8
+    eval_every: int = 50  # (the validation set itself: data.val_windows)
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     run_dir: str = "runs/tiny"
@@ -360,10 +408,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "micro_batch_size", "max_steps", "eval_every",
-                  "eval_batches", "ckpt_every", "keep_checkpoints", "sample_temperature",
+                  "ckpt_every", "keep_checkpoints", "sample_temperature",
                   "max_nonfinite")
         _nonnegative(self, "lr", "warmup_steps", "weight_decay", "grad_clip", "batch_ramp_tokens",
-                     "batch_ramp_start", "sample_tokens", "sample_top_k", "threads")
+                     "batch_ramp_start", "batch_ramp_increment", "sample_tokens", "sample_top_k",
+                     "threads")
         if self.decay_steps is not None and self.decay_steps <= 0:
             raise ConfigError(f"train.decay_steps={self.decay_steps} must be > 0 or null")
         if self.batch_size % self.micro_batch_size:
@@ -376,11 +425,18 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("train.beta1 and train.beta2 must be in [0, 1)")
+        if not self.eps > 0:
+            raise ConfigError(f"train.eps={self.eps} must be > 0 (AdamW divides by "
+                              f"sqrt(v) + eps)")
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "dtype", ("auto", "fp32", "bf16"))
         _choice(self, "optimizer_impl", ("fused", "foreach", "for-loop"))
         _choice(self, "activation_checkpointing", ("none", "full", "selective"))
         _choice(self, "on_nonfinite", ("stop", "skip", "rollback"))
+
+    def ramp_increment(self, group_seqs: int) -> int:
+        """The batch ramp's step in sequences: batch_ramp_increment, or one capacity group."""
+        return self.batch_ramp_increment or group_seqs
 
 
 @dataclass
@@ -520,9 +576,25 @@ class Config:
             if getattr(t, key) % g:
                 raise ConfigError(f"train.{key}={getattr(t, key)} must be a multiple of "
                                   f"model.capacity_group_seqs={g} (groups are whole sequences)")
-        if t.batch_ramp_start % g:
-            raise ConfigError(f"train.batch_ramp_start={t.batch_ramp_start} must be a multiple "
-                              f"of model.capacity_group_seqs={g}")
+        if d.val_windows % g:
+            raise ConfigError(f"data.val_windows={d.val_windows} must be a multiple of "
+                              f"model.capacity_group_seqs={g} (groups are whole sequences)")
+        for key in ("batch_ramp_start", "batch_ramp_increment"):
+            if getattr(t, key) % g:
+                raise ConfigError(f"train.{key}={getattr(t, key)} must be a multiple of "
+                                  f"model.capacity_group_seqs={g}")
+        p = self.parallel
+        if t.compile and p.pp > 1:
+            raise ConfigError(f"train.compile=true is not supported with parallel.pp={p.pp} "
+                              "(pipeline stages run uncompiled): set train.compile=false")
+        if p.ep > 1 and m.n_experts == 0:
+            raise ConfigError(f"parallel.ep={p.ep} splits routed experts, and model.n_experts=0 "
+                              "has none: set parallel.ep=1")
+        if p.backend == "nccl" and t.device == "cpu":
+            raise ConfigError("parallel.backend=nccl needs CUDA tensors, but train.device=cpu: "
+                              "use parallel.backend=gloo (or auto)")
+        if m.routing == "expert_choice" and m.n_experts:
+            self._check_expert_choice_capacity()
         if m.expert_impl == "grouped":
             self._check_grouped_mm()
         if self.vision.enabled:
@@ -540,6 +612,23 @@ class Config:
             raise ConfigError("vision.enabled runs take a fixed batch: set "
                               "train.batch_ramp_tokens=0")
 
+    def _check_expert_choice_capacity(self) -> None:
+        """Expert choice whose capacity is every token of a group makes each expert take every
+        token: a dense model with extra weights, not a routing experiment."""
+        from moe.model.router import expert_capacity
+
+        m = self.model
+        n = m.capacity_group_seqs * self.data.seq_len  # tokens in a group
+        for key, cf in (("capacity_factor", m.capacity_factor),
+                        ("eval_capacity_factor", m.eval_capacity_factor_resolved)):
+            cap = expert_capacity(n, m.top_k, m.n_experts, cf, m.min_capacity)
+            if cap >= n:
+                raise ConfigError(f"model.routing=expert_choice with model.{key}={cf} gives "
+                                  f"each expert {cap} slots for the {n} tokens of a capacity "
+                                  f"group: every expert takes every token; lower {key} below "
+                                  f"n_experts / top_k = {m.n_experts / m.top_k:g} (and "
+                                  f"model.min_capacity={m.min_capacity} below {n})")
+
     def _check_grouped_mm(self) -> None:
         """``torch._grouped_mm``'s requirements (moe/model/experts.py), checked before a run
         starts: bf16 on CUDA, rows of 16 bytes (d_model and expert_hidden / tp multiples of 8
@@ -555,6 +644,16 @@ class Config:
                               f"model.expert_hidden / parallel.tp = {m.expert_hidden // tp} to "
                               f"be multiples of {align} ({'bf16' if bf16 else 'fp32'}, 16-byte "
                               f"rows): change them, or use model.expert_impl=auto")
+
+    def notices(self) -> list[str]:
+        """One line for each accepted setting that does something other than its name says
+        (the trainer prints them before step 1)."""
+        m, out = self.model, []
+        if m.n_experts and not any(m.is_moe_layer(i) for i in range(m.n_layers)):
+            out.append(f"model.moe_every={m.moe_every} > model.n_layers={m.n_layers}: no layer "
+                       f"is MoE, a dense model (model.n_experts, top_k and the routing keys are "
+                       f"unused)")
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -580,12 +679,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         raw = loaded
+        for dotted, why in _REPLACED.items():
+            section, key = dotted.split(".")
+            if isinstance(raw.get(section), dict) and key in raw[section]:
+                raise ConfigError(f"config file {path}: {dotted} was {why}")
     cfg = from_dict(raw)
     apply_overrides(cfg, overrides or [])
     return cfg.validate()
 
 
+# Keys that no longer exist: a YAML file or override naming one gets this line; a run folder
+# saved with one is read through ``upgrade_saved`` (the same meaning in today's keys).
+_REPLACED = {"train.eval_batches": "replaced by data.val_windows, a number of windows (the "
+                                   "former set was eval_batches x train.micro_batch_size)"}
+
+
+def upgrade_saved(raw: dict) -> dict:
+    """A saved config (a run folder's ``config.yaml``, a checkpoint's) in today's keys, the same
+    run: ``train.eval_batches`` x ``train.micro_batch_size`` windows become
+    ``data.val_windows`` (exactly the windows evaluated then)."""
+    train = dict(raw.get("train") or {})
+    if "eval_batches" not in train:
+        return raw
+    micro = train.get("micro_batch_size", TrainConfig.micro_batch_size)
+    data = dict(raw.get("data") or {})
+    data.setdefault("val_windows", train.pop("eval_batches") * micro)
+    return {**raw, "train": train, "data": data}
+
+
 def from_dict(raw: dict) -> Config:
+    """A Config from a mapping of sections (a saved run's keys are upgraded first)."""
+    raw = upgrade_saved(raw)
     cfg = Config()
     for section, values in raw.items():
         if section not in _sections():
@@ -649,6 +773,8 @@ def set_key(cfg: Config, dotted: str, value: Any) -> None:
 
 def _set_field(obj: Any, prefix: str, name: str, value: Any) -> None:
     hints = typing.get_type_hints(type(obj))
+    if f"{prefix}.{name}" in _REPLACED:
+        raise ConfigError(f"config key '{prefix}.{name}' was {_REPLACED[f'{prefix}.{name}']}")
     if name not in hints:
         known = ", ".join(f.name for f in dataclasses.fields(obj))
         raise ConfigError(f"unknown config key '{prefix}.{name}'; {prefix} keys are: {known}")

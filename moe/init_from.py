@@ -27,16 +27,17 @@ from pathlib import Path
 import torch.distributed as dist
 
 from moe.checkpoint import CheckpointError, read_extra, resolve_checkpoint, restore_checkpoint
-from moe.config import Config, ConfigError
+from moe.config import Config, ConfigError, upgrade_saved
 
 # The keys that may differ from the checkpoint's config (train.* always may).
-ALLOWED = ("model.max_seq_len", "model.rope_scaling", "data.seq_len", "data.cache_dir")
+ALLOWED = ("model.max_seq_len", "model.rope_scaling", "data.seq_len", "data.cache_dir",
+           "data.val_windows")
 
 
 def init_config_problems(saved: dict, cfg: Config) -> list[str]:
     """``"key (saved -> now)"`` for each model/data key outside ``ALLOWED`` that differs; a
     key the saved config lacks (added to the code since) counts as its default."""
-    now, default = cfg.to_dict(), Config().to_dict()
+    now, default, saved = cfg.to_dict(), Config().to_dict(), upgrade_saved(saved)
     diffs = []
     for sec in ("model", "data"):
         for k, value in now[sec].items():

@@ -93,18 +93,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * coeff)
 
 
-def batch_size_at(tokens_seen: int, cfg: TrainConfig, seq_len: int, group_seqs: int) -> int:
-    """Global batch (sequences) for the next step.
+def batch_size_at(tokens_seen: int, tc: TrainConfig, group_seqs: int) -> int:
+    """Global batch (sequences) for the next step: a function of the config and the tokens
+    seen, never of the layout, so every layout and every resume trains on the same batches.
 
-    Ramp-up (as reported for GPT-4 and used by GPT-3): the batch grows linearly from
-    ``batch_ramp_start`` to ``batch_size`` over the first ``batch_ramp_tokens`` tokens, rounded
-    down to whole capacity groups (at least one group).
+    Ramp-up (as reported for GPT-4 and used by GPT-3; Megatron's ``--rampup-batch-size start
+    increment samples``): the batch grows linearly from ``batch_ramp_start`` (0: one increment)
+    to ``batch_size`` over the first ``batch_ramp_tokens`` tokens, in whole steps of
+    ``tc.ramp_increment`` sequences above the start. ``ParallelDims.validate`` refuses a start or
+    increment that the layout's data ranks cannot split into whole capacity groups.
     """
-    if cfg.batch_ramp_tokens <= 0 or tokens_seen >= cfg.batch_ramp_tokens:
-        return cfg.batch_size
-    start = cfg.batch_ramp_start or group_seqs
-    b = start + (cfg.batch_size - start) * tokens_seen / cfg.batch_ramp_tokens
-    return max(group_seqs, int(b) // group_seqs * group_seqs)
+    if tc.batch_ramp_tokens <= 0 or tokens_seen >= tc.batch_ramp_tokens:
+        return tc.batch_size
+    inc = tc.ramp_increment(group_seqs)
+    start = tc.batch_ramp_start or inc
+    grown = (tc.batch_size - start) * tokens_seen // tc.batch_ramp_tokens  # exact, in integers
+    return min(tc.batch_size, start + grown // inc * inc)
 
 
 def micro_batches(batch: int, micro: int) -> list[int]:

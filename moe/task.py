@@ -59,7 +59,7 @@ class TextTask:
         tc = cfg.train
         try:
             self.val = val_batches(self.data.val, self.seq_len, tc.micro_batch_size,
-                                   tc.eval_batches)
+                                   cfg.data.val_windows)
         except ValueError as e:
             raise ConfigError(f"data: {e}") from e
 

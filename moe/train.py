@@ -33,7 +33,7 @@ from moe.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from moe.config import Config, ConfigError
+from moe.config import Config, ConfigError, upgrade_saved
 from moe.device import autocast_context, resolve_device
 from moe.init_from import load_init_weights, resolve_init_from
 from moe.malloc import keep_freed_memory
@@ -42,6 +42,7 @@ from moe.model.balance import update_expert_biases
 from moe.nonfinite import NonFiniteError, NonFiniteGuard
 from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
 from moe.parallel.mesh import init_distributed
+from moe.parallel.rng import restore_rng_state, rng_state
 from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
 from moe.task import make_task
 
@@ -52,22 +53,22 @@ if TYPE_CHECKING:
 __all__ = ["train", "lm_loss", "resolve_device", "autocast_context", "NonFiniteError"]
 
 
+# train.* keys a resume cannot change: the seed draws the data order the loader continues.
+FIXED_ON_RESUME = ("seed",)
+
+
 def _check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
-    """A checkpoint can only continue the same model and data: name what differs. A key the
-    saved config lacks (added to the code since) counts as its default."""
-    now, default = cfg.to_dict(), Config().to_dict()
-    diffs = [f"{sec}.{k}" for sec in ("model", "data", "vision") for k in now[sec]
+    """A checkpoint can only continue the same model, data (validation set included) and data
+    order: name what differs. A key the saved config lacks (added to the code since) counts as
+    its default."""
+    now, default, saved = cfg.to_dict(), Config().to_dict(), upgrade_saved(saved)
+    keys = [(sec, k) for sec in ("model", "data", "vision") for k in now[sec]]
+    keys += [("train", k) for k in FIXED_ON_RESUME]
+    diffs = [f"{sec}.{k}" for sec, k in keys
              if saved.get(sec, {}).get(k, default[sec][k]) != now[sec][k]]
     if diffs:
         raise ConfigError(f"{path} was trained with different {', '.join(diffs)}: use a new "
                           f"train.run_dir or the saved values (see config.yaml in the run folder)")
-
-
-def _restore_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
-    """The RNG state a checkpoint saved (router jitter continues as in an unbroken run)."""
-    torch.set_rng_state(rng["torch"].cpu())
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"].cpu())
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -110,6 +111,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     rank0 = mesh is None or torch.distributed.get_rank() == 0
     if rank0:
         run_lock.check_free(run_dir)
+        for line in cfg.notices():
+            print(f"note: {line}", file=sys.stderr)
     # train.init_from is checked before anything is built (a refused change costs nothing),
     # and only for a run folder with no checkpoint yet: otherwise the run resumes.
     init_source = (resolve_init_from(cfg, mesh)
@@ -137,7 +140,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         _check_resume_config(read_extra(ckpt)["config"], cfg, ckpt)
         extra = restore_checkpoint(ckpt, runtime.parts, optimizer, mesh)
         loader.load_state_dict(extra["loader"])
-        _restore_rng(extra["rng"], device)
+        restore_rng_state(extra["rng"], dims, device)  # per rank (moe/parallel/rng.py)
         step, tokens = extra["step"], extra["tokens"]
         # The checkpoint restored its AdamW settings; the config's win, and changes are said.
         changed = apply_hyperparameters(optimizer, tc)
@@ -168,9 +171,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     guard = NonFiniteGuard(tc, extra.get("nonfinite") if ckpt is not None else None)
 
     def save() -> None:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
+        rng = rng_state(dims, device)  # every rank's generators (collective)
         extra = {"loader": loader.state_dict(), "rng": rng, "step": step, "tokens": tokens,
                  "config": cfg.to_dict(), "nonfinite": guard.state_dict()}
         save_checkpoint(run_dir, step, runtime.parts, optimizer, extra, mesh,
@@ -186,7 +187,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             # The resume path, but the loader keeps its position: the batches read since the
             # checkpoint, the offending one included, are not replayed.
             saved = restore_checkpoint(last, runtime.parts, optimizer, mesh)
-            _restore_rng(saved["rng"], device)
+            restore_rng_state(saved["rng"], dims, device)
             step, tokens = saved["step"], saved["tokens"]
             apply_hyperparameters(optimizer, tc)  # as on resume: the config's settings win
             if main:
@@ -200,7 +201,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     layer_names = moe_layer_names(cfg)
     while step < tc.max_steps:
         t0 = time.perf_counter()
-        batch = batch_size_at(tokens, tc, seq_len, mc.capacity_group_seqs * dims.data_shards)
+        batch = batch_size_at(tokens, tc, mc.capacity_group_seqs)
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr

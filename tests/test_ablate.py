@@ -33,7 +33,7 @@ TINY = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
         "--model.n_heads=4", "--model.n_experts=4", "--model.top_k=2",
         "--model.expert_hidden=64", "--model.max_seq_len=32", "--data.seq_len=32",
         "--data.code_max_mb=0.3", "--train.batch_size=8", "--train.micro_batch_size=8",
-        "--train.max_steps=3", "--train.warmup_steps=1", "--train.eval_batches=2",
+        "--train.max_steps=3", "--train.warmup_steps=1", "--data.val_windows=16",
         "--train.eval_every=3", "--log.log_every=1", "--train.sample_tokens=0"]
 
 
@@ -299,8 +299,8 @@ def test_sweep_runs_resumes_and_reports_failures(tmp_path):
     assert [r["final_val_loss"] for r in again[:2]] == [r["final_val_loss"] for r in rows[:2]]
 
     # A point whose training process fails is recorded with the end of its log.
-    bad = run_sweep(None, over + ["--train.eval_batches=100000"],
+    bad = run_sweep(None, over + ["--data.val_windows=100000"],
                     parse_grid(["model.capacity_factor=null"]), 1, tmp_path / "bad",
                     echo=lambda s: None, plots=False)
     assert bad[0]["status"] == "failed" and "exit 2" in bad[0]["error"]  # a one-line error
-    assert "eval_batches" in bad[0]["error"] and "Traceback" not in bad[0]["error"]
+    assert "val_windows" in bad[0]["error"] and "Traceback" not in bad[0]["error"]

@@ -235,3 +235,99 @@ def test_every_key_accepts_its_own_default():
         for f in dataclasses.fields(getattr(cfg, section.name)):
             value = getattr(getattr(cfg, section.name), f.name)
             assert from_dict({section.name: {f.name: value}}) == cfg, f"{section.name}.{f.name}"
+
+
+# --- configs that used to run wrongly or crash (issue: comparable numbers) ---------------------
+
+EC = ["--model.routing=expert_choice", "--model.balance=none"]
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    # an odd implicit head size: rotary embeddings rotate pairs (60 / 4 = 15)
+    (["--model.d_model=60", "--model.n_heads=4"], ["model.d_model", "model.head_dim"]),
+    # a top-1 gate renormalised to 1 with nothing else to learn from
+    (["--model.top_k=1", "--model.router_weights=renorm", "--model.balance=bias"],
+     ["model.router_weights=raw"]),
+    (["--model.top_k=1", "--model.router_weights=renorm", "--model.balance=none"],
+     ["model.router_weights=raw"]),
+    (["--train.eps=-1"], ["train.eps"]),
+    (["--train.eps=0"], ["train.eps"]),
+    (["--train.compile=true", "--parallel.pp=2"], ["train.compile", "parallel.pp"]),
+    *[(["--model.n_experts=0", "--model.top_k=0", "--model.n_shared_experts=1", *extra], keys)
+      for extra, keys in ((["--model.balance=bias"], ["model.balance"]),
+                          (["--model.routing=expert_choice", "--model.balance=none"],
+                           ["model.routing"]),
+                          (["--parallel.ep=2"], ["parallel.ep", "model.n_experts=0"]))],
+    ([*EC, "--model.drop_policy=token_major"], ["model.drop_policy"]),
+    ([*EC, "--model.router_weights=raw"], ["model.router_weights"]),
+    # 16 experts, top-2, factor 8: ceil(8 * n * 2 / 16) = n slots, every expert every token
+    ([*EC, "--model.capacity_factor=8"], ["model.capacity_factor"]),
+    ([*EC, "--model.eval_capacity_factor=8"], ["model.eval_capacity_factor"]),
+    # min_capacity alone can give every expert the whole group of 256 tokens
+    ([*EC, "--model.min_capacity=256"], ["model.min_capacity"]),
+    (["--model.max_seq_len=600", "--model.rope_scaling.type=yarn",
+      "--model.rope_scaling.factor=4", "--model.rope_scaling.original_max_seq_len=128"],
+     ["model.max_seq_len", "rope_scaling.factor"]),
+    (["--parallel.backend=nccl", "--train.device=cpu"], ["parallel.backend"]),
+    (["--train.batch_ramp_increment=3", "--model.capacity_group_seqs=2"],
+     ["train.batch_ramp_increment"]),
+    (["--data.val_windows=7", "--model.capacity_group_seqs=2"], ["data.val_windows"]),
+    (["--data.val_windows=0"], ["data.val_windows"]),
+    (["--train.eval_batches=4"], ["train.eval_batches", "data.val_windows"]),
+])
+def test_configs_that_used_to_run_are_refused_naming_the_key(overrides, keys):
+    msg = config_error(overrides=overrides)
+    for key in keys:
+        assert key in msg, (key, msg)
+
+
+def test_accepted_neighbours_of_the_refused_configs():
+    """What the refusals above must not catch."""
+    ok = [["--model.d_model=64", "--model.n_heads=4"],  # head size 16
+          ["--model.d_model=60", "--model.n_heads=4", "--model.head_dim=16"],
+          ["--model.top_k=1"],  # auto: raw weights (Switch)
+          ["--model.top_k=1", "--model.router_weights=renorm"],  # balance=aux_loss teaches it
+          ["--model.moe_every=4", "--model.n_layers=4"],  # layer 3 is MoE
+          [*EC, "--model.capacity_factor=2"],
+          ["--model.max_seq_len=512", "--model.rope_scaling.type=yarn",
+           "--model.rope_scaling.factor=4", "--model.rope_scaling.original_max_seq_len=128"],
+          ["--model.max_seq_len=4096", "--model.rope_scaling.type=dynamic",
+           "--model.rope_scaling.factor=2", "--model.rope_scaling.original_max_seq_len=128"]]
+    for overrides in ok:
+        load_config(None, overrides)
+
+
+def test_a_model_with_no_moe_layer_is_said_once():
+    """moe_every > n_layers is how a dense model is built (configs/draft.yaml): accepted, and
+    the trainer prints this line before step 1."""
+    (note,) = load_config(None, ["--model.moe_every=5", "--model.n_layers=4"]).notices()
+    assert "model.moe_every=5 > model.n_layers=4" in note and "dense" in note
+    assert load_config(None, ["--model.moe_every=4", "--model.n_layers=4"]).notices() == []
+
+
+def test_yaml_with_a_replaced_key_names_its_replacement(tmp_path):
+    msg = config_error(write_yaml(tmp_path, "train:\n  eval_batches: 8\n"))
+    assert "train.eval_batches" in msg and "data.val_windows" in msg
+
+
+def test_saved_configs_with_a_replaced_key_load_as_the_same_run():
+    """A run folder saved before data.val_windows: eval_batches x micro_batch_size windows,
+    exactly the windows it evaluated."""
+    saved = Config().to_dict()
+    del saved["data"]["val_windows"]
+    saved["train"].update(eval_batches=4, micro_batch_size=8)
+    cfg = from_dict(saved)
+    assert cfg.data.val_windows == 32 and cfg.train.micro_batch_size == 8
+
+
+def test_nested_sections_built_in_python_take_a_mapping():
+    m = ModelConfig(max_seq_len=256, rope_scaling={"type": "yarn", "factor": 4.0,
+                                                   "original_max_seq_len": 64})
+    m.validate()
+    assert m.rope_scaling.type == "yarn" and m.rope_scaling.beta_fast == 32.0
+    with pytest.raises(ConfigError, match="model.rope_scaling.kind"):
+        ModelConfig(rope_scaling={"kind": "yarn"})
+    bad = ModelConfig()
+    bad.rope_scaling = "yarn"  # set after construction: validate says what it expects
+    with pytest.raises(ConfigError, match="model.rope_scaling expects a mapping"):
+        bad.validate()

@@ -39,9 +39,9 @@ def test_config_data_fits(path):
     data = prepare_data(cfg)
     assert data.tokenizer.vocab_size <= cfg.model.vocab_size
     # What moe/train.py does before step 1: the eval batches, then the training loader.
-    val = val_batches(data.val, seq_len, tc.micro_batch_size, tc.eval_batches)
-    assert len(val) == tc.eval_batches
-    assert val[0][0].shape == (tc.micro_batch_size, seq_len)
+    val = val_batches(data.val, seq_len, tc.micro_batch_size, cfg.data.val_windows)
+    assert sum(len(x) for x, _ in val) == cfg.data.val_windows
+    assert val[0][0].shape == (min(tc.micro_batch_size, cfg.data.val_windows), seq_len)
     loader = PackedLoader(data.train, data.epochs, seq_len, tc.seed)
     # The largest global batch the run asks for holds distinct windows (no repeat in a step).
     assert loader.pass_len >= tc.batch_size
@@ -61,7 +61,7 @@ def test_tiny_eval_covers_every_val_source_and_document():
     starts = np.concatenate([[0], ends[:-1]])
     # The trainer's own function on a stream of positions: x[:, 0] is each window's start.
     positions = np.arange(len(data.val), dtype=np.int64)
-    batches = val_batches(positions, seq_len, tc.micro_batch_size, tc.eval_batches)
+    batches = val_batches(positions, seq_len, tc.micro_batch_size, cfg.data.val_windows)
     win = torch.cat([x[:, 0] for x, _ in batches]).numpy()
     spacing = (len(data.val) - 1) // seq_len * seq_len / len(win)  # tokens between windows
     covered = [bool(np.any((win < hi) & (win + seq_len + 1 > lo))) for lo, hi in zip(starts, ends)]

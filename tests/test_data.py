@@ -476,7 +476,7 @@ def test_loader_errors():
 
 def test_val_batches_spread_over_the_whole_split():
     tokens = np.arange(1000, dtype=np.uint16)  # (1000 - 1) // 8 = 124 windows
-    batches = val_batches(tokens, 8, batch_size=2, n_batches=3)
+    batches = val_batches(tokens, 8, batch_size=2, n_windows_total=6)
     assert len(batches) == 3
     starts = []
     for x, y in batches:
@@ -488,11 +488,17 @@ def test_val_batches_spread_over_the_whole_split():
     assert starts == [8 * w for w in (10, 31, 51, 72, 93, 113)]
     assert list(val_windows(1000, 8, 6)) == [10, 31, 51, 72, 93, 113]
     assert all(torch.equal(a[0], b[0])
-               for a, b in zip(batches, val_batches(tokens, 8, 2, 3)))
+               for a, b in zip(batches, val_batches(tokens, 8, 2, 6)))
+    # The set is the windows' count alone: any batch size cuts the same windows, the last
+    # batch holding the rest.
+    for size in (1, 4, 5, 6, 64):
+        other = val_batches(tokens, 8, size, 6)
+        assert [len(x) for x, _ in other][:-1] == [size] * (len(other) - 1)
+        assert torch.cat([x for x, _ in other])[:, 0].tolist() == starts
     # Every window when they are all needed.
     assert list(val_windows(1000, 8, 124)) == list(range(124))
-    with pytest.raises(ValueError, match="lower train.eval_batches"):
-        val_batches(tokens, 8, batch_size=25, n_batches=5)
+    with pytest.raises(ValueError, match="lower data.val_windows"):
+        val_batches(tokens, 8, batch_size=25, n_windows_total=125)
 
 
 def test_val_windows_cover_every_document_longer_than_their_spacing():

@@ -33,7 +33,7 @@ TINY = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
         "--model.capacity_factor=null", "--model.eval_capacity_factor=null",
         "--data.seq_len=32", "--data.code_max_mb=0.3", "--train.batch_size=8",
         "--train.micro_batch_size=8", "--train.warmup_steps=2", "--train.lr=3e-3",
-        "--train.max_steps=10", "--train.eval_every=10", "--train.eval_batches=1",
+        "--train.max_steps=10", "--train.eval_every=10", "--data.val_windows=8",
         "--train.sample_tokens=0", "--log.progress=false", "--log.log_every=10"]
 TEXTS = ["def main(argv):\n    return 0\n", "  leading spaces, trailing  ", "héllo wörld ✓\t\n",
          "a <|endoftext|> literal", " ,.", ""]

@@ -24,7 +24,7 @@ TINY = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
         "--model.expert_hidden=64", "--model.max_seq_len=32", "--data.seq_len=32",
         "--data.code_max_mb=0.3", "--train.batch_size=8", "--train.micro_batch_size=4",
         "--train.warmup_steps=2", "--train.max_steps=16", "--train.decay_steps=16",
-        "--train.eval_every=8", "--train.eval_batches=2", "--train.ckpt_every=4",
+        "--train.eval_every=8", "--data.val_windows=8", "--train.ckpt_every=4",
         "--train.sample_tokens=0", "--log.progress=false", "--log.log_every=1",
         "--parallel.dp=2", "--parallel.timeout_s=300"]
 KILL_AFTER_CKPT = 8  # kill once checkpoint 8 is complete and step 10 is logged

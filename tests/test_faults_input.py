@@ -25,7 +25,7 @@ TINY = ["--model.vocab_size=300", "--model.d_model=32", "--model.n_layers=1",
         "--model.n_heads=2", "--model.n_experts=2", "--model.top_k=1",
         "--model.expert_hidden=32", "--model.max_seq_len=16", "--data.seq_len=16",
         "--train.batch_size=4", "--train.micro_batch_size=4", "--train.warmup_steps=1",
-        "--train.eval_batches=1", "--train.eval_every=2", "--train.ckpt_every=2",
+        "--data.val_windows=4", "--train.eval_every=2", "--train.ckpt_every=2",
         "--train.sample_tokens=0", "--log.progress=false"]
 
 

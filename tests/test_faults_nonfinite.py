@@ -30,7 +30,7 @@ TINY = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
         "--model.n_heads=4", "--model.n_kv_heads=1", "--model.n_experts=4", "--model.top_k=2",
         "--model.expert_hidden=64", "--model.max_seq_len=32", "--data.seq_len=32",
         "--data.code_max_mb=0.3", "--train.batch_size=8", "--train.micro_batch_size=8",
-        "--train.warmup_steps=2", "--train.lr=3e-3", "--train.eval_batches=2",
+        "--train.warmup_steps=2", "--train.lr=3e-3", "--data.val_windows=16",
         "--train.eval_every=100", "--train.sample_tokens=0", "--log.progress=false",
         "--log.log_every=1", "--train.decay_steps=8"]
 

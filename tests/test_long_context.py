@@ -235,7 +235,7 @@ BASE = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
         "--model.expert_hidden=64", "--model.max_seq_len=32", "--data.seq_len=32",
         "--data.code_max_mb=0.3", "--train.batch_size=4", "--train.micro_batch_size=2",
         "--train.warmup_steps=1", "--train.max_steps=3", "--train.eval_every=3",
-        "--train.eval_batches=1", "--train.sample_tokens=0", "--log.progress=false",
+        "--data.val_windows=2", "--train.sample_tokens=0", "--log.progress=false",
         "--log.log_every=1"]
 LONG = ["--model.max_seq_len=64", "--data.seq_len=64", "--model.rope_scaling.type=yarn",
         "--model.rope_scaling.factor=2", "--model.rope_scaling.original_max_seq_len=32",

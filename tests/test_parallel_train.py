@@ -26,7 +26,7 @@ BASE = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=4",
         "--model.expert_hidden=64", "--model.max_seq_len=32", "--data.seq_len=32",
         "--data.code_max_mb=0.3", "--train.batch_size=8", "--train.micro_batch_size=4",
         "--train.warmup_steps=2", "--train.max_steps=3", "--train.decay_steps=4",
-        "--train.eval_every=3", "--train.eval_batches=2", "--train.sample_tokens=0",
+        "--train.eval_every=3", "--data.val_windows=8", "--train.sample_tokens=0",
         "--log.progress=false", "--log.log_every=1"]
 
 LAYOUTS = {

@@ -402,8 +402,14 @@ def test_fixed_compute_with_granularity_and_shared_experts():
     assert fixed_compute(base, {"granularity": 4}) == {
         "model.n_experts": 64, "model.expert_hidden": 32, "model.top_k": 8}
     assert fixed_compute(base, {"model.n_shared_experts": 1}) == {"model.top_k": 1}
+    # The shared expert keeps its 128 units (4 of the 32-wide experts' worth): 8 - 4 routed.
     assert fixed_compute(base, {"granularity": 4, "model.n_shared_experts": 1}) == {
-        "model.n_experts": 64, "model.expert_hidden": 32, "model.top_k": 7}
+        "model.n_experts": 64, "model.expert_hidden": 32, "model.shared_expert_hidden": 128,
+        "model.top_k": 4}
+    # A shared width the grid sets itself is never adjusted.
+    assert fixed_compute(base, {"granularity": 4, "model.n_shared_experts": 1,
+                                "model.shared_expert_hidden": 64}) == {
+        "model.n_experts": 64, "model.expert_hidden": 32, "model.top_k": 6}
     assert fixed_compute(base, {"granularity": 1, "model.balance": "bias"}) == {}
     with pytest.raises(ConfigError, match="granularity=3"):
         fixed_compute(base, {"granularity": 3})
@@ -419,13 +425,24 @@ def test_granularity_points_hold_active_ffn_parameters(tmp_path):
     points = make_points(str(ROOT / "configs" / "ablate_routing.yaml"), [], grid, 1, tmp_path)
     assert all(p.error is None for p in points), [p.error for p in points]
     assert all(not any(o.startswith("--granularity") for o in p.overrides) for p in points)
-    ffn = set()
+    ffn, total = set(), {}
     for p in points:
-        c = count_params(p.cfg.model)
+        m, c = p.cfg.model, count_params(p.cfg.model)
         ffn.add(c.active_expert_params + c.shared_expert_params)
-        if p.values["model.n_shared_experts"] == 0:  # granularity keeps total experts too
-            assert c.expert_params == 2 * 16 * 3 * 64 * 128
+        total.setdefault(p.values["model.n_shared_experts"], set()).add(
+            c.expert_params + c.shared_expert_params)
+        # Routed experts keep their total at every granularity: 16 x 128 = 64 x 32 units.
+        assert c.expert_params == 2 * 16 * 3 * 64 * 128
+        if p.values["model.n_shared_experts"]:
+            # The shared expert is not split: one 128-wide SwiGLU in each of the 2 layers at
+            # granularity 1 and 4 alike (it used to follow expert_hidden down to 32).
+            assert m.shared_hidden_total == 128
+            assert c.shared_expert_params == 2 * 3 * 64 * 128
+            # It takes one expert's place in the active width: 2 x 128 - 128 = (top_k) x 32.
+            assert m.top_k == {1: 1, 4: 4}[p.values["granularity"]]
     assert len(ffn) == 1  # same active FFN parameters at every point
+    # ... and the same total FFN parameters at every granularity, with or without the shared one.
+    assert all(len(v) == 1 for v in total.values()) and len(total) == 2
 
 
 # --- layouts through the trainer -------------------------------------------------------------
@@ -438,7 +455,7 @@ BASE = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=4",
         "--model.capacity_factor=1.0", "--data.seq_len=32", "--data.code_max_mb=0.3",
         "--train.batch_size=8", "--train.micro_batch_size=4", "--train.warmup_steps=2",
         "--train.max_steps=3", "--train.decay_steps=4", "--train.eval_every=3",
-        "--train.eval_batches=2", "--train.sample_tokens=0", "--log.progress=false",
+        "--data.val_windows=8", "--train.sample_tokens=0", "--log.progress=false",
         "--log.log_every=1"]
 # Bias balancing with a fast update (so the bias changes the routing within 3 steps), sigmoid
 # scores, a tp-sharded shared expert, the sequence-wise loss; MoE in layers 1 and 3 only.

@@ -20,7 +20,7 @@ TINY = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
         "--model.n_heads=4", "--model.n_kv_heads=1", "--model.n_experts=4", "--model.top_k=2",
         "--model.expert_hidden=64", "--model.max_seq_len=32", "--data.seq_len=32",
         "--data.code_max_mb=0.3", "--train.batch_size=8", "--train.micro_batch_size=8",
-        "--train.warmup_steps=5", "--train.lr=3e-3", "--train.eval_batches=4",
+        "--train.warmup_steps=5", "--train.lr=3e-3", "--data.val_windows=32",
         "--train.sample_tokens=0", "--log.progress=false", "--log.log_every=1"]
 
 
@@ -161,10 +161,18 @@ def test_schedules():
     assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
     assert lr_at(110, cfg) == pytest.approx(0.1)
     assert lr_at(500, cfg) == pytest.approx(0.1)
-    assert batch_size_at(0, cfg, seq_len=10, group_seqs=1) == 16
-    assert batch_size_at(500, cfg, seq_len=10, group_seqs=1) == 40
-    assert batch_size_at(500, cfg, seq_len=10, group_seqs=16) == 32
-    assert batch_size_at(1000, cfg, seq_len=10, group_seqs=1) == 64
+    # 16 + 48 * tokens / 1000 sequences, in whole increments above the start (default: one
+    # capacity group); the layout never enters.
+    assert batch_size_at(0, cfg, group_seqs=1) == 16
+    assert batch_size_at(500, cfg, group_seqs=1) == 40
+    assert batch_size_at(999, cfg, group_seqs=1) == 63
+    assert batch_size_at(500, cfg, group_seqs=16) == 32
+    assert batch_size_at(1000, cfg, group_seqs=1) == 64
+    cfg.batch_ramp_increment = 6
+    assert [batch_size_at(t, cfg, group_seqs=1) for t in (0, 124, 125, 500, 999)] == [
+        16, 16, 22, 40, 58]
+    cfg.batch_ramp_start, cfg.batch_ramp_increment = 3, 0  # start 3, steps of 1
+    assert [batch_size_at(t, cfg, group_seqs=1) for t in (0, 16, 17, 500)] == [3, 3, 4, 33]
     assert micro_batches(40, 16) == [16, 16, 8]
 
 

@@ -104,7 +104,10 @@ def fixed_compute(base: Config, values: dict[str, Any]) -> dict[str, Any]:
 
     0. ``granularity`` m (a grid key of the sweep, not of the config): every routed expert is
        split in m: ``n_experts * m`` experts of ``expert_hidden / m`` (a ConfigError when not
-       an integer). Total expert parameters are unchanged; rule 1 then gives ``top_k * m``.
+       an integer). Shared experts are not split: they keep the width they have at m = 1
+       (``model.shared_expert_hidden`` is set to it; DeepSeekMoE's m fine-grained shared
+       segments of each, run as one FFN, are the same function). So total routed, total
+       shared and (by rule 1, ``top_k * m``) active parameters are all unchanged.
     1. Active FFN width: each token passes through ``top_k`` experts of ``expert_hidden`` units
        and the shared experts (``n_shared_experts * shared hidden``, always on), so its FFN
        compute and active FFN parameters are proportional to
@@ -127,6 +130,9 @@ def fixed_compute(base: Config, values: dict[str, Any]) -> dict[str, Any]:
     adjusted: dict[str, Any] = {}
     n_experts = values.get("model.n_experts", m0.n_experts)
     hidden = values.get("model.expert_hidden", m0.expert_hidden)
+    # Shared experts keep their width when the routed ones are split (below).
+    shared_each = values.get("model.shared_expert_hidden", m0.shared_expert_hidden) or hidden
+    n_shared = values.get("model.n_shared_experts", m0.n_shared_experts)
     g = values.get(GRANULARITY, 1)
     if g != 1:
         if hidden % g:
@@ -134,8 +140,9 @@ def fixed_compute(base: Config, values: dict[str, Any]) -> dict[str, Any]:
                               f"{g} equal experts; pick a divisor of it")
         n_experts, hidden = n_experts * g, hidden // g
         adjusted.update({"model.n_experts": n_experts, "model.expert_hidden": hidden})
-    shared_each = values.get("model.shared_expert_hidden", m0.shared_expert_hidden) or hidden
-    shared = values.get("model.n_shared_experts", m0.n_shared_experts) * shared_each
+        if n_shared and "model.shared_expert_hidden" not in values:
+            adjusted["model.shared_expert_hidden"] = shared_each
+    shared = n_shared * shared_each
     width = m0.top_k * m0.expert_hidden + m0.shared_hidden_total  # W0
     split = g != 1 or shared != m0.shared_hidden_total
     if "model.top_k" in values:

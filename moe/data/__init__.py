@@ -6,7 +6,7 @@ Typical use::
     loader = PackedLoader(data.train, data.epochs, cfg.data.seq_len, cfg.train.seed)
     x, y = loader.next_batch(cfg.train.micro_batch_size)
     evals = val_batches(data.val, cfg.data.seq_len, cfg.train.micro_batch_size,
-                        cfg.train.eval_batches)
+                        cfg.data.val_windows)
 """
 
 from .corpus import Corpus, Document, open_corpus

@@ -131,18 +131,19 @@ def val_windows(n_tokens: int, seq_len: int, n: int) -> np.ndarray:
 
 
 def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
-                n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n_batches * batch_size`` windows spread evenly over ``tokens`` (``val_windows``), in
-    stream order: the same batches every eval."""
-    need = n_batches * batch_size
+                n_windows_total: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The validation set: ``n_windows_total`` windows spread evenly over ``tokens``
+    (``val_windows``), in stream order, cut into batches of at most ``batch_size`` (the last
+    may be smaller). The windows depend on the data and ``n_windows_total`` only, never on
+    ``batch_size``: a token-weighted mean over the batches is the same number for any split."""
     have = n_windows(tokens, seq_len)
-    if batch_size <= 0 or n_batches <= 0:
-        raise ValueError(f"batch_size={batch_size} and n_batches={n_batches} must be > 0")
-    if have < need:
+    if batch_size <= 0 or n_windows_total <= 0:
+        raise ValueError(f"batch_size={batch_size} and n_windows={n_windows_total} must be > 0")
+    if have < n_windows_total:
         raise ValueError(f"validation data has {have} windows of seq_len={seq_len}, need "
-                         f"{n_batches}x{batch_size}={need}: lower train.eval_batches or raise "
+                         f"data.val_windows={n_windows_total}: lower data.val_windows or raise "
                          "data.val_fraction")
-    win = val_windows(len(tokens), seq_len, need)
-    src = np.zeros(need, dtype=np.int64)
+    win = val_windows(len(tokens), seq_len, n_windows_total)
+    src = np.zeros(n_windows_total, dtype=np.int64)
     return [_window_batch([tokens], src[i:i + batch_size], win[i:i + batch_size], seq_len)
-            for i in range(0, need, batch_size)]
+            for i in range(0, n_windows_total, batch_size)]

@@ -128,6 +128,24 @@ class ParallelDims:
             self.pp_microbatches(cfg)  # raises when the local batch cannot be split
             if t.batch_ramp_tokens:
                 raise ConfigError("train.batch_ramp_tokens is not supported with parallel.pp > 1")
+        if t.batch_ramp_tokens:
+            self.check_batch_ramp(cfg)
+
+    def check_batch_ramp(self, cfg: Config) -> None:
+        """The ramp's batches (moe/optim.py ``batch_size_at``) are the config's alone; this
+        layout must split each into whole capacity groups per data rank, which holds for
+        every ramp value exactly when it holds for the start and the increment."""
+        t, g = cfg.train, cfg.model.capacity_group_seqs
+        unit = self.data_shards * g
+        inc = t.ramp_increment(g)
+        for key, value in (("batch_ramp_start", t.batch_ramp_start or inc),
+                           ("batch_ramp_increment", inc)):
+            if value % unit:
+                raise ConfigError(f"train.{key}={value} does not split over parallel.dp x "
+                                  f"parallel.ep = {self.data_shards} data ranks in capacity "
+                                  f"groups of model.capacity_group_seqs={g}: set "
+                                  f"train.batch_ramp_start and train.batch_ramp_increment to "
+                                  f"multiples of {unit}")
 
     def check_pipeline(self, cfg: Config) -> None:
         """Raise ConfigError when the pipeline split cannot exist: ``parallel.pp_layers`` not
@@ -235,6 +253,9 @@ def init_distributed(cfg: Config):
         backend = "nccl" if use_cuda else "gloo"
     device = torch.device("cpu")
     if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ConfigError("parallel.backend=nccl needs a CUDA GPU, and this machine has "
+                              "none: use parallel.backend=gloo (or auto)")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():

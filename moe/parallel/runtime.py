@@ -177,11 +177,12 @@ class Runtime:
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batches) -> float:
-        """Mean LM loss over fixed batches in eval mode (eval capacity factor); every rank
-        runs every batch (expert and tensor parallel forwards need all ranks) and returns
-        the same number."""
+        """Mean LM loss per target token over fixed batches in eval mode (eval capacity
+        factor): each batch weighs its number of sequences, so how the validation set is cut
+        into batches does not change the number. Every rank runs every batch (expert and tensor
+        parallel forwards need all ranks) and returns the same number."""
         self.train(False)
-        total = 0.0
+        total, rows = 0.0, 0
         for x, y in batches:
             if self.pipeline is not None:
                 from moe.parallel.pipeline import pipeline_forward
@@ -191,9 +192,10 @@ class Runtime:
                 with self.autocast():
                     logits = self._forward(x.to(self.device))
             loss = lm_loss(logits, y.to(self.device)) if logits is not None else None
-            total += self._from_last_stage(loss)
+            total += self._from_last_stage(loss) * x.shape[0]
+            rows += x.shape[0]
         self.train(True)
-        return total / len(batches)
+        return total / rows
 
     def _from_last_stage(self, loss) -> float:
         if self.mesh is None or self.dims.pp == 1:

@@ -117,7 +117,7 @@ class ImageTextLoader:
 class VisionTask:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        vc, tc = cfg.vision, cfg.train
+        vc = cfg.vision
         self.seq_len = cfg.data.seq_len
         # The tokenizer of data.* (the text run's, so a text checkpoint's embeddings fit).
         self.tokenizer = load_data(cfg).tokenizer
@@ -127,9 +127,6 @@ class VisionTask:
         self.train_x, self.train_y = encode_texts(self.tokenizer, self.data.train.texts,
                                                   self.seq_len)
         self.val_x, self.val_y = encode_texts(self.tokenizer, self.data.val.texts, self.seq_len)
-        if len(self.val_x) < tc.micro_batch_size:
-            raise ConfigError(f"vision.n_val={vc.n_val} must be >= train.micro_batch_size="
-                              f"{tc.micro_batch_size}")
         self.val_queries = _val_queries(self.data.val, ACCURACY_IMAGES)
         self.heldout_queries = vdata.composition_queries(self.data.heldout)
         self.val_exists_queries = vdata.exists_queries(self.data.val, ACCURACY_IMAGES)
@@ -220,15 +217,18 @@ class VisionTask:
             return runtime.forward(x.to(dev), **inputs)
 
     def _losses(self, runtime) -> dict[str, float]:
-        mb = self.cfg.train.micro_batch_size
+        """Sums over every validation row, in micro-batches: the numbers do not depend on
+        train.micro_batch_size (each text's shuffled image is the previous row's, over the
+        whole set, not within a micro-batch)."""
+        mb, n = self.cfg.train.micro_batch_size, len(self.val_x)
         sums = {"val_loss": 0.0, "val_loss_shuffled_images": 0.0, "val_loss_no_images": 0.0}
         count = 0
-        for lo in range(0, len(self.val_x) - mb + 1, mb):
-            idx = np.arange(lo, lo + mb)
+        for lo in range(0, n, mb):
+            idx = np.arange(lo, min(lo + mb, n))
             x, y = torch.from_numpy(self.val_x[idx]), torch.from_numpy(self.val_y[idx])
             y_dev = y.to(runtime.device)
             inputs = self._inputs(self.data.val, idx)
-            shuffled = {**inputs, "images": inputs["images"].roll(1, dims=0)}
+            shuffled = {**inputs, "images": self._inputs(self.data.val, (idx - 1) % n)["images"]}
             for key, given in (("val_loss", inputs), ("val_loss_shuffled_images", shuffled),
                                ("val_loss_no_images", None)):
                 logits = self._forward(runtime, x, given)
