@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--model.vocab_size=64", "--model.d_model=32", "--model.n_layers=2",
         "--model.n_heads=4", "--model.n_kv_heads=1", "--model.n_experts=4",
         "--model.expert_hidden=48", "--model.ffn_hidden=64", "--model.moe_every=2",
-        "--model.max_seq_len=16", "--data.seq_len=16", "--model.router_jitter=0.0"]
+        "--model.max_seq_len=16", "--data.seq_len=16", "--model.router_jitter=0.0",
+        # a persistent buffer (the bias of bias balancing) and a tp-split shared expert
+        "--model.balance=bias", "--model.n_shared_experts=1", "--model.shared_expert_hidden=32"]
 # (pp, dp, ep, tp) sizes, MESH_DIMS order, on 4 ranks.
 LAYOUTS = {"pp2tp2": (2, 1, 1, 2), "ep2tp2": (1, 1, 2, 2), "dp2ep2": (1, 2, 2, 1),
            "dp4": (1, 4, 1, 1), "pp2ep2": (2, 1, 2, 1)}
@@ -66,6 +68,9 @@ def _reference(seed: int = 0):
             opt[name] = {"exp_avg": torch.randn(p.shape, generator=g),
                          "exp_avg_sq": torch.rand(p.shape, generator=g),
                          "step": torch.tensor(7.0)}
+        for name, b in model.named_buffers():  # the bias starts at zero: make it the run's own
+            if name.endswith("expert_bias"):
+                b.copy_(torch.randn(b.shape, generator=g))
     return cfg, model, opt
 
 
@@ -127,6 +132,8 @@ def _ranks_main(rank, world, root):
     meshes = {k: build_mesh(**dict(zip(MESH_DIMS, s))) for k, s in LAYOUTS.items()}
     _, ref_model, ref_opt = _reference(0)
     ref_params = dict(ref_model.named_parameters())
+    ref_bias = {n: b for n, b in ref_model.named_buffers() if n.endswith("expert_bias")}
+    assert ref_bias and all(b.abs().sum() > 0 for b in ref_bias.values())
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
     want_loss = _loss(ref_model, x)
     report = {}
@@ -161,6 +168,10 @@ def _ranks_main(rank, world, root):
                     assert torch.equal(state[k], local(ref_opt[name][k], p)), (src, dst, name, k)
                 assert state["step"].dtype == torch.float32 and float(state["step"]) == 7.0
                 n += 1
+            for name, b in part.named_buffers():  # replicated on every rank, restored whole
+                if name.endswith("expert_bias"):
+                    assert torch.equal(b, ref_bias[name]), (src, dst, name)
+                    report[f"{src}->{dst} bias"] = report.get(f"{src}->{dst} bias", 0) + 1
         assert all(g["lr"] == LR for g in opt.param_groups), (src, dst)
         report[f"{src}->{dst}"] = n
         if LAYOUTS[dst][0] == 1:  # no pipeline: the loaded model computes the reference loss
@@ -216,8 +227,11 @@ def test_checkpoints_reshard_between_layouts(tmp_path):
     reports = run_ranks(_ranks_main, 4, str(tmp_path))
     n_params = len(list(model.parameters()))
     for r in reports:
-        assert set(r) == {f"{s}->{d}" for s, d in LOADS}
+        assert {k for k in r if not k.endswith(" bias")} == {f"{s}->{d}" for s, d in LOADS}
         assert r["pp2tp2->dp4"] == n_params
+        # one MoE layer: every layout without a pipeline holds its bias; pp2 on stage 1 only
+        assert all(r[f"{s}->{d} bias"] == 1 for s, d in LOADS if LAYOUTS[d][0] == 1)
+        assert any(n.endswith("shared_experts.w1.weight") for n, _ in model.named_parameters())
         assert 0 < r["single->pp2tp2"] < n_params  # a pipeline stage holds some layers only
 
     ref = model.state_dict()

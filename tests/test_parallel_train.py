@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from dist_utils import run_ranks
 
+from moe.checkpoint import read_extra
 from moe.config import load_config
 from moe.train import train
 
@@ -138,6 +140,75 @@ def test_torchrun_tp2_pp2_then_resume_in_one_process(workdir, reference):
     state = torch.load(plain, weights_only=True)
     assert state["model"]["layers.3.feed_forward.experts.w1"].shape == (4, 64, 64)
     assert state["model"]["layers.0.attention.wq.weight"].shape == (64, 64)
+
+
+# A ramp of 2, 2, 4, 8 sequences (increments of 2 over 256 tokens of 32-token windows).
+RAMP = ["--train.batch_ramp_tokens=256", "--train.batch_ramp_start=2",
+        "--train.batch_ramp_increment=2", "--train.max_steps=4"]
+
+
+def test_batch_ramp_and_validation_are_the_same_on_every_layout(workdir):
+    """The ramp is the config's (moe/optim.py batch_size_at): one process, dp2, ep2 and a run
+    resumed at dp2 after 2 single-process steps train on the same batches and log the same
+    numbers; the val loss is the same though each uses another micro-batch size
+    (data.val_windows, not micro-batches, defines the validation set)."""
+    ref_dir = workdir / "ramp_single"
+    train(load_config(None, _overrides(workdir, "ramp_single", "1.0", RAMP)))
+    ref = _rows(ref_dir)
+    assert [r["batch_size"] for r in ref if "lm_loss" in r] == [2, 2, 4, 8]
+    for name, world, extra in (("dp2", 2, ["--parallel.dp=2", "--train.micro_batch_size=2"]),
+                               ("ep2", 2, ["--parallel.ep=2", "--train.micro_batch_size=1"])):
+        run_ranks(_train_rank, world, _overrides(workdir, f"ramp_{name}", "1.0", RAMP + extra),
+                  timeout_s=300)
+        _assert_same(ref, _rows(workdir / f"ramp_{name}"), f"ramp {name}")
+    resumed = _overrides(workdir, "ramp_resumed", "1.0", RAMP)
+    train(load_config(None, resumed + ["--train.max_steps=2", "--train.micro_batch_size=8"]))
+    run_ranks(_train_rank, 2, resumed + ["--parallel.dp=2"], timeout_s=300)
+    rows = _rows(workdir / "ramp_resumed")
+    assert [r["batch_size"] for r in rows if "lm_loss" in r] == [2, 2, 4, 8]
+    _assert_same(ref, rows, "ramp single -> dp2")
+
+
+def test_ramp_a_layout_cannot_split_is_refused_naming_the_keys():
+    from moe.config import ConfigError
+    from moe.parallel.mesh import ParallelDims
+
+    cfg = load_config(None, BASE + ["--train.batch_ramp_tokens=256",
+                                    "--train.batch_ramp_start=3"])
+    ParallelDims().validate(cfg, 1)  # one process splits anything
+    with pytest.raises(ConfigError, match="train.batch_ramp_start=3 does not split over "
+                                          "parallel.dp x parallel.ep = 2") as e:
+        ParallelDims(dp=2).validate(cfg, 2)
+    assert "train.batch_ramp_increment" in str(e.value)
+    cfg.train.batch_ramp_start = 2  # the increment (one group of 1) is still 1
+    with pytest.raises(ConfigError, match="train.batch_ramp_increment=1"):
+        ParallelDims(ep=2).validate(cfg, 2)
+    cfg.train.batch_ramp_increment = 2
+    ParallelDims(ep=2).validate(cfg, 2)
+    with pytest.raises(ConfigError, match="train.batch_ramp_start=2 does not split"):
+        ParallelDims(dp=2, ep=2).validate(cfg, 4)
+
+
+def test_pipeline_resume_with_router_jitter_is_exact(workdir):
+    """Each rank's generator is checkpointed (moe/parallel/rng.py): pp2's second stage draws
+    its own jitter, and a 2 + 2 step run equals 4 straight steps row for row, per-expert counts
+    included."""
+    # Stage 0 holds 1 MoE layer, stage 1 three: their generators advance differently.
+    jitter = ["--model.router_jitter=0.1", "--parallel.pp=2", "--parallel.pp_layers=[1,3]",
+              "--train.max_steps=4", "--train.ckpt_every=2"]
+    run_ranks(_train_rank, 2, _overrides(workdir, "pp_jitter_full", "1.0", jitter),
+              timeout_s=300)
+    part = _overrides(workdir, "pp_jitter_part", "1.0", jitter)
+    run_ranks(_train_rank, 2, part + ["--train.max_steps=2"], timeout_s=300)
+    run_ranks(_train_rank, 2, part, timeout_s=300)
+    full, parted = (_rows(workdir / n) for n in ("pp_jitter_full", "pp_jitter_part"))
+    strip = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in full if "lm_loss" in r]
+    assert strip == [{k: v for k, v in r.items() if k != "tokens_per_s"}
+                     for r in parted if "lm_loss" in r]
+    extra = read_extra(workdir / "pp_jitter_part" / "checkpoints" / "step_00000004")
+    rng = extra["rng"]
+    assert rng["layout"] == [2, 1, 1, 1] and len(rng["ranks"]) == 2
+    assert not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])
 
 
 def test_zero1_owner_assignment_balances_sizes():
