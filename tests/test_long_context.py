@@ -149,10 +149,23 @@ def test_inverse_frequencies_are_hugging_faces(name, length):
 
     cfg = model_cfg(SCALINGS[name])
     hf_cfg = mixtral_config(cfg)
+    if name == "yarn":  # HF's own default, not the factor our export writes into its config
+        hf_cfg.rope_parameters = {k: v for k, v in hf_cfg.rope_parameters.items()
+                                  if k != "attention_factor"}
     theirs, factor = ROPE_INIT_FUNCTIONS[name](hf_cfg, None, seq_len=torch.tensor(length))
     ours, mscale = inverse_frequencies(cfg, length)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     assert mscale == pytest.approx(factor)
+    # By hand: YaRN's 0.1 ln(s) + 1 at s = 4 (the other scalings leave cos and sin alone).
+    assert mscale == pytest.approx(0.1 * math.log(4.0) + 1 if name == "yarn" else 1.0)
+
+
+def test_yarn_attention_factor_given_is_used_by_both():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = model_cfg({**YARN, "attention_factor": 1.5})
+    _, theirs = ROPE_INIT_FUNCTIONS["yarn"](mixtral_config(cfg), None)
+    assert inverse_frequencies(cfg, 64)[1] == theirs == 1.5
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,11 +74,17 @@ def test_applied_shards_are_the_plans(variant, tp, ep):
         assert spec.get("tp") == (want.tp_dim if tp > 1 else None), name
         assert spec.get("ep") == (want.ep_dim if ep > 1 else None), name
         assert bool(spec.get("tp_partial_grad")) == want.tp_partial_grad, name
-        shape = list(full[name])
-        for dim, _, n in shard_slices(p):
-            shape[dim] //= n
+        # The shape the plan says (not the one the recorded cuts say), and the cuts name
+        # this rank's chunk (tp rank tp - 1, ep rank 0).
+        shape, cuts = list(full[name]), []
+        for size, dim, rank in ((tp, want.tp_dim, tp - 1), (ep, want.ep_dim, 0)):
+            if size > 1 and dim is not None:
+                shape[dim] //= size
+                cuts.append((dim, rank, size))
         assert tuple(p.shape) == tuple(shape), name
-    assert p.is_meta  # nothing was allocated
+        assert shard_slices(p) == cuts, name
+        assert p.is_meta, name  # nothing was allocated
+    assert all(b.is_meta for b in model.buffers())
 
 
 def test_single_process_has_no_mesh():

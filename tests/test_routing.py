@@ -329,9 +329,20 @@ def test_router_is_fp32_under_bf16_autocast(weights):
     assert torch.equal(got[3], ref[3])  # the same experts
 
 
-def test_moe_layer_router_and_combine_fp32_under_autocast():
-    layer = moe_layer(seed=2, impl="loop").train()
+@pytest.mark.parametrize("hidden", [24, 8])  # 8 < d_model: the folded combine, off under autocast
+def test_moe_layer_router_and_combine_fp32_under_autocast(hidden):
+    layer = moe_layer(seed=2, impl="loop", expert_hidden=hidden).train()
     seen, hooks = _capture_router(layer)
+    ys, combined = [], []
+    hooks.append(layer.experts.register_forward_hook(lambda m, a, out: ys.append(out)))
+    run_experts = layer._run_experts
+
+    def spy(x_sorted, counts, capacity, weight):
+        out = run_experts(x_sorted, counts, capacity, weight)
+        combined.append((x_sorted, weight, out))
+        return out
+
+    layer._run_experts = spy
     x = torch.randn(2, 8, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
@@ -341,7 +352,14 @@ def test_moe_layer_router_and_combine_fp32_under_autocast():
     assert logits.dtype == probs.dtype == weights.dtype == torch.float32
     ref = layer.router(x.reshape(-1, 16))  # fp32, no autocast
     assert torch.equal(weights, ref[2]) and torch.equal(experts, ref[3])
-    assert out.dtype == x.dtype
+    # The experts run in bf16; each row is weighted in fp32 (a bf16 product would round the
+    # weight and the product to 8 bits) and the rows are summed per token in fp32.
+    (y,), ((x_sorted, weight, rows),) = ys, combined
+    assert y.dtype == torch.bfloat16 and weight.dtype == rows.dtype == torch.float32
+    assert torch.equal(rows, y.float() * weight.unsqueeze(1))
+    token = (x_sorted[:, None, :] == x.reshape(1, -1, 16)).all(-1).int().argmax(1)
+    want = torch.zeros(16, 16).index_add(0, token, rows)
+    assert out.dtype == x.dtype and torch.equal(out.reshape(16, 16), want)
     torch.testing.assert_close(out, layer(x), atol=3e-2, rtol=3e-2)  # bf16 experts only
 
 

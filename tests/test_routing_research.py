@@ -118,11 +118,25 @@ def test_moe_sequence_loss_is_per_sequence_whatever_the_capacity_group():
 
 
 def test_aux_loss_is_applied_only_with_balance_aux_loss():
-    for balance, coef in (("aux_loss", 0.01), ("bias", 0.0), ("none", 0.0)):
-        layer = _moe(balance=balance)
-        assert layer.aux_loss_coef == coef
-        layer(torch.randn(2, 6, 16))
-        assert layer.last_stats.aux_loss > 0  # still logged
+    """The gate's gradient from a step whose LM loss is zero is the router losses' alone:
+    with z_loss_coef=0 it is exactly 0.01 x d(aux)/dW under balance=aux_loss, and exactly
+    zero under bias and none (the aux loss is still computed and logged)."""
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(4))
+    for balance in ("aux_loss", "bias", "none"):
+        layer = _moe(balance=balance, z_loss_coef=0.0).train()
+        out = layer(x)
+        (out * 0).sum().backward()  # no LM gradient: only what the layer injects
+        got = layer.router.gate.weight.grad
+        w = layer.router.gate.weight.detach().clone().requires_grad_()
+        probs = F.linear(x.reshape(-1, 16), w).softmax(-1)
+        aux = load_balancing_loss(probs, layer.last_experts, n_groups=2)
+        assert float(layer.last_stats.aux_loss) == pytest.approx(float(aux.detach()), rel=1e-6)
+        (want,) = torch.autograd.grad(0.01 * aux, w)
+        if balance == "aux_loss":
+            assert want.abs().max() > 1e-6
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+        else:
+            assert got is None or torch.count_nonzero(got) == 0, balance
 
 
 # --- shared experts ----------------------------------------------------------------------------
@@ -312,10 +326,24 @@ def test_expert_choice_fills_every_expert_to_capacity_and_matches_a_loop(score):
 
 
 def test_expert_choice_refuses_balance_losses_and_dropless():
-    with pytest.raises(ConfigError, match="model.balance=none"):
-        tiny_model_config(routing="expert_choice")  # balance defaults to aux_loss
-    with pytest.raises(ConfigError, match="needs a capacity"):
-        tiny_model_config(routing="expert_choice", balance="none", capacity_factor=None)
+    ec = dict(routing="expert_choice", balance="none")
+    tiny_model_config(**ec)  # the accepted baseline: every case below changes one key
+    for kw, match in ((dict(balance="aux_loss"), r"balance=none \(got aux_loss\)"),
+                      (dict(balance="bias"), r"balance=none \(got bias\)"),
+                      (dict(seq_aux_loss_coef=0.01), r"seq_aux_loss_coef=0 \(got 0.01\)"),
+                      (dict(capacity_factor=None), "needs a capacity"),
+                      (dict(eval_capacity_factor=None), "needs a capacity"),
+                      (dict(capacity_factor=None, eval_capacity_factor=1.0), "needs a capacity"),
+                      (dict(drop_policy="probs"), r"model.drop_policy \(got probs\)"),
+                      (dict(router_weights="renorm"), r"model.router_weights \(got renorm\)")):
+        with pytest.raises(ConfigError, match=match):
+            tiny_model_config(**{**ec, **kw})
+    # A capacity that is every token of the group: refused where data.seq_len is known.
+    over = ["--model.routing=expert_choice", "--model.balance=none", "--model.n_experts=4",
+            "--model.capacity_factor=2", "--data.seq_len=64", "--model.max_seq_len=64"]
+    with pytest.raises(ConfigError, match="every expert takes every token"):
+        load_config(None, over)
+    load_config(None, over[:-3] + ["--model.capacity_factor=1.5"])  # ceil(1.5 * 256 / 2) < 256
 
 
 def test_generation_and_export_refuse_expert_choice():
