@@ -295,3 +295,44 @@ def test_lock_of_a_killed_trainer_is_released(tmp_path):
     run_lock.check_free(run)
     with run_lock.hold(run):
         assert (run / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# settings that used to crash mid-run or run wrongly: one line, nothing written
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--model.d_model=60", "model.d_model"),  # 4 heads of 15: rotary needs an even head size
+    ("--train.eps=-1", "train.eps"),  # was AdamW's ValueError traceback after the folder
+])
+def test_refused_setting_leaves_no_run_folder(tmp_path, override, key):
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/tiny.yaml",
+                          f"--train.run_dir={run}", override], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().count("\n") == 0 and key in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not run.exists()
+
+
+def test_resume_with_another_seed_is_refused_in_one_line(tmp_path):
+    train(_cfg(tmp_path, "--train.max_steps=2"))
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError) as e:  # was the loader's ValueError traceback
+        train(_cfg(tmp_path, "--train.max_steps=4", "--train.seed=7"))
+    assert "train.seed" in _one_line(e) and "step_00000002" in str(e.value)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # nothing appended
+
+
+def test_nccl_without_a_gpu_is_one_line(tmp_path, monkeypatch):
+    import torch
+
+    from moe.parallel.mesh import init_distributed
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: nccl is a valid backend here")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as e:  # was AttributeError: _cuda_setDevice
+        init_distributed(_cfg(tmp_path, "--parallel.backend=nccl"))
+    assert "parallel.backend=nccl" in _one_line(e) and "gloo" in str(e.value)
