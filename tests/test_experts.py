@@ -204,7 +204,8 @@ def test_auto_on_misaligned_experts_runs_the_loop_and_matches_it():
      "multiples of 8"),
     (["--model.expert_impl=grouped", "--model.expert_hidden=48", "--parallel.tp=8",
       "--train.dtype=bf16"], "expert_hidden / parallel.tp = 6"),
-    (["--model.expert_impl=grouped", "--model.d_model=66", "--model.n_heads=6"],
+    (["--model.expert_impl=grouped", "--model.d_model=66", "--model.n_heads=6",
+      "--model.head_dim=12"],
      "multiples of 4"),
 ])
 def test_config_checks_grouped_mm_requirements(overrides, needle):

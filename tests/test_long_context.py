@@ -294,7 +294,7 @@ def test_init_from_resolves_the_function_the_trainer_calls(base_run):
     source = resolve_init_from(cfg)
     assert source == list_checkpoints(root / "base")[-1]
     assert set(ALLOWED) == {"model.max_seq_len", "model.rope_scaling", "data.seq_len",
-                            "data.cache_dir"}
+                            "data.cache_dir", "data.val_windows"}
 
 
 @pytest.mark.parametrize("extra, keys", [

@@ -209,7 +209,7 @@ def test_freeze_text_and_init_from_a_text_run(workdir):
 
     text_args = TEXT + [f"--data.cache_dir={workdir / 'cache'}", "--data.seq_len=32",
                         "--train.batch_size=4", "--train.micro_batch_size=4",
-                        "--train.max_steps=2", "--train.eval_every=2",
+                        "--train.max_steps=2", "--train.eval_every=2", "--data.val_windows=4",
                         f"--train.run_dir={workdir / 'text'}"]
     train(load_config(None, text_args))
     train(load_config(None, _vision_args(workdir, "frozen", "--vision.freeze_text=true",
