@@ -377,7 +377,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     # AdamW kernel: fused (one kernel over all tensors; 3-5x faster than torch's CPU default,
-    # the for-loop, on 2 cores: see moe/optim.py) | foreach | for-loop. Same update up to
+    # the for-loop, on 2 cores: see moe/optim/adamw.py) | foreach | for-loop. Same update up to
     # float rounding.
     optimizer_impl: str = "fused"
     eval_every: int = 50  # (the validation set itself: data.val_windows)
@@ -386,7 +386,7 @@ class TrainConfig:
     run_dir: str = "runs/tiny"
     # A new run from a trained model's weights (a run folder or a step_* folder) with a fresh
     # optimizer, schedule and data position; only model.max_seq_len, model.rope_scaling and
-    # data.seq_len (and any train.* key) may differ from its config (moe/init_from.py). A
+    # data.seq_len (and any train.* key) may differ from its config (moe/train/init_from.py). A
     # checkpoint already in run_dir wins: the run resumes from it instead.
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda

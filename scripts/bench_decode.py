@@ -2,7 +2,7 @@
 
     python scripts/bench_decode.py [--json] [--repeats 3] [--no-hf] [--section.key=value ...]
 
-Options: --help. Code: moe/cli/bench_decode.py, moe/inference/bench.py; installed as the
+Options: --help. Code: moe/cli/bench_decode.py, moe/bench/decode.py; installed as the
 moe-bench-decode command.
 """
 

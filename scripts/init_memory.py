@@ -1,4 +1,5 @@
-"""Peak host memory per rank of building a config's model (a benchmark: see moe/bench_init.py).
+"""Peak host memory per rank of building a config's model (a benchmark: see
+moe/bench/init_memory.py).
 
     python scripts/init_memory.py --config configs/a100x8_tp2pp2dp2.yaml [--full]
 

@@ -24,7 +24,7 @@ from moe.ablate import (
 from moe.ablate.plots import sweep_plots
 from moe.ablate.sweep import train_env
 from moe.config import ConfigError, load_config
-from moe.metrics import read_metrics
+from moe.train.metrics import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -139,18 +139,18 @@ def test_train_command_plain_and_torchrun(tmp_path):
     (p,) = make_points(None, ["--data.seq_len=32", "--model.max_seq_len=32"],
                        parse_grid(["model.capacity_factor=null"]), 1, tmp_path)
     cmd = train_command(p, "configs/tiny.yaml")
-    assert cmd[:3] == [sys.executable, "-m", "moe.train"]  # a module, never scripts/ by path
+    assert cmd[:3] == [sys.executable, "-m", "moe.cli.train"]  # a module, never scripts/ by path
     assert cmd[3:5] == ["--config", "configs/tiny.yaml"]
     assert "--model.capacity_factor=null" in cmd
     cmd = train_command(p, None, nproc=4)
     assert cmd[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       "--nproc_per_node=4", "-m", "moe.train"]
+                       "--nproc_per_node=4", "-m", "moe.cli.train"]
     assert "--config" not in cmd
 
 
 def test_train_module_runs_from_any_folder(tmp_path):
     """What train_command launches is the training CLI, also outside the checkout."""
-    res = subprocess.run([sys.executable, "-m", "moe.train", "--help"], cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-m", "moe.cli.train", "--help"], cwd=tmp_path,
                          env=train_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "--config" in res.stdout and "--section.key=value" in res.stdout
@@ -287,7 +287,7 @@ def test_sweep_runs_resumes_and_reports_failures(tmp_path):
                  "expert_load_heatmap"):
         assert_png(out / f"{name}.png")
 
-    # Re-run: finished points are skipped (moe.train is not started: the logs do not grow).
+    # Re-run: finished points are skipped (moe.cli.train is not started: the logs do not grow).
     logs = {r["name"]: (out / "runs" / r["name"] / "train.log").read_text() for r in rows[:2]}
     mtimes = {n: os.stat(out / "runs" / n / "metrics.jsonl").st_mtime_ns for n in logs}
     again = run_sweep(None, over, grid, 1, out, fixed=False, echo=lambda s: None)

@@ -1,4 +1,5 @@
-"""moe.accounting and scripts/count_params.py: counts true to the model, GPT-4 config on target."""
+"""moe.accounting.params and scripts/count_params.py: counts true to the model, GPT-4 config on
+target."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe.accounting import (
+from moe.accounting.params import (
     account,
     analytic_params,
     classify_param,
@@ -213,13 +214,13 @@ def test_script_config_error_exits_2(args, key):
 # Per-GPU layout (layout_accounting): exact values on a small model, cross-checked against the
 # trainer's own sharding code, and the GPT-4 config at tp 8 x pp 16 against the reports.
 
-from moe.config import Config, ConfigError  # noqa: E402
-from moe.parallel.layout import (  # noqa: E402
+from moe.accounting.layout import (  # noqa: E402
     ADAM_BYTES_PER_PARAM,
     layout_accounting,
     params_per_rank,
     stage_layers,
 )
+from moe.config import Config, ConfigError  # noqa: E402
 from moe.parallel.mesh import ParallelDims  # noqa: E402
 
 A100_CONFIGS = ["a100x8_tp2pp2dp2", "a100x8_tp8"]

@@ -18,15 +18,16 @@ import pytest
 import torch
 
 from moe.config import ConfigError, load_config
-from moe.metrics import RoutingAccumulator
 from moe.model import build_model
+from moe.model.loss import lm_loss
 from moe.parallel import activation_checkpoint as ac
 from moe.parallel.activation_checkpoint import (
     apply_activation_checkpointing,
     checkpoint_mode,
     is_recomputing,
 )
-from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
+from moe.parallel.runtime import Runtime, moe_layer_names
+from moe.train.metrics import RoutingAccumulator
 from tests.dist_utils import run_ranks
 
 SEQ, BATCH, MICRO = 16, 4, 2
@@ -179,7 +180,7 @@ def test_selective_policy_saves_matmuls_and_attention():
 
 
 def test_trainer_run_with_full_checkpointing_matches_none(tmp_path):
-    from moe.train import train
+    from moe.train.loop import train
     from tests.test_train import TINY as TRAIN_TINY
 
     losses = {}
@@ -259,7 +260,7 @@ def test_pipeline_routing_stats_counted_once_under_checkpointing():
 
 def test_memory_bench_measures_each_mode(one_torch_thread):
     """scripts/bench.py --ac's per-process measurement, run here in-process on a tiny shape."""
-    from moe.bench_memory import measure_mode
+    from moe.bench.memory import measure_mode
     from tests.test_bench import TINY as BENCH_TINY
 
     raw = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "bench.yaml"),

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from moe.analysis import batch_dependence, group_forward
+from moe.analysis.plots import heatmaps, lines_vs_x
 from moe.analysis.routing import js_divergence
 from moe.checkpoint import load_model
 from moe.config import load_config
 from moe.model import build_model
-from moe.plots import heatmaps, lines_vs_x
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def assert_png(path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny model trained for 40 steps on the built-in corpus (a few seconds)."""
-    from moe.train import train
+    from moe.train.loop import train
 
     tmp = tmp_path_factory.mktemp("analysis")
     cfg = load_config(None, TINY + [f"--data.cache_dir={tmp / 'cache'}",

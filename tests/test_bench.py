@@ -44,7 +44,7 @@ def test_stepper_drop_fraction_follows_capacity():
     at least 1 - cf of the assignments are dropped (the experts hold cf x their fair share)."""
     import torch
 
-    from moe.bench import Stepper
+    from moe.bench.step import Stepper
     from moe.config import load_config
 
     for cf, check in (("null", lambda d: d == 0.0), ("0.25", lambda d: d >= 0.75)):

@@ -38,7 +38,7 @@ def test_config_data_fits(path):
     tc, seq_len = cfg.train, cfg.data.seq_len
     data = prepare_data(cfg)
     assert data.tokenizer.vocab_size <= cfg.model.vocab_size
-    # What moe/train.py does before step 1: the eval batches, then the training loader.
+    # What moe/train/loop.py does before step 1: the eval batches, then the training loader.
     val = val_batches(data.val, seq_len, tc.micro_batch_size, cfg.data.val_windows)
     assert sum(len(x) for x, _ in val) == cfg.data.val_windows
     assert val[0][0].shape == (min(tc.micro_batch_size, cfg.data.val_windows), seq_len)

@@ -18,10 +18,10 @@ from moe.checkpoint import load_model, save_checkpoint  # noqa: E402
 from moe.config import load_config  # noqa: E402
 from moe.data import EOT, EOT_ID, BPETokenizer  # noqa: E402
 from moe.data.prepare import cache_folder  # noqa: E402
-from moe.export import ExportError, export_checkpoint, export_hf  # noqa: E402
-from moe.generate import generate  # noqa: E402
+from moe.hf.export import ExportError, export_checkpoint, export_hf  # noqa: E402
+from moe.inference.generate import generate  # noqa: E402
 from moe.model import build_model  # noqa: E402
-from moe.train import train  # noqa: E402
+from moe.train.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from moe.checkpoint import (
+    MANIFEST_FILE,
     CheckpointError,
     checkpoint_problem,
     latest_good_checkpoint,
@@ -28,8 +29,7 @@ from moe.checkpoint import (
     save_checkpoint,
 )
 from moe.config import load_config
-from moe.parallel.checkpoint import MANIFEST_FILE
-from moe.train import train
+from moe.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -305,7 +305,7 @@ def test_kill9_five_times_then_rerun_equals_unbroken(runs, tmp_path):
 def test_metrics_row_half_written_by_a_kill_is_dropped_on_resume(tmp_path):
     # kill -9 can land inside the write of a metrics.jsonl row: the resumed run drops it.
     from moe.config import Config
-    from moe.metrics import MetricsLogger
+    from moe.train.metrics import MetricsLogger
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')

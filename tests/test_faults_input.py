@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe import run_lock
 from moe.config import ConfigError, load_config
 from moe.data import open_corpus, prepare_data
 from moe.data.files import chunk_text
-from moe.train import train
+from moe.train import run_lock
+from moe.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds-long runs: a tiny model on a few KB of text.
@@ -232,7 +232,7 @@ def test_late_lock_refuses_after_data_is_built(tmp_path, monkeypatch):
     (tmp_path / "input.txt").write_text(_play(40))
     cfg = _cfg(tmp_path, "--data.source=files", f"--data.files={tmp_path / 'input.txt'}",
                "--data.chunk_chars=500", "--data.val_fraction=0.3")
-    import moe.task as task_mod
+    import moe.train.task as task_mod
 
     held = []
     real = task_mod.prepare_data
@@ -288,7 +288,8 @@ def test_cache_build_killed_midway_is_rebuilt(tmp_path, capfd):
 def test_lock_of_a_killed_trainer_is_released(tmp_path):
     # flock, not a pid file: SIGKILL of the holder frees the folder, the stale pid is ignored.
     run = tmp_path / "run"
-    code = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r}); from moe import run_lock\n"
+    code = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from moe.train import run_lock\n"
             f"with run_lock.hold({str(run)!r}): os.kill(os.getpid(), signal.SIGKILL)")
     proc = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert proc.returncode == -signal.SIGKILL and (run / ".lock").read_text().strip()

@@ -22,7 +22,8 @@ from moe.checkpoint import full_state, latest_checkpoint
 from moe.config import load_config
 from moe.data import PackedLoader, prepare_data
 from moe.parallel.runtime import Runtime
-from moe.train import NonFiniteError, train
+from moe.train.loop import train
+from moe.train.nonfinite import NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
 

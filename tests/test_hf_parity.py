@@ -1,4 +1,4 @@
-"""Export to Hugging Face MixtralForCausalLM gives the same logits (moe/export.py)."""
+"""Export to Hugging Face MixtralForCausalLM gives the same logits (moe/hf/export.py)."""
 
 import pytest
 
@@ -7,7 +7,7 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 from moe.config import ModelConfig  # noqa: E402
-from moe.export import ExportError, export_hf, to_mixtral, to_mixtral_model  # noqa: E402
+from moe.hf.export import ExportError, export_hf, to_mixtral, to_mixtral_model  # noqa: E402
 from moe.model import build_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

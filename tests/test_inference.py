@@ -4,14 +4,14 @@ Cached decoding (prefill, then one token, or a few, per step) against the model'
 forward of the whole sequence, for multi-query, grouped-query and multi-head attention, MoE
 and dense layers, the MoE few-token decode path and its sorted reference path; batched
 prompts of different lengths against each prompt alone; the cache's rollback and slots;
-``moe.generate.generate`` against the argmax of a full-forward loop.
+``moe.inference.generate.generate`` against the argmax of a full-forward loop.
 """
 
 import pytest
 import torch
 
-from moe.generate import generate
 from moe.inference import Engine, KVCache, SamplingParams
+from moe.inference.generate import generate
 from moe.model import build_model
 from moe.model.moe import MoE
 from tests.helpers import tiny_model_config

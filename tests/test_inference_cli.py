@@ -1,5 +1,5 @@
 """The generate command (moe/cli/generate.py) on a saved checkpoint, and the decode benchmark
-(moe/inference/bench.py) on a tiny shape."""
+(moe/bench/decode.py) on a tiny shape."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ from moe.checkpoint import save_checkpoint
 from moe.cli.generate import Detokenizer, main
 from moe.config import load_config
 from moe.data import EOT_ID, train_bpe
-from moe.generate import generate
+from moe.inference.generate import generate
 from moe.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_script_is_a_thin_wrapper():
 
 def test_decode_bench_on_a_tiny_shape():
     pytest.importorskip("transformers")
-    from moe.inference.bench import bench_config, run_decode_bench
+    from moe.bench.decode import bench_config, run_decode_bench
 
     cfg = bench_config(str(ROOT / "configs" / "bench.yaml"),
                        ["--model.vocab_size=64", "--model.d_model=32", "--model.n_heads=4",

@@ -8,8 +8,8 @@ every rank joins at every step (the few-token path applies only to plain experts
 
 import torch
 
-from moe.generate import generate
 from moe.inference import KVCache
+from moe.inference.generate import generate
 from moe.model import build_model
 from moe.parallel.expert import apply_expert_parallel
 from moe.parallel.tensor import apply_tensor_parallel

@@ -1,5 +1,5 @@
 """Long context: RoPE scaling (moe/model/rope.py), its Hugging Face export, train.init_from
-(moe/init_from.py), scripts/eval_context.py, SDPA's kernel at long lengths, and a
+(moe/train/init_from.py), scripts/eval_context.py, SDPA's kernel at long lengths, and a
 long-context fine-tune at tp2 with the losses of one process."""
 
 import json
@@ -16,12 +16,12 @@ from moe.analysis.context import bucket_losses, position_losses  # noqa: E402
 from moe.checkpoint import full_state, list_checkpoints  # noqa: E402
 from moe.cli import eval_context  # noqa: E402
 from moe.config import ConfigError, ModelConfig, RopeScalingConfig, load_config  # noqa: E402
-from moe.export import export_hf, mixtral_config, to_mixtral_model  # noqa: E402
-from moe.init_from import ALLOWED, resolve_init_from  # noqa: E402
+from moe.hf.export import export_hf, mixtral_config, to_mixtral_model  # noqa: E402
 from moe.model import build_model  # noqa: E402
 from moe.model.layers import rotary_tables  # noqa: E402
 from moe.model.rope import inverse_frequencies, rope_tables  # noqa: E402
-from moe.train import train  # noqa: E402
+from moe.train.init_from import ALLOWED, resolve_init_from  # noqa: E402
+from moe.train.loop import train  # noqa: E402
 from tests.dist_utils import run_ranks  # noqa: E402
 from tests.helpers import assert_same_rows, read_rows  # noqa: E402
 
@@ -414,7 +414,7 @@ def test_recipe_configs_load():
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory at long context (moe/context_memory.py, scripts/count_params.py)
+# Memory at long context (moe/accounting/context.py, scripts/count_params.py)
 
 
 def _saved_activation_bytes(model, tokens) -> int:
@@ -438,7 +438,7 @@ def _saved_activation_bytes(model, tokens) -> int:
                                 dict(n_kv_heads=2, head_dim=24)],
                          ids=["moe", "dense+moe", "gelu", "gqa_head_dim"])
 def test_activation_formula_matches_what_autograd_saves(kw):
-    from moe.context_memory import activation_bytes_per_token
+    from moe.accounting.context import activation_bytes_per_token
 
     cfg = model_cfg(**{**dict(vocab_size=256, max_seq_len=256, expert_hidden=96,
                               ffn_hidden=80), **kw})

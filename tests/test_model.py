@@ -357,7 +357,7 @@ def test_pruned_stages_compose_to_the_full_model():
 def test_compiled_model_gives_eager_gradients_router_losses_included():
     # Traced, InjectLossGrad's gradient was lost: the router gate's gradient was off by ~100%
     # while the loss matched. fp32 on CPU: expert_impl auto must pick a kernel compile traces.
-    from moe.parallel.runtime import lm_loss
+    from moe.model.loss import lm_loss
 
     cfg = tiny(n_layers=1, aux_loss_coef=0.1, z_loss_coef=0.01, expert_impl="auto")
     model = build_model(cfg, seed=0)

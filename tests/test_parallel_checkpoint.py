@@ -1,4 +1,4 @@
-"""Layout-independent checkpoints (moe/parallel/checkpoint/): save in one layout, load in another.
+"""Layout-independent checkpoints (moe/checkpoint/): save in one layout, load in another.
 
 One spawned 4-rank run saves the same reference state (weights and AdamW state, both distinct
 from any initialisation) from five layouts (pp2 x tp2, ep2 x tp2, dp2 x ep2, dp4 with each
@@ -124,8 +124,8 @@ def _loss(model, x):
 
 
 def _ranks_main(rank, world, root):
-    import moe.parallel.checkpoint as ckpt
-    from moe.parallel.checkpoint import atomic
+    import moe.checkpoint as ckpt
+    from moe.checkpoint import atomic
     from tests.helpers import build_mesh
 
     root = Path(root)
@@ -277,7 +277,7 @@ def test_checkpoints_reshard_between_layouts(tmp_path):
 
 @pytest.mark.parametrize("where", ["dcp.save", "dcp-write", "before-rename", "rename"])
 def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch, where):
-    from moe.parallel.checkpoint import atomic
+    from moe.checkpoint import atomic
 
     cfg, model, ref_opt = _reference(0)
     opt = build_optimizer(model, cfg.train)

@@ -23,8 +23,8 @@ from torch import nn
 from moe.config import ModelConfig
 from moe.model import build_model
 from moe.model.experts import GroupedExperts
-from moe.parallel.data import reduce_gradients
 from moe.parallel.expert import ExpertParallelExperts, apply_expert_parallel
+from moe.parallel.grads import reduce_gradients
 from moe.parallel.mesh import shard_spec
 from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks

@@ -180,7 +180,7 @@ def _check_case(cfg, mesh, x, y, tag):
 
     mesh: the trainer's, pp=2 and tp=1 or 2. Returns a summary for the parent process.
     """
-    from moe.parallel.data import reduce_gradients
+    from moe.parallel.grads import reduce_gradients
     from moe.parallel.pipeline import PipelineRuntime, pipeline_forward
     from moe.parallel.tensor import apply_tensor_parallel
 

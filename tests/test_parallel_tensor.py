@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe.model import build_model
-from moe.parallel.data import reduce_gradients
+from moe.parallel.grads import reduce_gradients
 from moe.parallel.mesh import shard_spec
 from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks

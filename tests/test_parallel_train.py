@@ -1,6 +1,6 @@
 """The whole trainer under every parallel layout gives the losses of one process.
 
-Each layout runs ``moe.train.train`` on spawned gloo ranks for a few steps on the built-in
+Each layout runs ``moe.train.loop.train`` on spawned gloo ranks for a few steps on the built-in
 corpus, with token dropping active (capacity factor 1.0) and, for some layouts, dropless; every
 logged number (loss, aux and z losses, drop fraction, per-expert counts, gradient norm, val
 loss) must match the single-process run. torchrun jobs then check the launcher path (4 ranks,
@@ -19,7 +19,7 @@ from dist_utils import run_ranks
 
 from moe.checkpoint import read_extra
 from moe.config import load_config
-from moe.train import train
+from moe.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +148,7 @@ RAMP = ["--train.batch_ramp_tokens=256", "--train.batch_ramp_start=2",
 
 
 def test_batch_ramp_and_validation_are_the_same_on_every_layout(workdir):
-    """The ramp is the config's (moe/optim.py batch_size_at): one process, dp2, ep2 and a run
+    """The ramp is the config's (moe/optim/adamw.py batch_size_at): one process, dp2, ep2 and a run
     resumed at dp2 after 2 single-process steps train on the same batches and log the same
     numbers; the val loss is the same though each uses another micro-batch size
     (data.val_windows, not micro-batches, defines the validation set)."""
@@ -214,7 +214,7 @@ def test_pipeline_resume_with_router_jitter_is_exact(workdir):
 def test_zero1_owner_assignment_balances_sizes():
     import torch
 
-    from moe.parallel.zero import assign_owners
+    from moe.optim.zero import assign_owners
 
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 7, 6, 3, 1)]
     # largest first to the least loaded rank: 10->0, 7->1, 6->1 (7<10), 3->0 (10<13), 1->0

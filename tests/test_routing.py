@@ -617,7 +617,7 @@ def test_top1_router_moves_in_a_short_run():
 
 
 def test_export_refuses_raw_router_weights():
-    from moe.export import ExportError, check_exportable, to_mixtral
+    from moe.hf.export import ExportError, check_exportable, to_mixtral
 
     raw = _top1_model("auto")  # top-1 auto = raw (Switch): Mixtral would give every token 1
     with pytest.raises(ExportError, match="model.router_weights='auto' with top_k=1.*renorm"):

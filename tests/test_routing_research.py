@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from dist_utils import run_ranks
 
 from moe.ablate.points import fixed_compute, make_points, parse_grid
-from moe.accounting import count_params
+from moe.accounting.params import count_params
 from moe.checkpoint import full_state
 from moe.config import ConfigError, ModelConfig, load_config
 from moe.model import MoE, build_model
 from moe.model.balance import bias_update, update_expert_biases
 from moe.model.layers import FeedForward
 from moe.model.router import Router, expert_choice_plan, load_balancing_loss, sequence_balance_loss
-from moe.train import train
+from moe.train.loop import train
 from tests.helpers import assert_same_rows, read_rows, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def test_moe_folds_the_combine_for_narrow_experts_only():
 
 
 def test_bench_expert_counts_hold_parameters_and_report_ratios():
-    from moe.bench import expert_count_config, run_expert_counts
+    from moe.bench.step import expert_count_config, run_expert_counts
 
     cfg = load_config(str(ROOT / "configs" / "bench.yaml"), [
         "--model.n_layers=1", "--model.d_model=64", "--model.n_heads=4", "--model.vocab_size=512",
@@ -266,7 +266,7 @@ def test_bench_expert_counts_hold_parameters_and_report_ratios():
 def test_experts_alone_replays_each_layers_real_loads():
     """The expert-only timing of the expert-count benchmark runs each MoE layer's experts on
     the rows per expert that layer's routing kept, one call per layer, with gradients."""
-    from moe.bench import ExpertsAlone, Stepper
+    from moe.bench.step import ExpertsAlone, Stepper
 
     cfg = load_config(str(ROOT / "configs" / "bench.yaml"), [
         "--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.vocab_size=512",
@@ -347,8 +347,8 @@ def test_expert_choice_refuses_balance_losses_and_dropless():
 
 
 def test_generation_and_export_refuse_expert_choice():
-    from moe.export import ExportError, check_exportable
-    from moe.generate import generate
+    from moe.hf.export import ExportError, check_exportable
+    from moe.inference.generate import generate
 
     model = build_model(tiny_model_config(routing="expert_choice", balance="none"), seed=0)
     with pytest.raises(ValueError, match="expert_choice is not causal"):
@@ -364,7 +364,7 @@ def test_generation_and_export_refuse_expert_choice():
 def test_generation_with_shared_experts_bias_and_sigmoid_matches_full_forwards():
     """The KV-cached decode (few-token MoE path) adds the shared experts and chooses with the
     bias as the full forward does: greedy tokens equal an argmax loop over full forwards."""
-    from moe.generate import generate
+    from moe.inference.generate import generate
 
     model = build_model(tiny_model_config(n_shared_experts=1, balance="bias",
                                           router_score="sigmoid", route_scale=2.0,

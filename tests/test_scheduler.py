@@ -128,7 +128,7 @@ def test_submit_refuses_what_cannot_run(model):
 
 
 def test_the_benchmark_section_compares_the_same_tokens(model):
-    from moe.inference.bench import batching_throughput
+    from moe.bench.decode import batching_throughput
 
     r = batching_throughput(model, n_slots=3, n_requests=7, prompt_len=6, new_tokens=16,
                             repeats=1, seed=0)

@@ -1,11 +1,11 @@
-"""Serving memory of configs/gpt4.yaml at tp8 x pp16 (moe/inference/memory.py), by hand."""
+"""Serving memory of configs/gpt4.yaml at tp8 x pp16 (moe/accounting/serving.py), by hand."""
 
 from pathlib import Path
 
-from moe.accounting import count_params
+from moe.accounting.layout import layout_accounting
+from moe.accounting.params import count_params
+from moe.accounting.serving import serving_memory
 from moe.config import load_config
-from moe.inference.memory import serving_memory
-from moe.parallel.layout import layout_accounting
 
 ROOT = Path(__file__).resolve().parents[1]
 

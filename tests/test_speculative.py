@@ -14,8 +14,8 @@ import copy
 import pytest
 import torch
 
-from moe.generate import generate
 from moe.inference import Engine, SamplingParams, probs
+from moe.inference.generate import generate
 from moe.inference.speculative import (
     SpeculativeDecoder,
     predicted_tokens_per_call,
@@ -268,7 +268,7 @@ def test_bad_input():
 
 def test_speculative_bench_section_keys():
     """The benchmark's section on random tiny models (what it runs without trained runs)."""
-    from moe.inference.bench_speculative import random_pair, speculative_bench, speculative_keys
+    from moe.bench.speculative import random_pair, speculative_bench, speculative_keys
 
     target = target_model()
     section = speculative_bench(*random_pair(target, prompt_len=4, seed=0, n_prompts=1),

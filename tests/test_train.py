@@ -11,7 +11,7 @@ import torch
 from moe.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from moe.config import ConfigError, load_config
 from moe.optim import batch_size_at, lr_at, micro_batches
-from moe.train import train
+from moe.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,14 +236,14 @@ class _FakeWandbRun:
 def test_metrics_logger_and_wandb_closed_even_when_training_raises(tmp_path, monkeypatch, fail):
     import types
 
-    import moe.train
+    import moe.train.loop
 
     runs = []
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
         init=lambda **kw: runs.append(_FakeWandbRun()) or runs[-1]))
     loggers = []
 
-    class Logger(moe.train.MetricsLogger):
+    class Logger(moe.train.loop.MetricsLogger):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.closes = 0
@@ -253,14 +253,14 @@ def test_metrics_logger_and_wandb_closed_even_when_training_raises(tmp_path, mon
             self.closes += 1
             super().close()
 
-    monkeypatch.setattr(moe.train, "MetricsLogger", Logger)
+    monkeypatch.setattr(moe.train.loop, "MetricsLogger", Logger)
     if fail:  # the second step raises, after the first was logged
         def lr_at(step, tc):
             if step == 1:
                 raise RuntimeError("boom")
             return tc.lr
 
-        monkeypatch.setattr(moe.train, "lr_at", lr_at)
+        monkeypatch.setattr(moe.train.loop, "lr_at", lr_at)
     cfg = _cfg(tmp_path, "run", "--train.max_steps=3", "--log.wandb=offline")
     if fail:
         with pytest.raises(RuntimeError, match="boom"):

@@ -12,7 +12,7 @@ from helpers import assert_same_rows, read_rows, tiny_model_config
 from moe.config import ConfigError, VisionConfig, load_config
 from moe.device import autocast_context
 from moe.model import build_model
-from moe.train import train
+from moe.train.loop import train
 from moe.vision.attention import GatedCrossAttentionBlock, media_mask
 from moe.vision.model import build_vision_model, is_vision_param
 

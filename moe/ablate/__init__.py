@@ -1,4 +1,5 @@
-"""Ablation sweeps: a grid over config keys x seeds, one ``python -m moe.train`` process per point.
+"""Ablation sweeps: a grid over config keys x seeds, one ``python -m moe.cli.train`` process
+per point.
 
     python scripts/ablate.py --config configs/ablate.yaml --seeds 2 --out runs/ablate \\
         --grid model.n_experts=1,4,16 model.capacity_factor=1.0,1.25,2.0,null
@@ -30,7 +31,8 @@ plots.py (and so matplotlib) when it draws:
     points.py   the grid, point names, the fixed-compute rule (``fixed_compute``), run identity
     results.py  results.csv and summary.md (mean ± std, deltas paired by seed)
     sweep.py    launching points, judging their run folders, ``run_sweep``
-    plots.py    the sweep's PNGs from its rows and its runs' metrics (drawing: moe/plots.py)
+    plots.py    the sweep's PNGs from its rows and its runs' metrics
+                (drawing: moe/analysis/plots.py)
 """
 
 from moe.ablate.points import (

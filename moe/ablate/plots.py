@@ -1,8 +1,8 @@
 """The sweep's PNG plots, drawn from its result rows and its runs' metrics.jsonl rows.
 
 ``metrics`` maps a row's ``run_dir`` to the rows of that run's metrics.jsonl (``run_sweep``
-reads them with ``moe.metrics.read_metrics``); nothing here reads a run folder. The drawing
-itself (Agg canvas, categorical x axes) is ``moe.plots``.
+reads them with ``moe.train.metrics.read_metrics``); nothing here reads a run folder. The drawing
+itself (Agg canvas, categorical x axes) is ``moe.analysis.plots``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib
 
 from moe.ablate.results import group_rows, mean_std
-from moe.plots import figure, heatmaps, lines_vs_x, save_png, x_label, x_order
+from moe.analysis.plots import figure, heatmaps, lines_vs_x, save_png, x_label, x_order
 
 
 def sweep_axes(grid_keys: list[str]) -> tuple[str | None, str]:

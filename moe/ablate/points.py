@@ -209,7 +209,7 @@ class Point:
     seed: int
     run_dir: Path
     adjusted: dict[str, Any] = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)  # given to python -m moe.train
+    overrides: list[str] = field(default_factory=list)  # given to python -m moe.cli.train
     cfg: Config | None = None  # resolved config; None when it does not validate
     error: str | None = None
 

@@ -1,4 +1,4 @@
-"""Running a sweep: one ``python -m moe.train`` process per point, judged by its run folder."""
+"""Running a sweep: one ``python -m moe.cli.train`` process per point, judged by its run folder."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from moe.ablate.results import summary_markdown, write_results
 from moe.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN_MODULE = "moe.train"
+TRAIN_MODULE = "moe.cli.train"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,7 +28,7 @@ TRAIN_MODULE = "moe.train"
 
 def train_command(point: Point, config: str | None, nproc: int = 1,
                   python: str = sys.executable) -> list[str]:
-    """The process that trains one point: ``python -m moe.train``, under torchrun with
+    """The process that trains one point: ``python -m moe.cli.train``, under torchrun with
     ``nproc > 1`` (``torch.distributed.run -m`` runs a module on every rank)."""
     launcher = [python] if nproc <= 1 else [
         python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -74,7 +74,7 @@ def log_tail(path: Path, n: int = 5, offset: int = 0) -> str:
 def is_finished(run_dir: Path, max_steps: int) -> bool:
     """Final checkpoint at max_steps and a val row at max_steps in metrics.jsonl."""
     from moe.checkpoint import list_checkpoints
-    from moe.metrics import read_metrics
+    from moe.train.metrics import read_metrics
 
     done = any(p.name == f"step_{max_steps:08d}" for p in list_checkpoints(run_dir))
     return done and any(r.get("step") == max_steps and "val_loss" in r
@@ -85,7 +85,7 @@ def run_stats(run_dir: Path, max_steps: int) -> dict:
     """final_val_loss, final_lm_loss, drop_frac and max_over_mean_load (means over the last
     10% of logged train rows),
     tokens_per_s (median over logged train rows) from a run's metrics.jsonl."""
-    from moe.metrics import read_metrics
+    from moe.train.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     train = [r for r in rows if "lm_loss" in r]
@@ -103,8 +103,8 @@ def run_stats(run_dir: Path, max_steps: int) -> dict:
 
 
 def params(cfg: Config) -> dict:
-    """Total and active (per token) parameters, from moe.accounting (a meta-device build)."""
-    from moe.accounting import count_params
+    """Total and active (per token) parameters, from moe.accounting.params (a meta-device build)."""
+    from moe.accounting.params import count_params
 
     c = count_params(cfg.model)
     return {"total_params": c.total_params, "active_params": c.active_params}
@@ -203,7 +203,7 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
     echo(f"sweep of {len(points)} runs: {time.perf_counter() - start:.0f}s")
     if plots:
         from moe.ablate.plots import sweep_plots
-        from moe.metrics import read_metrics
+        from moe.train.metrics import read_metrics
 
         metrics = {r["run_dir"]: read_metrics(r["run_dir"]) for r in rows if r["status"] == "ok"}
         for path in sweep_plots(rows, list(grid), out, metrics, echo=echo):

@@ -219,7 +219,7 @@ def results_markdown(results: list[dict], title: str = "") -> str:
 
 def plot_results(results: list[dict], path) -> object:
     """KL and top-1 agreement vs capacity factor, one line per group size."""
-    from moe.plots import lines_vs_x, x_order
+    from moe.analysis.plots import lines_vs_x, x_order
 
     cfs = x_order(r["capacity_factor"] for r in results)
     series = {}

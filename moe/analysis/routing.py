@@ -142,7 +142,7 @@ def report_markdown(rep: dict, title: str) -> str:
 
 def write_routing_report(rep: dict, out: str | Path, title: str = "") -> list[Path]:
     """report.json, report.md and PNGs (load heatmap, specialisation, per-layer stats)."""
-    from moe.plots import heatmaps, lines_vs_x
+    from moe.analysis.plots import heatmaps, lines_vs_x
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ parameters (every FFN dense, hidden = top_k * expert_hidden).
 Runs on CUDA when available and train.device allows (bf16 autocast for train.dtype auto/bf16),
 else on CPU (fp32 unless train.dtype=bf16). Tokens/s is the median of ``--steps`` timed steps
 after ``--warmup`` untimed ones per variant; the variants' steps are taken in turns so a noisy
-machine slows them alike. The FLOP convention is in moe/bench.py's docstring.
+machine slows them alike. The FLOP convention is in moe/bench/step.py's docstring.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from moe.bench import profile_step, run_bench
+from moe.bench.step import profile_step, run_bench
 from moe.config import ConfigError, load_config
 from moe.device import resolve_device
 
@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="print a torch.profiler table of MoE steps instead of benchmarking")
     p.add_argument("--ac", action="store_true",
                    help="peak memory and fwd+bwd tokens/s under activation_checkpointing none, "
-                        "full and selective, each in a fresh process (moe/bench_memory.py)")
+                        "full and selective, each in a fresh process (moe/bench/memory.py)")
     p.add_argument("--experts", default=None, metavar="N,N,...",
                    help="forward+backward tokens/s at these expert counts instead (e.g. "
-                        "8,16,64,256), relative to the first (moe/bench.py run_expert_counts)")
+                        "8,16,64,256), relative to the first (moe/bench/step.py run_expert_counts)")
     p.add_argument("--experts-mode", choices=("fine", "same"), default="fine",
                    help="fine: split the first count's experts (active and total parameters "
                         "fixed); same: only n_experts changes (default fine)")
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log = None if args.json else (lambda s: print(s, flush=True))
     if args.experts:
-        from moe.bench import run_expert_counts
+        from moe.bench.step import run_expert_counts
 
         try:
             counts = tuple(int(n) for n in args.experts.split(","))
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               "that changed from the first count")
         return 0
     if args.ac:
-        from moe.bench_memory import run_memory_bench
+        from moe.bench.memory import run_memory_bench
 
         r = run_memory_bench(cfg, steps=args.steps, warmup=args.warmup, log=log)
         if args.json:

@@ -6,11 +6,11 @@ token (MQA vs MHA), and tokens per expert per decode step at batch 1, 8 and 64.
     python scripts/bench_decode.py --repeats 5 --train.threads=1 --no-hf
 
 The model is configs/bench.yaml with dropless routing, initialised from train.seed; both
-sides decode greedily from the same random prompt (moe/inference/bench.py says how it is
+sides decode greedily from the same random prompt (moe/bench/decode.py says how it is
 timed). Any --section.key=value overrides the config. Speculative decoding: ``--target RUN
 --draft RUN`` (trained runs, e.g. of configs/tiny.yaml and configs/draft.yaml); without them
 random models (nothing trained: the rates, not a useful speedup; see
-moe/inference/bench_speculative.py).
+moe/bench/speculative.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import argparse
 import json
 import sys
 
+from moe.bench.decode import bench_config, run_decode_bench
 from moe.config import ConfigError
-from moe.inference.bench import bench_config, run_decode_bench
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
     python scripts/count_params.py --config configs/gpt4.yaml --parallel.tp=8 --parallel.pp=16
 
 Prints a table by default, or one JSON object with ``--json``. Counts come from building the
-model on the meta device (see ``moe/accounting.py`` for the definitions, the FLOP context
+model on the meta device (see ``moe/accounting/params.py`` for the definitions, the FLOP context
 convention and the layout rules). Attention FLOPs use ``data.seq_len``.
 
 Layout mode: the parallel.* keys of the config (tp, pp, dp, ep, pp_layers, pp_schedule, zero1)
@@ -19,7 +19,7 @@ it an error instead.
 Long context: a last section (JSON: ``long_context``) gives one sequence's KV cache and
 training activation memory (none / full activation checkpointing, and what unfused attention
 scores would add) at each of ``--context-lengths`` (default 8192,32768: GPT-4's reported 8k
-pre-training and 32k fine-tuned contexts); moe/context_memory.py says what is counted.
+pre-training and 32k fine-tuned contexts); moe/accounting/context.py says what is counted.
 
 A config error prints ``error: <message>`` on stderr and exits 2.
 """
@@ -31,11 +31,11 @@ import json
 import sys
 from collections.abc import Sequence
 
-from moe.accounting import Accounting, account, format_bytes, format_count, format_gb
+from moe.accounting.context import ContextMemory, context_memory
+from moe.accounting.layout import LayoutAccounting, layout_accounting
+from moe.accounting.params import Accounting, account, format_bytes, format_count, format_gb
+from moe.accounting.serving import ServingMemory, serving_memory
 from moe.config import Config, ConfigError, load_config
-from moe.context_memory import ContextMemory, context_memory
-from moe.inference.memory import ServingMemory, serving_memory
-from moe.parallel.layout import LayoutAccounting, layout_accounting
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -192,7 +192,7 @@ def table(cfg: Config, acc: Accounting) -> str:
 
 def long_context_table(rows: list[ContextMemory]) -> str:
     """KV cache and training-activation memory of one sequence at each --context-lengths
-    (moe/context_memory.py says what is counted)."""
+    (moe/accounting/context.py says what is counted)."""
     if not rows:
         return "long context: no --context-lengths"
     head = ("tokens", "KV cache", "KV (MHA)", "activations", "(log-probs)", "full AC",
@@ -204,14 +204,14 @@ def long_context_table(rows: list[ContextMemory]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [f"long context, one sequence, whole model ({rows[0].bytes_per_element} B/element; "
              "training activations, full AC = activation checkpointing; "
-             "moe/context_memory.py)"]
+             "moe/accounting/context.py)"]
     lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
     return "\n".join(lines)
 
 
 def serving_table(rows: list[ServingMemory]) -> str:
     r0 = rows[0]
-    lines = [f"serving at tp{r0.tp} x pp{r0.pp} (moe/inference/memory.py): weights "
+    lines = [f"serving at tp{r0.tp} x pp{r0.pp} (moe/accounting/serving.py): weights "
              f"{format_gb(r0.weight_bytes_per_gpu)} per GPU, KV "
              f"{format_bytes(r0.kv_bytes_per_token_per_gpu)} per token per GPU",
              f"  {'context':>8} {'GPU':>6} {'KV/sequence/GPU':>16} {'max batch':>10} "

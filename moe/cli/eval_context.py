@@ -11,7 +11,7 @@ not weights, so the model runs at any length: ``model.max_seq_len`` is raised to
 length when the checkpoint's is shorter (plain RoPE extrapolates, or the checkpoint's own
 rope_scaling applies), and ``--model.rope_scaling...`` / ``--model.max_seq_len=`` overrides
 evaluate the same weights with another scaling (``--model.rope_scaling=null``: none). Any
-other override is refused, as ``train.init_from`` refuses it (moe/init_from.py). MoE layers
+other override is refused, as ``train.init_from`` refuses it (moe/train/init_from.py). MoE layers
 use the checkpoint's eval capacity factor; ``--dropless`` (none) keeps a position's loss from
 depending on which later tokens took the experts' slots (choice_major drops the later ones).
 ``--json`` adds each window's bucket losses (``window_losses``): the windows are the same for
@@ -33,8 +33,8 @@ from moe.analysis.run import val_windows
 from moe.checkpoint import CheckpointError, load_model
 from moe.config import ConfigError, apply_overrides
 from moe.data import prepare_data
-from moe.init_from import init_config_problems
 from moe.model import build_model
+from moe.train.init_from import init_config_problems
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

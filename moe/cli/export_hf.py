@@ -8,7 +8,7 @@ Needs ``pip install transformers``. The tokenizer is the run's, found in its dat
 result with ``AutoTokenizer.from_pretrained(out)`` and ``MixtralForCausalLM.from_pretrained(out)``,
 or ``pipeline("text-generation", model=out)``. Mixtral is dropless: a model with
 ``model.eval_capacity_factor`` set is exported with a warning, and its logits match ours only on
-inputs where no token is dropped (see moe/export.py).
+inputs where no token is dropped (see moe/hf/export.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from moe.checkpoint import CheckpointError
-from moe.export import ExportError, export_checkpoint
+from moe.hf.export import ExportError, export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

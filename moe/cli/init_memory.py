@@ -1,4 +1,5 @@
-"""Peak host memory per rank of building a config's model (a benchmark: see moe/bench_init.py).
+"""Peak host memory per rank of building a config's model (a benchmark: see
+moe/bench/init_memory.py).
 
     python scripts/init_memory.py --config configs/a100x8_tp2pp2dp2.yaml          # 8 ranks
     python scripts/init_memory.py --config configs/a100x8_tp2pp2dp2.yaml --full   # 1 process,
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe.bench_init import measure
+from moe.bench.init_memory import measure
 from moe.config import ConfigError, load_config
 
 

@@ -9,7 +9,8 @@ import torch.distributed as dist
 from moe.checkpoint import CheckpointError
 from moe.cli import parse_config
 from moe.config import ConfigError
-from moe.train import NonFiniteError, train
+from moe.train.loop import train
+from moe.train.nonfinite import NonFiniteError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,3 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--- sample ---")
         print(summary["sample"])
     return 0
+
+
+if __name__ == "__main__":  # python -m moe.cli.train: what ablation sweeps launch
+    raise SystemExit(main())

@@ -11,11 +11,12 @@ Typical use::
 
 from .corpus import Corpus, Document, open_corpus
 from .loader import PackedLoader, val_batches
-from .prepare import TokenData, data_fingerprint, prepare_data
+from .prepare import TokenData, data_fingerprint, load_data, prepare_data
 from .split import split_names
 from .tokenizer import EOT, EOT_ID, BPETokenizer, train_bpe
 
 __all__ = [
     "BPETokenizer", "Corpus", "Document", "EOT", "EOT_ID", "PackedLoader", "TokenData",
-    "data_fingerprint", "open_corpus", "prepare_data", "split_names", "train_bpe", "val_batches",
+    "data_fingerprint", "load_data", "open_corpus", "prepare_data", "split_names", "train_bpe",
+    "val_batches",
 ]

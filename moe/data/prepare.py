@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe.config import ConfigError
+
 from .cache import (TOKENIZER, build_lock, log, open_tokens, read_meta, token_dtype,
                     write_meta, write_tokens)
 from .corpus import Corpus, Document, open_corpus
@@ -65,6 +67,15 @@ def _folder(corpus, cfg) -> tuple[Path, str]:
 def cache_folder(cfg) -> Path:
     """The folder ``prepare_data(cfg)`` builds or reuses (tokenizer.json, token streams)."""
     return _folder(open_corpus(cfg.data), cfg)[0]
+
+
+def load_data(cfg) -> TokenData:
+    """``prepare_data`` with bad data settings as a one-line ConfigError (what a run reports
+    before it writes anything)."""
+    try:
+        return prepare_data(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data: {e}") from e
 
 
 def prepare_data(cfg) -> TokenData:

@@ -8,7 +8,7 @@
     server.py    the OpenAI-compatible HTTP server (FastAPI; imported on its own, not here)
     bench.py     the decode benchmark of scripts/bench_decode.py (ours vs Hugging Face)
 
-The one-call API is ``moe.generate.generate``. The model stays plain PyTorch: the cache is
+The one-call API is ``moe.inference.generate.generate``. The model stays plain PyTorch: the cache is
 passed to ``Transformer.forward(tokens, kv_cache=...)`` and the model never imports this.
 """
 

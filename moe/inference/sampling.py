@@ -2,8 +2,8 @@
 
 ``filter_logits`` applies, in Hugging Face's order, temperature, then top-k, then top-p
 (nucleus, Holtzman et al. 2019); ``probs`` is its softmax and ``sample`` draws from it. Every
-caller (the engine, the one-call ``moe.generate.generate``, speculative decoding's p and q)
-goes through these, so a distribution is filtered the same way wherever it is used.
+caller (the engine, the one-call ``moe.inference.generate.generate``, speculative decoding's
+p and q) goes through these, so a distribution is filtered the same way wherever it is used.
 
 - ``temperature=0`` is greedy: the distribution is one-hot on the argmax (the first index on
   a tie, as ``torch.argmax``), and ``sample`` consumes no random numbers.

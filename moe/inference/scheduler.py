@@ -12,7 +12,7 @@ prefilled together (one ragged prefill); every other running request decodes one
 in one batched ``Engine.decode``; a request that finishes (a stop token, a stop string, its
 ``max_new_tokens``) frees its slot at once, and the next step refills it from the queue.
 Static batching, by contrast, starts the next batch only when the longest request of the
-current one is done (``Engine.generate``); the decode benchmark (moe/inference/bench.py,
+current one is done (``Engine.generate``); the decode benchmark (moe/bench/decode.py,
 ``continuous_over_static``) measures the difference on mixed output lengths.
 
 Exactness: a request gets the tokens it gets alone (``Engine.generate([prompt], params,

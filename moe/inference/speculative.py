@@ -37,7 +37,7 @@ last drafted token is never in the draft's cache). Near the end of the context g
 to fit both caches; with no room left each token is one plain target step, exactly as the
 engine alone (past ``max_len`` the window slides: a re-prefill per token).
 
-One sequence at a time (batch 1): ``moe.generate.generate`` refuses a batch with a draft.
+One sequence at a time (batch 1): ``moe.inference.generate.generate`` refuses a batch with a draft.
 Routing is dropless: a verify forward is one row of gamma + 1 tokens, and a capacity would
 let those tokens compete for expert slots where single-token decoding never drops.
 """

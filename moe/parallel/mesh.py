@@ -132,7 +132,7 @@ class ParallelDims:
             self.check_batch_ramp(cfg)
 
     def check_batch_ramp(self, cfg: Config) -> None:
-        """The ramp's batches (moe/optim.py ``batch_size_at``) are the config's alone; this
+        """The ramp's batches (moe/optim/adamw.py ``batch_size_at``) are the config's alone; this
         layout must split each into whole capacity groups per data rank, which holds for
         every ramp value exactly when it holds for the start and the increment."""
         t, g = cfg.train, cfg.model.capacity_group_seqs

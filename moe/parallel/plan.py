@@ -8,7 +8,7 @@ needs to know a parameter's layout reads it, never a second copy of the rules:
     expert parallelism  (moe/parallel/expert.py)   which dim to cut over ep
     materialisation     (moe/model/init.py)        through the cuts ``shard_param`` records
     gradient reduction, grad norm, checkpoints     through the ``shard_spec`` record
-    layout accounting   (moe/parallel/layout.py)   per-rank counts without building a model
+    layout accounting   (moe/accounting/layout.py)   per-rank counts without building a model
 
     wq.weight        [H*D, dim]     tp dim 0, whole query heads
     wk/wv.weight     [Hkv*D, dim]   tp dim 0, whole KV heads when Hkv % tp == 0; otherwise

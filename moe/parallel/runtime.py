@@ -17,15 +17,15 @@ import torch.distributed as dist
 from torch import nn
 
 from moe.config import Config
-from moe.metrics import RoutingAccumulator
 from moe.model.loss import lm_loss
 from moe.model.moe import MoE
 from moe.optim import micro_batches
-from moe.parallel import data as dp_ops
+from moe.parallel import grads as dp_ops
 from moe.parallel.mesh import ParallelDims
 from moe.parallel.parallelize import parallelize
+from moe.train.metrics import RoutingAccumulator
 
-__all__ = ["Runtime", "lm_loss", "moe_layer_names"]
+__all__ = ["Runtime", "moe_layer_names"]
 
 
 def moe_layer_names(cfg: Config) -> list[str]:

@@ -12,7 +12,7 @@ the Megatron paper (sec. 3, fig. 3) as module hooks, so the model code is unchan
 What is split how, and where f and g go, is declared once in ``moe/parallel/plan.py`` (the
 sharding plan): every parameter with a tp dim there is cut into tp contiguous chunks along it
 (rank r keeps chunk r), MQA's shared K/V is marked ``tp_partial_grad`` (its gradient is summed
-over tp by ``moe.parallel.data.reduce_gradients``), and f / g are hooks on the plan's regions:
+over tp by ``moe.parallel.grads.reduce_gradients``), and f / g are hooks on the plan's regions:
 
     f: pre-hook on ``layer.attention`` (its input x), on ``feed_forward.experts`` (the
        expert-sorted tokens x_sorted [M, dim]) and on a dense ``feed_forward``.

@@ -53,7 +53,7 @@ def caption_image(model: nn.Module, image: np.ndarray, prompt_ids: list[int], *,
                 break
             tokens = torch.tensor([ids[fed:]] if use_cache else [ids], device=device)
             view = cache.view([0], tokens.shape[1]) if use_cache else None
-            # Dropless, as moe.generate: a capacity would drop tokens of this one sequence.
+            # Dropless, as moe.inference.generate: a capacity would drop tokens of this sequence.
             logits = model(tokens, view, media=media, media_pos=media_pos,
                            capacity_factor=None)[0, -1].float()
             if use_cache:

@@ -48,12 +48,12 @@ from torch import nn
 
 from moe.checkpoint import read_extra
 from moe.config import Config, ConfigError
+from moe.data import load_data
 from moe.data.tokenizer import BPETokenizer
 from moe.device import autocast_context
 from moe.inference.sampling import SamplingParams
-from moe.metrics import RoutingAccumulator
 from moe.model.loss import IGNORE_INDEX, lm_loss
-from moe.task import load_data
+from moe.train.metrics import RoutingAccumulator
 from moe.vision import data as vdata
 from moe.vision.caption import answer_logprobs, caption_image, image_tensor
 from moe.vision.model import build_vision_model, is_vision_param

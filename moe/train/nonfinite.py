@@ -3,7 +3,7 @@
 The trainer checks every step before ``optimizer.step()``: the loss (summed over all ranks by
 ``Runtime.reduce_step_metrics``, so under pipeline parallelism the last stage's NaN reaches
 every stage) and the global gradient norm (reduced over every shard by
-``moe.parallel.data.grad_norm``, so an inf in one parameter's gradient on one rank makes the
+``moe.parallel.grads.grad_norm``, so an inf in one parameter's gradient on one rank makes the
 norm inf on all). Both numbers are identical on every rank, so every rank takes the same
 branch with no extra collective. Then, per ``train.on_nonfinite``:
 

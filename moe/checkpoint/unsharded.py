@@ -9,8 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from moe.parallel.checkpoint.integrity import _folder, read_extra
-from moe.parallel.checkpoint.sharding import MODEL, OPT_GROUPS, OPT_STATE, _dcp_quiet, _metadata
+from moe.checkpoint.integrity import _folder, read_extra
+from moe.checkpoint.sharding import MODEL, OPT_GROUPS, OPT_STATE, _dcp_quiet, _metadata
 
 # What a consolidated file holds (no optimizer, loader or RNG state).
 CONSOLIDATED_KEYS = ("model", "config", "step", "tokens", "layout")

@@ -1,7 +1,7 @@
 """Data parallelism: gradient reduction, the global gradient norm, and reduced metrics.
 
 Every data rank (a (dp, ep) coordinate) backpropagates its own micro-batches with losses
-already scaled by ``micro_sequences / global_batch`` (see moe/train.py), so the global-batch
+already scaled by ``micro_sequences / global_batch`` (see moe/train/loop.py), so the global-batch
 gradient is the SUM over data ranks:
 
 - dense parameters (replicated over dp and ep) are summed over the dp x ep ranks;

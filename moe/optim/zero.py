@@ -6,9 +6,9 @@ the dp ranks, since experts are split over ep). Only the owner keeps its AdamW s
 tensors of the parameter's size) and updates it; the new values are then broadcast to the
 other replicas. Owners are chosen greedily by size, deterministically, so every rank agrees.
 
-Gradients are still all-reduced in full (moe/parallel/data.py); a reduce-scatter would halve
+Gradients are still all-reduced in full (moe/parallel/grads.py); a reduce-scatter would halve
 that traffic and is the obvious next step. Checkpoints save each state tensor from its owner
-only (moe/parallel/checkpoint/ saves what ``optimizer.state`` holds), so a ZeRO-1 run can
+only (moe/checkpoint/ saves what ``optimizer.state`` holds), so a ZeRO-1 run can
 resume on any layout, with or without ZeRO-1.
 """
 
@@ -20,8 +20,8 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from moe.config import TrainConfig
-from moe.optim import adamw_kwargs, param_groups
-from moe.parallel.data import data_group
+from moe.optim.adamw import adamw_kwargs, param_groups
+from moe.parallel.grads import data_group
 from moe.parallel.mesh import shard_spec
 
 

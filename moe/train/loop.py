@@ -10,7 +10,7 @@ another layout.
 
 ``train.init_from`` starts a new run from another run's weights (fresh optimizer, schedule and
 data position; only model.max_seq_len, model.rope_scaling, data.seq_len and train.* may
-change: moe/init_from.py). A checkpoint in ``train.run_dir`` wins over it: the run resumes.
+change: moe/train/init_from.py). A checkpoint in ``train.run_dir`` wins over it: the run resumes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from moe import run_lock
 from moe.checkpoint import (
     latest_good_checkpoint,
     list_checkpoints,
@@ -35,22 +34,22 @@ from moe.checkpoint import (
 )
 from moe.config import Config, ConfigError, upgrade_saved
 from moe.device import autocast_context, resolve_device
-from moe.init_from import load_init_weights, resolve_init_from
-from moe.malloc import keep_freed_memory
-from moe.metrics import MetricsLogger, RoutingAccumulator
+from moe.device.malloc import keep_freed_memory
 from moe.model.balance import update_expert_biases
-from moe.nonfinite import NonFiniteError, NonFiniteGuard
 from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
 from moe.parallel.mesh import init_distributed
 from moe.parallel.rng import restore_rng_state, rng_state
-from moe.parallel.runtime import Runtime, lm_loss, moe_layer_names
-from moe.task import make_task
+from moe.parallel.runtime import Runtime, moe_layer_names
+from moe.train import run_lock
+from moe.train.init_from import load_init_weights, resolve_init_from
+from moe.train.metrics import MetricsLogger, RoutingAccumulator
+from moe.train.nonfinite import NonFiniteGuard
+from moe.train.task import make_task
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-# resolve_device and autocast_context live in moe/device.py; re-exported for old callers.
-__all__ = ["train", "lm_loss", "resolve_device", "autocast_context", "NonFiniteError"]
+__all__ = ["train"]
 
 
 # train.* keys a resume cannot change: the seed draws the data order the loader continues.
@@ -102,7 +101,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                           f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
     device = dist_device or resolve_device(tc.device)
     if device.type == "cpu":
-        keep_freed_memory()  # no page fault per 4 KiB of every large temporary (moe/malloc.py)
+        keep_freed_memory()  # no page fault per 4 KiB of a large temporary (moe/device/malloc.py)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     run_dir = Path(tc.run_dir)
@@ -119,7 +118,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                    if tc.init_from and not list_checkpoints(run_dir) else None)
 
     # The data, the model and a step's loss: the language model, or the vision model
-    # (vision.enabled). Bad data settings are one line, no traceback (moe/task.py).
+    # (vision.enabled). Bad data settings are one line, no traceback (moe/train/task.py).
     task = make_task(cfg)
     seq_len = task.seq_len
     torch.manual_seed(tc.seed)  # the global RNG: router jitter
@@ -132,7 +131,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     optimizer = build_optimizer(runtime.parts, tc, mesh, zero1=cfg.parallel.zero1)
     loader = task.loader()
 
-    if rank0:  # from here the folder is ours until train() returns (moe/run_lock.py)
+    if rank0:  # from here the folder is ours until train() returns (moe/train/run_lock.py)
         cleanup.enter_context(run_lock.hold(run_dir))
     step, tokens = 0, 0
     ckpt = latest_good_checkpoint(run_dir, mesh)  # newest that verifies; warns of broken ones
@@ -167,7 +166,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     progress = _progress_bar(cfg, step, enabled=main)
     cleanup.callback(progress.close)
     summary: dict[str, Any] = {"val_loss": None}
-    # train.on_nonfinite (moe/nonfinite.py); its counts are checkpointed.
+    # train.on_nonfinite (moe/train/nonfinite.py); its counts are checkpointed.
     guard = NonFiniteGuard(tc, extra.get("nonfinite") if ckpt is not None else None)
 
     def save() -> None:
@@ -208,7 +207,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
         routing = RoutingAccumulator(layer_names, mc.n_experts)
         step_lm = task.step(runtime, loader, batch, routing)  # the global batch, every rank
         grad_norm = float(runtime.reduce_and_clip(tc.grad_clip))
-        # Both global and identical on every rank (moe/nonfinite.py): the same decision on all.
+        # Global and identical on every rank (moe/train/nonfinite.py): the same decision on all.
         step_lm = runtime.reduce_step_metrics(step_lm, routing)
         scalars, per_layer = routing.summary()
         if guard.is_bad(step_lm + scalars["router_loss"], grad_norm):
@@ -259,9 +258,3 @@ def _progress_bar(cfg: Config, step: int, enabled: bool = True) -> tqdm:
     return tqdm(total=cfg.train.max_steps, initial=step,
                 disable=not (cfg.log.progress and enabled), desc="train", unit="step",
                 dynamic_ncols=True, file=sys.stderr)
-
-
-if __name__ == "__main__":  # python -m moe.train: what ablation sweeps launch
-    from moe.cli.train import main
-
-    raise SystemExit(main())

@@ -45,7 +45,7 @@ KV cache per token: ``2 (k and v) * n_layers * n_kv_heads * head_dim * bytes_per
 ``n_kv_heads = n_heads`` (what multi-head attention would need).
 
 The per-GPU layout of a parallel configuration (parameters, memory and KV cache per GPU and
-per node) is counted in ``moe/parallel/layout.py``, beside the sharding plan it reads.
+per node) is counted in ``moe/accounting/layout.py``, beside the sharding plan it reads.
 
 API::
 
@@ -160,7 +160,8 @@ def classify_param(name: str) -> str:
                 return "shared_expert"
             if parts[3] in ("w1", "w2", "w3"):
                 return "dense_ffn"
-    raise ValueError(f"accounting does not know parameter {name!r}: update moe/accounting.py")
+    raise ValueError(f"accounting does not know parameter {name!r}: update "
+                     "moe/accounting/params.py")
 
 
 def _finish(cfg: ModelConfig, sums: dict, output_head: int, n_moe: int) -> ParamCounts:

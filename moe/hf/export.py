@@ -151,14 +151,14 @@ def mixtral_config(cfg: ModelConfig, **overrides: Any):
     theta = rope["rope_theta"] if isinstance(rope, dict) else getattr(hf_cfg, "rope_theta", None)
     if theta != cfg.rope_theta:
         raise ExportError(f"this transformers version did not take rope_theta={cfg.rope_theta} "
-                          f"(got {theta}); update moe/export.py")
+                          f"(got {theta}); update moe/hf/export.py")
     if scaling is not None:
         got = rope if isinstance(rope, dict) else (getattr(hf_cfg, "rope_scaling", None) or {})
         kind = got.get("rope_type", got.get("type"))
         if kind != scaling["rope_type"] or any(got.get(k) != v for k, v in scaling.items()
                                                if k != "rope_type"):
             raise ExportError(f"this transformers version did not take rope_scaling={scaling} "
-                              f"(got {got}); update moe/export.py")
+                              f"(got {got}); update moe/hf/export.py")
     return hf_cfg
 
 
@@ -214,7 +214,7 @@ def to_mixtral(model: torch.nn.Module, **config_overrides: Any):
     bad = [k for k in sd if k in shapes and sd[k].shape != shapes[k]]
     if missing or unexpected or bad:
         raise ExportError(f"transformers {_require_transformers().__version__}'s Mixtral layout "
-                          f"is not the one moe/export.py knows: missing {missing[:4]}, "
+                          f"is not the one moe/hf/export.py knows: missing {missing[:4]}, "
                           f"unexpected {unexpected[:4]}, wrong shapes {bad[:4]}")
     return hf_cfg, sd
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from moe.parallel.checkpoint.integrity import _folder, read_extra
+from moe.checkpoint.integrity import _folder, read_extra
 from moe.parallel.mesh import shard_spec
 
 MODEL, OPT_STATE, OPT_GROUPS = "model.", "optim.state.", "optim.param_groups."

@@ -1,19 +1,6 @@
-"""Checkpoints: the front end the trainer, the tools and the tests use.
-
-The format, its layout on disk and how saves stay atomic are described in
-moe/parallel/checkpoint/; a checkpoint written by any layout (tp x pp x dp x ep) loads in any
-other, or in one process (``mesh=None``, no process group needed)::
-
-    save_checkpoint(run_dir, step, model, optimizer, extra, mesh=None, keep=2) -> step folder
-    extra = restore_checkpoint(ckpt, model, optimizer, mesh=None)   # resume training, exactly
-    loaded = load_model(path)      # a run folder, step folder or consolidated file, for
-                                   # inference, export and analysis: .model .cfg .tokenizer
-    state = full_state(ckpt)       # every tensor, whole: {"model", "optimizer", **extra}
-    extra = read_extra(ckpt)       # config, step, loader, RNG (no tensors)
-
-``model`` is the model, or under pipeline parallelism the list of stage modules this rank
-holds. ``resolve_checkpoint`` (a run folder -> its newest checkpoint that verifies) is how every
-tool picks the checkpoint to load; it warns in one line about each broken one it skips.
+"""A trained model from a checkpoint, for inference, export and analysis (not to resume:
+that is ``restore_checkpoint``): ``load_model`` and ``resolve_checkpoint``, the choice every
+tool makes of which checkpoint to load (warning in one line about each broken one it skips).
 Folders of the former single-file format (``step_*/state.pt``) are refused with a one-line
 ``CheckpointError`` saying how to proceed.
 """
@@ -26,30 +13,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moe.parallel.checkpoint import (
+from moe.checkpoint.integrity import (
     CheckpointError,
     check_checkpoint,
-    checkpoint_dir,
-    checkpoint_problem,
-    consolidate,
-    full_state,
     is_checkpoint,
-    latest_checkpoint,
     latest_good_checkpoint,
-    list_checkpoints,
-    read_extra,
-    restore_checkpoint,
-    save_checkpoint,
 )
+from moe.checkpoint.unsharded import full_state
 
 if TYPE_CHECKING:
     from moe.config import Config
     from moe.model import Transformer
 
-__all__ = ["CheckpointError", "LoadedModel", "check_checkpoint", "checkpoint_dir",
-           "checkpoint_problem", "consolidate", "full_state", "is_checkpoint",
-           "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints", "load_model",
-           "read_extra", "resolve_checkpoint", "restore_checkpoint", "save_checkpoint"]
+__all__ = ["LoadedModel", "load_model", "resolve_checkpoint"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where training normally runs
 
@@ -59,7 +35,7 @@ def _is_step_folder(path: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder to load for ``path``, verified (moe/parallel/checkpoint/integrity.py):
+    """The checkpoint folder to load for ``path``, verified (moe/checkpoint/integrity.py):
 
     - a run folder: its newest good checkpoint; broken newer ones are skipped with a one-line
       warning each; FileNotFoundError if it has none, CheckpointError if none is usable;

@@ -1,6 +1,6 @@
 """Training-step throughput and model-FLOPs utilisation (MFU); the engine of scripts/bench.py.
 
-A step is what the trainer (moe/train.py) does for one global batch: forward, cross-entropy,
+A step is what the trainer (moe/train/loop.py) does for one global batch: forward, cross-entropy,
 backward (the MoE layers inject their router-loss gradients themselves) for each of the
 ``batch_size / micro_batch_size`` micro-batches, gradient clipping when train.grad_clip > 0,
 the trainer's AdamW step (``moe.optim.build_optimizer``), zero_grad. Tokens are synthetic
@@ -11,7 +11,7 @@ the first. (Trained on the bench's four random batches, the routers collapse wit
 on configs/bench.yaml 73% of assignments were dropped at capacity factor 1.25, and the MoE
 "won" by skipping its experts.) The drop fraction is reported beside the MFU.
 
-FLOP convention: the project's (``moe.accounting``), times 3 for training (forward 1x,
+FLOP convention: the project's (``moe.accounting.params``), times 3 for training (forward 1x,
 backward 2x). Per trained token:
 
     6 * N_active  +  3 * 2 * 2 * n_layers * n_heads * head_dim * (seq_len + 1) / 2
@@ -39,11 +39,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from moe import accounting
-from moe.accounting import ParamCounts
+from moe.accounting import params as accounting
+from moe.accounting.params import ParamCounts
 from moe.config import Config, ModelConfig
 from moe.device import autocast_dtype, resolve_device
-from moe.malloc import keep_freed_memory
+from moe.device.malloc import keep_freed_memory
 from moe.model import build_model, lm_loss
 from moe.model.experts import resolve_impl
 from moe.optim import build_optimizer
@@ -53,7 +53,7 @@ IMPLS = ("grouped", "bmm", "loop")
 
 
 # ---------------------------------------------------------------------------------------------
-# Threads, seeds, sync (device and dtype: moe/device.py, as in the trainer)
+# Threads, seeds, sync (device and dtype: moe/device/placement.py, as in the trainer)
 
 
 def set_threads(cfg: Config) -> int:
@@ -97,7 +97,7 @@ def dense_equivalent(m: ModelConfig) -> ModelConfig:
 
 
 def train_flops_per_token(m: ModelConfig, counts: ParamCounts, seq_len: int) -> float:
-    """3 x moe.accounting's forward FLOPs per token (backward costs twice the forward)."""
+    """3 x moe.accounting.params's forward FLOPs per token (backward costs twice the forward)."""
     return 3.0 * accounting.flops_per_token(m, counts, seq_len)
 
 
@@ -240,7 +240,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     """
     log = log or (lambda s: None)
     threads = set_threads(cfg)
-    keep_freed_memory()  # as the trainer does (moe/malloc.py)
+    keep_freed_memory()  # as the trainer does (moe/device/malloc.py)
     device = resolve_device(cfg.train.device)
     amp = autocast_dtype(device, cfg.train.dtype)
     run_dtype = amp or torch.float32
@@ -336,7 +336,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
         "warmup": warmup,
         "loadavg_start": load0,
         "loadavg_end": _loadavg(),
-        "flop_convention": "3 x moe.accounting.flops_per_token: 6*N_active + "
+        "flop_convention": "3 x moe.accounting.params.flops_per_token: 6*N_active + "
                            "6*n_layers*n_heads*head_dim*(seq_len+1) per token; N_active = "
                            "active_matmul_params (output head and top_k/n_experts of the experts "
                            "in, input embedding and norms out)",
@@ -389,7 +389,7 @@ def run_expert_counts(cfg: Config, counts: tuple[int, ...] = (8, 16, 64, 256),
     timed fwd+bwd (no optimizer step: its cost follows total parameters, not routing)."""
     log = log or (lambda s: None)
     threads = set_threads(cfg)
-    keep_freed_memory()  # as the trainer does (moe/malloc.py)
+    keep_freed_memory()  # as the trainer does (moe/device/malloc.py)
     device = resolve_device(cfg.train.device)
     amp = autocast_dtype(device, cfg.train.dtype)
     load0 = _loadavg()

@@ -3,16 +3,16 @@
 On the bench shape (configs/bench.yaml, routing forced dropless; weights from ``train.seed``,
 tokens uniform random, also seeded), in one run:
 
-- **Decode speed at batch 1**: ``moe.generate.generate`` (KV cache, few-token MoE path) against
-  ``MixtralForCausalLM.generate()`` on the same weights (``moe.export.to_mixtral_model``),
-  both greedy from the same prompt for ``new_tokens`` tokens; tokens/s = new tokens / wall
-  time of the whole call (prefill included, cache allocation included, for both). The calls
-  are taken in turns, ``repeats`` of each (after one untimed warm-up each), and the medians
-  reported, so load that drifts on a shared machine falls on both alike; ``*_best`` are the
-  fastest runs, ``speedup_over_hf_paired`` the median over turns of HF time / our time (the
-  estimate least disturbed by load spikes), ``*_cpu`` from process CPU time. ``same_tokens``
-  checks the two token lists are equal. ``tokens_per_s_reference`` is our engine with the MoE
-  layers' sorted reference path.
+- **Decode speed at batch 1**: ``moe.inference.generate.generate`` (KV cache, few-token MoE
+  path) against ``MixtralForCausalLM.generate()`` on the same weights
+  (``moe.hf.export.to_mixtral_model``), both greedy from the same prompt for ``new_tokens``
+  tokens; tokens/s = new tokens / wall time of the whole call (prefill included, cache
+  allocation included, for both). The calls are taken in turns, ``repeats`` of each (after one
+  untimed warm-up each), and the medians reported, so load that drifts on a shared machine falls
+  on both alike; ``*_best`` are the fastest runs, ``speedup_over_hf_paired`` the median over
+  turns of HF time / our time (the estimate least disturbed by load spikes), ``*_cpu`` from
+  process CPU time. ``same_tokens`` checks the two token lists are equal.
+  ``tokens_per_s_reference`` is our engine with the MoE layers' sorted reference path.
 - **KV-cache bytes per token**, measured from the allocated buffers of a ``KVCache``: the bench
   model (multi-query attention, one KV head) and the same model with n_kv_heads = n_heads.
 - **MoE decode statistics**: tokens per expert per decode step at batch 1, 8 and 64 (each
@@ -30,7 +30,7 @@ tokens uniform random, also seeded), in one run:
 - **Speculative decoding** (``speculative_speedup``, ``acceptance_rate`` measured and
   ``acceptance_rate_predicted``, tokens per target call measured and predicted): the
   trained ``target_run`` / ``draft_run`` if given, else random models (nothing is trained);
-  moe/inference/bench_speculative.py says what and how.
+  moe/bench/speculative.py says what and how.
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ from collections.abc import Callable
 
 import torch
 
-from moe.config import Config, load_config
-from moe.inference import Engine, KVCache, Request, SamplingParams, Scheduler, static_batches
-from moe.inference.bench_speculative import (
+from moe.bench.speculative import (
     load_pair,
     random_pair,
     speculative_bench,
     speculative_keys,
 )
+from moe.config import Config, load_config
+from moe.inference import Engine, KVCache, Request, SamplingParams, Scheduler, static_batches
 from moe.model import build_model
 
 
@@ -78,7 +78,7 @@ def _timed(fn: Callable[[], list[int]]) -> tuple[list[int], float, float]:
 def decode_speed(model, prompt: list[int], new_tokens: int, repeats: int, hf_model=None,
                  log: Callable[[str], None] = lambda s: None) -> dict:
     """Greedy decode tokens/s at batch 1: ours (fast and reference MoE paths) and HF's."""
-    from moe.generate import generate
+    from moe.inference.generate import generate
 
     ids = torch.tensor([prompt])
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
@@ -300,7 +300,7 @@ def run_decode_bench(cfg: Config, prompt_len: int = 32, new_tokens: int = 224,
                                "capacity_factor": m.capacity_factor}}
     hf_model = None
     if hf:
-        from moe.export import to_mixtral_model
+        from moe.hf.export import to_mixtral_model
 
         hf_model = to_mixtral_model(model)
         hf_model.generation_config.eos_token_id = None  # run the full length, as ours

@@ -3,7 +3,7 @@
 
 Each mode runs in fresh Python processes (``sys.executable -c``), so one mode's allocations
 and high-water marks cannot leak into another's: the bench's ``Stepper`` (model, AdamW,
-synthetic batches, as moe/bench.py) with the mode applied, then calls of ``forward_backward``
+synthetic batches, as moe/bench/step.py) with the mode applied, then calls of ``forward_backward``
 (all micro-batches of a global step; no clipping, no optimizer step), gradients freed after
 each. Peak memory is that of one call after a warm-up call (which pays one-time costs: lazy
 imports, kernel set-up):
@@ -51,7 +51,7 @@ def measure_mode(raw_cfg: dict, mode: str, steps: int, warmup: int) -> dict:
     the median time of the timed calls and the peak memory they add."""
     import torch
 
-    from moe.bench import Stepper, set_threads, sync
+    from moe.bench.step import Stepper, set_threads, sync
     from moe.config import from_dict
     from moe.device import autocast_dtype, resolve_device
 
@@ -101,7 +101,7 @@ def _child() -> None:
 
 
 def _run_child(req: dict, env: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-c", "from moe.bench_memory import _child; _child()"],
+    proc = subprocess.run([sys.executable, "-c", "from moe.bench.memory import _child; _child()"],
                           input=json.dumps(req), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory bench, mode {req['mode']}, failed:\n{proc.stderr[-3000:]}")

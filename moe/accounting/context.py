@@ -7,7 +7,7 @@ sequence parallelism, the rest); a pipeline stage holds its own layers' activati
 micro-batch in flight.
 
 KV cache per sequence: ``seq_len * 2 * n_layers * n_kv_heads * head_dim * bytes`` (the same
-as moe/accounting.py's per-token figure times seq_len).
+as moe/accounting/params.py's per-token figure times seq_len).
 
 Activations: what autograd saves for backward in one forward of this code (no activation
 checkpointing), counted per token and layer (``E`` = elements at ``bytes_per_element``, fp32

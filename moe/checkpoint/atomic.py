@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from moe.parallel.checkpoint.integrity import (
+from moe.checkpoint.integrity import (
     EXTRA_FILE,
     FORMAT,
     _rank,
@@ -35,7 +35,7 @@ from moe.parallel.checkpoint.integrity import (
     list_checkpoints,
     write_manifest,
 )
-from moe.parallel.checkpoint.sharding import _dcp_quiet, _parts, model_state, optimizer_state
+from moe.checkpoint.sharding import _dcp_quiet, _parts, model_state, optimizer_state
 
 
 def _barrier(mesh) -> None:

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe.accounting import CATEGORIES, classify_param
+from moe.accounting.params import CATEGORIES, classify_param
 from moe.config import Config, ConfigError, ModelConfig, ParallelConfig
 from moe.parallel.mesh import ParallelDims
 from moe.parallel.plan import Placement, placement

@@ -1,6 +1,6 @@
 """What a run trains on: the data, the model it builds, a step's loss and the evaluation.
 
-The training loop (moe/train.py) is one loop for every kind of run; what differs lives in a
+The training loop (moe/train/loop.py) is one loop for every kind of run; what differs lives in a
 task object:
 
     TextTask     the language model: cached token streams, packed windows, next-token loss
@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from moe.config import Config, ConfigError
-from moe.data import PackedLoader, prepare_data, val_batches
+from moe.data import PackedLoader, load_data, val_batches
 from moe.device import autocast_context
-from moe.generate import generate
-from moe.metrics import RoutingAccumulator
+from moe.inference.generate import generate
 from moe.model import build_model
+from moe.train.metrics import RoutingAccumulator
 
 
 def make_task(cfg: Config):
@@ -38,14 +38,6 @@ def make_task(cfg: Config):
 
         return VisionTask(cfg)
     return TextTask(cfg)
-
-
-def load_data(cfg: Config):
-    """``prepare_data`` with bad data settings as a one-line ConfigError."""
-    try:
-        return prepare_data(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"data: {e}") from e
 
 
 class TextTask:

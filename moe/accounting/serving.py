@@ -1,7 +1,7 @@
 """Serving memory of a config on a tp x pp layout: how many sequences fit beside the weights,
 and the bytes a generated token reads (the seeds' inference accounting for GPT-4).
 
-Per GPU, from the same per-GPU layout the trainer's sharding gives (moe/parallel/layout.py):
+Per GPU, from the same per-GPU layout the trainer's sharding gives (moe/accounting/layout.py):
 weights ``weight_bytes`` per parameter of the most loaded GPU; KV cache per token of that
 GPU's layers (with multi-query attention the one K/V head is replicated on every tp rank).
 The largest batch at a context is ``floor((gpu_bytes - weights) / (kv_per_token * context))``;
@@ -18,9 +18,9 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 
-from moe.accounting import count_params, kv_cache_bytes_per_token
+from moe.accounting.layout import layout_accounting
+from moe.accounting.params import count_params, kv_cache_bytes_per_token
 from moe.config import Config
-from moe.parallel.layout import layout_accounting
 
 
 @dataclass(frozen=True)

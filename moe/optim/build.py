@@ -1,0 +1,24 @@
+"""The one optimizer builder: AdamW, or ZeRO-1's AdamW over a mesh."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from moe.config import TrainConfig
+from moe.optim.adamw import adamw_kwargs, param_groups
+from moe.optim.zero import ZeroOneAdamW
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+def build_optimizer(model: nn.Module | list[nn.Module], cfg: TrainConfig,
+                    mesh: DeviceMesh | None = None, zero1: bool = False) -> torch.optim.AdamW:
+    """The one optimizer builder: AdamW, or with ``zero1`` and a mesh ZeRO-1's AdamW whose
+    state is sharded over each parameter's data-parallel replicas (moe/optim/zero.py)."""
+    if zero1 and mesh is not None:
+        return ZeroOneAdamW(model if isinstance(model, list) else [model], cfg, mesh)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **adamw_kwargs(cfg))
