@@ -1,6 +1,6 @@
 """Diagnostics of trained checkpoints: routing report and batch dependence.
 
-- :mod:`moe.analysis.run`: held-out windows per corpus source (the model comes from
+- :mod:`moe.analysis.windows`: held-out windows per corpus source (the model comes from
   ``moe.checkpoint.load_model``).
 - :mod:`moe.analysis.routing`: load per expert, drops, router entropy and code/prose
   specialisation per MoE layer (``scripts/routing_report.py``).
@@ -8,11 +8,12 @@
   sequences of its capacity group (``scripts/batch_dependence.py``).
 - :mod:`moe.analysis.context`: validation loss by position bucket, for context extension
   (``scripts/eval_context.py``, docs/long_context.md).
+- :mod:`moe.analysis.plots`: the PNG drawing the sweeps and reports use.
 """
 
 from moe.analysis.batch import batch_dependence, group_forward
 from moe.analysis.routing import routing_report, write_routing_report
-from moe.analysis.run import source_windows, val_windows
+from moe.analysis.windows import source_windows, val_windows
 
 __all__ = ["source_windows", "val_windows", "routing_report",
            "write_routing_report", "batch_dependence", "group_forward"]

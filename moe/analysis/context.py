@@ -2,7 +2,7 @@
 
 A model trained at N tokens and run on windows of L > N tokens is judged by its loss at each
 position: positions < N test that nothing broke, positions >= N test the extension (docs/
-long_context.md). Windows come from the validation stream (``moe.analysis.run.val_windows``).
+long_context.md). Windows come from the validation stream (``moe.analysis.windows.val_windows``).
 
     losses = token_losses(model, windows, batch_size)         # [n, L]
     per_pos = losses.mean(0)                                  # [L], as position_losses

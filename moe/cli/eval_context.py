@@ -29,7 +29,7 @@ import sys
 import torch
 
 from moe.analysis.context import bucket_losses, token_losses
-from moe.analysis.run import val_windows
+from moe.analysis.windows import val_windows
 from moe.checkpoint import CheckpointError, load_model
 from moe.config import ConfigError, apply_overrides
 from moe.data import prepare_data

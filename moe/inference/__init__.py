@@ -5,11 +5,11 @@
     engine.py    Engine: prefill, decode, forward (S tokens per slot), truncate, stream, generate
     scheduler.py Scheduler, Request: continuous batching over the engine's slots
     speculative.py SpeculativeDecoder (a draft proposes, the target verifies), verify, stats
+    generate.py  generate(model, prompt, ...): the one-call API (imported on its own)
     server.py    the OpenAI-compatible HTTP server (FastAPI; imported on its own, not here)
-    bench.py     the decode benchmark of scripts/bench_decode.py (ours vs Hugging Face)
 
-The one-call API is ``moe.inference.generate.generate``. The model stays plain PyTorch: the cache is
-passed to ``Transformer.forward(tokens, kv_cache=...)`` and the model never imports this.
+The decode benchmarks live in moe/bench/. The model stays plain PyTorch: the cache is passed
+to ``Transformer.forward(tokens, kv_cache=...)`` and the model never imports this.
 """
 
 from moe.inference.cache import CacheView, KVCache

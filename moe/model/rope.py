@@ -1,6 +1,6 @@
 """Rotary tables with context-extension scaling: linear, dynamic NTK and YaRN.
 
-``model.rope_scaling`` (moe/config.py, ``RopeScalingConfig``) picks one; null is plain RoPE
+``model.rope_scaling`` (moe/config/model.py, ``RopeScalingConfig``) picks one; null is plain RoPE
 (Su et al. 2021), computed by ``moe.model.layers.rotary_tables``. The formulas are those of
 Hugging Face's ``transformers.modeling_rope_utils`` (5.x), step for step, so that a model
 exported to Mixtral with the matching ``rope_parameters`` (``hf_rope_parameters``) gives the

@@ -1,2 +1,15 @@
-"""Parallelism applied from outside the model: mesh and sizes, tensor, pipeline, data and
-expert parallelism, one file each. The model itself never imports torch.distributed."""
+"""Parallelism applied from outside the model, one file each (the model itself never imports
+torch.distributed):
+
+    mesh.py          ParallelDims (sizes, layout checks, the device mesh), shard records,
+                     process-group start-up
+    plan.py          the sharding plan: each parameter's tp / ep split, as data
+    parallelize.py   the one place parallelism is applied, in a fixed order
+    tensor.py        Megatron's f / g on the plan's regions
+    expert.py        the experts' all-to-all
+    pipeline.py      stages and schedules
+    grads.py         gradient reduction over data ranks, the global grad norm, reduced metrics
+    runtime.py       a training step and eval on this rank's parts
+    rng.py           every rank's random generators in a checkpoint
+    activation_checkpoint.py   full or selective recomputation
+"""

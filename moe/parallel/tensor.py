@@ -38,9 +38,10 @@ is a possible later optimisation.
 Why small autograd Functions and not DTensor ``parallelize_module``: parameters stay plain local
 tensors so the optimizer, gradient reduction, grad-norm clipping and checkpoints treat every
 parallel layout alike through the ``shard_spec`` records (moe/parallel/mesh.py). Mixing DTensor
-and plain parameters breaks ``clip_grad_norm_`` (PLATFORM.md), multi-query attention's
-replicated-but-partial K/V has no Colwise/RowwiseParallel style, and the MoE's ragged expert
-layout (3-D weights run on expert-sorted rows of varying count) fits neither.
+and plain parameters breaks ``clip_grad_norm_`` on torch 2.13 ("got mixed torch.Tensor and
+DTensor"), multi-query attention's replicated-but-partial K/V has no Colwise/RowwiseParallel
+style, and the MoE's ragged expert layout (3-D weights run on expert-sorted rows of varying
+count) fits neither.
 
 Composes with pipeline pruning (missing layers, tok_embeddings / norm / output None) and with
 expert parallelism applied afterwards: EP wraps ``experts``' forward in an all-to-all token
