@@ -232,17 +232,17 @@ def test_late_lock_refuses_after_data_is_built(tmp_path, monkeypatch):
     (tmp_path / "input.txt").write_text(_play(40))
     cfg = _cfg(tmp_path, "--data.source=files", f"--data.files={tmp_path / 'input.txt'}",
                "--data.chunk_chars=500", "--data.val_fraction=0.3")
-    import moe.train.task as task_mod
+    import moe.data.prepare as prepare_mod  # what the trainer's load_data calls
 
     held = []
-    real = task_mod.prepare_data
+    real = prepare_mod.prepare_data
 
     def prepare_then_lose_the_race(c):
         held.append(run_lock.hold(Path(c.train.run_dir)))
         held[0].__enter__()
         return real(c)
 
-    monkeypatch.setattr(task_mod, "prepare_data", prepare_then_lose_the_race)
+    monkeypatch.setattr(prepare_mod, "prepare_data", prepare_then_lose_the_race)
     with pytest.raises(ConfigError, match="in use by another trainer"):
         train(cfg)
     held[0].__exit__(None, None, None)
