@@ -148,6 +148,7 @@ def test_train_command_plain_and_torchrun(tmp_path):
     assert "--config" not in cmd
 
 
+@pytest.mark.slow
 def test_train_module_runs_from_any_folder(tmp_path):
     """What train_command launches is the training CLI, also outside the checkout."""
     res = subprocess.run([sys.executable, "-m", "moe.cli.train", "--help"], cwd=tmp_path,
@@ -180,6 +181,7 @@ def test_run_identity_is_the_capacity_not_the_factor():
     assert ident("--model.eval_capacity_factor=1.0") != ident("--model.eval_capacity_factor=2.0")
 
 
+@pytest.mark.slow
 def test_equivalent_points_share_one_run(tmp_path):
     """4 experts, top-2, 32-token groups: capacity factor 2.0 gives 32 slots, as dropless does.
     The second point is not trained; it reports the first one's run and numbers."""
@@ -267,6 +269,7 @@ def test_summary_paired_deltas():
 # A real sweep: two tiny runs, a point that cannot be configured, a point that crashes
 
 
+@pytest.mark.slow
 def test_sweep_runs_resumes_and_reports_failures(tmp_path):
     out = tmp_path / "sweep"
     over = TINY + [f"--data.cache_dir={tmp_path / 'cache'}"]

@@ -168,6 +168,7 @@ def _run(*args):
                           cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow
 def test_script_json():
     r = _run("--config", str(GPT4), "--json")
     assert r.returncode == 0, r.stderr
@@ -191,6 +192,7 @@ def test_overrides_change_counts():
     assert eight.active_params == full.active_params - full.router_params // 2
 
 
+@pytest.mark.slow
 def test_script_table_with_override():
     r = _run("--config", str(GPT4), "--model.n_experts=8")
     assert r.returncode == 0, r.stderr
@@ -202,6 +204,7 @@ def test_script_table_with_override():
     (["--model.top_k=99"], "model.top_k"),
     (["--model.bogus=1"], "model.bogus"),
 ])
+@pytest.mark.slow
 def test_script_config_error_exits_2(args, key):
     r = _run("--config", str(GPT4), *args)
     assert r.returncode == 2
@@ -472,6 +475,7 @@ def test_gpt4_with_118_heads_is_counted_but_flagged():
     assert 110e9 <= lay.params_per_node <= 130e9
 
 
+@pytest.mark.slow
 def test_script_layout_json():
     r = _run("--config", str(GPT4), "--parallel.tp=8", "--parallel.pp=16", "--json")
     assert r.returncode == 0, r.stderr
@@ -489,6 +493,7 @@ def test_script_layout_json():
     assert out["total_params"] == account(load_config(GPT4).model).params.total_params
 
 
+@pytest.mark.slow
 def test_script_layout_strict_and_table():
     r = _run("--config", str(GPT4), "--parallel.tp=8", "--parallel.pp=16", "--strict",
              "--model.n_heads=118", "--model.d_model=15104")

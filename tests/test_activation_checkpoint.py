@@ -251,6 +251,7 @@ def _pp_run(rank, world):
     return {"errors": errors, "calls": ref["calls"], "drop_frac": ref["routing"][0]["drop_frac"]}
 
 
+@pytest.mark.slow
 def test_pipeline_routing_stats_counted_once_under_checkpointing():
     for res in run_ranks(_pp_run, 2):
         assert not res["errors"], res["errors"]

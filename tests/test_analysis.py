@@ -100,6 +100,7 @@ def test_batch_dependence_exact_zero_cases_on_a_random_model():
     assert low["capacity"] == 4 and low["capacity_is_minimum"]  # ceil(0.8) = 1 < 4
 
 
+@pytest.mark.slow
 def test_batch_dependence_tool_on_a_trained_run(run_dir, tmp_path):
     out = tmp_path / "bd"
     rc = bd_script.main(["--run", str(run_dir), "--prompt",

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--model.n_layers=1", "--model.d_model=64", "--model.n_heads=4",
@@ -18,6 +20,7 @@ TINY = ["--model.n_layers=1", "--model.d_model=64", "--model.n_heads=4",
         "--train.threads=1"]
 
 
+@pytest.mark.slow
 def test_bench_json_smoke():
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--config",
            str(ROOT / "configs" / "bench.yaml"), "--json", "--steps", "2", "--warmup", "1",
@@ -60,6 +63,7 @@ def test_stepper_drop_fraction_follows_capacity():
         assert all(torch.equal(a, p) for a, p in zip(before, s.model.parameters()))
 
 
+@pytest.mark.slow
 def test_bench_rejects_bad_override():
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--json", "--model.nope=1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -68,6 +68,7 @@ def ours(run):
     return BPETokenizer.load(cache_folder(run) / "tokenizer.json")
 
 
+@pytest.mark.slow
 def test_folder_holds_tokenizer_and_our_special_ids(exported, run):
     for name in ("config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "model.safetensors"):

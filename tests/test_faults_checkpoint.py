@@ -269,6 +269,7 @@ def _wait_and_kill(proc, run: Path, mode: str, n_rows: int, deadline: float) -> 
     return "mid-save" if any(ckpts.glob(".tmp_step_*")) else "between saves"
 
 
+@pytest.mark.slow
 def test_kill9_five_times_then_rerun_equals_unbroken(runs, tmp_path):
     """kill -9 of `python scripts/train.py` five times, three of them during a checkpoint save;
     the same command again finishes with exactly the unbroken run's metrics rows."""

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--model.vocab_size=512", "--model.d_model=64", "--model.n_layers=2",
@@ -94,6 +96,7 @@ def _wait_for(cond, timeout: float, what: str):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_torchrun_rank_killed_restarts_and_matches_unbroken_run(tmp_path):
     # The unbroken reference, same launcher and layout: rows must match exactly.
     with open(tmp_path / "ref.log", "w") as log:

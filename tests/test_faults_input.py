@@ -207,6 +207,7 @@ def test_hf_val_split_is_the_validation_set(tmp_path, monkeypatch):
 # one trainer per run folder; a killed cache build is not trusted
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_run_dir_refuses_in_one_line(tmp_path):
     (tmp_path / "input.txt").write_text(_play(40))
     run = tmp_path / "run"
@@ -265,6 +266,7 @@ prep.prepare_data(load_config(None, {over!r}))
 """
 
 
+@pytest.mark.slow
 def test_cache_build_killed_midway_is_rebuilt(tmp_path, capfd):
     (tmp_path / "input.txt").write_text(_play(40))
     over = ["--data.source=files", f"--data.files={tmp_path / 'input.txt'}",
@@ -306,6 +308,7 @@ def test_lock_of_a_killed_trainer_is_released(tmp_path):
     ("--model.d_model=60", "model.d_model"),  # 4 heads of 15: rotary needs an even head size
     ("--train.eps=-1", "train.eps"),  # was AdamW's ValueError traceback after the folder
 ])
+@pytest.mark.slow
 def test_refused_setting_leaves_no_run_folder(tmp_path, override, key):
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/tiny.yaml",
@@ -316,6 +319,7 @@ def test_refused_setting_leaves_no_run_folder(tmp_path, override, key):
     assert "Traceback" not in out.stderr and not run.exists()
 
 
+@pytest.mark.slow
 def test_resume_with_another_seed_is_refused_in_one_line(tmp_path):
     train(_cfg(tmp_path, "--train.max_steps=2"))
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -128,6 +128,7 @@ def without_batch_4(tmp_path_factory):
     return Path(cfg.train.run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["loss", "grad"])
 def test_skip_equals_a_run_that_never_saw_the_batch(tmp_path, monkeypatch, without_batch_4,
                                                     fault, capsys):
@@ -151,6 +152,7 @@ def test_skip_equals_a_run_that_never_saw_the_batch(tmp_path, monkeypatch, witho
     _assert_same_training(run, without_batch_4)
 
 
+@pytest.mark.slow
 def test_skip_then_resume_continues_exactly(tmp_path, monkeypatch, without_batch_4):
     nan_loss_at(monkeypatch, 4)
     part = _cfg(tmp_path, "part", "--train.max_steps=6", "--train.on_nonfinite=skip")
@@ -162,6 +164,7 @@ def test_skip_then_resume_continues_exactly(tmp_path, monkeypatch, without_batch
     assert [e["step"] for e in _events(part.train.run_dir)] == [4]
 
 
+@pytest.mark.slow
 def test_rollback_equals_resume_with_the_loader_advanced(tmp_path, monkeypatch, capsys):
     # Router jitter draws from the global RNG: the rollback must restore it too.
     common = ["--train.max_steps=8", "--train.ckpt_every=3", "--model.router_jitter=0.1"]
@@ -184,6 +187,7 @@ def test_rollback_equals_resume_with_the_loader_advanced(tmp_path, monkeypatch, 
     assert _adam_steps(_final_state(run)) == {8.0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["skip_limit", "rollback_no_checkpoint", "rollback_limit"])
 def test_give_up_in_one_line(tmp_path, monkeypatch, case):
     if case == "skip_limit":  # every batch from step 3 on is bad: 2 skips, then stop
@@ -210,6 +214,7 @@ def test_give_up_in_one_line(tmp_path, monkeypatch, case):
     assert [r["action"] for r in _events(cfg.train.run_dir)] == actions
 
 
+@pytest.mark.slow
 def test_stop_cli_one_line_and_checkpoint_kept(tmp_path):
     """A diverging run (lr 1e30) under the default policy: exit 1, one stderr line."""
     args = ["--train.max_steps=8", "--train.ckpt_every=1", "--train.lr=1e30",
@@ -277,6 +282,7 @@ def _faults_on_two_ranks(rank, world_size, tmp):
     return out
 
 
+@pytest.mark.slow
 def test_every_rank_takes_the_same_decision(tmp_path):
     """Under dp2 a fault on one rank reaches the other through the gradient reduction and the
     summed loss; under pp2 stage 0 learns of the last stage's NaN loss from the summed loss

@@ -86,6 +86,7 @@ def test_detokenizer_waits_for_whole_characters():
     assert EOT_ID == 0
 
 
+@pytest.mark.slow
 def test_script_is_a_thin_wrapper():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--help"],

@@ -6,6 +6,7 @@ Under tensor parallelism each rank caches only its own K/V heads (the cache read
 every rank joins at every step (the few-token path applies only to plain experts).
 """
 
+import pytest
 import torch
 
 from moe.inference import KVCache
@@ -49,6 +50,7 @@ def _run(rank, world_size):
     return out
 
 
+@pytest.mark.slow
 def test_tensor_and_expert_parallel_generation_equal_one_process():
     want = reference()
     for rank, got in enumerate(run_ranks(_run, 2)):

@@ -341,6 +341,7 @@ def _long_rank(rank, world_size, overrides):
     train(load_config(None, overrides))
 
 
+@pytest.mark.slow
 def test_long_context_fine_tune_at_tp2_matches_one_process(base_run):
     """The init_from fine-tune at 64 tokens with YaRN, on 2 tensor-parallel ranks (weights
     restored into the sharded layout): the losses, gradient norms and routing of one process."""

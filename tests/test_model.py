@@ -354,6 +354,7 @@ def test_pruned_stages_compose_to_the_full_model():
     first.init_weights()
 
 
+@pytest.mark.slow
 def test_compiled_model_gives_eager_gradients_router_losses_included():
     # Traced, InjectLossGrad's gradient was lost: the router gate's gradient was off by ~100%
     # while the loss matched. fp32 on CPU: expert_impl auto must pick a kernel compile traces.

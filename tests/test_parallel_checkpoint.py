@@ -218,6 +218,7 @@ def _ranks_main(rank, world, root):
 # --- tests ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_checkpoints_reshard_between_layouts(tmp_path):
     cfg, model, ref_opt = _reference(0)
     opt = build_optimizer(model, cfg.train)

@@ -223,6 +223,7 @@ def _four_ranks(rank, world_size):
     return results
 
 
+@pytest.mark.slow
 def test_expert_parallel_two_ranks_matches_one_process():
     results = run_ranks(_two_ranks, 2)
     dropping = [i for i, c in enumerate(CASES_2) if c["capacity_factor"] is not None]
@@ -232,6 +233,7 @@ def test_expert_parallel_two_ranks_matches_one_process():
         "no case sent zero rows for some expert"
 
 
+@pytest.mark.slow
 def test_expert_parallel_with_tensor_parallel_and_ep4():
     """(ep=2, tp=2) with moe/parallel/tensor.py applied first: each tp coordinate exchanges
     within its own ep group, inside TP's hooks on the experts; then ep=4 over the same 4 ranks

@@ -308,6 +308,7 @@ PP_CASES = [(s, cf, None) for s in ("gpipe", "1f1b", "interleaved_1f1b") for cf 
 PP_CASES += [("gpipe", 1.0, [1, 3]), ("1f1b", 1.0, [1, 3]), ("1f1b", None, [3, 1])]
 
 
+@pytest.mark.slow
 def test_pipeline_matches_single_process():
     """pp=2: every schedule, dropping and dropless, even and uneven splits (one spawned run)."""
     _assert_results(run_ranks(_run, 2, PP_CASES), 2)
@@ -316,6 +317,7 @@ def test_pipeline_matches_single_process():
 PPTP_CASES = [("1f1b", 1.0, None), ("interleaved_1f1b", None, None)]
 
 
+@pytest.mark.slow
 def test_pipeline_with_tensor_parallel_matches_single_process():
     import moe.parallel.tensor  # noqa: F401 - a broken import must fail, not skip
     _assert_results(run_ranks(_run, 4, PPTP_CASES), 4)

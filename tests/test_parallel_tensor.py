@@ -11,6 +11,7 @@ parameters still match, with MQA's replicated K/V identical on both ranks.
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -155,6 +156,7 @@ def _run(rank, world_size):
     return failures, report
 
 
+@pytest.mark.slow
 def test_tensor_parallel_matches_single_process():
     results = run_ranks(_run, 2)
     failures = [f for fails, _ in results for f in fails]

@@ -96,6 +96,7 @@ def _assert_same(ref, rows, tag):
                 assert st["kept_per_expert"] == other["kept_per_expert"], (tag, layer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,capacity", CASES)
 def test_layout_matches_one_process(workdir, reference, name, capacity):
     ref = reference(capacity)
@@ -109,6 +110,7 @@ def test_layout_matches_one_process(workdir, reference, name, capacity):
     _assert_same(ref, _rows(workdir / f"{name}_{capacity}"), name)
 
 
+@pytest.mark.slow
 def test_torchrun_tp2_pp2_then_resume_in_one_process(workdir, reference):
     """scripts/train.py under torchrun (4 ranks, tp2 x pp2) for 1 step, resumed under torchrun
     with one rank (the distributed path, every size 1) to step 2, then in one plain process to
@@ -147,6 +149,7 @@ RAMP = ["--train.batch_ramp_tokens=256", "--train.batch_ramp_start=2",
         "--train.batch_ramp_increment=2", "--train.max_steps=4"]
 
 
+@pytest.mark.slow
 def test_batch_ramp_and_validation_are_the_same_on_every_layout(workdir):
     """The ramp is the config's (moe/optim/adamw.py batch_size_at): one process, dp2, ep2 and a run
     resumed at dp2 after 2 single-process steps train on the same batches and log the same
@@ -189,6 +192,7 @@ def test_ramp_a_layout_cannot_split_is_refused_naming_the_keys():
         ParallelDims(dp=2, ep=2).validate(cfg, 4)
 
 
+@pytest.mark.slow
 def test_pipeline_resume_with_router_jitter_is_exact(workdir):
     """Each rank's generator is checkpointed (moe/parallel/rng.py): pp2's second stage draws
     its own jitter, and a 2 + 2 step run equals 4 straight steps row for row, per-expert counts

@@ -541,6 +541,7 @@ def reference(workdir):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_one_process(workdir, reference, name):
     world, variant, extra = LAYOUTS[name]

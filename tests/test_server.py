@@ -249,6 +249,7 @@ def test_the_command_serves_a_run_folder(served, monkeypatch):
     assert serve.main(["--run", str(run.parent / "missing")]) == 2
 
 
+@pytest.mark.slow
 def test_script_is_a_thin_wrapper():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--help"],

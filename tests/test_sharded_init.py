@@ -95,6 +95,7 @@ def _rank_shards(rank, world_size, overrides):
             for part in runtime.parts for name, p in part.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_layout_shards_are_one_process_weights(layout):
     overrides = MODEL + LAYOUTS[layout]

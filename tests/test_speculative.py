@@ -171,6 +171,7 @@ def chi2_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
                                          stat / 2))
 
 
+@pytest.mark.slow
 def test_sampled_tokens_distributed_as_target():
     """The first two tokens of N seeded runs (gamma = 1: the second is a bonus or the next
     step's) against the target's filtered distributions, by chi-square at p > 1e-3. The test

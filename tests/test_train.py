@@ -176,6 +176,7 @@ def test_schedules():
     assert micro_batches(40, 16) == [16, 16, 8]
 
 
+@pytest.mark.slow
 def test_train_cli_rejects_bad_config_in_one_line():
     out = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/tiny.yaml",
                           "--model.top_k=99"], cwd=ROOT, capture_output=True, text=True)
@@ -186,6 +187,7 @@ def test_train_cli_rejects_bad_config_in_one_line():
     assert out.returncode == 2 and "model.n_expert" in out.stderr
 
 
+@pytest.mark.slow
 def test_wandb_offline_needs_no_network(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -183,6 +183,7 @@ def _train_rank(rank, world, overrides):
     train(load_config(None, overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,world,extra", [("dp2", 2, ["--parallel.dp=2"]),
                                               ("ep2", 2, ["--parallel.ep=2"])])
 def test_data_and_expert_parallel_match_one_process(workdir, single, name, world, extra):
@@ -247,6 +248,7 @@ def test_text_longer_than_seq_len_is_refused(tmp_path):
     assert not (tmp_path / "short").exists()  # refused before anything is written
 
 
+@pytest.mark.slow
 def test_generate_captions_an_image_file_and_counts_vision_params(workdir, single, tmp_path):
     """scripts/generate.py --image PATH on a PNG; a file that is not an image and a text run
     are one-line errors. count_params lists the vision parameters apart."""
