@@ -331,3 +331,24 @@ def test_nested_sections_built_in_python_take_a_mapping():
     bad.rope_scaling = "yarn"  # set after construction: validate says what it expects
     with pytest.raises(ConfigError, match="model.rope_scaling expects a mapping"):
         bad.validate()
+
+
+def test_saved_differences_is_the_one_comparison_of_resume_and_init_from():
+    from moe.config import saved_differences
+    from moe.train.init_from import init_config_problems
+
+    cfg = load_config(None, ["--model.d_model=64", "--model.n_heads=4"])
+    saved = Config().to_dict()
+    del saved["data"]["val_windows"]  # a key added since: counts as its default
+    saved["train"]["seed"] = 7
+    assert saved_differences(saved, cfg, ["model", "data", "train.seed"]) == [
+        ("model.d_model", 256, 64), ("model.n_heads", 8, 4), ("train.seed", 7, 1337)]
+    # init_from: a vision source into a vision run must keep the encoder's shape; a text
+    # source (vision disabled) brings no vision weights, so its vision keys do not count.
+    vision = load_config(None, ["--vision.enabled=true", "--vision.d_vision=32",
+                                "--vision.freeze_text=true"])
+    source = Config().to_dict()
+    source["vision"]["enabled"] = True
+    assert init_config_problems(source, vision) == ["vision.d_vision (64 -> 32)"]
+    source["vision"]["enabled"] = False
+    assert init_config_problems(source, vision) == []

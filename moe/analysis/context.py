@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe.model.moe import CONFIG_CAPACITY
+from moe.model.moe import CONFIGURED_CAPACITY
 
 
 @torch.no_grad()
 def token_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
-                 capacity_factor=CONFIG_CAPACITY) -> torch.Tensor:
+                 capacity_factor=CONFIGURED_CAPACITY) -> torch.Tensor:
     """Next-token loss of every window and position ``[n, L]`` for ``windows [n, L + 1]``
     (inputs are the first L tokens, targets the last L), in eval mode. ``capacity_factor``:
     the MoE layers' factor for these forwards (default: the config's eval factor; None:
@@ -33,7 +33,7 @@ def token_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    kw = {} if capacity_factor is CONFIG_CAPACITY else {"capacity_factor": capacity_factor}
+    kw = {} if capacity_factor is CONFIGURED_CAPACITY else {"capacity_factor": capacity_factor}
     rows = []
     try:
         for i in range(0, len(windows), batch_size):
@@ -47,7 +47,7 @@ def token_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
 
 
 def position_losses(model: torch.nn.Module, windows: torch.Tensor, batch_size: int,
-                    capacity_factor=CONFIG_CAPACITY) -> torch.Tensor:
+                    capacity_factor=CONFIGURED_CAPACITY) -> torch.Tensor:
     """Mean next-token loss at each position ``[L]`` over the windows (``token_losses``)."""
     return token_losses(model, windows, batch_size, capacity_factor).double().mean(0).float()
 

@@ -50,6 +50,7 @@ from moe.bench.speculative import (
     speculative_keys,
 )
 from moe.config import Config, load_config
+from moe.device import set_threads
 from moe.inference import Engine, KVCache, Request, SamplingParams, Scheduler, static_batches
 from moe.model import build_model
 
@@ -58,14 +59,6 @@ def bench_config(path: str = "configs/bench.yaml", overrides: list[str] | None =
     """The bench config with dropless routing (both capacity factors null) before overrides."""
     return load_config(path, ["--model.capacity_factor=null",
                               "--model.eval_capacity_factor=null", *(overrides or [])])
-
-
-def set_threads(n: int) -> int:
-    """``n`` torch threads; 0: one per available core (as train.threads)."""
-    if n <= 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
 
 
 def _timed(fn: Callable[[], list[int]]) -> tuple[list[int], float, float]:

@@ -51,13 +51,13 @@ def measure_mode(raw_cfg: dict, mode: str, steps: int, warmup: int) -> dict:
     the median time of the timed calls and the peak memory they add."""
     import torch
 
-    from moe.bench.step import Stepper, set_threads, sync
+    from moe.bench.step import Stepper, sync
     from moe.config import from_dict
-    from moe.device import autocast_dtype, resolve_device
+    from moe.device import autocast_dtype, resolve_device, set_threads
 
     cfg = from_dict(raw_cfg)
     cfg.train.activation_checkpointing = mode
-    threads = set_threads(cfg)
+    threads = set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     s = Stepper(cfg, cfg.model, device, autocast_dtype(device, cfg.train.dtype))
 

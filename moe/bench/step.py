@@ -42,7 +42,7 @@ from torch import nn
 from moe.accounting import params as accounting
 from moe.accounting.params import ParamCounts
 from moe.config import Config, ModelConfig
-from moe.device import autocast_dtype, resolve_device
+from moe.device import autocast_dtype, resolve_device, set_threads
 from moe.device.malloc import keep_freed_memory
 from moe.model import build_model, lm_loss
 from moe.model.experts import resolve_impl
@@ -54,15 +54,6 @@ IMPLS = ("grouped", "bmm", "loop")
 
 # ---------------------------------------------------------------------------------------------
 # Threads, seeds, sync (device and dtype: moe/device/placement.py, as in the trainer)
-
-
-def set_threads(cfg: Config) -> int:
-    """train.threads, or one torch thread per available core when it is 0."""
-    n = cfg.train.threads
-    if n <= 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, n))
-    return torch.get_num_threads()
 
 
 def seed_everything(seed: int) -> None:
@@ -239,7 +230,7 @@ def run_bench(cfg: Config, steps: int = 20, warmup: int = 3, impls: bool = False
     estimate least disturbed by load that drifts during the run.
     """
     log = log or (lambda s: None)
-    threads = set_threads(cfg)
+    threads = set_threads(cfg.train.threads)
     keep_freed_memory()  # as the trainer does (moe/device/malloc.py)
     device = resolve_device(cfg.train.device)
     amp = autocast_dtype(device, cfg.train.dtype)
@@ -388,7 +379,7 @@ def run_expert_counts(cfg: Config, counts: tuple[int, ...] = (8, 16, 64, 256),
     other turn) so the load of a shared machine falls on all alike. Median over ``steps``
     timed fwd+bwd (no optimizer step: its cost follows total parameters, not routing)."""
     log = log or (lambda s: None)
-    threads = set_threads(cfg)
+    threads = set_threads(cfg.train.threads)
     keep_freed_memory()  # as the trainer does (moe/device/malloc.py)
     device = resolve_device(cfg.train.device)
     amp = autocast_dtype(device, cfg.train.dtype)
@@ -521,7 +512,7 @@ def profile_step(cfg: Config, steps: int = 3, warmup: int = 2, rows: int = 25) -
     """torch.profiler table (self time) of ``steps`` MoE training steps after warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    set_threads(cfg)
+    set_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     s = Stepper(cfg, cfg.model, device, autocast_dtype(device, cfg.train.dtype))
     for _ in range(warmup):

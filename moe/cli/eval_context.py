@@ -26,13 +26,12 @@ import copy
 import json
 import sys
 
-import torch
-
 from moe.analysis.context import bucket_losses, token_losses
 from moe.analysis.windows import val_windows
 from moe.checkpoint import CheckpointError, load_model
 from moe.config import ConfigError, apply_overrides
 from moe.data import prepare_data
+from moe.device import set_threads
 from moe.model import build_model
 from moe.train.init_from import init_config_problems
 
@@ -90,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --lengths={args.lengths!r} must be ascending positive integers",
               file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         loaded = load_model(args.checkpoint or args.run, cache_dir=args.cache_dir)
         model, cfg = _model_for(loaded, overrides, edges[-1])

@@ -3,7 +3,7 @@ moe/bench/init_memory.py).
 
     python scripts/init_memory.py --config configs/a100x8_tp2pp2dp2.yaml          # 8 ranks
     python scripts/init_memory.py --config configs/a100x8_tp2pp2dp2.yaml --full   # 1 process,
-                                                            # the whole model (the old way)
+                                                            # the whole model (the baseline)
 
 The ranks run on the CPU (gloo) whatever the config says: train.device=cpu, fp32.
 """

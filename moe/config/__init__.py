@@ -15,6 +15,7 @@ from moe.config.load import (
     from_dict,
     load_config,
     parse_override,
+    saved_differences,
     set_key,
     upgrade_saved,
 )
@@ -27,4 +28,4 @@ from moe.config.vision import VisionConfig
 
 __all__ = ["Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "ParallelConfig",
            "RopeScalingConfig", "TrainConfig", "VisionConfig", "apply_overrides", "from_dict",
-           "load_config", "parse_override", "set_key", "upgrade_saved"]
+           "load_config", "parse_override", "saved_differences", "set_key", "upgrade_saved"]

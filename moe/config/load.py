@@ -71,6 +71,22 @@ def upgrade_saved(raw: dict) -> dict:
     return {**raw, "train": train, "data": data}
 
 
+def saved_differences(saved: dict, cfg: Config, keys: list[str]) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, value now)`` for each dotted ``key`` (``"model.d_model"``, or a whole
+    section ``"model"``) whose value in a saved run's config differs from ``cfg``'s. A key the
+    saved config lacks (added to the code since) counts as its default. The one comparison
+    behind resuming (moe/train/loop.py) and ``train.init_from`` (moe/train/init_from.py)."""
+    now, default, saved = cfg.to_dict(), Config().to_dict(), upgrade_saved(saved)
+    out = []
+    for key in keys:
+        section, _, name = key.partition(".")
+        for k in [name] if name else list(now[section]):
+            old = (saved.get(section) or {}).get(k, default[section][k])
+            if old != now[section][k]:
+                out.append((f"{section}.{k}", old, now[section][k]))
+    return out
+
+
 def from_dict(raw: dict) -> Config:
     """A Config from a mapping of sections (a saved run's keys are upgraded first)."""
     raw = upgrade_saved(raw)

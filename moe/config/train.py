@@ -52,7 +52,7 @@ class TrainConfig:
     # Recompute activations in backward to save memory (moe/parallel/activation_checkpoint.py):
     # none | full (each block re-run whole) | selective (matmul/attention outputs kept).
     activation_checkpointing: str = "none"
-    threads: int = 0  # torch CPU threads; 0 = torch's default
+    threads: int = 0  # torch CPU threads; 0 = torch's default (one per physical core)
     # A step whose loss or global gradient norm is not finite: stop (one-line error, the last
     # checkpoint kept) | skip (drop that batch's update) | rollback (reload the latest
     # checkpoint, keep the data position past the batch: PaLM's answer to loss spikes).

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .cache import log
 from .files import (check_encoding, chunk_names, chunk_text, files_format, first_line,
                     json_error, parquet_error, read_text, resolve_files)
 
@@ -56,10 +57,6 @@ class Corpus:
             raise RuntimeError(f"corpus produced sources {sorted(docs)}, expected "
                                f"{sorted(self.epochs)}")
         return docs
-
-
-def log(msg: str) -> None:
-    print(f"[data] {msg}", file=sys.stderr, flush=True)
 
 
 def open_corpus(dcfg) -> Corpus:

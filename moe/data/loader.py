@@ -80,10 +80,6 @@ class PackedLoader:
         perm = rng.permutation(self.pass_len)
         return np.concatenate(src)[perm], np.concatenate(win)[perm]
 
-    @property
-    def tokens_per_pass(self) -> int:
-        return self.pass_len * self.seq_len
-
     def next_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Next ``n`` windows as int64 (x, y), each [n, seq_len]; y is x shifted by one token."""
         if n <= 0:

@@ -42,9 +42,6 @@ class TokenData:
     cache_path: Path
     meta: dict
 
-    def train_loader(self, seq_len: int, seed: int) -> PackedLoader:
-        return PackedLoader(self.train, self.epochs, seq_len, seed)
-
 
 def fingerprint(corpus: Corpus, cfg) -> str:
     """Short sha256 of the corpus identity and the settings that shape the cache files."""

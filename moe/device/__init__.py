@@ -2,6 +2,6 @@
 everywhere) and the CPU allocator setting that spares large temporaries a page fault per 4 KiB
 (``malloc.py``)."""
 
-from moe.device.placement import autocast_context, autocast_dtype, resolve_device
+from moe.device.placement import autocast_context, autocast_dtype, resolve_device, set_threads
 
-__all__ = ["autocast_context", "autocast_dtype", "resolve_device"]
+__all__ = ["autocast_context", "autocast_dtype", "resolve_device", "set_threads"]

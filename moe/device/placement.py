@@ -14,7 +14,7 @@ import torch
 
 from moe.config import ConfigError
 
-__all__ = ["resolve_device", "autocast_dtype", "autocast_context"]
+__all__ = ["resolve_device", "autocast_dtype", "autocast_context", "set_threads"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,3 +39,11 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp)
+
+
+def set_threads(n: int) -> int:
+    """``train.threads`` (and every tool's ``--threads``): ``n`` torch CPU threads; 0 keeps
+    torch's default (one per physical core). Returns the number in use."""
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

@@ -45,8 +45,18 @@ from moe.model.router import (
     sequence_balance_loss,
 )
 
-# Default of ``MoE.forward(capacity_factor=...)``: the config's factor (training or eval).
-CONFIG_CAPACITY = "config"
+
+class _ConfiguredCapacity:
+    """The default of every ``capacity_factor=`` argument: the layer's configured factor
+    (``model.capacity_factor`` in training, ``model.eval_capacity_factor`` in eval), as
+    opposed to None (dropless) or a number given for one call. A type of its own, so no value
+    a caller passes can be mistaken for it."""
+
+    def __repr__(self) -> str:
+        return "CONFIGURED_CAPACITY"
+
+
+CONFIGURED_CAPACITY = _ConfiguredCapacity()
 
 
 class InjectLossGrad(torch.autograd.Function):
@@ -134,13 +144,13 @@ class MoE(nn.Module):
         """Initialise a standalone MoE layer (seed None: from torch's global RNG)."""
         init_parameters(self, self.init_rules(std, out_std), seed)
 
-    def capacity(self, tokens_in_group: int, capacity_factor=CONFIG_CAPACITY) -> int:
+    def capacity(self, tokens_in_group: int, capacity_factor=CONFIGURED_CAPACITY) -> int:
         cf = capacity_factor
-        if cf is CONFIG_CAPACITY:
+        if cf is CONFIGURED_CAPACITY:
             cf = self.capacity_factor if self.training else self.eval_capacity_factor
         return expert_capacity(tokens_in_group, self.top_k, self.n_experts, cf, self.min_capacity)
 
-    def forward(self, x: torch.Tensor, capacity_factor=CONFIG_CAPACITY,
+    def forward(self, x: torch.Tensor, capacity_factor=CONFIGURED_CAPACITY,
                 decode_path: bool = False) -> torch.Tensor:
         """x: [B, S, dim] -> [B, S, dim].
 
@@ -151,7 +161,7 @@ class MoE(nn.Module):
         ``last_experts``.
         """
         b, s, dim = x.shape
-        dropless = capacity_factor is None or (capacity_factor is CONFIG_CAPACITY and (
+        dropless = capacity_factor is None or (capacity_factor is CONFIGURED_CAPACITY and (
             self.capacity_factor if self.training else self.eval_capacity_factor) is None)
         if self.router is None:  # no routed experts: the shared FFN alone
             return self._forward_shared_only(x)

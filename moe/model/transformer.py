@@ -29,7 +29,7 @@ from moe.config import ModelConfig
 from moe.model.attention import Attention
 from moe.model.init import ONES, Init, init_parameters, materialize, normal, prefixed
 from moe.model.layers import FeedForward, RMSNorm
-from moe.model.moe import CONFIG_CAPACITY, MoE
+from moe.model.moe import CONFIGURED_CAPACITY, MoE
 from moe.model.rope import forward_tables, rope_tables
 
 
@@ -45,7 +45,7 @@ class Block(nn.Module):
             self.feed_forward = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.activation)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None,
-                mask: torch.Tensor | None = None, capacity_factor=CONFIG_CAPACITY,
+                mask: torch.Tensor | None = None, capacity_factor=CONFIGURED_CAPACITY,
                 decode_path: bool = False) -> torch.Tensor:
         """The optional arguments are for inference (see ``Transformer.forward``)."""
         if kv_cache is None:
@@ -53,7 +53,7 @@ class Block(nn.Module):
         else:
             h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, mask)
         if isinstance(self.feed_forward, MoE) and (decode_path
-                                                   or capacity_factor is not CONFIG_CAPACITY):
+                                                   or capacity_factor is not CONFIGURED_CAPACITY):
             return h + self.feed_forward(self.ffn_norm(h), capacity_factor=capacity_factor,
                                          decode_path=decode_path)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -109,7 +109,7 @@ class Transformer(nn.Module):
         self.rope_cos, self.rope_sin = rope_tables(cfg, device=device)
         init_parameters(self, self.init_rules(), seed, slices_of)
 
-    def forward(self, tokens: torch.Tensor, kv_cache=None, *, capacity_factor=CONFIG_CAPACITY,
+    def forward(self, tokens: torch.Tensor, kv_cache=None, *, capacity_factor=CONFIGURED_CAPACITY,
                 decode_path: bool = False) -> torch.Tensor:
         """tokens: [B, S] ids (or [B, S, dim] hidden states on a later pipeline stage).
         Returns logits [B, S, vocab] (or hidden states on a stage without ``output``).
@@ -129,7 +129,7 @@ class Transformer(nn.Module):
 
     # The forward's three parts, shared with models that add to the layer loop (the vision
     # model's cross-attention, moe/vision/model.py).
-    def prepare(self, tokens: torch.Tensor, kv_cache=None, capacity_factor=CONFIG_CAPACITY,
+    def prepare(self, tokens: torch.Tensor, kv_cache=None, capacity_factor=CONFIGURED_CAPACITY,
                 decode_path: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                     dict]:
         """The embedded input, the rotary tables for its positions and the keyword
@@ -148,7 +148,7 @@ class Transformer(nn.Module):
             # [B, S, 1, D]: shaped once for every layer.
             cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)
             extra = {"mask": kv_cache.attn_mask}
-        if decode_path or capacity_factor is not CONFIG_CAPACITY:
+        if decode_path or capacity_factor is not CONFIGURED_CAPACITY:
             extra.update(capacity_factor=capacity_factor, decode_path=decode_path)
         return h, cos, sin, extra
 

@@ -309,11 +309,6 @@ class PipelineRuntime:
             return None
         return torch.stack([loss.detach().float() for loss in losses]).sum()
 
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
 
 @torch.no_grad()
 def pipeline_forward(pipe: PipelineRuntime, x: torch.Tensor) -> torch.Tensor | None:

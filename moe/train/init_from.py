@@ -27,24 +27,30 @@ from pathlib import Path
 import torch.distributed as dist
 
 from moe.checkpoint import CheckpointError, read_extra, resolve_checkpoint, restore_checkpoint
-from moe.config import Config, ConfigError, upgrade_saved
+from moe.config import Config, ConfigError, saved_differences
 
 # The keys that may differ from the checkpoint's config (train.* always may).
 ALLOWED = ("model.max_seq_len", "model.rope_scaling", "data.seq_len", "data.cache_dir",
            "data.val_windows")
 
 
+# A vision source's encoder, resampler and cross-attention come along: the settings that shape
+# them must match (what only steers training or the generated data may change).
+VISION_ARCHITECTURE = ["vision.image_size", "vision.patch_size", "vision.d_vision",
+                       "vision.encoder_layers", "vision.encoder_heads", "vision.n_latents",
+                       "vision.resampler_layers", "vision.cross_attn_every",
+                       "vision.cross_attn_ffn_mult", "vision.attend"]
+
+
 def init_config_problems(saved: dict, cfg: Config) -> list[str]:
-    """``"key (saved -> now)"`` for each model/data key outside ``ALLOWED`` that differs; a
-    key the saved config lacks (added to the code since) counts as its default."""
-    now, default, saved = cfg.to_dict(), Config().to_dict(), upgrade_saved(saved)
-    diffs = []
-    for sec in ("model", "data"):
-        for k, value in now[sec].items():
-            old = saved.get(sec, {}).get(k, default[sec][k])
-            if f"{sec}.{k}" not in ALLOWED and old != value:
-                diffs.append(f"{sec}.{k} ({old!r} -> {value!r})")
-    return diffs
+    """``"key (saved -> now)"`` for each refused difference: a model/data key outside
+    ``ALLOWED``, and, from a vision run into a vision run, a vision key that shapes the
+    weights (``VISION_ARCHITECTURE``)."""
+    keys = ["model", "data"]
+    if (saved.get("vision") or {}).get("enabled") and cfg.vision.enabled:
+        keys += VISION_ARCHITECTURE
+    return [f"{key} ({old!r} -> {now!r})" for key, old, now in saved_differences(saved, cfg, keys)
+            if key not in ALLOWED]
 
 
 def check_init_config(saved: dict, cfg: Config, source: Path) -> None:

@@ -32,8 +32,8 @@ from moe.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from moe.config import Config, ConfigError, upgrade_saved
-from moe.device import autocast_context, resolve_device
+from moe.config import Config, ConfigError, saved_differences
+from moe.device import autocast_context, resolve_device, set_threads
 from moe.device.malloc import keep_freed_memory
 from moe.model.balance import update_expert_biases
 from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
@@ -52,19 +52,15 @@ if TYPE_CHECKING:
 __all__ = ["train"]
 
 
-# train.* keys a resume cannot change: the seed draws the data order the loader continues.
-FIXED_ON_RESUME = ("seed",)
+# What a resume must keep: the model, the data (the validation set included), the vision
+# settings, and the seed, which draws the data order the loader continues.
+FIXED_ON_RESUME = ["model", "data", "vision", "train.seed"]
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None:
-    """A checkpoint can only continue the same model, data (validation set included) and data
-    order: name what differs. A key the saved config lacks (added to the code since) counts as
-    its default."""
-    now, default, saved = cfg.to_dict(), Config().to_dict(), upgrade_saved(saved)
-    keys = [(sec, k) for sec in ("model", "data", "vision") for k in now[sec]]
-    keys += [("train", k) for k in FIXED_ON_RESUME]
-    diffs = [f"{sec}.{k}" for sec, k in keys
-             if saved.get(sec, {}).get(k, default[sec][k]) != now[sec][k]]
+    """A checkpoint can only continue the same model, data and data order: name what
+    differs."""
+    diffs = [key for key, _, _ in saved_differences(saved, cfg, FIXED_ON_RESUME)]
     if diffs:
         raise ConfigError(f"{path} was trained with different {', '.join(diffs)}: use a new "
                           f"train.run_dir or the saved values (see config.yaml in the run folder)")
@@ -102,8 +98,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     device = dist_device or resolve_device(tc.device)
     if device.type == "cpu":
         keep_freed_memory()  # no page fault per 4 KiB of a large temporary (moe/device/malloc.py)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    set_threads(tc.threads)
     run_dir = Path(tc.run_dir)
     # Nothing is written to the run folder before data, model and layout are known to be good
     # (a bad setting leaves no folder behind); a busy folder is refused before data is built.

@@ -32,10 +32,10 @@ are present cannot answer.
 
 The data mix (``training_text``): ``CAPTION_SHARE`` = 1/2 of the texts are the caption; of the
 question texts, ``EXISTS_SHARE`` = 1/2 are one exists question and 1-2 other questions (in
-random order), the rest 2-3 of the colour / shape / position / count questions as before. So
+random order), the rest 2-3 of the colour / shape / position / count questions. So
 a quarter of all texts asks an exists question (21% of the questions of a train split; count
 26%, colour, shape and position 17-18% each: colour and shape questions are about 60% as
-many as with format 2, whose question texts had no exists question). In train
+many as in a mix without exists questions). In train
 and val texts an exists question is only about a seen pair (never a ``HELD_OUT`` one): its
 positive is an object's own pair, its negative a seen distractor or, when the scene has none
 (one object, or only held-out cross pairs), a seen pair with one attribute from the scene and

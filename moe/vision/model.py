@@ -23,7 +23,7 @@ from torch import nn
 
 from moe.config import ModelConfig, VisionConfig
 from moe.model.init import Init, materialize, prefixed
-from moe.model.moe import CONFIG_CAPACITY
+from moe.model.moe import CONFIGURED_CAPACITY
 from moe.model.transformer import Transformer
 from moe.vision.attention import GatedCrossAttentionBlock, media_mask, residual_std
 from moe.vision.encoder import PerceiverResampler, VisionEncoder
@@ -72,7 +72,7 @@ class VisionLanguageModel(Transformer):
 
     def forward(self, tokens: torch.Tensor, kv_cache=None, *, images: torch.Tensor | None = None,
                 media_pos: torch.Tensor | None = None, media: torch.Tensor | None = None,
-                capacity_factor=CONFIG_CAPACITY, decode_path: bool = False) -> torch.Tensor:
+                capacity_factor=CONFIGURED_CAPACITY, decode_path: bool = False) -> torch.Tensor:
         """tokens [B, S]; images [B, N, 3, H, W] in [0, 1]; media_pos [B, N]: the position of
         the first token that sees each image (-1: no image in that slot; see
         ``media_mask``); or, instead of images, ``media``: their latents from
