@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from moe.config import ModelConfig
-from moe.parallel.mesh import ParallelDims, shard_slices
+from moe.parallel.mesh import ParallelDims
+from moe.parallel.shards import shard_slices
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=16,
             n_experts=4, top_k=2, expert_hidden=32, ffn_hidden=48, capacity_factor=1.0,

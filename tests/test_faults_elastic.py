@@ -6,7 +6,7 @@ is found through /proc and killed with SIGKILL at whatever it is doing (a step, 
 survivor must notice in seconds, the agent must start a second round, that round must
 resume from the latest complete checkpoint, and metrics.jsonl must equal an unbroken run's
 row for row (no duplicated or missing steps, the same losses). Before the fix in
-``moe.parallel.mesh._restart_scoped_store`` the second round hung in gloo's connectFullMesh.
+``moe.parallel.launch._restart_scoped_store`` the second round hung in gloo's connectFullMesh.
 """
 
 import json

@@ -332,7 +332,7 @@ def test_resume_with_another_seed_is_refused_in_one_line(tmp_path):
 def test_nccl_without_a_gpu_is_one_line(tmp_path, monkeypatch):
     import torch
 
-    from moe.parallel.mesh import init_distributed
+    from moe.parallel.launch import init_distributed
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: nccl is a valid backend here")

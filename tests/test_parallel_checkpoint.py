@@ -32,7 +32,8 @@ from moe.checkpoint import (
 from moe.config import from_dict, load_config
 from moe.model import build_model
 from moe.optim import build_optimizer
-from moe.parallel.mesh import MESH_DIMS, shard_spec
+from moe.parallel.mesh import MESH_DIMS
+from moe.parallel.shards import shard_spec
 from tests.dist_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from moe.model import build_model
 from moe.model.experts import GroupedExperts
 from moe.parallel.expert import ExpertParallelExperts, apply_expert_parallel
 from moe.parallel.grads import reduce_gradients
-from moe.parallel.mesh import shard_spec
+from moe.parallel.shards import shard_spec
 from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks
 from tests.helpers import FakeMesh, assert_grads_match, build_mesh, tiny_model_config

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from moe.model import build_model
 from moe.parallel.grads import reduce_gradients
-from moe.parallel.mesh import shard_spec
+from moe.parallel.shards import shard_spec
 from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks
 from tests.helpers import assert_grads_match, build_mesh, tiny_model_config

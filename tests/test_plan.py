@@ -12,8 +12,9 @@ import torch
 from moe.config import VisionConfig
 from moe.model import build_model
 from moe.parallel.expert import apply_expert_parallel
-from moe.parallel.mesh import ParallelDims, shard_slices, shard_spec
+from moe.parallel.mesh import ParallelDims
 from moe.parallel.plan import PARAMETER_PLAN, placement, rule_for
+from moe.parallel.shards import shard_slices, shard_spec
 from moe.parallel.tensor import apply_tensor_parallel
 from moe.vision.model import build_vision_model
 from tests.helpers import FakeMesh, tiny_model_config

@@ -15,7 +15,7 @@ import torch
 from moe.config import ModelConfig, load_config
 from moe.model import build_model
 from moe.model.init import _local_ranges, _take, materialize
-from moe.parallel.mesh import shard_param, shard_slices
+from moe.parallel.shards import shard_param, shard_slices
 from tests.dist_utils import run_ranks
 
 MODEL = ["--model.vocab_size=64", "--model.d_model=32", "--model.n_layers=4",
@@ -83,7 +83,7 @@ def test_shard_drawn_alone_equals_slice_of_full(cuts):
 
 
 def _rank_shards(rank, world_size, overrides):
-    from moe.parallel.mesh import init_distributed
+    from moe.parallel.launch import init_distributed
     from moe.parallel.runtime import Runtime
 
     cfg = load_config(None, overrides)

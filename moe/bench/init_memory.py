@@ -33,7 +33,7 @@ def _rank(rank: int, world: int, store: str, path: str, overrides: list, queue) 
     try:
         from moe.config import load_config
         from moe.model import build_model
-        from moe.parallel.mesh import init_distributed
+        from moe.parallel.launch import init_distributed
         from moe.parallel.runtime import Runtime
 
         cfg = load_config(path, overrides)

@@ -17,7 +17,7 @@ groups is what makes it independent of which parameters a rank holds.
 
 With a mesh, each local parameter becomes a DTensor over the mesh dimensions other than "pp"
 (``mesh["dp", "ep", "tp"]`` at this rank's pp coordinate): ``Shard(d)`` on a mesh dimension
-named in its ``shard_spec`` (moe/parallel/mesh.py), ``Replicate()`` on the others. Ranks at
+named in its ``shard_spec`` (moe/parallel/shards.py), ``Replicate()`` on the others. Ranks at
 different pp coordinates hold different keys: DCP's plan takes the union of all ranks' keys
 (and writes each replicated chunk once), so no DTensor needs to span "pp". Without a mesh (one
 process) the same keys hold plain full tensors. Loading builds the same DTensors for the
@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moe.checkpoint.integrity import _folder, read_extra
-from moe.parallel.mesh import shard_spec
+from moe.parallel.shards import shard_spec
 
 MODEL, OPT_STATE, OPT_GROUPS = "model.", "optim.state.", "optim.param_groups."
 # Optimizer settings that describe the local implementation, not the optimisation: kept as

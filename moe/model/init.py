@@ -10,7 +10,7 @@ process holds, or on the device, and a rank that holds a shard can draw just tha
     materialize(part, device, seed, slices_of)  # allocate this rank's part, draw its values
 
 ``slices_of(param)`` lists how a local parameter was cut from the full one, outermost cut
-first: ``[(dim, index, n_chunks), ...]`` (``moe.parallel.mesh.shard_slices``). A rank draws
+first: ``[(dim, index, n_chunks), ...]`` (``moe.parallel.shards.shard_slices``). A rank draws
 the full tensor of a non-expert parameter (one at a time, so the peak is one full parameter,
 not a full model) and keeps its slice; for expert weights only its own experts are drawn.
 

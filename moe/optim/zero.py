@@ -22,7 +22,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from moe.config import TrainConfig
 from moe.optim.adamw import adamw_kwargs, param_groups
 from moe.parallel.grads import data_group
-from moe.parallel.mesh import shard_spec
+from moe.parallel.shards import shard_spec
 
 
 def assign_owners(params: list[nn.Parameter], n_ranks: int) -> list[int]:

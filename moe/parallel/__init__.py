@@ -1,8 +1,9 @@
 """Parallelism applied from outside the model, one file each (the model itself never imports
 torch.distributed):
 
-    mesh.py          ParallelDims (sizes, layout checks, the device mesh), shard records,
-                     process-group start-up
+    mesh.py          ParallelDims: sizes, layout checks, the device mesh
+    shards.py        how each parameter is split (the records the readers share)
+    launch.py        process-group start-up from torchrun's environment
     plan.py          the sharding plan: each parameter's tp / ep split, as data
     parallelize.py   the one place parallelism is applied, in a fixed order
     tensor.py        Megatron's f / g on the plan's regions

@@ -45,8 +45,8 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 
 from moe.model.experts import GroupedExperts
-from moe.parallel.mesh import shard_param
 from moe.parallel.plan import rule_for
+from moe.parallel.shards import shard_param
 
 
 class _SharedGroup:

@@ -22,7 +22,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
 
-from moe.parallel.mesh import shard_spec
+from moe.parallel.shards import shard_spec
 
 
 def _params(parts: list[nn.Module]) -> list[nn.Parameter]:

@@ -1,31 +1,20 @@
-"""Parallel sizes, their validation, the device mesh, and how each parameter is sharded.
+"""Parallel sizes, their validation and the device mesh.
 
 ``ParallelDims`` holds the sizes, every check of a layout against a config (``validate``) and,
-once built (``build_mesh``, done by ``init_distributed``), the device mesh: ``dims.mesh()`` is
-the whole mesh, ``dims.mesh("tp")`` one dimension, ``dims.mesh("dp_ep")`` a flattened one.
+once built (``build_mesh``, done by ``moe.parallel.launch.init_distributed``), the device mesh:
+``dims.mesh()`` is the whole mesh, ``dims.mesh("tp")`` one dimension, ``dims.mesh("dp_ep")`` a
+flattened one.
 
 Mesh dimensions, outermost first: ``("pp", "dp", "ep", "tp")``; tensor parallelism innermost
 so its ranks share a node's fast links. A rank's data shard is its (dp, ep) coordinate: expert-
 parallel ranks hold different experts *and* see different data, so dense parameters are
 replicated over dp * ep ranks and expert parameters over dp ranks.
-
-Every parameter carries a small record of how it is split (``shard_spec``), written by
-``shard_param`` / ``mark_shard`` as tensor and expert parallelism apply the sharding plan
-(moe/parallel/plan.py):
-``{"tp": dim}`` / ``{"ep": dim}`` for tensor/expert sharding, plus ``tp_partial_grad`` for a
-parameter replicated over tp whose gradient each tp rank only partly computes (the shared K/V
-projections of multi-query attention). Gradient reduction, the gradient norm and checkpoints
-all read these records, so they never need to know which module a parameter came from.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-import torch
-from torch import nn
 
 from moe.config import Config, ConfigError
 
@@ -187,107 +176,3 @@ class ParallelDims:
         raise ConfigError(f"the local batch of {local} sequences ({groups} capacity groups of "
                           f"{g}) cannot make parallel.pp={self.pp} micro-batches of whole "
                           f"groups: raise train.batch_size or lower model.capacity_group_seqs")
-
-
-def shard_spec(p: torch.Tensor) -> dict:
-    """How a parameter is split: {"tp": dim, "ep": dim, "tp_partial_grad": bool} (may be empty)."""
-    return getattr(p, "_moe_shard", {})
-
-
-def mark_shard(p: torch.Tensor, **spec) -> None:
-    p._moe_shard = {**shard_spec(p), **spec}
-
-
-def shard_slices(p: torch.Tensor) -> list[tuple[int, int, int]]:
-    """How a local parameter was cut from the full one: [(dim, chunk index, chunks)], in the
-    order the cuts were made (what ``moe.model.init`` needs to draw just this shard)."""
-    return getattr(p, "_moe_slices", [])
-
-
-def shard_param(module: nn.Module, name: str, mesh_dim: str, dim: int, rank: int,
-                size: int) -> None:
-    """Replace ``module.<name>`` by its ``rank``-th of ``size`` equal chunks along ``dim``.
-
-    On the meta device (how the trainer builds) only the shape changes, and the cut is recorded
-    (``shard_slices``) so that materialising draws exactly this chunk of the full parameter's
-    values. A materialised parameter is sliced (its values are those of a single process).
-    """
-    full = getattr(module, name)
-    if full.shape[dim] % size:
-        raise ValueError(f"{name} of shape {tuple(full.shape)} does not split over "
-                         f"{mesh_dim}={size} along dim {dim} (ParallelDims.validate names the "
-                         f"config key to change)")
-    local = full.detach().chunk(size, dim=dim)[rank].clone()
-    param = nn.Parameter(local, requires_grad=full.requires_grad)
-    mark_shard(param, **shard_spec(full), **{mesh_dim: dim})
-    param._moe_slices = [*shard_slices(full), (dim, rank, size)]
-    setattr(module, name, param)
-
-
-def init_distributed(cfg: Config):
-    """Initialise the process group from torchrun's environment and build the mesh.
-
-    Returns (dims, device); ``dims.mesh()`` is the device mesh. Without torchrun (no RANK in
-    the environment) and all sizes 1, returns (dims, None) with no mesh: single-process.
-    Under torchrun a process group is always made, one rank included: ``torchrun
-    --nproc_per_node=1`` runs the distributed path (NCCL on a GPU) exactly as a larger job
-    would, only with every size 1.
-    """
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    dims = ParallelDims.from_config(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    launched = "RANK" in os.environ or dist.is_initialized()
-    if not launched and dims.world_size == 1:
-        return dims, None
-    if not launched:
-        raise ConfigError(f"{dims.describe()} needs {dims.world_size} processes: launch with "
-                          f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
-    dims.validate(cfg, world)
-    backend = cfg.parallel.backend
-    from moe.device import resolve_device  # cuda without a GPU: a config error, not gloo
-
-    use_cuda = resolve_device(cfg.train.device).type == "cuda"
-    if backend == "auto":
-        backend = "nccl" if use_cuda else "gloo"
-    device = torch.device("cpu")
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            raise ConfigError("parallel.backend=nccl needs a CUDA GPU, and this machine has "
-                              "none: use parallel.backend=gloo (or auto)")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        timeout = timedelta(seconds=cfg.parallel.timeout_s)
-        store = _restart_scoped_store(timeout)
-        if store is None:
-            dist.init_process_group(backend, timeout=timeout)
-        else:
-            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
-                                    world_size=world, timeout=timeout)
-    dims.build_mesh(device.type)
-    return dims, device
-
-
-def _restart_scoped_store(timeout):
-    """torchrun's own key-value store, with this restart round's keys kept apart; None when
-    torchrun does not share its store (or no torchrun): ``env://`` then makes a fresh one.
-
-    The agent keeps ONE store for the whole job and hands it to every restart round (torch
-    2.13 creates it on the first rendezvous only). Without a per-round prefix a restarted
-    round reads the dead round's keys (gloo's peer addresses, NCCL's unique id) under the same
-    names, connects to ports nobody listens on, and hangs in ``connectFullMesh`` until the
-    process-group timeout (pytorch/pytorch#135712). ``TORCHELASTIC_RESTART_COUNT`` is the
-    same for all workers of one agent, so this is exact on one node (``--standalone``); with
-    several nodes agents can count restarts differently: there, export
-    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` before torchrun (a new store each round).
-    """
-    import torch.distributed as dist
-
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"moe/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
-                            store)

@@ -27,7 +27,8 @@ from torch import nn
 from moe.config import Config
 from moe.model.init import materialize
 from moe.parallel.activation_checkpoint import apply_activation_checkpointing
-from moe.parallel.mesh import ParallelDims, shard_slices
+from moe.parallel.mesh import ParallelDims
+from moe.parallel.shards import shard_slices
 
 
 @dataclass

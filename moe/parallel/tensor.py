@@ -37,7 +37,7 @@ is a possible later optimisation.
 
 Why small autograd Functions and not DTensor ``parallelize_module``: parameters stay plain local
 tensors so the optimizer, gradient reduction, grad-norm clipping and checkpoints treat every
-parallel layout alike through the ``shard_spec`` records (moe/parallel/mesh.py). Mixing DTensor
+parallel layout alike through the ``shard_spec`` records (moe/parallel/shards.py). Mixing DTensor
 and plain parameters breaks ``clip_grad_norm_`` on torch 2.13 ("got mixed torch.Tensor and
 DTensor"), multi-query attention's replicated-but-partial K/V has no Colwise/RowwiseParallel
 style, and the MoE's ragged expert layout (3-D weights run on expert-sorted rows of varying
@@ -57,8 +57,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from moe.parallel.mesh import mark_shard, shard_param, shard_spec
 from moe.parallel.plan import placement, tp_regions
+from moe.parallel.shards import mark_shard, shard_param, shard_spec
 
 
 class CopyToTensorParallel(torch.autograd.Function):

@@ -37,7 +37,7 @@ from moe.device import autocast_context, resolve_device, set_threads
 from moe.device.malloc import keep_freed_memory
 from moe.model.balance import update_expert_biases
 from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
-from moe.parallel.mesh import init_distributed
+from moe.parallel.launch import init_distributed
 from moe.parallel.rng import restore_rng_state, rng_state
 from moe.parallel.runtime import Runtime, moe_layer_names
 from moe.train import run_lock
