@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import moe.model.moe as moe_module
+import moe.model.router as router_module
 from moe.config import ModelConfig
 from moe.model import MoE, Transformer, build_model
 from moe.model.layers import FeedForward
@@ -128,16 +128,17 @@ def future_changes_past(model, keeps=None, seq_len=16, cut=8, seed=0):
 
 @pytest.fixture
 def record_keep(monkeypatch):
-    """Record the keep masks plan_capacity returns inside MoE.forward."""
+    """Record the keep masks plan_capacity returns inside MoE.forward (the token-choice
+    router's plan)."""
     calls = []
-    real = moe_module.plan_capacity
+    real = router_module.plan_capacity
 
     def spy(*args, **kwargs):
         keep, rank = real(*args, **kwargs)
         calls.append(keep.clone())
         return keep, rank
 
-    monkeypatch.setattr(moe_module, "plan_capacity", spy)
+    monkeypatch.setattr(router_module, "plan_capacity", spy)
     return calls
 
 

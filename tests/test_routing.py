@@ -469,7 +469,7 @@ def reference_moe(layer, x):
         w = w / w.sum(-1, keepdim=True)
     n_groups = b // layer.group_seqs
     cap = layer.capacity(flat.shape[0] // n_groups)
-    keep, _ = reference_plan(w, ex, n_groups, layer.n_experts, cap, layer.drop_policy)
+    keep, _ = reference_plan(w, ex, n_groups, layer.n_experts, cap, layer.router.drop_policy)
     out = torch.zeros_like(flat)
     for t in range(flat.shape[0]):
         for j in range(layer.top_k):

@@ -17,7 +17,14 @@ from moe.config import ConfigError, ModelConfig, load_config
 from moe.model import MoE, build_model
 from moe.model.balance import bias_update, update_expert_biases
 from moe.model.layers import FeedForward
-from moe.model.router import Router, expert_choice_plan, load_balancing_loss, sequence_balance_loss
+from moe.model.router import (
+    Router,
+    RouterBase,
+    RoutingPlan,
+    expert_choice_plan,
+    load_balancing_loss,
+    sequence_balance_loss,
+)
 from moe.train.loop import train
 from tests.helpers import assert_same_rows, read_rows, tiny_model_config
 
@@ -575,3 +582,75 @@ def test_bias_balanced_run_resumes_exactly(workdir, reference):
     assert_same_rows(ref, _train_rows(read_rows(workdir / "resumed"), ref), KEYS, tag="resume")
     want, got = _biases(ref_dir), _biases(workdir / "resumed")
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+# --- the router interface: a new rule is one class -------------------------------------------
+
+
+class ThresholdRouter(RouterBase):
+    """A variable number of experts per token (every expert whose softmax probability reaches
+    ``threshold``, weighted by it; dropless): written against the interface only, to show that
+    MoE, the statistics and generation take it without a change."""
+
+    name = "threshold"
+
+    def __init__(self, dim, n_experts, threshold):
+        super().__init__(dim, n_experts)
+        self.threshold = threshold
+
+    def plan(self, x, n_groups, capacity, n_sequences=None):
+        logits, _, probs = self.scores(x)
+        chosen = (probs >= self.threshold).t().nonzero()  # [M, 2] (expert, token), by expert
+        token = chosen[:, 1]
+        counts = torch.bincount(chosen[:, 0], minlength=self.n_experts)
+        return RoutingPlan(logits=logits, probs=probs, token=token,
+                           weight=probs[token, chosen[:, 0]], counts=counts, routed=counts,
+                           aux_loss=torch.zeros(()))
+
+
+def test_a_router_with_variable_experts_per_token_needs_no_change_outside_its_class():
+    layer = _moe(capacity_factor=None)
+    router = ThresholdRouter(16, 4, threshold=0.22)
+    router.gate.weight.data.copy_(layer.router.gate.weight.data * 3)
+    layer.router = router
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
+    out = layer(x)
+    flat = x.reshape(-1, 16)
+    probs = F.linear(flat, router.gate.weight).softmax(-1)
+    per_token = (probs >= 0.22).sum(1)
+    assert per_token.min() != per_token.max()  # not vacuous: tokens get different counts
+    ref = torch.zeros_like(flat)
+    for t in range(12):
+        for e in range(4):
+            if probs[t, e] >= 0.22:
+                ex = layer.experts
+                h = F.silu(flat[t] @ ex.w1[e]) * (flat[t] @ ex.w3[e])
+                ref[t] += probs[t, e] * (h @ ex.w2[e])
+    torch.testing.assert_close(out.reshape(-1, 16), ref, atol=1e-5, rtol=1e-5)
+    assert layer.last_stats.kept_per_expert.tolist() == (probs >= 0.22).sum(0).tolist()
+    assert layer.last_experts is None
+    out.sum().backward()  # the gate learns through the combine weights
+    assert router.gate.weight.grad.abs().sum() > 0
+
+
+def test_generation_asks_the_router_and_takes_a_new_causal_one():
+    """Generation, the engine (and so the scheduler and server) refuse a router that is not
+    causal, by asking it; a new causal router generates what full forwards give."""
+    from moe.inference import Engine
+    from moe.inference.generate import generate
+
+    ec = build_model(tiny_model_config(routing="expert_choice", balance="none"), seed=0)
+    for entry in (lambda: Engine(ec), lambda: generate(ec, [[1, 2]], max_new_tokens=1)):
+        with pytest.raises(ValueError, match="expert_choice is not causal"):
+            entry()
+    model = build_model(tiny_model_config(capacity_factor=None), seed=0).eval()
+    for layer in model.moe_layers():
+        new = ThresholdRouter(32, 4, threshold=0.2)
+        new.gate.weight.data.copy_(layer.router.gate.weight.data)
+        layer.router = new
+    out = generate(model, torch.tensor([[1, 5, 9]]), max_new_tokens=5, temperature=0)
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        for _ in range(5):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.tolist() == ids.tolist()

@@ -33,7 +33,7 @@ import math
 import torch
 
 from moe.model.moe import MoE
-from moe.model.router import expert_capacity, plan_capacity
+from moe.model.router import TokenChoiceRouter, expert_capacity, plan_capacity
 
 
 def _combine(ff: MoE, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
@@ -62,7 +62,8 @@ def group_forward(model, prompt: torch.Tensor, mates: torch.Tensor, position: in
     Returns (logits, keep masks of the prompt's assignments per MoE layer, each [L, k]).
     Batch-invariant for the prompt: see the module docstring.
     """
-    if model.cfg.routing != "token_choice" or model.cfg.n_experts == 0:
+    routers = [ff.router for ff in model.moe_layers()]
+    if not routers or not all(isinstance(r, TokenChoiceRouter) for r in routers):
         raise ValueError("batch dependence is defined for token-choice routing with routed "
                          f"experts (model.routing={model.cfg.routing}, "
                          f"n_experts={model.cfg.n_experts})")
@@ -98,7 +99,7 @@ def group_forward(model, prompt: torch.Tensor, mates: torch.Tensor, position: in
             weights, experts = wp, ep
         cap = expert_capacity((m + 1) * L, ff.top_k, ff.n_experts, capacity_factor,
                               ff.min_capacity if min_capacity is None else min_capacity)
-        keep, _ = plan_capacity(weights, experts, 1, ff.n_experts, cap, ff.drop_policy)
+        keep, _ = plan_capacity(weights, experts, 1, ff.n_experts, cap, ff.router.drop_policy)
         kp = keep[position * L:(position + 1) * L]
         keeps.append(kp)
         hp = hp + _combine(ff, xp, wp, ep, kp, cap).view_as(hp).to(hp.dtype)

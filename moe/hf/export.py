@@ -62,6 +62,7 @@ from typing import Any
 import torch
 
 from moe.config import ModelConfig
+from moe.model.router import RouterBase, check_causal
 
 
 class ExportError(ValueError):
@@ -80,9 +81,13 @@ def _require_transformers():
 def check_exportable(model: torch.nn.Module) -> ModelConfig:
     """Raise ExportError when ``model`` cannot become a MixtralForCausalLM; return its config."""
     cfg: ModelConfig = model.cfg
-    if cfg.routing == "expert_choice":
-        raise ExportError("model.routing=expert_choice is not causal (an expert's choice of a "
-                          "token depends on later tokens): it cannot be exported for generation")
+    try:
+        check_causal(model, "export for generation")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    for router in (m for m in model.modules() if isinstance(m, RouterBase)):
+        if not router.exportable:
+            raise ExportError(f"model.routing={router.name}: Mixtral routes by token choice")
     mixtral_cannot = [f"{k}={getattr(cfg, k)}" for k, ok in (
         ("router_score", cfg.router_score == "softmax"), ("route_scale", cfg.route_scale == 1.0),
         ("balance", cfg.balance != "bias"), ("n_shared_experts", cfg.n_shared_experts == 0))

@@ -41,6 +41,7 @@ from torch import nn
 
 from moe.inference.cache import KVCache
 from moe.inference.sampling import SamplingParams, sample
+from moe.model.router import check_causal
 
 
 class Engine:
@@ -51,6 +52,7 @@ class Engine:
         MoE layers' sorted reference path even for a few tokens (for tests and profiles)."""
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0 or None (dropless)")
+        check_causal(model, "KV-cached decoding (the inference engine)")
         self.model = model.eval()
         self.cfg = model.cfg
         self.cache = KVCache(model, n_slots, max_len, dtype=dtype)

@@ -13,6 +13,7 @@ from torch import nn
 
 from moe.inference import Engine, SamplingParams
 from moe.inference.speculative import SpeculativeDecoder
+from moe.model.router import check_causal
 
 
 @torch.no_grad()
@@ -41,9 +42,7 @@ def generate(model: nn.Module, prompt: torch.Tensor | Sequence[Sequence[int]], *
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, stop_tokens=tuple(stop_tokens))
-    if getattr(model.cfg, "routing", "token_choice") == "expert_choice":
-        raise ValueError("model.routing=expert_choice is not causal (an expert's choice of a "
-                         "token depends on later tokens): it cannot generate")
+    check_causal(model, "generation")
     as_tensor = isinstance(prompt, torch.Tensor)
     if as_tensor and prompt.dim() != 2:
         raise ValueError(f"prompt of shape {tuple(prompt.shape)}: want [batch, seq] token ids")

@@ -2,11 +2,12 @@
 
 Data flow for x: [B, S, dim] with capacity groups of ``g`` sequences (G = B / g groups):
 
-    router            -> weights, experts: [T, k]     (T = B * S tokens)
-    plan_capacity     -> keep: [T, k]                   (per group, per expert queue)
-    sort kept by expert -> x_sorted: [M, dim], counts: [E]  (M kept assignments)
+    router.plan       -> RoutingPlan: token, weight [M], counts [E]   (T = B * S tokens, M
+                         kept assignments sorted by expert; token choice: select top-k, then
+                         keep each expert's queue up to capacity per group, moe/model/router.py)
+    gather            -> x_sorted: [M, dim]
     experts           -> y_sorted: [M, dim]
-    combine           -> out[t] = sum_j keep[t, j] * weights[t, j] * y[t, j]
+    combine           -> out[t] = sum of weight * y over t's kept assignments
 
 A dropped assignment contributes nothing: the token keeps its other expert(s) and the residual
 path (the block adds ``out`` to its input). Weights are not renormalised after dropping.
@@ -36,13 +37,12 @@ from moe.model.experts import GroupedExperts
 from moe.model.init import ZEROS, Init, init_parameters, prefixed, trunc_normal
 from moe.model.layers import FeedForward, activate
 from moe.model.router import (
-    Router,
+    ROUTERS,
+    RoutingPlan,
     RoutingStats,
+    TokenChoiceRouter,
     expert_capacity,
-    load_balancing_loss,
-    plan_capacity,
     router_z_loss,
-    sequence_balance_loss,
 )
 
 
@@ -100,14 +100,13 @@ class MoE(nn.Module):
         self.capacity_factor = cfg.capacity_factor
         self.eval_capacity_factor = cfg.eval_capacity_factor_resolved  # "train" resolved
         self.min_capacity = cfg.min_capacity
-        self.drop_policy = cfg.drop_policy
         self.group_seqs = cfg.capacity_group_seqs
         # The Switch/GShard loss is applied with model.balance=aux_loss only (logged always).
         self.aux_loss_coef = cfg.aux_loss_coef if cfg.balance == "aux_loss" else 0.0
         self.z_loss_coef = cfg.z_loss_coef
-        # Routing research options (docs/moe.md): expert choice, bias balancing (its update:
-        # moe/model/balance.py), the sequence-wise balance loss, shared experts.
-        self.routing = cfg.routing
+        # Routing research options (docs/moe.md): bias balancing (its update:
+        # moe/model/balance.py), the sequence-wise balance loss, shared experts; the routing
+        # rule itself is the router's class (moe/model/router.py ROUTERS).
         self.bias_update_rate = cfg.bias_update_rate
         self.seq_aux_loss_coef = cfg.seq_aux_loss_coef
         self.fold_combine = cfg.expert_hidden < cfg.d_model  # see _run_experts
@@ -117,9 +116,7 @@ class MoE(nn.Module):
         self.loss_scale = 1.0
         self.router = self.experts = None  # n_experts=0: shared experts only (a dense FFN)
         if cfg.n_experts:
-            self.router = Router(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.router_jitter,
-                                 cfg.router_weights_resolved, cfg.router_score, cfg.route_scale,
-                                 bias=cfg.balance == "bias")
+            self.router = ROUTERS[cfg.routing].from_config(cfg)
             self.experts = GroupedExperts(cfg.n_experts, cfg.d_model, cfg.expert_hidden,
                                           cfg.activation, cfg.expert_impl)
         # DeepSeekMoE's always-on experts: one FFN of n_shared * hidden units (the same function
@@ -177,44 +174,23 @@ class MoE(nn.Module):
         # Dropless by request (inference), groups do not matter: one group if they do not fit.
         n_groups = b // self.group_seqs if b % self.group_seqs == 0 else 1
         flat = x.reshape(-1, dim)  # [T, dim]
-        t, k = flat.shape[0], self.top_k
+        t = flat.shape[0]
 
         capacity = self.capacity(t // n_groups, capacity_factor)
-        if self.routing == "expert_choice":
-            return self._forward_expert_choice(x, flat, n_groups, capacity)
-        logits, probs, weights, experts = self.router(flat)
-        self.last_experts = experts
-        keep, _ = plan_capacity(weights, experts, n_groups, self.n_experts, capacity,
-                                self.drop_policy)
-
-        # Kept assignments, sorted by expert (stable: group and token order kept inside). One
-        # stable sort with dropped assignments keyed past the last expert puts the M kept ones
-        # first, in the order nonzero + stable sort by expert would give.
-        flat_experts = experts.reshape(-1)  # [T * k]; assignment i is token i // k
-        keyed = flat_experts.masked_fill(~keep.reshape(-1), self.n_experts)
-        counts = torch.bincount(keyed, minlength=self.n_experts + 1)  # [E + 1]: last = dropped
-        n_kept = t * k - int(counts[-1])  # host sync, as nonzero would
-        counts = counts[:-1]
-        kept = torch.sort(keyed, stable=True).indices[:n_kept]  # [M] assignment ids
-        token = kept // k
+        plan = self.router.plan(flat, n_groups, capacity,
+                                n_sequences=b if self.seq_aux_loss_coef else None)
+        self.last_experts = plan.choices
         # index_select / index_add rather than x[idx] / index_copy + sum: their backwards are a
         # plain index_add / index_select (x[idx]'s is a slower accumulating index_put, and
         # index_copy's needs the [T * k, dim] gradient materialised).
-        y = self._run_experts(flat.index_select(0, token), counts, capacity * n_groups,
-                              weights.reshape(-1).index_select(0, kept))  # [M, dim] fp32
+        y = self._run_experts(flat.index_select(0, plan.token), plan.counts,
+                              capacity * n_groups, plan.weight)  # [M, dim] fp32
         # out[t] = sum of its kept y rows; per token the terms are added in expert order, not
         # slot order (bitwise the same for top_k <= 2, float rounding beyond).
-        out = y.new_zeros(t, dim).index_add(0, token, y)
-        out = out.to(x.dtype)
+        out = y.new_zeros(t, dim).index_add(0, plan.token, y).to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-
-        aux = load_balancing_loss(probs, experts, n_groups)
-        # Per sequence (DeepSeek-V3 eq. 17): groups of one sequence whatever capacity_group_seqs.
-        seq = sequence_balance_loss(probs, experts, b) if self.seq_aux_loss_coef else None
-        return self._finish(out, logits, probs, aux, seq,
-                            torch.bincount(flat_experts, minlength=self.n_experts),
-                            counts).view(b, s, dim)
+        return self._finish(out, plan).view(b, s, dim)
 
     def _run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor, capacity: int,
                      weight: torch.Tensor) -> torch.Tensor:
@@ -231,13 +207,14 @@ class MoE(nn.Module):
             return self.experts(x_sorted, counts, capacity, scale=weight).float()
         return self.experts(x_sorted, counts, capacity).float() * weight.unsqueeze(1)
 
-    def _finish(self, out, logits, probs, aux, seq, tokens_per_expert, kept_per_expert):
+    def _finish(self, out: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Keep the statistics and inject the router losses' gradient; out: [T, dim]."""
-        z = router_z_loss(logits)
+        z, aux, seq, probs = router_z_loss(plan.logits), plan.aux_loss, plan.seq_aux_loss, \
+            plan.probs
         with torch.no_grad():
             self.last_stats = RoutingStats(
-                tokens_per_expert=tokens_per_expert,
-                kept_per_expert=kept_per_expert,
+                tokens_per_expert=plan.routed,
+                kept_per_expert=plan.counts,
                 aux_loss=aux.detach(), z_loss=z.detach(),
                 entropy=-(probs * probs.clamp_min(1e-20).log()).sum(-1).mean(),
                 n_tokens=out.shape[0],
@@ -250,24 +227,6 @@ class MoE(nn.Module):
             if router_loss.requires_grad:
                 out = inject_loss_grad(out, router_loss, self.layer_weight * self.loss_scale)
         return out
-
-    def _forward_expert_choice(self, x: torch.Tensor, flat: torch.Tensor, n_groups: int,
-                               capacity: int) -> torch.Tensor:
-        """Expert-choice routing (moe/model/router.py ``expert_choice_plan``): every expert
-        takes its ``capacity`` best tokens of each group; nothing is dropped, an expert is
-        never over capacity, and a token may get any number of experts (none included).
-        Combine weights: the chosen scores times route_scale (no renormalisation: a token's
-        experts are not a fixed k). No balance loss applies (balanced by construction)."""
-        b, s, dim = x.shape
-        t = flat.shape[0]
-        logits, probs, token, weight, counts = self.router.expert_choice(flat, n_groups, capacity)
-        self.last_experts = None  # [T, k] does not exist: a token has any number of experts
-        y = self._run_experts(flat.index_select(0, token), counts, capacity * n_groups, weight)
-        out = y.new_zeros(t, dim).index_add(0, token, y).to(x.dtype)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        zero = torch.zeros((), device=flat.device)
-        return self._finish(out, logits, probs, zero, None, counts, counts).view(b, s, dim)
 
     def _forward_shared_only(self, x: torch.Tensor) -> torch.Tensor:
         """n_experts=0: the shared experts are the whole layer (a dense FFN); empty stats."""
@@ -283,7 +242,7 @@ class MoE(nn.Module):
 
     def _few_token_path_applies(self, n_tokens: int) -> bool:
         e = self.experts
-        return (not self.training and self.routing == "token_choice"
+        return (not self.training and isinstance(self.router, TokenChoiceRouter)
                 and n_tokens * self.top_k <= self.n_experts
                 and type(e) is GroupedExperts and not e._forward_hooks
                 and not e._forward_pre_hooks)

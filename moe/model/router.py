@@ -1,5 +1,16 @@
-"""Top-k router (softmax or sigmoid scores, optional balancing bias), expert-choice routing,
-expert capacity, token dropping and the router losses.
+"""Routers: which expert sees which token. One interface, one class per routing rule:
+
+    TokenChoiceRouter   each token picks its top_k experts (softmax or sigmoid scores, optional
+                        balancing bias); capacity planning drops assignments past capacity
+    ExpertChoiceRouter  each expert takes its top-capacity tokens of each group (not causal)
+
+A router's ``plan(x, n_groups, capacity, ...)`` returns a ``RoutingPlan``: the kept
+assignments as flat, expert-sorted (token, weight) rows with per-expert counts, the logits
+and probabilities, and its own balance losses. ``MoE`` (moe/model/moe.py) runs the experts on
+the plan and never looks at how it was made, so a router that gives each token a variable
+number of experts needs no change outside its own class. Each class declares ``causal`` (may
+a token's routing depend on later tokens? generation and the inference engine ask
+``check_causal``) and ``exportable`` (does Hugging Face Mixtral route this way?).
 
 Everything here works on flat token tensors ``[T, ...]`` whose tokens are laid out as
 ``G`` capacity groups of ``n = T / G`` consecutive tokens. A capacity group is a fixed number of
@@ -12,10 +23,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from moe.config import ModelConfig
 
 
 def expert_capacity(tokens_in_group: int, top_k: int, n_experts: int,
@@ -33,8 +48,80 @@ def expert_capacity(tokens_in_group: int, top_k: int, n_experts: int,
     return min(cap, tokens_in_group)
 
 
-class Router(nn.Module):
-    """Linear gate, scores, top-k, in fp32 even under autocast.
+@dataclass
+class RoutingPlan:
+    """One forward's routing of T tokens to E experts (M kept assignments), all fp32 but the
+    indices. Made by a router's ``plan``; ``MoE`` runs the experts on it."""
+
+    logits: torch.Tensor  # [T, E] gate logits (the z-loss reads them)
+    probs: torch.Tensor  # [T, E] score distribution over experts (losses, entropy)
+    token: torch.Tensor  # [M] token id of each kept assignment, sorted by expert
+    weight: torch.Tensor  # [M] its combine weight
+    counts: torch.Tensor  # [E] kept assignments per expert (the expert kernels' group sizes)
+    routed: torch.Tensor  # [E] assignments per expert before dropping
+    aux_loss: torch.Tensor  # the router's balance loss (0 where it balances by construction)
+    seq_aux_loss: torch.Tensor | None = None  # DeepSeek-V3's sequence-wise loss, when asked
+    # [T, k] the experts each token chose, for routers where every token chooses k (the
+    # decode path and the batch-dependence analysis read it); None otherwise.
+    choices: torch.Tensor | None = None
+
+
+class RouterBase(nn.Module):
+    """What every router has: the gate (``gate``, an ``nn.Linear(dim, n_experts, bias=False)``,
+    Mixtral's name: checkpoints and the parallel plan use it), scores in fp32 with the input
+    jitter of training, and the declarations the entry points read."""
+
+    causal: bool = True  # a token's routing never depends on later tokens
+    exportable: bool = True  # Hugging Face Mixtral routes the same way
+    name: str = ""  # its model.routing value
+    not_causal_because: str = ""
+
+    def __init__(self, dim: int, n_experts: int, jitter: float = 0.0, score: str = "softmax",
+                 route_scale: float = 1.0, bias: bool = False):
+        super().__init__()
+        if score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router score {score!r}: use softmax or sigmoid")
+        self.n_experts = n_experts
+        self.jitter = jitter
+        self.score = score
+        self.route_scale = route_scale
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+        # model.balance=bias: the balancing bias, a persistent buffer (see TokenChoiceRouter).
+        if bias:
+            self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
+        else:
+            self.expert_bias = None
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> RouterBase:
+        """The router of ``cfg``'s MoE layers (``model.routing`` picks the class)."""
+        return cls(cfg.d_model, cfg.n_experts, cfg.router_jitter, cfg.router_score,
+                   cfg.route_scale)
+
+    def scores(self, x: torch.Tensor):
+        """x: [T, dim] -> logits, scores (softmax or sigmoid), probs (scores normalised over
+        experts), all [T, E] fp32. Call with autocast off (``forward`` and ``plan`` do)."""
+        x = x.float()
+        if self.training and self.jitter > 0:
+            # Multiplicative input jitter (Switch Transformer, sec. 2.4).
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(x, self.gate.weight.float())
+        if self.score == "softmax":
+            scores = probs = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+            probs = scores / scores.sum(dim=-1, keepdim=True)
+        return logits, scores, probs
+
+    def plan(self, x: torch.Tensor, n_groups: int, capacity: int,
+             n_sequences: int | None = None) -> RoutingPlan:
+        """Route x [T, dim] (``n_groups`` capacity groups, ``capacity`` slots per expert and
+        group; ``n_sequences``: also the sequence-wise balance loss over that many)."""
+        raise NotImplementedError
+
+class TokenChoiceRouter(RouterBase):
+    """Token choice: linear gate, scores, top-k, in fp32 even under autocast; then capacity
+    planning (``plan_capacity``, ``drop_policy``) and the Switch/GShard balance loss.
 
     Scores (``score``): ``softmax`` over experts (Mixtral, GShard) or ``sigmoid`` per expert
     (DeepSeek-V3, sec. 2.1.2: s_{i,t} = sigmoid(u_t . e_i)). ``probs`` [T, E] is the score
@@ -53,31 +140,32 @@ class Router(nn.Module):
     eq. 16): the top-k is taken over ``score + b``, the combine weights use the unbiased scores.
     A persistent fp32 buffer of shape [E] (checkpointed, replicated on every rank), moved by
     ``moe.model.balance.update_expert_biases`` after each optimizer step, never by gradients.
-
-    The gate is ``gate`` (an ``nn.Linear(dim, n_experts, bias=False)``), Mixtral's name.
     """
+
+    name = "token_choice"
 
     def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0,
                  weights: str = "renorm", score: str = "softmax", route_scale: float = 1.0,
-                 bias: bool = False):
-        super().__init__()
+                 bias: bool = False, drop_policy: str = "choice_major"):
+        super().__init__(dim, n_experts, jitter, score, route_scale, bias)
         if weights not in ("renorm", "raw"):
             raise ValueError(f"router weights {weights!r}: use renorm or raw")
-        if score not in ("softmax", "sigmoid"):
-            raise ValueError(f"router score {score!r}: use softmax or sigmoid")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"unknown drop policy {drop_policy!r}: use one of "
+                             f"{', '.join(DROP_POLICIES)}")
         self.top_k = top_k
-        self.jitter = jitter
         self.renorm = weights == "renorm"
-        self.score = score
-        self.route_scale = route_scale
-        self.gate = nn.Linear(dim, n_experts, bias=False)
-        if bias:
-            self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=True)
-        else:
-            self.expert_bias = None
+        self.drop_policy = drop_policy
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> TokenChoiceRouter:
+        return cls(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.router_jitter,
+                   cfg.router_weights_resolved, cfg.router_score, cfg.route_scale,
+                   bias=cfg.balance == "bias", drop_policy=cfg.drop_policy)
 
     def forward(self, x: torch.Tensor):
-        """x: [T, dim] -> logits [T, E], probs [T, E], weights [T, k] (all fp32), experts [T, k].
+        """Selection: x [T, dim] -> logits [T, E], probs [T, E], weights [T, k] (all fp32),
+        experts [T, k].
 
         Autocast is switched off: inside ``torch.autocast`` an ``F.linear`` of fp32 tensors still
         runs in bf16, and bf16 logits change routing decisions, the z-loss and the aux loss.
@@ -95,31 +183,69 @@ class Router(nn.Module):
                 weights = weights * self.route_scale
         return logits, probs, weights, experts
 
-    def expert_choice(self, x: torch.Tensor, n_groups: int, capacity: int):
-        """Expert-choice routing of x [T, dim] (``expert_choice_plan`` on the scores, weights
-        times route_scale): logits, probs [T, E]; token, weight [M]; counts [E]. The bias is
-        not used (``model.balance`` must be none)."""
+    def plan(self, x: torch.Tensor, n_groups: int, capacity: int,
+             n_sequences: int | None = None) -> RoutingPlan:
+        """Select, keep the first ``capacity`` of each expert's queue per group, and sort the
+        kept assignments by expert (stable: group and token order kept inside)."""
+        logits, probs, weights, experts = self(x)
+        t, k = experts.shape
+        keep, _ = plan_capacity(weights, experts, n_groups, self.n_experts, capacity,
+                                self.drop_policy)
+        # One stable sort with dropped assignments keyed past the last expert puts the M kept
+        # ones first, in the order nonzero + stable sort by expert would give.
+        flat_experts = experts.reshape(-1)  # [T * k]; assignment i is token i // k
+        keyed = flat_experts.masked_fill(~keep.reshape(-1), self.n_experts)
+        counts = torch.bincount(keyed, minlength=self.n_experts + 1)  # [E + 1]: last = dropped
+        n_kept = t * k - int(counts[-1])  # host sync, as nonzero would
+        kept = torch.sort(keyed, stable=True).indices[:n_kept]  # [M] assignment ids
+        # Per sequence (DeepSeek-V3 eq. 17): groups of one sequence whatever the capacity group.
+        seq = sequence_balance_loss(probs, experts, n_sequences) if n_sequences else None
+        return RoutingPlan(logits=logits, probs=probs, token=kept // k,
+                           weight=weights.reshape(-1).index_select(0, kept),
+                           counts=counts[:-1],
+                           routed=torch.bincount(flat_experts, minlength=self.n_experts),
+                           aux_loss=load_balancing_loss(probs, experts, n_groups),
+                           seq_aux_loss=seq, choices=experts)
+
+
+Router = TokenChoiceRouter  # the default rule's class under its short name
+
+
+class ExpertChoiceRouter(RouterBase):
+    """Expert choice (``expert_choice_plan``): every expert takes its ``capacity`` best tokens
+    of each group; nothing is dropped, an expert is never over capacity, and a token may get
+    any number of experts (none included). Combine weights: the chosen scores times
+    route_scale (no renormalisation: a token's experts are not a fixed k). No balance loss
+    applies (balanced by construction); ``model.balance`` must be none."""
+
+    name = "expert_choice"
+    causal = False
+    exportable = False
+    not_causal_because = "an expert's choice of a token depends on later tokens"
+
+    def plan(self, x: torch.Tensor, n_groups: int, capacity: int,
+             n_sequences: int | None = None) -> RoutingPlan:
         with _no_autocast(x):
             logits, scores, probs = self.scores(x)
             token, weight, counts = expert_choice_plan(scores, n_groups, capacity)
             if self.route_scale != 1.0:
                 weight = weight * self.route_scale
-        return logits, probs, token, weight, counts
+        return RoutingPlan(logits=logits, probs=probs, token=token, weight=weight,
+                           counts=counts, routed=counts,
+                           aux_loss=torch.zeros((), device=x.device))
 
-    def scores(self, x: torch.Tensor):
-        """x: [T, dim] -> logits, scores (softmax or sigmoid), probs (scores normalised over
-        experts), all [T, E] fp32. Call with autocast off (``forward`` does)."""
-        x = x.float()
-        if self.training and self.jitter > 0:
-            # Multiplicative input jitter (Switch Transformer, sec. 2.4).
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x, self.gate.weight.float())
-        if self.score == "softmax":
-            scores = probs = logits.softmax(dim=-1)
-        else:
-            scores = logits.sigmoid()
-            probs = scores / scores.sum(dim=-1, keepdim=True)
-        return logits, scores, probs
+
+ROUTERS = {cls.name: cls for cls in (TokenChoiceRouter, ExpertChoiceRouter)}
+
+
+def check_causal(model: nn.Module, what: str) -> None:
+    """ValueError when a router of ``model`` is not causal: ``what`` (generation, the
+    inference engine, ...) needs every token's routing to depend on it and earlier tokens
+    only. The one rule every entry point asks."""
+    for router in (m for m in model.modules() if isinstance(m, RouterBase)):
+        if not router.causal:
+            raise ValueError(f"model.routing={router.name} is not causal "
+                             f"({router.not_causal_because}): {what} needs a causal model")
 
 
 def _no_autocast(x: torch.Tensor):

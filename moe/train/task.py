@@ -27,6 +27,7 @@ from moe.data import PackedLoader, load_data, val_batches
 from moe.device import autocast_context
 from moe.inference.generate import generate
 from moe.model import build_model
+from moe.model.router import check_causal
 from moe.train.metrics import RoutingAccumulator
 
 
@@ -81,10 +82,11 @@ class TextTask:
 
     def sample(self, runtime, device: torch.device) -> str | None:
         cfg = self.cfg
-        if cfg.model.routing == "expert_choice":
+        try:
+            check_causal(runtime.parts[0], "a sample")
+        except ValueError as e:
             if runtime.is_main:
-                print("(no sample: model.routing=expert_choice is not causal, it cannot "
-                      "generate)", file=sys.stderr)
+                print(f"(no sample: {e})", file=sys.stderr)
             return None
         if runtime.pipeline is not None:
             if runtime.is_main:
