@@ -255,3 +255,156 @@ def test_script_is_a_thin_wrapper():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "serve.py"), "--help"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0 and "--slots" in r.stdout and "--draft" in r.stdout
+
+
+# --- one request's fault stays its own (issue: a server that survives its clients) -----------
+
+
+def test_a_tiny_temperature_is_greedy_and_harms_nobody_beside_it(served, client):
+    """temperature 1e-40 used to make the logits infinite, torch.multinomial raise, and every
+    request of the step fail: now it is greedy (below SAMPLING_EPS), as vLLM treats it."""
+    from moe.inference.generate import generate
+    from moe.inference.sampling import SAMPLING_EPS, filter_logits
+
+    assert SamplingParams(temperature=1e-40).greedy and not SamplingParams(
+        temperature=SAMPLING_EPS).greedy
+    logits = torch.tensor([[0.5, 2.0, -1.0]])
+    assert torch.equal(filter_logits(logits, 5e-324), filter_logits(logits, 0.0))
+    url, model, tok, _ = served
+    bodies = [{"prompt": "def ", "temperature": 1e-40}, {"prompt": "class Foo", "temperature": 0},
+              {"prompt": "import os", "temperature": 0.9, "seed": 3},
+              {"prompt": "x = 1\n", "temperature": 5e-324}]
+    out = [None] * len(bodies)
+
+    def ask(i):
+        out[i] = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "max_tokens": 6, **bodies[i]})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status_code for r in out] == [200] * 4, [r.text for r in out]
+    for r, b in zip(out, bodies):
+        want = alone(model, tok, b["prompt"], 6, b["temperature"], b.get("seed"))
+        assert r.json()["choices"][0]["text"] == want[0], b
+    ids = torch.tensor([tok.encode("def ")])
+    assert generate(model, ids, max_new_tokens=4, temperature=1e-40).tolist() == generate(
+        model, ids, max_new_tokens=4, temperature=0).tolist()
+
+
+def test_a_request_whose_sampling_fails_ends_alone(served, monkeypatch):
+    """A failure inside one request's sampling ends that request with finish_reason "error"
+    and the reason; the requests decoded beside it get exactly their tokens."""
+    import moe.inference.scheduler as scheduler_mod
+    from moe.inference import Request, Scheduler
+
+    _, model, tok, _ = served
+    real = scheduler_mod.sample
+
+    def sample(logits, params, generator):
+        if params.temperature == 0.5:
+            raise RuntimeError("probability tensor contains inf")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(scheduler_mod, "sample", sample)
+    prompts = [tok.encode(p) for p in ("def ", "class Foo", "import os")]
+    temps = [0.9, 0.5, 0.7]
+    sched = Scheduler(Engine(model, 3))
+    reqs = [sched.submit(Request(p, SamplingParams(max_new_tokens=6, temperature=t), seed=i))
+            for i, (p, t) in enumerate(zip(prompts, temps))]
+    while sched.has_work:
+        sched.step()
+    bad = reqs[1]
+    assert bad.finish_reason == "error" and "probability tensor contains inf" in bad.error
+    assert bad.slot is None and sorted(sched.free) == [0, 1, 2]  # every slot freed
+    for i in (0, 2):
+        params = SamplingParams(max_new_tokens=6, temperature=temps[i])
+        want = Engine(model, 1).generate([prompts[i]], params,
+                                         torch.Generator().manual_seed(i))[0]
+        assert reqs[i].tokens == want and reqs[i].finish_reason == "length"
+
+
+def test_max_tokens_zero_is_answered_even_when_a_step_fails(served):
+    """max_tokens 0 finishes at submit: a step that fails beside it (here the prefill of a
+    request admitted with it) cannot lose it, as it did from the step's local list (its
+    client waited forever)."""
+    from moe.inference import Request, Scheduler
+    from moe.inference.server import EngineLoop
+
+    _, model, tok, _ = served
+    engine = Engine(model, 2)
+
+    def broken(*args):
+        raise RuntimeError("injected fault")
+
+    engine.prefill = broken
+    loop = EngineLoop(Scheduler(engine))
+    got = {name: threading.Event() for name in ("zero", "other")}
+    updates = {}
+
+    def notify(name):
+        def cb(update):
+            updates[name] = update
+            if update.finish_reason is not None or update.error is not None:
+                got[name].set()
+        return cb
+
+    ids = tok.encode("def ")
+    loop.inbox.put(("add", Request(ids, SamplingParams(max_new_tokens=3)), notify("other")))
+    loop.inbox.put(("add", Request(ids, SamplingParams(max_new_tokens=0)), notify("zero")))
+    loop.start()
+    try:
+        assert got["zero"].wait(10) and got["other"].wait(10)
+    finally:
+        loop.stop()
+    assert updates["zero"].finish_reason == "length" and updates["zero"].error is None
+    assert "injected fault" in updates["other"].error
+
+
+def test_openai_nulls_big_seeds_and_broken_json_get_the_right_answers(served):
+    url, model, tok, _ = served
+    base = {"model": "tiny", "prompt": "def ", "max_tokens": 4}
+    r = httpx.post(url + "/v1/completions", timeout=60, json={
+        **base, "temperature": None, "top_p": None, "n": None, "top_k": None, "seed": 5})
+    assert r.status_code == 200, r.text  # null means the default, as OpenAI's API
+    assert r.json()["choices"][0]["text"] == alone(model, tok, "def ", 4, 1.0, 5)[0]
+    for seed in (2**64, -(2**63) - 1):
+        r = httpx.post(url + "/v1/completions", timeout=60, json={**base, "seed": seed})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    r = httpx.post(url + "/v1/completions", timeout=60, json={**base, "seed": 2**64 - 1})
+    assert r.status_code == 200, r.text
+    r = httpx.post(url + "/v1/completions", content=b'{"model": "tiny", "prompt": "de',
+                   headers={"content-type": "application/json"}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] is None and "not valid JSON" in err["message"]
+
+
+def test_a_model_that_is_not_causal_is_refused_by_serve_and_generate(tmp_path, capsys):
+    """One rule, asked of the router by the engine: moe-serve and moe-generate refuse an
+    expert-choice run in one line (they used to serve it)."""
+    from moe.cli import generate, serve
+
+    cfg = load_config(None, TINY + ["--model.routing=expert_choice", "--model.balance=none",
+                                    "--model.capacity_factor=1.0",
+                                    "--model.eval_capacity_factor=1.0"])
+    run = tmp_path / "ec"
+    save_checkpoint(run, 1, build_model(cfg.model, seed=0), extra={"config": cfg.to_dict()})
+    train_bpe(TEXTS, 300).save(run / "tokenizer.json")
+    for main, args in ((serve.main, ["--run", str(run)]),
+                       (generate.main, ["--run", str(run), "--prompt", "def "])):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "expert_choice is not causal" in err and "Traceback" not in err, err
+
+
+def test_identical_prompts_in_one_seeded_list_get_their_own_samples(served):
+    url, model, tok, _ = served
+    r = httpx.post(url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": ["def "] * 3, "max_tokens": 8, "temperature": 1.0,
+        "seed": 11})
+    texts = [c["text"] for c in r.json()["choices"]]
+    assert len(set(texts)) > 1, texts  # one seed for all used to give three copies
+    assert texts == [alone(model, tok, "def ", 8, 1.0, 11 + i)[0] for i in range(3)]

@@ -81,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = Path(args.run)
     name = args.model_name or (run.stem if run.is_file() else run.resolve().name)
-    app = build_app(loaded.model, BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
-                    model_name=name)
+    try:  # e.g. a model whose routing is not causal: the engine refuses it
+        app = build_app(loaded.model, BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
+                        model_name=name)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"serving {loaded.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
           f"({args.slots} slots, {device})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

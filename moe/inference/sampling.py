@@ -6,7 +6,9 @@ caller (the engine, the one-call ``moe.inference.generate.generate``, speculativ
 p and q) goes through these, so a distribution is filtered the same way wherever it is used.
 
 - ``temperature=0`` is greedy: the distribution is one-hot on the argmax (the first index on
-  a tie, as ``torch.argmax``), and ``sample`` consumes no random numbers.
+  a tie, as ``torch.argmax``), and ``sample`` consumes no random numbers. So is any temperature
+  below ``SAMPLING_EPS`` (vLLM's rule): dividing logits by 1e-40 makes them infinite, and a
+  request asking for it must get the argmax it means, not a failure.
 - ``top_k=k``: keep the tokens whose logit is >= the k-th largest (a tie at the k-th value
   keeps all its tokens, as Hugging Face's ``TopKLogitsWarper``); 0 keeps all.
 - ``top_p=p``: after top-k, sort by probability (descending; ties by token id) and keep each
@@ -20,6 +22,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -60,11 +64,11 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
                   top_p: float = 1.0) -> torch.Tensor:
     """logits [..., V] -> fp32 logits / temperature with -inf outside the kept set.
 
-    At temperature 0 only the argmax keeps its (unscaled) logit.
+    At temperature 0 (below ``SAMPLING_EPS``) only the argmax keeps its (unscaled) logit.
     """
     check_sampling(temperature, top_k, top_p)
     logits = logits.float()
-    if temperature == 0:
+    if temperature < SAMPLING_EPS:
         keep = torch.zeros_like(logits, dtype=torch.bool)
         keep.scatter_(-1, logits.argmax(-1, keepdim=True), True)
         return logits.masked_fill(~keep, float("-inf"))

@@ -53,7 +53,10 @@ class Request:
     # --- state ---
     tokens: list[int] = field(default_factory=list)  # generated so far (a stop token included)
     text: str = ""  # with a detokenize: the text of ``tokens``, cut before a stop string
-    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
+    # "stop" (stop token or string), "length", or "error" (``error`` says why: this request
+    # alone failed, e.g. its sampling; the others in the batch go on)
+    finish_reason: str | None = None
+    error: str | None = None
     slot: int | None = None  # the cache slot while running
     generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -88,6 +91,9 @@ class Scheduler:
             raise ValueError(f"stop strings {request.stop_strings!r} must be non-empty str")
         if request.seed is not None and request.generator is None:
             request.generator = torch.Generator().manual_seed(request.seed)
+        if request.params.max_new_tokens == 0:  # nothing to generate: finished, never queued
+            request.finish_reason = "length"
+            return request
         self.queue.append(request)
         return request
 
@@ -116,10 +122,6 @@ class Scheduler:
         new: list[Request] = []
         while self.queue and self.free:
             r = self.queue.popleft()
-            if r.params.max_new_tokens == 0:  # nothing to generate: no slot needed
-                r.finish_reason = "length"
-                changed.append(r)
-                continue
             r.slot = self.free.pop(0)
             self.running[r.slot] = r
             self.admitted.append(r)
@@ -138,18 +140,30 @@ class Scheduler:
                 logits[r.slot] = self.engine.prefill([r.slot], [seq])[0]
         active = new + decoding
         for r, tok in zip(active, self._sample(active, logits)):
-            self._append(r, tok)
+            if tok is None:  # its sampling failed: it alone ends, with the reason
+                self._release(r)
+            else:
+                self._append(r, tok)
             changed.append(r)
         return changed
 
-    def _sample(self, rows: list[Request], logits: dict[int, torch.Tensor]) -> list[int]:
+    def _sample(self, rows: list[Request], logits: dict[int, torch.Tensor]) -> list[int | None]:
         """One token per request, each from its own generator: a batched argmax when all
-        are greedy (the engine's rule), else ``sample`` row by row (the one filter)."""
+        are greedy (the engine's rule), else ``sample`` row by row (the one filter), each row
+        in its own guard: a row that fails gets None and its request the error, and the
+        others are sampled as if it were not there."""
         if not rows:
             return []
         if all(r.params.greedy for r in rows):
             return torch.stack([logits[r.slot] for r in rows]).argmax(-1).tolist()
-        return [int(sample(logits[r.slot][None], r.params, r.generator)[0]) for r in rows]
+        out: list[int | None] = []
+        for r in rows:
+            try:
+                out.append(int(sample(logits[r.slot][None], r.params, r.generator)[0]))
+            except (RuntimeError, ValueError) as e:
+                r.finish_reason, r.error = "error", f"sampling failed: {e}"
+                out.append(None)
+        return out
 
     def _append(self, r: Request, tok: int) -> None:
         r.tokens.append(tok)

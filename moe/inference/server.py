@@ -17,7 +17,9 @@ What a request may ask (``CompletionRequest``): ``prompt`` as a string, a list o
 of token ids or a list of such lists (one choice each, ``index`` in order); ``max_tokens``
 (default 16; null: up to the context), ``temperature`` (0: greedy), ``top_p``, ``top_k`` (an
 extension, as vLLM's), ``stop`` (up to 4 strings, not returned), ``seed`` (the request's own
-generator: same seed, same tokens, whatever else is running), ``stream``,
+generator: same seed, same tokens, whatever else is running; choice i of a prompt list draws
+from seed + i), ``temperature`` / ``top_p`` / ``top_k`` / ``n`` null (the default), a
+temperature below 1e-5 (greedy, as vLLM), ``stream``,
 ``stream_options.include_usage``, ``user``. Generation also stops at ``<|endoftext|>``
 (finish_reason "stop", not returned). Refused with a 400: ``n`` > 1, ``best_of`` > 1, ``echo``,
 ``logprobs``, ``suffix``, ``logit_bias``, nonzero penalties, unknown fields, wrong types, a
@@ -37,11 +39,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import nn
 
@@ -59,6 +62,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _null_is(default):
+    return BeforeValidator(lambda v: default if v is None else v)
+
+
 class CompletionRequest(BaseModel):
     """The body of POST /v1/completions: OpenAI's fields (strict types, unknown keys refused)."""
 
@@ -66,13 +73,14 @@ class CompletionRequest(BaseModel):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # extension (vLLM's): 0 keeps every token
-    n: int = Field(1, ge=1)
+    # null is the default, as OpenAI's API takes it (lm-eval and other clients send nulls).
+    temperature: Annotated[float, _null_is(1.0)] = Field(1.0, ge=0, le=2)
+    top_p: Annotated[float, _null_is(1.0)] = Field(1.0, gt=0, le=1)
+    top_k: Annotated[int, _null_is(0)] = Field(0, ge=0)  # extension (vLLM's): 0 keeps all
+    n: Annotated[int, _null_is(1)] = Field(1, ge=1)
     best_of: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # torch.Generator's range
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
@@ -170,9 +178,13 @@ class EngineLoop:
                 if kind == "add":
                     try:
                         sched.submit(r)
-                        notify[r] = cb
                     except ValueError as e:  # handlers check first: a last safeguard
                         _call(cb, Update(0, "", None, error=str(e)))
+                        continue
+                    if r.finished:  # max_tokens 0: done at once, no step involved
+                        _call(cb, Update(0, r.text, r.finish_reason))
+                    else:
+                        notify[r] = cb
                 elif r in notify:
                     sched.abort(r)
                     del notify[r]
@@ -190,8 +202,12 @@ class EngineLoop:
                 continue
             self.steps += 1
             for r in changed:
-                cb = notify.pop(r) if r.finished else notify.get(r)
-                if cb is not None:
+                cb = notify.pop(r, None) if r.finished else notify.get(r)
+                if cb is None:
+                    continue
+                if r.error is not None:  # this request alone failed; the step went on
+                    _call(cb, Update(len(r.tokens), r.text, None, error=r.error))
+                else:
                     _call(cb, Update(len(r.tokens), r.text, r.finish_reason))
 
 
@@ -249,7 +265,11 @@ class CompletionServer:
                                         stop_tokens=(self.tokenizer.eot_id,))
             except ValueError as e:
                 raise APIError(str(e)) from None
-            out.append(Request(ids, params, seed=req.seed, stop_strings=tuple(stops)))
+            # Choice i draws from seed + i: identical prompts in one list get their own samples
+            # (one seed for all gave every copy the same tokens), and a request is still
+            # reproduced by its seed.
+            seed = None if req.seed is None else (req.seed + len(out)) % 2**64
+            out.append(Request(ids, params, seed=seed, stop_strings=tuple(stops)))
         return out
 
     async def updates(self, requests: list[Request]) -> AsyncIterator[tuple[int, Update]]:
@@ -351,6 +371,10 @@ def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "
         errors = e.errors()
         parts, param = [], None
         for err in errors:
+            if err.get("type") == "json_invalid":  # its loc is a character position, no field
+                parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error')} "
+                             f"at character {err.get('loc', ('', '?'))[-1]})")
+                continue
             loc = [str(x) for x in err.get("loc", ()) if x != "body"]
             param = param or (loc[0] if loc else None)
             what = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg")
