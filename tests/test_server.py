@@ -408,3 +408,44 @@ def test_identical_prompts_in_one_seeded_list_get_their_own_samples(served):
     texts = [c["text"] for c in r.json()["choices"]]
     assert len(set(texts)) > 1, texts  # one seed for all used to give three copies
     assert texts == [alone(model, tok, "def ", 8, 1.0, 11 + i)[0] for i in range(3)]
+
+
+@pytest.mark.slow
+def test_a_non_streaming_request_stops_when_its_client_leaves(served):
+    """A client that gives up (here a 0.3 s timeout) frees its slot within a poll: the server
+    no longer decodes for nobody (it used to run every such request to its end)."""
+    _, model, tok, _ = served
+    app = build_app(model, tok, n_slots=2, model_name="tiny")
+    engine, loop = app.state.server.engine, app.state.server.loop
+    decode = engine.decode
+
+    def slow_decode(*args):  # 40 steps of 50 ms: a request outlives its client's patience
+        time.sleep(0.05)
+        return decode(*args)
+
+    engine.decode = slow_decode
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+        body = {"model": "tiny", "prompt": "def ", "max_tokens": 40, "temperature": 0}
+        for _ in range(3):
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(url, json=body, timeout=0.3)
+        time.sleep(0.5)  # a poll (0.1 s) and a step later, nothing runs
+        steps = loop.steps
+        time.sleep(0.3)
+        assert not loop.scheduler.running and not loop.scheduler.queue
+        assert loop.steps == steps  # idle: nobody decodes for the departed clients
+        r = httpx.post(url, json={**body, "max_tokens": 3}, timeout=30)  # still serving
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -30,6 +30,7 @@ prompt plus ``max_tokens`` longer than the context. Errors have OpenAI's shape:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
@@ -46,6 +47,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as HTTPRequest
 from torch import nn
 
 from moe.inference.engine import Engine
@@ -209,6 +211,25 @@ class EngineLoop:
                     _call(cb, Update(len(r.tokens), r.text, None, error=r.error))
                 else:
                     _call(cb, Update(len(r.tokens), r.text, r.finish_reason))
+
+
+async def _unless_disconnected(work, http: HTTPRequest, poll_s: float = 0.1):
+    """Await ``work`` unless the client goes away first: then cancel it, which aborts its
+    requests (``CompletionServer.updates``), so no slot decodes for nobody. (A stream notices
+    its client's departure by itself: the next write fails.)"""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                raise APIError("the client disconnected", status=499, kind="client_closed")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def _call(notify: Callable[[Update], None], update: Update) -> None:
@@ -386,9 +407,9 @@ def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "
         return APIError(str(e.detail), status=e.status_code).response()
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: HTTPRequest):
         if not req.stream:
-            return JSONResponse(await server.complete(req))
+            return JSONResponse(await _unless_disconnected(server.complete(req), http))
         requests = server.requests(req)  # a bad request is refused before streaming starts
         return StreamingResponse(server.stream(req, requests), media_type="text/event-stream")
 
