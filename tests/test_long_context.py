@@ -466,3 +466,29 @@ def test_count_params_reports_long_context_memory_for_gpt4(capsys):
     out = capsys.readouterr().out
     assert "long context, one sequence" in out and "32768" in out and "480.0 MiB" in out
     assert count_params.main(["--context-lengths=0"]) == 2
+
+
+def test_dynamic_ntk_cached_decoding_follows_hugging_face():
+    """Cached decoding under dynamic NTK: below original_max_seq_len (16) it equals the
+    uncached forward (both plain RoPE; it used to use the max_seq_len scale, logits off by
+    0.24); past it, it equals Hugging Face's cached generate on the exported weights (new
+    tokens rotate with the tables of the sequence so far)."""
+    from moe.inference.generate import generate
+
+    cfg = model_cfg(SCALINGS["dynamic"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    _randomise_norms(model)
+    for seed in range(3):
+        prompt = torch.randint(0, cfg.vocab_size, (1, 6),
+                               generator=torch.Generator().manual_seed(seed))
+        short = generate(model, prompt, max_new_tokens=9, temperature=0)  # 15 < 16 positions
+        ids = prompt
+        with torch.no_grad():
+            for _ in range(9):
+                ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert short.tolist() == ids.tolist(), seed
+        ours = generate(model, prompt, max_new_tokens=40, temperature=0)  # to 46 of 64
+        hf = to_mixtral_model(model, attn_implementation="eager")
+        theirs = hf.generate(prompt, max_new_tokens=40, do_sample=False, min_new_tokens=40)
+        assert ours.tolist() == theirs.tolist(), seed

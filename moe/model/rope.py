@@ -112,10 +112,12 @@ def forward_tables(cfg: ModelConfig, cos: torch.Tensor, sin: torch.Tensor,
     the model's buffers, except under dynamic NTK, whose frequencies depend on the forward's
     length (recomputed here: ``seq_len x head_dim`` products, small next to one layer).
 
-    A KV-cached forward always reads the buffers (the ``max_seq_len`` scale for dynamic NTK):
-    cached keys cannot be re-rotated as a sequence grows. Hugging Face instead regrows its
-    table with the sequence (keeping earlier keys at the older frequencies) and keeps the
-    grown one for later, shorter inputs; the two agree for one fresh forward of a given length.
+    A KV-cached forward under dynamic NTK follows Hugging Face: the tokens it writes rotate
+    with the tables of the sequence so far (``Transformer.prepare`` asks this function for
+    length ``max position + 1``), and cached keys keep the rotation they were written with.
+    So up to ``original_max_seq_len`` cached decoding equals the uncached forward (both plain
+    RoPE); past it, it equals Hugging Face's cached ``generate``, not a fresh forward (no cache
+    can re-rotate its keys as a sequence grows).
     """
     rs = cfg.rope_scaling
     if rs is not None and rs.type == "dynamic" and seq_len != cos.shape[0]:

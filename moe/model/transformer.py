@@ -145,8 +145,14 @@ class Transformer(nn.Module):
             extra = {}
         else:
             pos = kv_cache.input_pos  # [B, S]; the cache checked pos < max_seq_len
+            cos, sin = self.rope_cos, self.rope_sin
+            if self.cfg.rope_scaling is not None and self.cfg.rope_scaling.type == "dynamic":
+                # Hugging Face's rule: the new tokens rotate with the tables of the sequence
+                # so far (its longest row); cached keys keep the rotation they were written
+                # with. Below original_max_seq_len that is plain RoPE, as an uncached forward.
+                cos, sin = forward_tables(self.cfg, cos, sin, int(pos.max()) + 1)
             # [B, S, 1, D]: shaped once for every layer.
-            cos, sin = self.rope_cos[pos].unsqueeze(2), self.rope_sin[pos].unsqueeze(2)
+            cos, sin = cos[pos].unsqueeze(2), sin[pos].unsqueeze(2)
             extra = {"mask": kv_cache.attn_mask}
         if decode_path or capacity_factor is not CONFIGURED_CAPACITY:
             extra.update(capacity_factor=capacity_factor, decode_path=decode_path)
