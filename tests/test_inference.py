@@ -235,3 +235,21 @@ def test_generate_under_bf16_autocast_runs():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=5, temperature=0)
     assert out.shape == (1, 8)
+
+
+def test_a_capacity_factor_for_one_call_plans_each_sequence_alone():
+    """generate(..., capacity_factor=1.0) on a model with capacity groups of 2 sequences used
+    to raise (a batch of 1 is not a whole group): a factor given per call (inference) plans
+    each sequence as its own group, so each row gets the tokens it gets alone."""
+    model = build_model(tiny_model_config(capacity_group_seqs=2, capacity_factor=1.0,
+                                          eval_capacity_factor=1.0), seed=0).eval()
+    prompts = [[1, 5, 9, 2], [7, 7, 3], [4, 8, 15, 16, 23]]
+    together = generate(model, prompts, max_new_tokens=6, temperature=0, capacity_factor=0.5)
+    for p, row in zip(prompts, together):
+        assert generate(model, [p], max_new_tokens=6, temperature=0,
+                        capacity_factor=0.5)[0] == row
+    with torch.no_grad():  # the plan of one sequence alone: a full forward of it, factor 0.5
+        x = torch.tensor([prompts[2]])
+        ref = model(x, capacity_factor=0.5)
+        torch.testing.assert_close(model(torch.cat([x, x]), capacity_factor=0.5)[:1], ref,
+                                   rtol=1e-5, atol=1e-6)

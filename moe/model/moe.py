@@ -14,11 +14,12 @@ path (the block adds ``out`` to its input). Weights are not renormalised after d
 The router and the combine run in fp32 whatever the autocast dtype of the experts.
 
 Inference (moe/inference/) may override the capacity factor per call (``capacity_factor=None``:
-dropless, whatever the config says) and ask for the few-token decode path (``decode_path``):
-when a forward has at most ``n_experts`` assignments (batch-1 decode has ``top_k``), sorting,
-capacity planning and the grouped matmul cost far more than the arithmetic, so each chosen
-expert is run on its few tokens by plain matmuls with views of its weights. The sorted path
-above is its reference (tests/test_inference.py checks them equal).
+dropless, whatever the config says; a number: that factor, each sequence its own capacity
+group, so a request is planned as it would be alone) and ask for the few-token decode path
+(``decode_path``): when a forward has at most ``n_experts`` assignments (batch-1 decode has
+``top_k``), sorting, capacity planning and the grouped matmul cost far more than the
+arithmetic, so each chosen expert is run on its few tokens by plain matmuls with views of its
+weights. The sorted path above is its reference (tests/test_inference.py checks them equal).
 
 The router losses do not travel with the output. Each layer injects their gradient into its
 own graph in backward (Megatron-Core's MoEAuxLossAutoScaler), so a pipeline stage never has to
@@ -151,8 +152,9 @@ class MoE(nn.Module):
                 decode_path: bool = False) -> torch.Tensor:
         """x: [B, S, dim] -> [B, S, dim].
 
-        ``capacity_factor``: the config's (training or eval factor) by default; None is
-        dropless, a number overrides it for this call. ``decode_path``: take the few-token
+        ``capacity_factor``: the config's (training or eval factor, groups of
+        ``model.capacity_group_seqs`` sequences) by default; None is dropless, a number
+        overrides it for this call with one group per sequence. ``decode_path``: take the few-token
         path when it applies (dropless, eval mode, at most ``n_experts`` assignments, plain
         ``GroupedExperts`` with no parallel hooks); it keeps no ``last_stats`` (None), only
         ``last_experts``.
@@ -168,11 +170,14 @@ class MoE(nn.Module):
             if self.shared_experts is not None:
                 out = out + self.shared_experts(flat)
             return out.view(b, s, dim)
-        if b % self.group_seqs and not (dropless and capacity_factor is None):
+        # A factor given for one call (inference: the engine, generate) plans each sequence as
+        # its own group, so a request's tokens never depend on its batch-mates; the configured
+        # factor plans groups of model.capacity_group_seqs sequences (training, evaluation).
+        group = 1 if capacity_factor is not CONFIGURED_CAPACITY else self.group_seqs
+        if b % group:
             raise ValueError(f"batch of {b} sequences is not a whole number of capacity groups "
-                             f"of {self.group_seqs} (model.capacity_group_seqs)")
-        # Dropless by request (inference), groups do not matter: one group if they do not fit.
-        n_groups = b // self.group_seqs if b % self.group_seqs == 0 else 1
+                             f"of {group} (model.capacity_group_seqs)")
+        n_groups = b // group
         flat = x.reshape(-1, dim)  # [T, dim]
         t = flat.shape[0]
 
