@@ -31,7 +31,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,16 +60,8 @@ def measure_mode(raw_cfg: dict, mode: str, steps: int, warmup: int) -> dict:
     device = resolve_device(cfg.train.device)
     s = Stepper(cfg, cfg.model, device, autocast_dtype(device, cfg.train.dtype))
 
-    def call():
-        t0 = time.perf_counter()
-        s.forward_backward()
-        sync(device)
-        dt = time.perf_counter() - t0
-        s.model.zero_grad(set_to_none=True)
-        return dt
-
     for _ in range(warmup):
-        call()
+        s.timed_forward_backward()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -79,7 +70,7 @@ def measure_mode(raw_cfg: dict, mode: str, steps: int, warmup: int) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set size to the current one
         base = _status_bytes("VmRSS")
-    times = [call() for _ in range(steps)]
+    times = [s.timed_forward_backward() for _ in range(steps)]
     out = {"mode": mode, "device": str(device), "threads": threads, "steps": steps,
            "fwd_bwd_s_median": statistics.median(times),
            "tokens_per_s": s.tokens_per_step / statistics.median(times),

@@ -161,6 +161,17 @@ class Stepper:
             (loss / self.n_micro).backward()
         self.last_loss = loss.detach()
 
+    def timed_forward_backward(self) -> float:
+        """Wall seconds of one ``forward_backward`` (the device synced on both sides); the
+        gradients are then cleared."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.forward_backward()
+        sync(self.device)
+        dt = time.perf_counter() - t0
+        self.model.zero_grad(set_to_none=True)
+        return dt
+
     def step(self) -> dict[str, float]:
         """One global step; returns its phases' wall times (s): fwd_bwd, clip, optimizer."""
         t0 = time.perf_counter()
@@ -387,25 +398,16 @@ def run_expert_counts(cfg: Config, counts: tuple[int, ...] = (8, 16, 64, 256),
     steppers = {n: Stepper(cfg, expert_count_config(cfg.model, n, mode), device, amp)
                 for n in counts}
 
-    def fwd_bwd(s: Stepper) -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        s.forward_backward()
-        sync(device)
-        dt = time.perf_counter() - t0
-        s.model.zero_grad(set_to_none=True)
-        return dt
-
     for s in steppers.values():
         for _ in range(warmup):
-            fwd_bwd(s)
+            s.timed_forward_backward()
     experts = {n: ExpertsAlone(steppers[n]) for n in counts}
     times: dict[int, list[float]] = {n: [] for n in counts}
     expert_times: dict[int, list[float]] = {n: [] for n in counts}
     order = list(counts)
     for i in range(steps):
         for n in (order if i % 2 == 0 else order[::-1]):
-            times[n].append(fwd_bwd(steppers[n]))
+            times[n].append(steppers[n].timed_forward_backward())
             expert_times[n].append(experts[n].fwd_bwd())
         log(f"turn {i + 1}/{steps}: " + ", ".join(
             f"{n} experts {statistics.median(times[n]) * 1e3:.0f} ms" for n in counts))
