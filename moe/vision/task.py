@@ -13,8 +13,8 @@ is the same for any split of the batch over micro-batches and data ranks.
 Every evaluation logs, on the fixed validation images:
 
     val_loss                   the text loss with the true images
-    val_loss_shuffled_images   the same texts with the images rolled by one across each batch
-                               (every text gets another text's image)
+    val_loss_shuffled_images   the same texts with the images rolled by one over the whole
+                               validation set (every text gets another text's image)
     val_loss_no_images         the text model alone (no cross-attention)
     val_accuracy               colour / shape questions about seen colour x shape pairs
                                (and its val_colour_accuracy / val_shape_accuracy parts)
