@@ -178,7 +178,7 @@ BAD = [({"max_tokens": -1}, "max_tokens"),
        ({"prompt": [500]}, "outside"),
        ({"prompt": []}, "prompt"),
        ({"prompt": ["def ", [5]]}, "prompt"),  # strings and token ids mixed
-       ({"n": 2}, "n > 1"),
+       ({"n": 0}, "n"),
        ({"logprobs": 1}, "logprobs"),
        ({"echo": True}, "echo"),
        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options")]
@@ -449,3 +449,25 @@ def test_a_non_streaming_request_stops_when_its_client_leaves(served):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def test_n_choices_per_prompt(served, client):
+    """n > 1 (OpenAI's order: prompt-major): each choice is its own request, seeded seed + i;
+    usage counts each prompt's tokens once."""
+    url, model, tok, _ = served
+    out = client.completions.create(model="tiny", prompt=["def ", "class Foo"], n=3,
+                                    max_tokens=6, temperature=1.0, seed=4)
+    assert [c.index for c in out.choices] == list(range(6))
+    prompts = ["def "] * 3 + ["class Foo"] * 3
+    assert [c.text for c in out.choices] == [alone(model, tok, p, 6, 1.0, 4 + i)[0]
+                                             for i, p in enumerate(prompts)]
+    assert out.usage.prompt_tokens == len(tok.encode("def ")) + len(tok.encode("class Foo"))
+    greedy = client.completions.create(model="tiny", prompt="def ", n=2, max_tokens=5,
+                                       temperature=0)
+    assert [c.text for c in greedy.choices] == [alone(model, tok, "def ", 5)[0]] * 2
+    texts = ["", ""]
+    for chunk in client.completions.create(model="tiny", prompt="def ", n=2, max_tokens=5,
+                                           temperature=0, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [alone(model, tok, "def ", 5)[0]] * 2

@@ -21,7 +21,8 @@ generator: same seed, same tokens, whatever else is running; choice i of a promp
 from seed + i), ``temperature`` / ``top_p`` / ``top_k`` / ``n`` null (the default), a
 temperature below 1e-5 (greedy, as vLLM), ``stream``,
 ``stream_options.include_usage``, ``user``. Generation also stops at ``<|endoftext|>``
-(finish_reason "stop", not returned). Refused with a 400: ``n`` > 1, ``best_of`` > 1, ``echo``,
+(finish_reason "stop", not returned). ``n`` choices per prompt (prompt-major, decoded together
+in the batch). Refused with a 400: ``best_of`` > 1, ``echo``,
 ``logprobs``, ``suffix``, ``logit_bias``, nonzero penalties, unknown fields, wrong types, a
 prompt plus ``max_tokens`` longer than the context. Errors have OpenAI's shape:
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -107,8 +108,7 @@ class APIError(Exception):
 
 
 def _refuse_unsupported(req: CompletionRequest) -> None:
-    unsupported = [("n", req.n != 1, "n > 1 is not supported: send the prompt again"),
-                   ("best_of", req.best_of not in (None, 1), "best_of > 1 is not supported"),
+    unsupported = [("best_of", req.best_of not in (None, 1), "best_of > 1 is not supported"),
                    ("echo", req.echo, "echo is not supported"),
                    ("logprobs", req.logprobs is not None, "logprobs are not supported"),
                    ("suffix", req.suffix is not None, "suffix is not supported"),
@@ -286,11 +286,12 @@ class CompletionServer:
                                         stop_tokens=(self.tokenizer.eot_id,))
             except ValueError as e:
                 raise APIError(str(e)) from None
-            # Choice i draws from seed + i: identical prompts in one list get their own samples
-            # (one seed for all gave every copy the same tokens), and a request is still
-            # reproduced by its seed.
-            seed = None if req.seed is None else (req.seed + len(out)) % 2**64
-            out.append(Request(ids, params, seed=seed, stop_strings=tuple(stops)))
+            # n choices per prompt, prompt-major (OpenAI's order). Choice i draws from seed + i:
+            # identical prompts in one list, and the n choices of one prompt, get their own
+            # samples, and a request is still reproduced by its seed.
+            for _ in range(req.n):
+                seed = None if req.seed is None else (req.seed + len(out)) % 2**64
+                out.append(Request(ids, params, seed=seed, stop_strings=tuple(stops)))
         return out
 
     async def updates(self, requests: list[Request]) -> AsyncIterator[tuple[int, Update]]:
@@ -327,7 +328,7 @@ class CompletionServer:
                 final[i] = u
         choices = [{"index": i, "text": final[i].text, "logprobs": None,
                     "finish_reason": final[i].finish_reason} for i in range(len(requests))]
-        return self.chunk(f"cmpl-{uuid.uuid4().hex}", choices, _usage(requests, final))
+        return self.chunk(f"cmpl-{uuid.uuid4().hex}", choices, _usage(requests, final, req.n))
 
     async def stream(self, req: CompletionRequest, requests: list[Request]
                      ) -> AsyncIterator[str]:
@@ -355,12 +356,13 @@ class CompletionServer:
                           "finish_reason": u.finish_reason}
                 yield f"data: {json.dumps(self.chunk(rid, [choice]))}\n\n"
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield f"data: {json.dumps(self.chunk(rid, [], _usage(requests, final)))}\n\n"
+            yield f"data: {json.dumps(self.chunk(rid, [], _usage(requests, final, req.n)))}\n\n"
         yield "data: [DONE]\n\n"
 
 
-def _usage(requests: list[Request], final: dict[int, Update]) -> dict:
-    prompt = sum(len(r.prompt) for r in requests)
+def _usage(requests: list[Request], final: dict[int, Update], n: int) -> dict:
+    """OpenAI's usage: each prompt's tokens once (not once per choice), every choice's."""
+    prompt = sum(len(r.prompt) for r in requests[::n])
     done = sum(u.n_tokens for u in final.values())
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
