@@ -471,3 +471,35 @@ def test_n_choices_per_prompt(served, client):
         for c in chunk.choices:
             texts[c.index] += c.text
     assert texts == [alone(model, tok, "def ", 5)[0]] * 2
+
+
+def test_vllm_stop_controls_min_tokens_ignore_eos_and_stop_token_ids(served):
+    """min_tokens: no stop token before it (the stop token's logit is -inf until then);
+    ignore_eos: <|endoftext|> does not stop; stop_token_ids: more stop tokens. Checked on
+    the greedy continuation, whose tokens are known."""
+    from moe.inference.sampling import suppress_stops
+
+    url, model, tok, _ = served
+    ids = tok.encode("def ")
+    free = Engine(model, 1).generate([ids], SamplingParams(max_new_tokens=12,
+                                                           temperature=0))[0]
+    first = free[2]  # make the 3rd greedy token a stop token
+    base = {"model": "tiny", "prompt": ids, "max_tokens": 12, "temperature": 0}
+    r = httpx.post(url + "/v1/completions", timeout=60,
+                   json={**base, "stop_token_ids": [first], "ignore_eos": True}).json()
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["completion_tokens"] == free.index(first) + 1
+    r = httpx.post(url + "/v1/completions", timeout=60, json={
+        **base, "stop_token_ids": [first], "ignore_eos": True, "min_tokens": 12}).json()
+    assert r["choices"][0]["finish_reason"] == "length"
+    assert r["usage"]["completion_tokens"] == 12
+    logits = torch.zeros(5)
+    params = SamplingParams(max_new_tokens=4, min_tokens=2, stop_tokens=(1, 3))
+    assert suppress_stops(logits, params, 1).tolist() == [0, float("-inf"), 0, float("-inf"), 0]
+    assert suppress_stops(logits, params, 2) is logits
+    for body, param in (({"stop_token_ids": [10**6]}, "stop_token_ids"),
+                        ({"min_tokens": -1}, "min_tokens")):
+        r = httpx.post(url + "/v1/completions", timeout=60, json={**base, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_new_tokens=2, min_tokens=3)

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from moe.inference.cache import KVCache
-from moe.inference.sampling import SamplingParams, sample
+from moe.inference.sampling import SamplingParams, sample, suppress_stops
 from moe.model.router import check_causal
 
 
@@ -165,7 +165,8 @@ class Engine:
         made = [0] * n
         logits = dict(zip(range(n), self.prefill(list(range(n)), seqs)))
         while active:
-            tokens = self._sample(active, logits, params, gens)
+            tokens = self._sample(active, {r: suppress_stops(logits[r], params[r], made[r])
+                                           for r in active}, params, gens)
             step, going = [], []
             for r, tok in zip(active, tokens):
                 seqs[r].append(tok)

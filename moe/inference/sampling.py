@@ -35,9 +35,16 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     stop_tokens: tuple[int, ...] = ()  # generation ends after emitting one of these
+    # No stop token may be drawn before this many new tokens (vLLM's min_tokens): their
+    # logits are -inf until then (``suppress_stops``).
+    min_tokens: int = 0
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
+                or not 0 <= self.min_tokens <= max(self.max_new_tokens, 0):
+            raise ValueError(f"min_tokens={self.min_tokens!r} must be an integer in "
+                             f"[0, max_new_tokens={self.max_new_tokens}]")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
@@ -58,6 +65,15 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 keeps every token)")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
+
+
+def suppress_stops(logits: torch.Tensor, params: SamplingParams, n_made: int) -> torch.Tensor:
+    """logits [V] of a row that has made ``n_made`` new tokens, with its stop tokens at -inf
+    while ``n_made < params.min_tokens`` (unchanged, not copied, otherwise)."""
+    if n_made >= params.min_tokens or not params.stop_tokens:
+        return logits
+    return logits.index_fill(-1, torch.tensor(params.stop_tokens, device=logits.device),
+                             float("-inf"))
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe.inference.engine import Engine
-from moe.inference.sampling import SamplingParams, sample
+from moe.inference.sampling import SamplingParams, sample, suppress_stops
 
 
 @dataclass(eq=False)
@@ -154,6 +154,7 @@ class Scheduler:
         others are sampled as if it were not there."""
         if not rows:
             return []
+        logits = {r.slot: suppress_stops(logits[r.slot], r.params, len(r.tokens)) for r in rows}
         if all(r.params.greedy for r in rows):
             return torch.stack([logits[r.slot] for r in rows]).argmax(-1).tolist()
         out: list[int | None] = []

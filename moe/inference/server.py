@@ -13,19 +13,19 @@ so concurrent requests share decode steps, and each handler awaits its tokens th
 asyncio queue the loop feeds. ``stream: true`` answers with server-sent events, one
 ``text_completion`` chunk per piece of text, then ``data: [DONE]``.
 
-What a request may ask (``CompletionRequest``): ``prompt`` as a string, a list of strings, a list
-of token ids or a list of such lists (one choice each, ``index`` in order); ``max_tokens``
+What a request may ask (``CompletionRequest``): ``prompt`` as a string, a list of strings, a
+list of token ids or a list of such lists (one choice each, ``index`` in order); ``max_tokens``
 (default 16; null: up to the context), ``temperature`` (0: greedy), ``top_p``, ``top_k`` (an
 extension, as vLLM's), ``stop`` (up to 4 strings, not returned), ``seed`` (the request's own
 generator: same seed, same tokens, whatever else is running; choice i of a prompt list draws
 from seed + i), ``temperature`` / ``top_p`` / ``top_k`` / ``n`` null (the default), a
-temperature below 1e-5 (greedy, as vLLM), ``stream``,
-``stream_options.include_usage``, ``user``. Generation also stops at ``<|endoftext|>``
-(finish_reason "stop", not returned). ``n`` choices per prompt (prompt-major, decoded together
-in the batch). Refused with a 400: ``best_of`` > 1, ``echo``,
-``logprobs``, ``suffix``, ``logit_bias``, nonzero penalties, unknown fields, wrong types, a
-prompt plus ``max_tokens`` longer than the context. Errors have OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``.
+temperature below 1e-5 (greedy, as vLLM), ``stream``, ``stream_options.include_usage``,
+``user``. Generation also stops at ``<|endoftext|>`` (finish_reason "stop", not returned). ``n``
+choices per prompt (prompt-major, decoded together in the batch); vLLM's ``stop_token_ids``,
+``ignore_eos`` and ``min_tokens``. Refused with a 400: ``best_of`` > 1, ``echo``, ``logprobs``,
+``suffix``, ``logit_bias``, nonzero penalties, unknown fields, wrong types, a prompt plus
+``max_tokens`` longer than the context. Errors have OpenAI's shape: ``{"error": {"message",
+"type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -93,6 +93,10 @@ class CompletionRequest(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    # vLLM's extensions: more stop tokens, no stop at <|endoftext|>, no stop before n tokens.
+    stop_token_ids: list[int] | None = None
+    ignore_eos: Annotated[bool, _null_is(False)] = False
+    min_tokens: Annotated[int, _null_is(0)] = Field(0, ge=0)
 
 
 class APIError(Exception):
@@ -265,6 +269,11 @@ class CompletionServer:
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts:
             raise APIError("prompt: give a string, a list of strings or token ids", "prompt")
+        vocab = self.engine.cfg.vocab_size
+        extra_stops = tuple(req.stop_token_ids or ())
+        if any(not 0 <= t < vocab for t in extra_stops):
+            raise APIError(f"stop_token_ids must be token ids in [0, {vocab})", "stop_token_ids")
+        stop_tokens = (() if req.ignore_eos else (self.tokenizer.eot_id,)) + extra_stops
         ctx, out = self.engine.max_len, []
         for prompt in prompts:
             ids = (self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
@@ -283,7 +292,7 @@ class CompletionServer:
             try:
                 params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature,
                                         top_k=req.top_k, top_p=req.top_p,
-                                        stop_tokens=(self.tokenizer.eot_id,))
+                                        stop_tokens=stop_tokens, min_tokens=req.min_tokens)
             except ValueError as e:
                 raise APIError(str(e)) from None
             # n choices per prompt, prompt-major (OpenAI's order). Choice i draws from seed + i:

@@ -177,6 +177,9 @@ class SpeculativeDecoder:
         if isinstance(prompt, torch.Tensor) and prompt.dim() > 1:
             raise ValueError(f"prompt of shape {tuple(prompt.shape)}: speculative decoding "
                              "takes one sequence (batch 1)")
+        if params.min_tokens:
+            raise ValueError("min_tokens is not supported with speculative decoding (the "
+                             "verify step would have to suppress stops per position)")
         ctx = self.target.check_prompt(prompt)
         if params.max_new_tokens == 0:
             return
