@@ -503,3 +503,27 @@ def test_vllm_stop_controls_min_tokens_ignore_eos_and_stop_token_ids(served):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(max_new_tokens=2, min_tokens=3)
+
+
+def test_metrics_count_outcomes_tokens_and_steps_and_a_full_queue_gets_a_429(served):
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, model, tok, _ = served
+    app = build_app(model, tok, n_slots=2, model_name="tiny", max_waiting=3)
+    body = {"model": "tiny", "prompt": "def ", "max_tokens": 4, "temperature": 0}
+    with TestClient(app) as c:
+        assert c.post("/v1/completions", json=body).status_code == 200
+        r = c.post("/v1/completions", json={**body, "prompt": ["a", "b", "c", "d"]})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
+        text = c.get("/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    outcome = {lab[0][1]: v for (name, lab), v in samples.items()
+               if name == "moe_requests_total"}
+    assert outcome == {"stop": 0, "length": 1, "error": 0, "aborted": 0, "rejected": 4}
+    assert samples[("moe_prompt_tokens_total", ())] == len(tok.encode("def "))
+    assert samples[("moe_generation_tokens_total", ())] == 4
+    assert samples[("moe_requests_waiting", ())] == 0
+    assert samples[("moe_requests_running", ())] == 0
+    assert samples[("moe_step_seconds_count", ())] >= 4  # a prefill and 3 decodes at least

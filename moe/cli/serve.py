@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None,
                    help="draft model for speculative decoding: not yet used with continuous "
                         "batching (refused)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests waiting for a slot beyond which new ones get a 429")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
@@ -56,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --draft: speculative decoding is not yet used with continuous batching; "
               "serve without it", file=sys.stderr)
         return 2
-    if args.slots < 1 or not 0 <= args.port < 65536:
-        print(f"error: --slots {args.slots} must be >= 1 and --port {args.port} in [0, 65535]",
-              file=sys.stderr)
+    if args.slots < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
+        print(f"error: --slots {args.slots} must be >= 1, --max-waiting {args.max_waiting} "
+              f">= 0 and --port {args.port} in [0, 65535]", file=sys.stderr)
         return 2
     try:
         import uvicorn
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or (run.stem if run.is_file() else run.resolve().name)
     try:  # e.g. a model whose routing is not causal: the engine refuses it
         app = build_app(loaded.model, BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
-                        model_name=name)
+                        model_name=name, max_waiting=args.max_waiting)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,13 +45,15 @@ from typing import Annotated
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 from torch import nn
 
 from moe.inference.engine import Engine
+from moe.inference.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from moe.inference.metrics import ServerMetrics
 from moe.inference.sampling import SamplingParams
 from moe.inference.scheduler import Request, Scheduler
 
@@ -148,6 +150,14 @@ class EngineLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.steps = 0
+        self._outstanding = 0  # submitted and not yet ended (handlers add, the loop ends)
+        self._lock = threading.Lock()
+        self.metrics = ServerMetrics(self.waiting, lambda: len(self.scheduler.running))
+
+    def waiting(self) -> int:
+        """Requests submitted and not yet in a slot (the inbox and the scheduler's queue)."""
+        with self._lock:
+            return max(0, self._outstanding - len(self.scheduler.running))
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="moe-engine-loop", daemon=True)
@@ -162,7 +172,14 @@ class EngineLoop:
     def submit(self, request: Request, notify: Callable[[Update], None]) -> None:
         """Queue ``request``; ``notify(update)`` is called from the loop's thread after each
         step that changed it, the last time with a finish_reason or an error."""
+        with self._lock:
+            self._outstanding += 1
         self.inbox.put(("add", request, notify))
+
+    def _ended(self, r: Request, outcome: str) -> None:
+        with self._lock:
+            self._outstanding -= 1
+        self.metrics.finished(outcome, len(r.prompt), len(r.tokens))
 
     def abort(self, request: Request) -> None:
         self.inbox.put(("abort", request, None))
@@ -185,29 +202,37 @@ class EngineLoop:
                     try:
                         sched.submit(r)
                     except ValueError as e:  # handlers check first: a last safeguard
+                        self._ended(r, "error")
                         _call(cb, Update(0, "", None, error=str(e)))
                         continue
                     if r.finished:  # max_tokens 0: done at once, no step involved
+                        self._ended(r, r.finish_reason)
                         _call(cb, Update(0, r.text, r.finish_reason))
                     else:
                         notify[r] = cb
                 elif r in notify:
                     sched.abort(r)
                     del notify[r]
+                    self._ended(r, "aborted")
             if not sched.has_work:
                 continue
+            t0 = time.perf_counter()
             try:
                 changed = sched.step()
             except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
                 log.exception("engine step failed")
                 for r in sched.drop_running():
+                    self._ended(r, "error")
                     cb = notify.pop(r, None)
                     if cb is not None:
                         _call(cb, Update(len(r.tokens), r.text, None,
                                          error=f"{type(e).__name__}: {e}"))
                 continue
+            self.metrics.step_seconds.observe(time.perf_counter() - t0)
             self.steps += 1
             for r in changed:
+                if r.finished:
+                    self._ended(r, "error" if r.error is not None else r.finish_reason)
                 cb = notify.pop(r, None) if r.finished else notify.get(r)
                 if cb is None:
                     continue
@@ -250,8 +275,9 @@ class CompletionServer:
     """Request checking, scheduling and response shaping for one model."""
 
     def __init__(self, model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "moe",
-                 max_len: int | None = None):
+                 max_len: int | None = None, max_waiting: int = 256):
         self.tokenizer, self.model_name = tokenizer, model_name
+        self.max_waiting = max_waiting
         self.engine = Engine(model, n_slots=n_slots, max_len=max_len)
         self.loop = EngineLoop(Scheduler(self.engine, detokenize=tokenizer.decode))
         self.created = int(time.time())
@@ -301,6 +327,12 @@ class CompletionServer:
             for _ in range(req.n):
                 seed = None if req.seed is None else (req.seed + len(out)) % 2**64
                 out.append(Request(ids, params, seed=seed, stop_strings=tuple(stops)))
+        if self.loop.waiting() + len(out) > self.max_waiting:  # back-pressure: refuse, now
+            for _ in out:
+                self.loop.metrics.requests.labels("rejected").inc()
+            raise APIError(f"the server is busy ({self.loop.waiting()} requests waiting, at "
+                           f"most {self.max_waiting}): retry later", status=429,
+                           kind="rate_limit_error", code="server_busy")
         return out
 
     async def updates(self, requests: list[Request]) -> AsyncIterator[tuple[int, Update]]:
@@ -377,11 +409,11 @@ def _usage(requests: list[Request], final: dict[int, Update], n: int) -> dict:
 
 
 def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "moe",
-              max_len: int | None = None) -> FastAPI:
+              max_len: int | None = None, max_waiting: int = 256) -> FastAPI:
     """The FastAPI app serving ``model`` (a ``Transformer``) with ``tokenizer`` (a
     ``BPETokenizer``: encode, decode, eot_id) on ``n_slots`` cache slots. The engine loop
     starts and stops with the app's lifespan; ``app.state.server`` is the CompletionServer."""
-    server = CompletionServer(model, tokenizer, n_slots, model_name, max_len)
+    server = CompletionServer(model, tokenizer, n_slots, model_name, max_len, max_waiting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -433,6 +465,10 @@ def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "
     @app.get("/health")
     async def health():
         return {"status": "ok", "slots": server.engine.n_slots, "steps": server.loop.steps}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.loop.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app
 
