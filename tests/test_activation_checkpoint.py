@@ -3,7 +3,7 @@ give the losses, gradients and routing statistics of none, and keep every module
 
 The model drops (capacity factor 1.0), jitters its router (random numbers drawn in forward),
 routes top-2, and has dense layers between MoE layers (moe_every=2); steps accumulate two
-micro-batches through the trainer's Runtime. A control shows the jitter test has teeth: without
+micro-batches through the trainer's ShardedModel. A control shows the jitter test has teeth: without
 RNG preservation, recomputation routes differently and the gradients change.
 """
 
@@ -26,7 +26,7 @@ from moe.parallel.activation_checkpoint import (
     checkpoint_mode,
     is_recomputing,
 )
-from moe.parallel.runtime import Runtime, moe_layer_names
+from moe.parallel.sharded_model import ShardedModel, moe_layer_names
 from moe.train.metrics import RoutingAccumulator
 from tests.dist_utils import run_ranks
 
@@ -51,7 +51,7 @@ def _data():
 
 
 def _step(mode, lm_weight=1.0, early_stop=True):
-    """One trainer step (two micro-batches) through Runtime; what the trainer would log.
+    """One trainer step (two micro-batches) through ShardedModel; what the trainer would log.
 
     early_stop=False: recomputation runs each block to its end instead of stopping once the
     saved tensors it needs are back, so the MoE forward hooks fire during it too."""
@@ -63,7 +63,7 @@ def _step_inner(mode, lm_weight):
     cfg = _cfg(mode)
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    rt = Runtime(cfg, model)  # one process: the runtime applies checkpointing itself
+    rt = ShardedModel(cfg, model)  # one process: the runtime applies checkpointing itself
     rt.train(True)
     calls = {"forward": 0, "recompute": 0}
     seen = {}
@@ -208,7 +208,7 @@ def test_trainer_run_with_full_checkpointing_matches_none(tmp_path):
 def _pp_run(rank, world):
     """pp=2, 1F1B, two micro-batches, jitter on: none, full and selective on this rank's
     stage. Returns plain data (tensors do not survive the trip back through the queue)."""
-    from moe.parallel.pipeline import PipelineRuntime, build_stage_models
+    from moe.parallel.pipeline import Pipeline, build_stage_models
     from tests.helpers import build_mesh
 
     cfg = _cfg("none", "--parallel.pp=2", "--parallel.pp_schedule=1f1b",
@@ -227,7 +227,7 @@ def _pp_run(rank, world):
             calls.append((name, is_recomputing()))
             acc.add_layer(name, layer, share)
 
-        pipe = PipelineRuntime(stages, mesh["pp"], cfg, (MICRO, SEQ), BATCH // MICRO, "cpu",
+        pipe = Pipeline(stages, mesh["pp"], cfg, (MICRO, SEQ), BATCH // MICRO, "cpu",
                                global_batch=BATCH, on_moe_forward=on_moe)
         for part in pipe.parts:
             part.train(True)

@@ -1,8 +1,8 @@
 """train.on_nonfinite: stop | skip | rollback, on faults injected into a real training run.
 
-Faults: a NaN loss at a chosen training step (``moe.parallel.runtime.lm_loss`` patched), and a
+Faults: a NaN loss at a chosen training step (``moe.parallel.sharded_model.lm_loss`` patched), and a
 finite loss with an inf in one parameter's gradient before the reduction
-(``Runtime.reduce_and_clip`` patched). Each policy is compared with the run it should equal:
+(``ShardedModel.reduce_and_clip`` patched). Each policy is compared with the run it should equal:
 skip = a run whose data never held the offending batch; rollback = a run resumed from the
 checkpoint it rolled back to, with the loader advanced past the offending batch.
 """
@@ -17,11 +17,11 @@ import torch
 from dist_utils import run_ranks
 
 import moe.parallel.pipeline
-import moe.parallel.runtime
+import moe.parallel.sharded_model
 from moe.checkpoint import full_state, latest_checkpoint
 from moe.config import load_config
 from moe.data import PackedLoader, prepare_data
-from moe.parallel.runtime import Runtime
+from moe.parallel.sharded_model import ShardedModel
 from moe.train.loop import train
 from moe.train.nonfinite import NonFiniteError
 
@@ -53,7 +53,7 @@ def _events(run_dir):
     return [r for r in _rows(run_dir) if r.get("event") == "nonfinite"]
 
 
-def nan_loss_at(monkeypatch, *calls, module=moe.parallel.runtime, name="lm_loss"):
+def nan_loss_at(monkeypatch, *calls, module=moe.parallel.sharded_model, name="lm_loss"):
     """The training loss becomes NaN at these training forward calls (1-based; eval and
     no-grad calls are not counted)."""
     orig, seen = getattr(module, name), [0]
@@ -72,7 +72,7 @@ def nan_loss_at(monkeypatch, *calls, module=moe.parallel.runtime, name="lm_loss"
 def inf_grad_at(monkeypatch, *calls):
     """One element of one parameter's gradient becomes inf (before the reduction) at these
     steps; the loss stays finite."""
-    orig, seen = Runtime.reduce_and_clip, [0]
+    orig, seen = ShardedModel.reduce_and_clip, [0]
 
     def patched(self, max_norm):
         seen[0] += 1
@@ -81,7 +81,7 @@ def inf_grad_at(monkeypatch, *calls):
             p.grad.view(-1)[0] = float("inf")
         return orig(self, max_norm)
 
-    monkeypatch.setattr(Runtime, "reduce_and_clip", patched)
+    monkeypatch.setattr(ShardedModel, "reduce_and_clip", patched)
 
 
 def drop_batches_at(monkeypatch, call, n=1):
@@ -244,10 +244,10 @@ def _faults_on_two_ranks(rank, world_size, tmp):
     gradient on rank 0 only at the 4th. Returns, per layout, what this rank decided and a
     checksum."""
     import moe.parallel.pipeline as pipeline
-    import moe.parallel.runtime as runtime
+    import moe.parallel.sharded_model as runtime
 
     state = {"step": 0, "runtime": None}
-    fb, rc = Runtime.forward_backward, Runtime.reduce_and_clip
+    fb, rc = ShardedModel.forward_backward, ShardedModel.reduce_and_clip
 
     def forward_backward(self, *args):
         state["step"] += 1
@@ -267,8 +267,8 @@ def _faults_on_two_ranks(rank, world_size, tmp):
 
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Runtime, "forward_backward", forward_backward)
-        mp.setattr(Runtime, "reduce_and_clip", reduce_and_clip)
+        mp.setattr(ShardedModel, "forward_backward", forward_backward)
+        mp.setattr(ShardedModel, "reduce_and_clip", reduce_and_clip)
         mp.setattr(runtime, "lm_loss", nan_on_rank_1(runtime.lm_loss))
         mp.setattr(pipeline, "lm_loss", nan_on_rank_1(pipeline.lm_loss))
         for layout in ("dp", "pp"):

@@ -159,13 +159,13 @@ def _check_autocast(cfg, mesh, x, y):
     must say (torch <= 2.11 checks every stage's outputs against it; 2.13 under DETAIL)."""
     import functools
 
-    from moe.parallel.pipeline import PipelineRuntime
+    from moe.parallel.pipeline import Pipeline
 
     torch.manual_seed(0)
     model = build_model(cfg.model)
     stages = build_stage_models(model, mesh["pp"].get_local_rank(), 2, cfg)
     autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    pipe = PipelineRuntime(stages, mesh["pp"], cfg, (MB, SEQ), N_MICRO, "cpu",
+    pipe = Pipeline(stages, mesh["pp"], cfg, (MB, SEQ), N_MICRO, "cpu",
                            global_batch=GLOBAL, autocast=autocast)
     loss = pipe.step(x, y)
     if pipe.is_last:
@@ -181,7 +181,7 @@ def _check_case(cfg, mesh, x, y, tag):
     mesh: the trainer's, pp=2 and tp=1 or 2. Returns a summary for the parent process.
     """
     from moe.parallel.grads import reduce_gradients
-    from moe.parallel.pipeline import PipelineRuntime, pipeline_forward
+    from moe.parallel.pipeline import Pipeline, pipeline_forward
     from moe.parallel.tensor import apply_tensor_parallel
 
     tp_mesh = mesh["tp"]
@@ -193,7 +193,7 @@ def _check_case(cfg, mesh, x, y, tag):
     for _, part in stages:
         apply_tensor_parallel(part, tp_mesh)  # tp=1: a no-op
     stats = {}
-    pipe = PipelineRuntime(stages, mesh["pp"], cfg, (MB, SEQ), N_MICRO, "cpu",
+    pipe = Pipeline(stages, mesh["pp"], cfg, (MB, SEQ), N_MICRO, "cpu",
                            global_batch=GLOBAL,
                            on_moe_forward=lambda n, layer, share: _add_stats(stats, n, layer,
                                                                              share))

@@ -5,7 +5,7 @@ materialises only its own shards, drawing each value from a generator seeded by 
 parameter name[, expert]) (moe/model/init.py). Checked here: the drawn values do not depend on
 the order or the set of parameters a process holds; a shard drawn alone equals the slice of
 the full parameter; and on 4 gloo ranks, the shards of tp2 x pp2 and dp2 x ep2 (built through
-the trainer's Runtime) are exactly the single-process weights, and no rank allocates the full
+the trainer's ShardedModel) are exactly the single-process weights, and no rank allocates the full
 model.
 """
 
@@ -84,12 +84,12 @@ def test_shard_drawn_alone_equals_slice_of_full(cuts):
 
 def _rank_shards(rank, world_size, overrides):
     from moe.parallel.launch import init_distributed
-    from moe.parallel.runtime import Runtime
+    from moe.parallel.sharded_model import ShardedModel
 
     cfg = load_config(None, overrides)
     dims, _ = init_distributed(cfg)
     model = build_model(cfg.model, "meta")
-    runtime = Runtime(cfg, model, dims, torch.device("cpu"))
+    runtime = ShardedModel(cfg, model, dims, torch.device("cpu"))
     # numpy: pickled by value (tensors would travel as shared-memory handles, one fd each).
     return {name: (p.detach().numpy().copy(), shard_slices(p))
             for part in runtime.parts for name, p in part.named_parameters()}

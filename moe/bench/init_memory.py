@@ -2,7 +2,7 @@
 
 Each rank of the config's layout is a spawned CPU process (gloo, file rendezvous) that builds
 the model the way the trainer does (meta device, parallelism applied, then only this rank's
-shards materialised: ``Runtime``) and reports its peak resident set size (``ru_maxrss``), its
+shards materialised: ``ShardedModel``) and reports its peak resident set size (``ru_maxrss``), its
 parameter bytes and the time the build took. ``--full`` instead measures one process that
 materialises the whole model on the CPU, which is what every rank did before the sharded init.
 No optimizer, no data: the model's own footprint.
@@ -34,7 +34,7 @@ def _rank(rank: int, world: int, store: str, path: str, overrides: list, queue) 
         from moe.config import load_config
         from moe.model import build_model
         from moe.parallel.launch import init_distributed
-        from moe.parallel.runtime import Runtime
+        from moe.parallel.sharded_model import ShardedModel
 
         cfg = load_config(path, overrides)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -42,7 +42,7 @@ def _rank(rank: int, world: int, store: str, path: str, overrides: list, queue) 
         base = _peak_rss_bytes()
         t0 = time.perf_counter()
         dims, _ = init_distributed(cfg)
-        runtime = Runtime(cfg, build_model(cfg.model, "meta"), dims, torch.device("cpu"))
+        runtime = ShardedModel(cfg, build_model(cfg.model, "meta"), dims, torch.device("cpu"))
         seconds = time.perf_counter() - t0
         n = sum(p.numel() for part in runtime.parts for p in part.parameters())
         queue.put((rank, {"params": n, "param_bytes": 4 * n, "peak_rss": _peak_rss_bytes(),

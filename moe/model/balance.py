@@ -12,7 +12,7 @@ underloaded one's rises by u (sign(0) = 0: an expert exactly at the mean keeps i
 Source: Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts"
 (arXiv:2408.15664), used by DeepSeek-V3 (arXiv:2412.19437, "bias update speed" gamma = 0.001).
 
-The loads come from the trainer's ``RoutingAccumulator`` after ``Runtime.reduce_step_metrics``
+The loads come from the trainer's ``RoutingAccumulator`` after ``ShardedModel.reduce_step_metrics``
 summed it over all ranks, so every rank of every layout sees the same integer counts and makes
 the same update: the bias is replicated and never needs to be communicated. A rank updates only
 the layers it holds (a pipeline rank without MoE layers updates nothing).

@@ -10,7 +10,7 @@ torch.distributed):
     expert.py        the experts' all-to-all
     pipeline.py      stages and schedules
     grads.py         gradient reduction over data ranks, the global grad norm, reduced metrics
-    runtime.py       a training step and eval on this rank's parts
+    sharded_model.py ShardedModel: this rank's parts, a training step and eval on them
     rng.py           every rank's random generators in a checkpoint
     activation_checkpoint.py   full or selective recomputation
 """

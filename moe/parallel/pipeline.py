@@ -9,7 +9,7 @@ checkpoints, tensor and expert parallelism.
 
     stages = build_stage_models(model, pp_rank, pp, cfg)       # [(stage_index, module)]
     ... tensor / expert parallelism applied to each stage module ...
-    pipe = PipelineRuntime(stages, mesh["pp"], cfg, (mb, S), n_micro, device, global_batch=B,
+    pipe = Pipeline(stages, mesh["pp"], cfg, (mb, S), n_micro, device, global_batch=B,
                            on_moe_forward=callback)    # callback(layer_name, moe_layer, share)
     loss = pipe.step(x_local, y_local)   # last stage: sum over micro-batches of CE * share
     logits = pipeline_forward(pipe, x)   # eval: forward only, logits on the last stage
@@ -210,10 +210,10 @@ def build_schedule(stage_models: list[tuple[int, nn.Module]], pp_mesh, cfg: Conf
 
 
 # ---------------------------------------------------------------------------------------------
-# Runtime
+# The pipeline a ShardedModel runs: stages, schedule, one step
 
 
-class PipelineRuntime:
+class Pipeline:
     """This rank's stage modules, their schedule, and one training step over micro-batches.
 
     stage_models: from ``build_stage_models`` (after any tensor / expert parallelism).
@@ -291,7 +291,7 @@ class PipelineRuntime:
         if share is not None:
             self.share = share
         if self.share is None:
-            raise ValueError("PipelineRuntime.step needs share= (or global_batch= at build)")
+            raise ValueError("Pipeline.step needs share= (or global_batch= at build)")
         expected = (self.n_microbatches * self.micro_batch_shape[0], self.micro_batch_shape[1])
         for name, t, needed in (("x", x_local, self.is_first), ("y", y_local, self.is_last)):
             if needed and (t is None or tuple(t.shape) != expected):
@@ -311,7 +311,7 @@ class PipelineRuntime:
 
 
 @torch.no_grad()
-def pipeline_forward(pipe: PipelineRuntime, x: torch.Tensor) -> torch.Tensor | None:
+def pipeline_forward(pipe: Pipeline, x: torch.Tensor) -> torch.Tensor | None:
     """Forward only, for evaluation or generation: logits [B, S, vocab] on the rank holding the
     last stage, None elsewhere. Every pp rank calls it with the same x (any batch size).
 

@@ -1,11 +1,11 @@
 """The training loop: data, model, AdamW, schedule, eval, checkpoints, logs.
 
-The same loop runs in one process and under ``torchrun`` with any tp x pp x dp x ep layout;
-what differs per layout lives in ``moe.parallel.runtime.Runtime``. Every rank builds the model's
-shapes on the meta device and reads the same global batch; the runtime materialises this
-rank's part of the model (the values a single process would draw from train.seed) and of the
-batch. Running again with the same ``train.run_dir`` resumes from its latest checkpoint
-and continues exactly as an unbroken run would (model, optimizer, data position, RNG), also on
+The same loop runs in one process and under ``torchrun`` with any tp x pp x dp x ep layout; what
+differs per layout lives in ``moe.parallel.sharded_model.ShardedModel``. Every rank builds the
+model's shapes on the meta device and reads the same global batch; the ShardedModel materialises
+this rank's part of the model (the values a single process would draw from train.seed) and of
+the batch. Running again with the same ``train.run_dir`` resumes from its latest checkpoint and
+continues exactly as an unbroken run would (model, optimizer, data position, RNG), also on
 another layout.
 
 ``train.init_from`` starts a new run from another run's weights (fresh optimizer, schedule and
@@ -39,7 +39,7 @@ from moe.model.balance import update_expert_biases
 from moe.optim import apply_hyperparameters, batch_size_at, build_optimizer, lr_at
 from moe.parallel.launch import init_distributed
 from moe.parallel.rng import restore_rng_state, rng_state
-from moe.parallel.runtime import Runtime, moe_layer_names
+from moe.parallel.sharded_model import ShardedModel, moe_layer_names
 from moe.train import run_lock
 from moe.train.init_from import load_init_weights, resolve_init_from
 from moe.train.metrics import MetricsLogger, RoutingAccumulator
@@ -119,7 +119,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     torch.manual_seed(tc.seed)  # the global RNG: router jitter
     # Shapes only (meta device): the runtime materialises this rank's part, drawn from
     # train.seed by parameter name, so every layout and device starts from the same weights.
-    runtime = Runtime(cfg, task.build_model("meta"), dims, device,
+    runtime = ShardedModel(cfg, task.build_model("meta"), dims, device,
                       autocast=lambda: autocast_context(device, tc.dtype))
     main = runtime.is_main
     task.prepare(runtime)  # e.g. vision.freeze_text: before the optimizer sees the parameters

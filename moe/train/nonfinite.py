@@ -1,7 +1,7 @@
 """What a step with a non-finite loss or gradient does: ``train.on_nonfinite``.
 
 The trainer checks every step before ``optimizer.step()``: the loss (summed over all ranks by
-``Runtime.reduce_step_metrics``, so under pipeline parallelism the last stage's NaN reaches
+``ShardedModel.reduce_step_metrics``, so under pipeline parallelism the last stage's NaN reaches
 every stage) and the global gradient norm (reduced over every shard by
 ``moe.parallel.grads.grad_norm``, so an inf in one parameter's gradient on one rank makes the
 norm inf on all). Both numbers are identical on every rank, so every rank takes the same

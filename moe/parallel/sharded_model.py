@@ -25,14 +25,14 @@ from moe.parallel.mesh import ParallelDims
 from moe.parallel.parallelize import parallelize
 from moe.train.metrics import RoutingAccumulator
 
-__all__ = ["Runtime", "moe_layer_names"]
+__all__ = ["ShardedModel", "moe_layer_names"]
 
 
 def moe_layer_names(cfg: Config) -> list[str]:
     return [str(i) for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
 
 
-class Runtime:
+class ShardedModel:
     def __init__(self, cfg: Config, model: nn.Module, dims: ParallelDims | None = None,
                  device: torch.device | None = None,
                  autocast: Callable[[], AbstractContextManager] | None = None):
@@ -53,7 +53,7 @@ class Runtime:
         self._forward = self.parts[0]  # torch.compile'd by compile(); parts keep their names
         steps = done.steps
         if self.dims.pp > 1:
-            from moe.parallel.pipeline import PipelineRuntime
+            from moe.parallel.pipeline import Pipeline
 
             local = cfg.train.batch_size // self.dims.data_shards
             n_micro = self.dims.pp_microbatches(cfg)
@@ -61,7 +61,7 @@ class Runtime:
                 steps.append(f"pipeline: {n_micro} micro-batches of {local // n_micro} "
                              f"sequences (chosen: parallel.pp_microbatches unset)")
             self.n_micro = n_micro
-            self.pipeline = PipelineRuntime(
+            self.pipeline = Pipeline(
                 list(zip(self.stage_ids, self.parts)), self.dims.mesh("pp"), cfg,
                 (local // n_micro, cfg.data.seq_len), n_micro, self.device,
                 global_batch=cfg.train.batch_size, on_moe_forward=self._on_moe_forward,
