@@ -33,7 +33,7 @@ import torch
 from moe.checkpoint import CheckpointError, load_model
 from moe.cli import add_model_source
 from moe.data import EOT_ID, BPETokenizer
-from moe.device import resolve_device
+from moe.device import resolve_device, set_threads
 from moe.inference import Engine, SamplingParams
 from moe.inference.speculative import SpeculativeDecoder
 
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", action="store_true",
                    help="decode all prompts together; print each when done")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--draft", default=None, metavar="RUN",
                    help="speculative decoding: a draft model's run, step folder or file")
     p.add_argument("--draft-tokens", type=int, default=4,
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                                 stop_tokens=() if args.ignore_eot else (EOT_ID,))
         prompts = read_prompts(args)
         device = resolve_device(args.device)
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         loaded = load_model(args.checkpoint or args.run, device=device)
         spec = None
         if args.draft:

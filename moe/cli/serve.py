@@ -22,12 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from moe.checkpoint import CheckpointError, load_model
 from moe.cli import add_model_source
 from moe.data import BPETokenizer
-from moe.device import resolve_device
+from moe.device import resolve_device, set_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests waiting for a slot beyond which new ones get a 429")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
     return p
 
@@ -71,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         device = resolve_device(args.device)
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         loaded = load_model(args.checkpoint or args.run, device=device)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)

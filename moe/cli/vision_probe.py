@@ -27,6 +27,7 @@ import torch
 
 from moe.checkpoint import CheckpointError, load_model
 from moe.config import ConfigError, load_config
+from moe.device import set_threads
 from moe.vision import data as vdata
 from moe.vision import probe as vprobe
 from moe.vision.model import build_vision_model
@@ -95,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.vision.enabled:
             raise ConfigError("the probe needs a vision config (vision.enabled: true), e.g. "
                               "configs/vision_tiny.yaml")
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         vc, mc = cfg.vision, cfg.model
         data = vdata.load_or_build(cfg.data.cache_dir, vc.n_train, vc.n_val, vc.n_heldout,
                                    vc.data_seed, vc.image_size, vc.max_objects)

@@ -44,9 +44,8 @@ def rng_state(dims: ParallelDims, device: torch.device) -> dict:
     return {**ranks[0], "layout": list(dims.shape), "ranks": ranks}
 
 
-def restore_rng_state(rng: dict, dims: ParallelDims, device: torch.device) -> str:
-    """Set this rank's generators from a checkpoint's ``rng`` (see the module doc); returns
-    ``"per-rank"`` or ``"rank 0's"``, which state was taken."""
+def restore_rng_state(rng: dict, dims: ParallelDims, device: torch.device) -> None:
+    """Set this rank's generators from a checkpoint's ``rng`` (see the module doc)."""
     rank = dist.get_rank() if dims.mesh() is not None else 0
     ranks = rng.get("ranks")
     same = ranks is not None and rng.get("layout") == list(dims.shape) and len(ranks) > rank
@@ -54,4 +53,3 @@ def restore_rng_state(rng: dict, dims: ParallelDims, device: torch.device) -> st
     torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-    return "per-rank" if same else "rank 0's"
