@@ -140,3 +140,42 @@ def test_refuses_non_empty_folder_and_run_without_tokenizer(run, exported, tmp_p
     small = build_model(load_config(None, TINY + ["--model.vocab_size=300"]).model)
     with pytest.raises(ExportError, match="more than model.vocab_size=300"):
         export_hf(small, tmp_path / "small", BPETokenizer.load(tok_path))
+
+
+def test_the_exported_chat_template_gives_the_servers_token_ids(exported, run, ours, tmp_path):
+    """apply_chat_template on the export renders what moe-serve renders (moe/data/chat.py)
+    and tokenizes it to the same ids; a run's own chat_template.jinja travels with it."""
+    from moe.data.chat import load_chat_template, render_chat
+
+    messages = [{"role": "system", "content": "héllo"}, {"role": "user", "content": "def f("},
+                {"role": "assistant", "content": "x):\n  return 0"},
+                {"role": "user", "content": "again"}]
+    tok = transformers.AutoTokenizer.from_pretrained(exported, local_files_only=True)
+    for gen_prompt in (True, False):
+        got = tok.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=True,
+                                      return_dict=False)
+        assert list(got) == ours.encode(render_chat(messages, add_generation_prompt=gen_prompt))
+    custom = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (tmp_path / "tok").mkdir()
+    shutil.copy(cache_folder(run) / "tokenizer.json", tmp_path / "tok" / "tokenizer.json")
+    (tmp_path / "tok" / "chat_template.jinja").write_text(custom)
+    template = load_chat_template(tmp_path / "tok" / "tokenizer.json")
+    assert template == custom
+    out = export_hf(load_model(run.train.run_dir).model, tmp_path / "hf", ours,
+                    chat_template=template)
+    tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tok.apply_chat_template(messages[:2], tokenize=False) == \
+        "[system] héllo\n[user] def f(\n" == render_chat(messages[:2], custom)
+
+
+def test_a_broken_or_missing_chat_template_is_refused_by_name(tmp_path):
+    from moe.data.chat import CHAT_TEMPLATE, load_chat_template
+
+    assert load_chat_template(tmp_path / "tokenizer.json") == CHAT_TEMPLATE  # none beside it
+    assert load_chat_template(None) == CHAT_TEMPLATE
+    with pytest.raises(FileNotFoundError, match="missing.jinja"):
+        load_chat_template(None, tmp_path / "missing.jinja")
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match="bad.jinja does not compile"):
+        load_chat_template(None, bad)

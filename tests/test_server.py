@@ -179,8 +179,11 @@ BAD = [({"max_tokens": -1}, "max_tokens"),
        ({"prompt": []}, "prompt"),
        ({"prompt": ["def ", [5]]}, "prompt"),  # strings and token ids mixed
        ({"n": 0}, "n"),
-       ({"logprobs": 1}, "logprobs"),
-       ({"echo": True}, "echo"),
+       ({"logprobs": 21}, "logprobs"),  # at most 20, as vLLM
+       ({"logprobs": -1}, "logprobs"),
+       ({"echo": "yes"}, "echo"),
+       ({"suffix": "x"}, "suffix"),
+       ({"best_of": 2}, "best_of"),
        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options")]
 
 
@@ -215,11 +218,11 @@ def test_a_failed_step_fails_its_requests_and_the_server_goes_on(served):
     engine = app.state.server.engine
     prefill, calls = engine.prefill, []
 
-    def broken_once(*args):
+    def broken_once(*args, **kw):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("injected fault")
-        return prefill(*args)
+        return prefill(*args, **kw)
 
     engine.prefill = broken_once
     body = {"model": "tiny", "prompt": "def ", "max_tokens": 5, "temperature": 0}
@@ -527,3 +530,178 @@ def test_metrics_count_outcomes_tokens_and_steps_and_a_full_queue_gets_a_429(ser
     assert samples[("moe_requests_waiting", ())] == 0
     assert samples[("moe_requests_running", ())] == 0
     assert samples[("moe_step_seconds_count", ())] >= 4  # a prefill and 3 decodes at least
+
+
+# --- logprobs, echo, chat, timeouts (what clients such as lm-eval send) ------------------------
+
+
+def full_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the model's full (uncached) forward: row i scores token i + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).float()[0], -1)
+
+
+def test_echo_and_logprobs_are_the_models_own_in_openai_shape(served, client):
+    """echo + logprobs (lm-eval's loglikelihood request): the prompt's tokens first, the
+    first with null, then each token's log-probability under the full forward (to 1e-5),
+    top lists of N + the chosen token, text offsets over the tokens' texts."""
+    _, model, tok, _ = served
+    prompt = "def main(argv):\n"
+    ids = tok.encode(prompt)
+    text, _ = alone(model, tok, prompt, 3)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
+                                  echo=True, logprobs=2)
+    c = r.choices[0]
+    assert c.text == prompt + text
+    lp = c.logprobs
+    made = Engine(model, 1).generate([ids], SamplingParams(max_new_tokens=3, temperature=0))[0]
+    seq = ids + made
+    ref = full_logprobs(model, seq)
+    assert lp.tokens == [tok.decode([t]) for t in seq]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = ref[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-5)
+    for i in range(1, len(seq)):
+        top = lp.top_logprobs[i]
+        best = ref[i - 1].topk(2).indices.tolist()
+        assert set(top) == {tok.decode([t]) for t in best} | {lp.tokens[i]}
+        assert abs(top[tok.decode([best[0]])] - ref[i - 1].max().item()) < 1e-5
+    offsets = [0]
+    for t in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    assert lp.text_offset == offsets
+    # Greedy: every generated token is its row's argmax (lm-eval's is_greedy holds).
+    assert all(lp.token_logprobs[i] == max(lp.top_logprobs[i].values())
+               for i in range(len(ids), len(seq)))
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=3,
+                                      temperature=0, logprobs=0)
+    assert plain.choices[0].logprobs.token_logprobs == lp.token_logprobs[len(ids):]
+    assert plain.choices[0].logprobs.text_offset[0] == 0  # offsets into this choice's text
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(served, client):
+    """lm-eval also sends max_tokens 0: a prefill, the prompt's logprobs, no token made;
+    a batch of token-id prompts (as lm-eval batches them) gets one choice each."""
+    url, model, tok, _ = served
+    prompts = [tok.encode("class Foo:\n    pass\n"), tok.encode("x = 1\n"), [5]]
+    r = client.completions.create(model="tiny", prompt=prompts, max_tokens=0, temperature=0,
+                                  echo=True, logprobs=1)
+    assert r.usage.completion_tokens == 0
+    assert r.usage.prompt_tokens == sum(len(p) for p in prompts)
+    for c, ids in zip(r.choices, prompts):
+        assert c.text == tok.decode(ids) and c.finish_reason == "length"
+        ref = full_logprobs(model, ids)
+        want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:], dtype=torch.long)]
+        assert len(c.logprobs.token_logprobs) == len(ids)
+        assert c.logprobs.token_logprobs[0] is None
+        assert torch.allclose(torch.tensor(c.logprobs.token_logprobs[1:]), want, atol=1e-5)
+    echo_only = httpx.post(url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "def ", "max_tokens": 0, "echo": True}).json()
+    assert echo_only["choices"][0]["text"] == "def " and echo_only["choices"][0]["logprobs"] is None
+
+
+def test_streamed_logprobs_add_up_to_the_non_streamed(served, client):
+    _, model, tok, _ = served
+    kw = dict(model="tiny", prompt="héllo", max_tokens=8, temperature=0, logprobs=2)
+    for echo in (False, True):
+        full = client.completions.create(echo=echo, **kw).choices[0]
+        tokens, lps, offsets, text = [], [], [], ""
+        for chunk in client.completions.create(echo=echo, stream=True, **kw):
+            c = chunk.choices[0]
+            text += c.text
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                lps += c.logprobs.token_logprobs
+                offsets += c.logprobs.text_offset
+        assert text == full.text
+        assert (tokens, lps, offsets) == (full.logprobs.tokens, full.logprobs.token_logprobs,
+                                          full.logprobs.text_offset)
+
+
+def test_chat_completions_render_the_template_and_answer_as_a_completion(served, client):
+    """The chat endpoint feeds the model the chat template's text (moe/data/chat.py) and
+    answers what the completions endpoint answers for that text: plain, streamed, n = 2,
+    with logprobs in the chat shape."""
+    from moe.data.chat import render_chat
+
+    _, model, tok, _ = served
+    messages = [{"role": "system", "content": "x"}, {"role": "user", "content": "def"}]
+    text = render_chat(messages)
+    assert text == "<|system|>\nx\n<|user|>\ndef\n<|assistant|>\n"
+    want = alone(model, tok, text, 6)
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                       temperature=0, n=2, logprobs=True, top_logprobs=2)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert [(c.message.role, c.message.content, c.finish_reason) for c in r.choices] == [
+        ("assistant", *want)] * 2
+    assert r.usage.prompt_tokens == len(tok.encode(text))
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens // 2
+    assert all(len(e.top_logprobs) == 2 and e.logprob == e.top_logprobs[0].logprob
+               for e in content)  # greedy: the chosen token is the top one
+    assert content[0].bytes == list(content[0].token.encode())
+    pieces, roles, reasons = "", [], []
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                                temperature=0, stream=True):
+        assert chunk.object == "chat.completion.chunk"
+        d = chunk.choices[0].delta
+        roles.append(d.role)
+        pieces += d.content or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert pieces == want[0] and roles[0] == "assistant" and reasons[-1] == want[1]
+    assert r.choices[0].message.content == client.completions.create(
+        model="tiny", prompt=text, max_tokens=6, temperature=0).choices[0].text
+
+
+CHAT_BAD = [({"messages": []}, "messages"),
+            ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+            ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                          "image_url": {"url": "x"}}]}]},
+             "messages"),
+            ({"tools": [{"type": "function"}]}, "tools"),
+            ({"top_logprobs": 2}, "top_logprobs"),
+            ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+            ({"max_tokens": 4, "max_completion_tokens": 5}, "max_tokens"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"prompt": "x"}, "prompt")]
+
+
+def test_bad_chat_requests_get_a_400(served):
+    url = served[0]
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    for change, param in CHAT_BAD:
+        r = httpx.post(url + "/v1/chat/completions", json={**base, **change}, timeout=60)
+        assert r.status_code == 400, (change, r.text)
+        assert r.json()["error"]["param"] == param, (change, r.text)
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        **base, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+    assert r.status_code == 200  # text parts are content too
+
+
+def test_a_request_past_the_timeout_gets_a_504_and_frees_its_slot(served):
+    from fastapi.testclient import TestClient
+
+    _, model, tok, _ = served
+    app = build_app(model, tok, n_slots=1, model_name="tiny", request_timeout=0.2)
+    loop = app.state.server.loop
+    step = loop.scheduler.step
+
+    def slow_step():
+        time.sleep(0.05)
+        return step()
+
+    loop.scheduler.step = slow_step
+    body = {"model": "tiny", "prompt": "def ", "max_tokens": 40, "temperature": 0,
+            "ignore_eos": True}
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        lines = [ln for ln in c.post("/v1/completions", json={**body, "stream": True}
+                                     ).iter_lines() if ln]
+        assert "request_timeout" in lines[-1] and "[DONE]" not in lines[-1]
+        deadline = time.time() + 5
+        while (loop.scheduler.running or loop.scheduler.queue) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not loop.scheduler.running and not loop.scheduler.queue
+        r = c.post("/v1/completions", json={**body, "max_tokens": 2})
+        assert r.status_code == 200

@@ -2,13 +2,16 @@
 
     python scripts/serve.py --run runs/tiny [--port 8000] [--host 127.0.0.1] [--slots 8]
         [--model-name NAME] [--checkpoint PATH] [--device auto] [--threads 0]
+        [--max-waiting 256] [--request-timeout S] [--chat-template FILE]
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny", "prompt": "def ", "max_tokens": 32, "temperature": 0}'
 
 ``--run``: a run folder (its newest good checkpoint), a ``step_*`` folder or a consolidated
 file. The model is served as ``--model-name`` (default: the run folder's name) at
-``/v1/completions`` (streaming with ``"stream": true``) and listed at ``/v1/models``.
+``/v1/completions`` and ``/v1/chat/completions`` (streaming with ``"stream": true``) and
+listed at ``/v1/models`` (with its context, ``max_model_len``: pass it to lm-eval as
+``max_length``).
 ``--slots``: KV-cache slots, the most requests decoded together; more wait in a queue and are
 admitted as others finish. ``--draft RUN`` (speculative decoding) is not yet used with
 continuous batching (moe/inference/speculative.py decodes one sequence at a time): the server
@@ -25,6 +28,7 @@ from pathlib import Path
 from moe.checkpoint import CheckpointError, load_model
 from moe.cli import add_model_source
 from moe.data import BPETokenizer
+from moe.data.chat import load_chat_template
 from moe.device import resolve_device, set_threads
 
 
@@ -44,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "batching (refused)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests waiting for a slot beyond which new ones get a 429")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take before it is cancelled and answered "
+                        "with a 504 (default: no limit)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file for /v1/chat/completions (default: the "
+                        "run's chat_template.jinja beside its tokenizer.json, else the "
+                        "built-in one, moe/data/chat.py)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
@@ -59,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.slots < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
         print(f"error: --slots {args.slots} must be >= 1, --max-waiting {args.max_waiting} "
               f">= 0 and --port {args.port} in [0, 65535]", file=sys.stderr)
+        return 2
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        print(f"error: --request-timeout {args.request_timeout} must be > 0 seconds (leave it "
+              "out for no limit)", file=sys.stderr)
         return 2
     try:
         import uvicorn
@@ -78,11 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no tokenizer.json for {loaded.checkpoint} (neither in its run folder nor "
               "in its data cache)", file=sys.stderr)
         return 2
+    try:
+        template = load_chat_template(loaded.tokenizer, args.chat_template)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run = Path(args.run)
     name = args.model_name or (run.stem if run.is_file() else run.resolve().name)
     try:  # e.g. a model whose routing is not causal: the engine refuses it
         app = build_app(loaded.model, BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
-                        model_name=name, max_waiting=args.max_waiting)
+                        model_name=name, max_waiting=args.max_waiting,
+                        chat_template=template, request_timeout=args.request_timeout)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,7 +46,8 @@ fresh model's forward of one length (HF keeps a grown table for later calls; our
 
 Tokenizer: ``export_hf(..., tokenizer=...)`` (and ``export_checkpoint``, which finds the run's
 tokenizer in its data cache) also writes our byte-level BPE as a ``PreTrainedTokenizerFast``
-(tokenizer.json + tokenizer_config.json) and sets bos = eos = pad = unk = ``<|endoftext|>`` (id 0)
+(tokenizer.json + tokenizer_config.json, with the server's chat template, moe/data/chat.py)
+and sets bos = eos = pad = unk = ``<|endoftext|>`` (id 0)
 in config.json and generation_config.json, so ``AutoTokenizer``, ``MixtralForCausalLM`` and
 ``pipeline("text-generation")`` load the folder with no download. ``split_special_tokens`` is on,
 as in ours: text containing the literal ``<|endoftext|>`` encodes as bytes, never as id 0.
@@ -62,6 +63,7 @@ from typing import Any
 import torch
 
 from moe.config import ModelConfig
+from moe.data.chat import CHAT_TEMPLATE, load_chat_template
 from moe.model.router import RouterBase, check_causal
 
 
@@ -258,7 +260,7 @@ def hf_tokenizer(tokenizer, max_seq_len: int):
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
-              **config_overrides: Any) -> Path:
+              chat_template: str | None = None, **config_overrides: Any) -> Path:
     """Write ``model`` as a Hugging Face Mixtral folder (``config.json``, safetensors,
     ``generation_config.json`` and, given our ``BPETokenizer``, the tokenizer files) that
     ``MixtralForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer`` load. ``out_dir`` must
@@ -272,6 +274,8 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
         ids = dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id"), tokenizer.eot_id)
         config_overrides = {**ids, **config_overrides}
         hf_tok = hf_tokenizer(tokenizer, model.cfg.max_seq_len)
+        # The server's template (moe/data/chat.py): apply_chat_template gives its token ids.
+        hf_tok.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
     hf = to_mixtral_model(model, **config_overrides)
     # Built from config.json's ids, so generate() stops at and pads with <|endoftext|>.
     hf.generation_config = _require_transformers().GenerationConfig.from_model_config(hf.config)
@@ -309,4 +313,5 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
                 f"no tokenizer for {checkpoint}: {cache_folder(loaded.cfg) / TOKENIZER} (from "
                 "its data.cache_dir and data settings) does not exist; run from the folder "
                 "training ran in, or pass --tokenizer PATH/tokenizer.json")
-    return export_hf(loaded.model, out_dir, BPETokenizer.load(tokenizer_path))
+    return export_hf(loaded.model, out_dir, BPETokenizer.load(tokenizer_path),
+                     chat_template=load_chat_template(tokenizer_path))

@@ -100,8 +100,11 @@ class Engine:
         self.cache.advance(slots, [tokens.shape[1]] * len(slots) if n_valid is None else n_valid)
         return logits
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Reset ``slots`` and feed each its prompt; returns logits [B, V] after each prompt."""
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], *,
+                every_position: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Reset ``slots`` and feed each its prompt; returns logits [B, V] after each prompt,
+        or with ``every_position`` a list of [len(prompt), V] (row i predicts token i + 1: what
+        prompt log-probabilities, OpenAI's ``echo``, are read from)."""
         slots = list(slots)
         if len(prompts) != len(slots):
             raise ValueError(f"{len(prompts)} prompts for {len(slots)} slots")
@@ -110,13 +113,17 @@ class Engine:
             self.reset(s)
         if self.capacity_factor is not None and len(prompts) > 1:
             # Padding would compete for capacity: one prompt at a time.
-            return torch.cat([self.prefill([s], [p]) for s, p in zip(slots, prompts)])
+            rows = [self.prefill([s], [p], every_position=every_position)
+                    for s, p in zip(slots, prompts)]
+            return [r[0] for r in rows] if every_position else torch.cat(rows)
         lengths = [len(p) for p in prompts]
         width = max(lengths)
         tokens = torch.zeros(len(prompts), width, dtype=torch.long)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p)
         logits = self.forward(slots, tokens, n_valid=lengths)
+        if every_position:
+            return [logits[b, :n] for b, n in enumerate(lengths)]
         last = torch.tensor(lengths, device=logits.device) - 1
         return logits[torch.arange(len(prompts), device=logits.device), last]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -120,3 +121,32 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     if params.greedy:
         return logits.argmax(-1)
     return sample_from(probs(logits, params), generator)
+
+
+class TokenLogprob(NamedTuple):
+    """One token's log-probability under the model, and the ``top`` most likely tokens there
+    as (id, logprob) pairs, most likely first (ties by id)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int] | torch.Tensor,
+                   top_n: int = 0) -> list[TokenLogprob]:
+    """logits [N, V] (row i's distribution over the token at i) and the N tokens that came:
+    each one's log-probability under the model's own distribution (log_softmax of the raw
+    logits in fp32, before temperature, top-k/top-p or min_tokens: what the model says,
+    as vLLM's default ``raw_logprobs``), with the ``top_n`` most likely tokens."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logp = torch.log_softmax(logits.float(), -1)
+    tokens = torch.as_tensor(tokens, device=logp.device).view(-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0].tolist()
+    if top_n > 0:
+        # Stable descending sort: equal log-probabilities keep id order, whatever the device.
+        values, ids = torch.sort(logp, dim=-1, descending=True, stable=True)
+        values, ids = values[:, :top_n].tolist(), ids[:, :top_n].tolist()
+    else:
+        values = ids = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, tuple(zip(i, v)))
+            for t, lp, i, v in zip(tokens.tolist(), chosen, ids, values)]

@@ -38,7 +38,13 @@ from dataclasses import dataclass, field
 import torch
 
 from moe.inference.engine import Engine
-from moe.inference.sampling import SamplingParams, sample, suppress_stops
+from moe.inference.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    sample,
+    suppress_stops,
+    token_logprobs,
+)
 
 
 @dataclass(eq=False)
@@ -50,6 +56,11 @@ class Request:
     seed: int | None = None  # draws from a torch.Generator seeded with this (None: global RNG)
     stop_strings: tuple[str, ...] = ()
     id: Hashable = None
+    # With each generated token, its log-probability and the ``logprobs`` most likely tokens
+    # (None: none). ``prompt_logprobs``: the same for every prompt token but the first
+    # (OpenAI's echo; with ``max_new_tokens`` 0 the request is a prefill and nothing else).
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
     # --- state ---
     tokens: list[int] = field(default_factory=list)  # generated so far (a stop token included)
     text: str = ""  # with a detokenize: the text of ``tokens``, cut before a stop string
@@ -58,6 +69,8 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     slot: int | None = None  # the cache slot while running
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token made
+    prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt[1:]
     generator: torch.Generator | None = field(default=None, repr=False)
 
     @property
@@ -91,7 +104,13 @@ class Scheduler:
             raise ValueError(f"stop strings {request.stop_strings!r} must be non-empty str")
         if request.seed is not None and request.generator is None:
             request.generator = torch.Generator().manual_seed(request.seed)
-        if request.params.max_new_tokens == 0:  # nothing to generate: finished, never queued
+        if request.logprobs is not None and not 0 <= request.logprobs <= \
+                self.engine.cfg.vocab_size:
+            raise ValueError(f"logprobs={request.logprobs} must be in [0, vocab_size]")
+        if request.prompt_logprobs and request.logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (how many top tokens: 0 or more)")
+        if request.params.max_new_tokens == 0 and not request.prompt_logprobs:
+            # nothing to generate or to score: finished, never queued
             request.finish_reason = "length"
             return request
         self.queue.append(request)
@@ -128,8 +147,22 @@ class Scheduler:
             new.append(r)
         logits: dict[int, torch.Tensor] = {}
         if new:
-            out = self.engine.prefill([r.slot for r in new], [r.prompt for r in new])
+            if any(r.prompt_logprobs for r in new):
+                out = self.engine.prefill([r.slot for r in new], [r.prompt for r in new],
+                                          every_position=True)
+                for r, rows in zip(new, out):
+                    if r.prompt_logprobs:  # row i scores prompt token i + 1
+                        r.prompt_token_logprobs = token_logprobs(rows[:-1], r.prompt[1:],
+                                                                 r.logprobs)
+                out = [rows[-1] for rows in out]
+            else:
+                out = self.engine.prefill([r.slot for r in new], [r.prompt for r in new])
             logits.update(zip((r.slot for r in new), out))
+            for r in [r for r in new if r.params.max_new_tokens == 0]:  # scored, nothing more
+                r.finish_reason = "length"
+                self._release(r)
+                changed.append(r)
+                new.remove(r)
         fits = [r for r in decoding if self.engine.length(r.slot) < self.engine.max_len]
         if fits:
             out = self.engine.decode([r.slot for r in fits], [r.tokens[-1] for r in fits])
@@ -142,8 +175,11 @@ class Scheduler:
         for r, tok in zip(active, self._sample(active, logits)):
             if tok is None:  # its sampling failed: it alone ends, with the reason
                 self._release(r)
-            else:
-                self._append(r, tok)
+                changed.append(r)
+                continue
+            if r.logprobs is not None:
+                r.token_logprobs += token_logprobs(logits[r.slot][None], [tok], r.logprobs)
+            self._append(r, tok)
             changed.append(r)
         return changed
 

@@ -5,27 +5,33 @@
 
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")
     client.completions.create(model="tiny", prompt="def ", max_tokens=32, temperature=0)
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
 
-Endpoints: ``POST /v1/completions`` (OpenAI's legacy completions API), ``GET /v1/models``,
-``GET /health``. As in vLLM's OpenAI entrypoint, one engine loop runs the scheduler in a
-background thread; every HTTP request (and every prompt of a list) becomes a scheduler request,
-so concurrent requests share decode steps, and each handler awaits its tokens through an
-asyncio queue the loop feeds. ``stream: true`` answers with server-sent events, one
-``text_completion`` chunk per piece of text, then ``data: [DONE]``.
+Endpoints: ``POST /v1/completions`` (OpenAI's legacy completions API), ``POST
+/v1/chat/completions`` (messages rendered by the chat template, moe/data/chat.py), ``GET
+/v1/models`` (with ``max_model_len``, the context, as vLLM reports it), ``GET /health``, ``GET
+/metrics`` (Prometheus text). As in vLLM's OpenAI entrypoint, one engine loop runs the
+scheduler in a background thread; every HTTP request (and every prompt of a list, every one
+of ``n`` choices) becomes a scheduler request, so concurrent requests share decode steps, and
+each handler awaits its tokens through an asyncio queue the loop feeds. ``stream: true``
+answers with server-sent events, one chunk per piece of text, then ``data: [DONE]``.
 
-What a request may ask (``CompletionRequest``): ``prompt`` as a string, a list of strings, a
-list of token ids or a list of such lists (one choice each, ``index`` in order); ``max_tokens``
-(default 16; null: up to the context), ``temperature`` (0: greedy), ``top_p``, ``top_k`` (an
-extension, as vLLM's), ``stop`` (up to 4 strings, not returned), ``seed`` (the request's own
-generator: same seed, same tokens, whatever else is running; choice i of a prompt list draws
-from seed + i), ``temperature`` / ``top_p`` / ``top_k`` / ``n`` null (the default), a
-temperature below 1e-5 (greedy, as vLLM), ``stream``, ``stream_options.include_usage``,
-``user``. Generation also stops at ``<|endoftext|>`` (finish_reason "stop", not returned). ``n``
-choices per prompt (prompt-major, decoded together in the batch); vLLM's ``stop_token_ids``,
-``ignore_eos`` and ``min_tokens``. Refused with a 400: ``best_of`` > 1, ``echo``, ``logprobs``,
-``suffix``, ``logit_bias``, nonzero penalties, unknown fields, wrong types, a prompt plus
-``max_tokens`` longer than the context. Errors have OpenAI's shape: ``{"error": {"message",
-"type", "param", "code"}}``.
+What a request may ask (moe/inference/protocol.py): ``prompt`` as a string, a list of
+strings, a list of token ids or a list of such lists (one choice each, ``index`` in order);
+``max_tokens`` (default 16 for completions; null: up to the context), ``temperature`` (0:
+greedy; below 1e-5 greedy too, as vLLM), ``top_p``, ``top_k`` (vLLM's extension), ``stop``
+(up to 4 strings, not returned), ``seed`` (the request's own generator: same seed, same
+tokens, whatever else is running; choice i of a prompt list, or of ``n``, draws from seed +
+i), ``n`` (prompt-major), ``logprobs`` (top-N, N <= 20) and ``echo`` (the prompt first, with
+its tokens' logprobs: what lm-evaluation-harness sends, ``max_tokens`` 0 or 1), ``stream``,
+``stream_options.include_usage``, ``user``, vLLM's ``stop_token_ids``, ``ignore_eos`` and
+``min_tokens``; chat takes ``messages``, ``max_completion_tokens``, ``logprobs`` with
+``top_logprobs``. Generation also stops at ``<|endoftext|>`` (finish_reason "stop", not in
+the text). Refused with a 400: ``best_of`` > 1, ``suffix``, ``logit_bias``, nonzero
+penalties, tools, unknown fields, wrong types, a prompt plus ``max_tokens`` longer than the
+context. Errors have OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+Past ``max_waiting`` waiting requests a new one gets a 429; past ``request_timeout`` seconds
+a request is cancelled and answered with a 504 (a stream with an error chunk).
 """
 
 from __future__ import annotations
@@ -41,93 +47,32 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 from torch import nn
 
+from moe.data.chat import CHAT_TEMPLATE, render_chat
 from moe.inference.engine import Engine
 from moe.inference.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from moe.inference.metrics import ServerMetrics
+from moe.inference.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionLogprobs,
+    CompletionRequest,
+    Generation,
+    chat_logprobs,
+    generation,
+    refuse_unsupported,
+)
 from moe.inference.sampling import SamplingParams
 from moe.inference.scheduler import Request, Scheduler
 
 log = logging.getLogger("moe.serve")
-
-# --- protocol --------------------------------------------------------------------------------
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-
-
-def _null_is(default):
-    return BeforeValidator(lambda v: default if v is None else v)
-
-
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions: OpenAI's fields (strict types, unknown keys refused)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
-    # null is the default, as OpenAI's API takes it (lm-eval and other clients send nulls).
-    temperature: Annotated[float, _null_is(1.0)] = Field(1.0, ge=0, le=2)
-    top_p: Annotated[float, _null_is(1.0)] = Field(1.0, gt=0, le=1)
-    top_k: Annotated[int, _null_is(0)] = Field(0, ge=0)  # extension (vLLM's): 0 keeps all
-    n: Annotated[int, _null_is(1)] = Field(1, ge=1)
-    best_of: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # torch.Generator's range
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    user: str | None = None
-    # vLLM's extensions: more stop tokens, no stop at <|endoftext|>, no stop before n tokens.
-    stop_token_ids: list[int] | None = None
-    ignore_eos: Annotated[bool, _null_is(False)] = False
-    min_tokens: Annotated[int, _null_is(0)] = Field(0, ge=0)
-
-
-class APIError(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.kind, self.code = (
-            message, param, status, kind, code)
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind,
-                                       "param": self.param, "code": self.code}}, self.status)
-
-
-def _refuse_unsupported(req: CompletionRequest) -> None:
-    unsupported = [("best_of", req.best_of not in (None, 1), "best_of > 1 is not supported"),
-                   ("echo", req.echo, "echo is not supported"),
-                   ("logprobs", req.logprobs is not None, "logprobs are not supported"),
-                   ("suffix", req.suffix is not None, "suffix is not supported"),
-                   ("logit_bias", bool(req.logit_bias), "logit_bias is not supported"),
-                   ("presence_penalty", req.presence_penalty != 0, "penalties are not supported"),
-                   ("frequency_penalty", req.frequency_penalty != 0,
-                    "penalties are not supported"),
-                   ("stream_options", req.stream_options is not None and not req.stream,
-                    "stream_options is only allowed with stream: true")]
-    for param, bad, why in unsupported:
-        if bad:
-            raise APIError(why, param)
-
 
 # --- the engine loop -------------------------------------------------------------------------
 
@@ -275,40 +220,61 @@ class CompletionServer:
     """Request checking, scheduling and response shaping for one model."""
 
     def __init__(self, model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "moe",
-                 max_len: int | None = None, max_waiting: int = 256):
+                 max_len: int | None = None, max_waiting: int = 256,
+                 chat_template: str = CHAT_TEMPLATE, request_timeout: float | None = None):
         self.tokenizer, self.model_name = tokenizer, model_name
-        self.max_waiting = max_waiting
+        self.max_waiting, self.request_timeout = max_waiting, request_timeout
+        self.chat_template = chat_template
         self.engine = Engine(model, n_slots=n_slots, max_len=max_len)
         self.loop = EngineLoop(Scheduler(self.engine, detokenize=tokenizer.decode))
         self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
 
-    def requests(self, req: CompletionRequest) -> list[Request]:
-        """Scheduler requests for each prompt, or an APIError saying what is wrong."""
+    def token_text(self, token: int) -> str:
+        """One token decoded alone (a piece of a UTF-8 character decodes to U+FFFD)."""
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token])
+        return text
+
+    # --- requests --------------------------------------------------------------------------
+
+    def check_model(self, req) -> None:
         if req.model != self.model_name:
             raise APIError(f"The model `{req.model}` does not exist (this server serves "
                            f"`{self.model_name}`)", "model", 404, code="model_not_found")
-        _refuse_unsupported(req)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError("stop: give at most 4 non-empty strings", "stop")
+        refuse_unsupported(req)
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         if not prompts:
             raise APIError("prompt: give a string, a list of strings or token ids", "prompt")
+        return [self.tokenizer.encode(x) or [self.tokenizer.eot_id] if isinstance(x, str)
+                else list(x) for x in prompts]
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[list[int]]:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = render_chat(messages, self.chat_template, req.add_generation_prompt)
+        except Exception as e:  # noqa: BLE001 - a template error is this request's
+            raise APIError(f"the chat template failed on these messages: {e}",
+                           "messages") from None
+        return [self.tokenizer.encode(text) or [self.tokenizer.eot_id]]
+
+    def requests(self, gen: Generation) -> list[Request]:
+        """Scheduler requests for each prompt and choice, or an APIError saying what is wrong."""
         vocab = self.engine.cfg.vocab_size
-        extra_stops = tuple(req.stop_token_ids or ())
-        if any(not 0 <= t < vocab for t in extra_stops):
+        if any(not 0 <= t < vocab for t in gen.stop_token_ids):
             raise APIError(f"stop_token_ids must be token ids in [0, {vocab})", "stop_token_ids")
-        stop_tokens = (() if req.ignore_eos else (self.tokenizer.eot_id,)) + extra_stops
+        stop_tokens = (() if gen.ignore_eos else (self.tokenizer.eot_id,)) + gen.stop_token_ids
         ctx, out = self.engine.max_len, []
-        for prompt in prompts:
-            ids = (self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
-                   if isinstance(prompt, str) else list(prompt))
+        for ids in gen.prompts:
             try:
                 ids = self.engine.check_prompt(ids)
             except ValueError as e:
                 raise APIError(str(e), "prompt") from None
-            max_tokens = ctx - len(ids) if req.max_tokens is None else req.max_tokens
+            max_tokens = ctx - len(ids) if gen.max_tokens is None else gen.max_tokens
             if len(ids) + max_tokens > ctx:
                 raise APIError(f"This model's maximum context length is {ctx} tokens. However, "
                                f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in "
@@ -316,17 +282,19 @@ class CompletionServer:
                                "the prompt or max_tokens.", "max_tokens" if
                                len(ids) <= ctx else "prompt")
             try:
-                params = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature,
-                                        top_k=req.top_k, top_p=req.top_p,
-                                        stop_tokens=stop_tokens, min_tokens=req.min_tokens)
+                params = SamplingParams(max_new_tokens=max_tokens, temperature=gen.temperature,
+                                        top_k=gen.top_k, top_p=gen.top_p,
+                                        stop_tokens=stop_tokens, min_tokens=gen.min_tokens)
             except ValueError as e:
                 raise APIError(str(e)) from None
             # n choices per prompt, prompt-major (OpenAI's order). Choice i draws from seed + i:
             # identical prompts in one list, and the n choices of one prompt, get their own
             # samples, and a request is still reproduced by its seed.
-            for _ in range(req.n):
-                seed = None if req.seed is None else (req.seed + len(out)) % 2**64
-                out.append(Request(ids, params, seed=seed, stop_strings=tuple(stops)))
+            for _ in range(gen.n):
+                seed = None if gen.seed is None else (gen.seed + len(out)) % 2**64
+                out.append(Request(ids, params, seed=seed, stop_strings=gen.stop,
+                                   logprobs=gen.logprobs,
+                                   prompt_logprobs=gen.echo and gen.logprobs is not None))
         if self.loop.waiting() + len(out) > self.max_waiting:  # back-pressure: refuse, now
             for _ in out:
                 self.loop.metrics.requests.labels("rejected").inc()
@@ -336,15 +304,24 @@ class CompletionServer:
         return out
 
     async def updates(self, requests: list[Request]) -> AsyncIterator[tuple[int, Update]]:
-        """(choice index, update) as the loop makes them; aborts what is left if cancelled."""
+        """(choice index, update) as the loop makes them; aborts what is left if cancelled,
+        and past ``request_timeout`` seconds raises APIError (504)."""
         aio = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         left = set(range(len(requests)))
+        deadline = None if self.request_timeout is None else aio.time() + self.request_timeout
         for i, r in enumerate(requests):
             self.loop.submit(r, lambda u, i=i: aio.call_soon_threadsafe(q.put_nowait, (i, u)))
         try:
             while left:
-                i, u = await q.get()
+                try:
+                    i, u = await asyncio.wait_for(
+                        q.get(), None if deadline is None else max(0.0, deadline - aio.time()))
+                except TimeoutError:
+                    raise APIError(f"the request took longer than the server's limit of "
+                                   f"{self.request_timeout:g} s (moe-serve --request-timeout)",
+                                   status=504, kind="timeout_error",
+                                   code="request_timeout") from None
                 if u.finish_reason is not None or u.error is not None:
                     left.discard(i)
                 yield i, u
@@ -352,40 +329,99 @@ class CompletionServer:
             for i in left:
                 self.loop.abort(requests[i])
 
-    def chunk(self, rid: str, choices: list[dict], usage: dict | None = None) -> dict:
-        out = {"id": rid, "object": "text_completion", "created": int(time.time()),
-               "model": self.model_name, "choices": choices}
-        if usage is not None:
-            out["usage"] = usage
-        return out
+    # --- responses -------------------------------------------------------------------------
 
-    async def complete(self, req: CompletionRequest) -> dict:
-        requests = self.requests(req)
+    def _head(self, rid: str, kind: str) -> dict:
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.model_name}
+
+    def _prompt_entries(self, r: Request) -> list:
+        """The echoed prompt's logprob entries: its first token bare, the rest scored."""
+        return [r.prompt[0], *r.prompt_token_logprobs]
+
+    async def complete(self, req: CompletionRequest | ChatCompletionRequest,
+                       gen: Generation) -> dict:
+        requests = self.requests(gen)
         final: dict[int, Update] = {}
         async for i, u in self.updates(requests):
             if u.error is not None:
                 raise APIError(f"generation failed: {u.error}", status=500, kind="server_error")
             if u.finish_reason is not None:
                 final[i] = u
-        choices = [{"index": i, "text": final[i].text, "logprobs": None,
-                    "finish_reason": final[i].finish_reason} for i in range(len(requests))]
-        return self.chunk(f"cmpl-{uuid.uuid4().hex}", choices, _usage(requests, final, req.n))
+        chat = isinstance(req, ChatCompletionRequest)
+        choices = []
+        for i, r in enumerate(requests):
+            u = final[i]
+            choice = {"index": i, "logprobs": None, "finish_reason": u.finish_reason}
+            made = r.token_logprobs[:u.n_tokens]
+            if chat:
+                choice["message"] = {"role": "assistant", "content": u.text}
+                if gen.logprobs is not None:
+                    choice["logprobs"] = chat_logprobs(made, self.token_text)
+            else:
+                prompt_text = self.tokenizer.decode(r.prompt) if gen.echo else ""
+                choice["text"] = prompt_text + u.text
+                if gen.logprobs is not None:
+                    entries = (self._prompt_entries(r) if gen.echo else []) + made
+                    choice["logprobs"] = CompletionLogprobs(self.token_text).take(entries)
+            choices.append(choice)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        return {**self._head(rid, "chat.completion" if chat else "text_completion"),
+                "choices": choices, "usage": _usage(requests, final, gen.n)}
 
-    async def stream(self, req: CompletionRequest, requests: list[Request]
-                     ) -> AsyncIterator[str]:
+    async def stream(self, req: CompletionRequest | ChatCompletionRequest, gen: Generation,
+                     requests: list[Request]) -> AsyncIterator[str]:
         """SSE lines for ``requests`` (of ``req``). Text is held back while it might still
         become a stop string (its last len(longest stop) - 1 characters) or ends in an
-        incomplete UTF-8 character."""
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        hold = max((len(s) for s in requests[0].stop_strings), default=1) - 1
-        sent = [0] * len(requests)
+        incomplete UTF-8 character; a chunk's logprobs cover the tokens made since the last
+        chunk (their text may lag a held-back piece, never lead the whole)."""
+        chat = isinstance(req, ChatCompletionRequest)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = self._head(rid, "chat.completion.chunk" if chat else "text_completion")
+        hold = max((len(s) for s in gen.stop), default=1) - 1
+        sent, scored = [0] * len(requests), [0] * len(requests)
+        builders = [CompletionLogprobs(self.token_text) for _ in requests]
         final: dict[int, Update] = {}
-        async for i, u in self.updates(requests):
-            if u.error is not None:
-                err = {"message": f"generation failed: {u.error}", "type": "server_error",
-                       "param": None, "code": None}
-                yield f"data: {json.dumps({'error': err})}\n\n"
+
+        def chunk(i: int, text: str, finish: str | None, entries: list | None,
+                  first: bool = False) -> str:
+            choice: dict = {"index": i, "logprobs": None, "finish_reason": finish}
+            if chat:
+                choice["delta"] = ({"role": "assistant", "content": text} if first
+                                   else {"content": text} if text or finish is None else {})
+                if entries is not None:
+                    choice["logprobs"] = chat_logprobs(entries, self.token_text)
+            else:
+                choice["text"] = text
+                if entries is not None:
+                    choice["logprobs"] = builders[i].take(entries)
+            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+
+        for i, r in enumerate(requests):  # what comes before any token
+            if chat:
+                yield chunk(i, "", None, None, first=True)
+            elif gen.echo:
+                entries = self._prompt_entries(r) if gen.logprobs is not None else None
+                # Prompt logprobs are made in the prefill: wait for them with the first token.
+                if entries is None:
+                    yield chunk(i, self.tokenizer.decode(r.prompt), None, None)
+        echoed: set[int] = set()
+        updates = self.updates(requests)
+        while True:
+            try:
+                i, u = await anext(updates)
+            except StopAsyncIteration:
+                break
+            except APIError as e:  # the headers are sent: an error event ends the stream
+                yield f"data: {json.dumps(e.body())}\n\n"
                 return
+            r = requests[i]
+            if u.error is not None:
+                err = APIError(f"generation failed: {u.error}", status=500, kind="server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                return
+            if not chat and gen.echo and gen.logprobs is not None and i not in echoed:
+                echoed.add(i)
+                yield chunk(i, self.tokenizer.decode(r.prompt), None, self._prompt_entries(r))
             if u.finish_reason is None:
                 safe = u.text.rstrip("\ufffd")
                 safe = safe[:max(0, len(safe) - hold)]
@@ -393,11 +429,13 @@ class CompletionServer:
                 safe, final[i] = u.text, u
             if len(safe) > sent[i] or u.finish_reason is not None:
                 delta, sent[i] = safe[sent[i]:], max(sent[i], len(safe))
-                choice = {"index": i, "text": delta, "logprobs": None,
-                          "finish_reason": u.finish_reason}
-                yield f"data: {json.dumps(self.chunk(rid, [choice]))}\n\n"
+                entries = None
+                if gen.logprobs is not None:
+                    entries, scored[i] = r.token_logprobs[scored[i]:u.n_tokens], u.n_tokens
+                yield chunk(i, delta, u.finish_reason, entries)
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield f"data: {json.dumps(self.chunk(rid, [], _usage(requests, final, req.n)))}\n\n"
+            usage = {**head, "choices": [], "usage": _usage(requests, final, gen.n)}
+            yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
 
 
@@ -409,11 +447,14 @@ def _usage(requests: list[Request], final: dict[int, Update], n: int) -> dict:
 
 
 def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "moe",
-              max_len: int | None = None, max_waiting: int = 256) -> FastAPI:
+              max_len: int | None = None, max_waiting: int = 256,
+              chat_template: str = CHAT_TEMPLATE, request_timeout: float | None = None
+              ) -> FastAPI:
     """The FastAPI app serving ``model`` (a ``Transformer``) with ``tokenizer`` (a
     ``BPETokenizer``: encode, decode, eot_id) on ``n_slots`` cache slots. The engine loop
     starts and stops with the app's lifespan; ``app.state.server`` is the CompletionServer."""
-    server = CompletionServer(model, tokenizer, n_slots, model_name, max_len, max_waiting)
+    server = CompletionServer(model, tokenizer, n_slots, model_name, max_len, max_waiting,
+                              chat_template, request_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -449,12 +490,23 @@ def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "
     async def http_error(_, e: StarletteHTTPException):
         return APIError(str(e.detail), status=e.status_code).response()
 
+    async def respond(req, prompts: list[list[int]], http: HTTPRequest):
+        gen = generation(req, prompts)
+        if not req.stream:
+            return JSONResponse(await _unless_disconnected(server.complete(req, gen), http))
+        requests = server.requests(gen)  # a bad request is refused before streaming starts
+        return StreamingResponse(server.stream(req, gen, requests),
+                                 media_type="text/event-stream")
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, http: HTTPRequest):
-        if not req.stream:
-            return JSONResponse(await _unless_disconnected(server.complete(req), http))
-        requests = server.requests(req)  # a bad request is refused before streaming starts
-        return StreamingResponse(server.stream(req, requests), media_type="text/event-stream")
+        server.check_model(req)
+        return await respond(req, server.completion_prompts(req), http)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, http: HTTPRequest):
+        server.check_model(req)
+        return await respond(req, server.chat_prompt(req), http)
 
     @app.get("/v1/models")
     async def models():
@@ -471,4 +523,3 @@ def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "
         return Response(server.loop.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     return app
-
