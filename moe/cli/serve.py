@@ -2,7 +2,7 @@
 
     python scripts/serve.py --run runs/tiny [--port 8000] [--host 127.0.0.1] [--slots 8]
         [--model-name NAME] [--checkpoint PATH] [--device auto] [--threads 0]
-        [--max-waiting 256] [--request-timeout S] [--chat-template FILE]
+        [--max-waiting 256] [--request-timeout S] [--chat-template FILE] [--dtype fp32]
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny", "prompt": "def ", "max_tokens": 32, "temperature": 0}'
@@ -30,6 +30,7 @@ from moe.cli import add_model_source
 from moe.data import BPETokenizer
 from moe.data.chat import load_chat_template
 from moe.device import resolve_device, set_threads
+from moe.inference.weights import cast_for_serving
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Jinja chat template file for /v1/chat/completions (default: the "
                         "run's chat_template.jinja beside its tokenizer.json, else the "
                         "built-in one, moe/data/chat.py)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="weights (and KV cache) for serving; bf16 keeps the routers in fp32 "
+                        "(moe/inference/weights.py)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--log-level", default="info", help="uvicorn's log level")
@@ -101,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.run)
     name = args.model_name or (run.stem if run.is_file() else run.resolve().name)
     try:  # e.g. a model whose routing is not causal: the engine refuses it
-        app = build_app(loaded.model, BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
+        app = build_app(cast_for_serving(loaded.model, args.dtype),
+                        BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
                         model_name=name, max_waiting=args.max_waiting,
                         chat_template=template, request_timeout=args.request_timeout)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"serving {loaded.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
-          f"({args.slots} slots, {device})", file=sys.stderr, flush=True)
+          f"({args.slots} slots, {device}, {args.dtype})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
