@@ -5,4 +5,7 @@
     init_memory.py   peak host memory of building and materialising a model
     decode.py        decode tokens/s: our engine, static and continuous batching, vs Hugging Face
     speculative.py   speculative decoding: acceptance, speedup, cost model
+    serve.py         the server's load test: the load (malformed, cut-off, 1e-40 requests
+                     among the rest) and its invariants; serve_run.py runs it on a server
+                     subprocess (throughput, latency, memory, SIGTERM)
 """
