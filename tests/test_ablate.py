@@ -261,8 +261,61 @@ def test_summary_paired_deltas():
             for n, base in ((4, 3.0), (16, 2.8)) for s in (0, 1)]
     md = summary_markdown(rows, ["n", "cf"], 2, True)
     assert "Δ val vs n=4" in md
-    assert "| 4 | 1.0 | 2/2 | 3.2500 ± 0.3536 | +0.0000 ± 0.0000 |" in md
-    assert "| 16 | 1.0 | 2/2 | 3.0500 ± 0.3536 | -0.2000 ± 0.0000 |" in md
+    assert "| 4 | 1.0 | 2/2 | 3.2500 ± 0.3536 | - | - |" in md
+    # sd 0: the interval is the point, and it excludes 0.
+    assert "| 16 | 1.0 | 2/2 | 3.0500 ± 0.3536 | -0.2000 [-0.2000, -0.2000] | better |" in md
+    assert "| n 4 → 16 | 1.0 | 2 | -0.2000 [-0.2000, -0.2000] | better |" in md
+    assert "seed noise (std of val loss over seeds, mean over points) 0.3536" in md
+
+
+# --- the statistics (moe/ablate/stats.py), on hand-computed numbers ---------------------------
+
+
+def test_t_quantiles_and_intervals_by_hand():
+    from moe.ablate.stats import mean_interval, t975, verdict
+
+    assert t975(1) == 12.7062 and t975(2) == 4.3027 and t975(30) == 2.0423
+    assert abs(t975(40) - 2.0211) < 2e-4 and abs(t975(120) - 1.9799) < 2e-4
+    with pytest.raises(ValueError, match="at least 2"):
+        t975(0)
+    # d = [-0.03, -0.05, -0.04]: mean -0.04, sd 0.01, half-width 4.3027 * 0.01 / sqrt(3)
+    iv = mean_interval([-0.03, -0.05, -0.04])
+    half = 4.3027 * 0.01 / 3 ** 0.5  # 0.0248
+    assert abs(iv.estimate + 0.04) < 1e-12 and abs(iv.sd - 0.01) < 1e-12
+    assert abs(iv.low - (-0.04 - half)) < 1e-12 and abs(iv.high - (-0.04 + half)) < 1e-12
+    assert iv.high < 0 and verdict(iv) == "better" and verdict(iv, lower_is_better=False) == \
+        "worse"
+    # The same mean with a spread that reaches 0: inconclusive.
+    wide = mean_interval([-0.07, 0.01, -0.06])
+    assert wide.low < 0 < wide.high and verdict(wide) == "inconclusive"
+    assert verdict(mean_interval([0.3, 0.1])) == "inconclusive"  # t = 12.7 at 2 seeds
+    assert verdict(mean_interval([0.2, 0.2])) == "worse"
+    one = mean_interval([-0.5])
+    assert one.n == 1 and verdict(one) == "inconclusive" and "no interval" in one.text()
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from moe.ablate.stats import t975
+
+    for df in list(range(1, 60)) + [100, 1000]:
+        assert abs(t975(df) - stats.t.ppf(0.975, df)) < 1e-4, df
+
+
+def test_paired_comparisons_pair_neighbours_by_seed():
+    from moe.ablate.stats import paired_comparisons
+
+    loss = {(1, 0): 3.50, (1, 1): 3.60, (1, 2): 3.40, (4, 0): 3.45, (4, 1): 3.56,
+            (4, 2): 3.34, (16, 0): 3.44, (16, 1): 3.57, (16, 2): 3.33}
+    rows = [{"n": n, "seed_index": s, "status": "ok", "final_val_loss": v}
+            for (n, s), v in loss.items()]
+    rows.append({"n": 16, "seed_index": 3, "status": "failed", "final_val_loss": None})
+    comps = paired_comparisons(rows, ["n"])
+    assert [(c.base, c.arm, c.interval.n) for c in comps] == [(1, 4, 3), (4, 16, 3)]
+    # 1 -> 4: d = [-0.05, -0.04, -0.06], mean -0.05, sd 0.01: better.
+    assert abs(comps[0].interval.estimate + 0.05) < 1e-9 and comps[0].verdict == "better"
+    # 4 -> 16: d = [-0.01, +0.01, -0.01]: the interval holds 0.
+    assert comps[1].verdict == "inconclusive"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,3 +360,26 @@ def test_sweep_runs_resumes_and_reports_failures(tmp_path):
                     echo=lambda s: None, plots=False)
     assert bad[0]["status"] == "failed" and "exit 2" in bad[0]["error"]  # a one-line error
     assert "val_windows" in bad[0]["error"] and "Traceback" not in bad[0]["error"]
+
+
+@pytest.mark.slow
+def test_jobs_run_points_at_once_with_bit_identical_results(tmp_path):
+    """--jobs 2 trains two points at once; at a fixed --threads-per-job every number of every
+    run is bit-identical to --jobs 1 (threads are per job, never derived from --jobs)."""
+    from moe.train.metrics import read_metrics
+
+    over = TINY + [f"--data.cache_dir={tmp_path / 'cache'}"]
+    grid = parse_grid(["model.top_k=1,2"])
+    runs = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        rows = run_sweep(None, over, grid, 1, out, fixed=False, echo=lambda s: None,
+                         plots=False, jobs=jobs, threads=1)
+        assert [r["status"] for r in rows] == ["ok", "ok"]
+        assert json.loads((out / "sweep.json").read_text())["jobs"] == jobs
+        runs[jobs] = [[{k: v for k, v in m.items() if k not in ("tokens_per_s", "time")}
+                       for m in read_metrics(r["run_dir"])] for r in rows]
+        assert [r["model.top_k"] for r in rows] == [1, 2]  # point order, not finish order
+    assert runs[1] == runs[2] and len(runs[1][0]) > 1
+    with pytest.raises(ConfigError, match="--jobs=0"):
+        run_sweep(None, over, grid, 1, tmp_path / "bad", jobs=0, echo=lambda s: None)

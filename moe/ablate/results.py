@@ -1,4 +1,5 @@
-"""A sweep's tables: results.csv (one row per run) and summary.md (mean ± std over seeds)."""
+"""A sweep's tables: results.csv (one row per run) and summary.md (mean ± std over seeds,
+differences paired by seed with 95% intervals and verdicts: moe/ablate/stats.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from moe.ablate.points import format_value, short_keys
+from moe.ablate.stats import mean_interval, paired_comparisons, verdict
 
 RESULT_COLUMNS = ["name", "status", "cached", "seed", "seed_index"]  # + grid keys, then:
 STAT_COLUMNS = ["n_experts", "top_k", "expert_hidden", "n_shared_experts", "max_steps",
-                "adjusted", "final_val_loss", "final_lm_loss", "drop_frac", "max_over_mean_load",
-                "tokens_per_s", "total_params", "active_params",
+                "adjusted", "final_val_loss", "val_loss_se", "final_lm_loss", "drop_frac",
+                "max_over_mean_load", "tokens_per_s", "total_params", "active_params",
                 "wall_s", "run_dir", "same_as", "error"]
 
 
@@ -98,14 +100,16 @@ def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: 
     v0 = format_value(rows[0].get(k0)) if rows else ""
     deltas = paired_deltas(rows, grid_keys) if len({str(r.get(k0)) for r in rows}) > 1 else {}
     head = [short[k] for k in grid_keys] + ["runs ok", "val loss"] + (
-        [f"Δ val vs {short[k0]}={v0}"] if deltas else []) + [
+        [f"Δ val vs {short[k0]}={v0} [95% CI]", "verdict"] if deltas else []) + [
         "drop frac", "max/mean load", "tokens/s", "active params", "total params", "adjusted"]
     lines = [
         "# Ablation summary", "",
         f"Mean ± std over seeds ({seeds} per point). val loss: final validation loss (eval "
         f"capacity factor of the config); "
         + (f"Δ val: val loss minus that of {short[k0]}={v0} with the same seed and other grid "
-           "values (paired by seed); " if deltas else "")
+           "values (paired by seed), mean and Student-t 95% interval over seeds; verdict: "
+           "better / worse when the interval excludes 0, else inconclusive; "
+           if deltas else "")
         + "drop frac: training drop fraction, max/mean load: most loaded expert over the "
         "mean (worst layer), both means over the last 10% of logged steps; "
         f"tokens/s: median training throughput. Fixed-compute rule: {'on' if fixed else 'off'}.",
@@ -120,6 +124,12 @@ def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: 
                 if not deltas:
                     continue
                 xs = [deltas[id(r)] for r in ok if id(r) in deltas]
+                if key[0] == rows[0].get(k0) or not xs:  # the baseline itself
+                    cells += ["-", "-"]
+                else:
+                    iv = mean_interval(xs)
+                    cells += [iv.text(), verdict(iv)]
+                continue
             else:
                 xs = [float(r[metric]) for r in ok if r.get(metric) not in (None, "")]
             cells.append("-" if not xs else
@@ -128,6 +138,19 @@ def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: 
         cells += [_count(first.get("active_params")), _count(first.get("total_params")),
                   first.get("adjusted") or "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    comps = paired_comparisons(rows, grid_keys)
+    if comps:
+        lines += ["", f"## Neighbouring {short[k0]} values, paired by seed", "",
+                  "Δ val of each value against the one before it (the other grid values "
+                  "fixed), mean and 95% interval over seeds:", "",
+                  "| comparison | " + " | ".join(short[k] for k in grid_keys[1:])
+                  + (" | " if grid_keys[1:] else "") + "seeds | Δ val [95% CI] | verdict |",
+                  "|" + "---|" * (len(grid_keys) + 3)]
+        for c in comps:
+            fixed = "".join(f"{format_value(v)} | " for v in c.fixed)
+            lines.append(f"| {short[k0]} {format_value(c.base)} → {format_value(c.arm)} | "
+                         f"{fixed}{c.interval.n} | {c.interval.text()} | {c.verdict} |")
+    lines += noise_lines(rows, grid_keys)
     shared = [r for r in rows if r.get("same_as")]
     if shared:
         lines += ["", "Points with the same capacities as an earlier point share its run "
@@ -138,6 +161,28 @@ def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: 
         lines += ["", "## Failed runs", ""]
         lines += [f"- `{r.get('name', '?')}`: {r.get('error', '')}" for r in failed]
     return "\n".join(lines) + "\n"
+
+
+def noise_lines(rows: list[dict], grid_keys: list[str]) -> list[str]:
+    """The noise budget: seed noise (std of the val loss over seeds, mean over grid points)
+    against evaluation noise (the standard error of one run's val loss over its validation
+    batches, mean over runs). Paired differences see less of both: each arm of a pair is
+    evaluated on the same windows, and the seed's share is what pairing cancels."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("final_val_loss") is not None
+          and not r.get("same_as")]
+    spreads = [mean_std([float(r["final_val_loss"]) for r in g])[1]
+               for g in group_rows(ok, grid_keys).values() if len(g) > 1]
+    se = [float(r["val_loss_se"]) for r in ok if r.get("val_loss_se") not in (None, "")]
+    if not spreads and not se:
+        return []
+    parts = []
+    if spreads:
+        parts.append(f"seed noise (std of val loss over seeds, mean over points) "
+                     f"{statistics.fmean(spreads):.4f}")
+    if se:
+        parts.append(f"evaluation noise (standard error of a run's val loss over its "
+                     f"validation batches, mean over runs) {statistics.fmean(se):.4f}")
+    return ["", "Noise: " + "; ".join(parts) + "."]
 
 
 def _count(n: Any) -> str:

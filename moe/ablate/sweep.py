@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def run_stats(run_dir: Path, max_steps: int) -> dict:
     rows = read_metrics(run_dir)
     train = [r for r in rows if "lm_loss" in r]
     val = [r for r in rows if "val_loss" in r and r["step"] == max_steps]
-    out: dict[str, Any] = {"final_val_loss": val[-1]["val_loss"] if val else None}
+    out: dict[str, Any] = {"final_val_loss": val[-1]["val_loss"] if val else None,
+                           "val_loss_se": val[-1].get("val_loss_se") if val else None}
     if train:
         tail = train[-max(1, math.ceil(0.1 * len(train))):]
         out["final_lm_loss"] = train[-1]["lm_loss"]
@@ -126,32 +128,72 @@ def git_revision() -> str | None:
 # The sweep
 
 
+def job_env(threads: int, jobs: int) -> dict[str, str]:
+    """The environment of one training process of a sweep running ``jobs`` at once, each on
+    ``threads`` threads. Threads are fixed per job, not derived from ``jobs``, so a point's
+    floating-point reductions (and so its numbers, bit for bit) do not depend on how many
+    points run beside it. With several jobs, OpenMP workers sleep when idle instead of
+    spin-waiting: a spinning worker of one job takes a core the other job needs."""
+    env = {**train_env(), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if jobs > 1:
+        env.update(OMP_WAIT_POLICY="PASSIVE", KMP_BLOCKTIME="0")
+    return env
+
+
+def default_threads(jobs: int) -> int:
+    """The cores this process may use, shared by ``jobs`` (at least one thread each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // jobs)
+
+
 def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], seeds: int,
               out: str | Path, fixed: bool = True, nproc: int = 1, plots: bool = True,
-              python: str = sys.executable,
-              echo: Callable[[str], None] = print) -> list[dict]:
-    """Run (or resume) the sweep; write results.csv, summary.md and plots; return the rows."""
+              python: str = sys.executable, echo: Callable[[str], None] = print,
+              jobs: int = 1, threads: int | None = None) -> list[dict]:
+    """Run (or resume) the sweep; write results.csv, summary.md and plots; return the rows.
+
+    ``jobs`` points train at once, each on ``threads`` threads (default: the cores over
+    ``jobs``); a point's results do not depend on ``jobs`` at a given ``threads``."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if seeds < 1:
         raise ConfigError(f"--seeds={seeds} must be >= 1")
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise ConfigError(f"--jobs={jobs} and --threads-per-job={threads} must be >= 1")
+    threads = default_threads(jobs) if threads is None else threads
     points = make_points(config, overrides, grid, seeds, out, fixed, wandb_group=out.name)
     base = load_config(config, overrides)
     (out / "sweep.json").write_text(json.dumps({
         "argv": sys.argv, "config": config, "overrides": overrides,
         "grid": {k: [format_value(v) for v in vs] for k, vs in grid.items()}, "seeds": seeds,
-        "fixed_compute": fixed, "nproc": nproc, "git_revision": git_revision(),
-        "base_config": base.to_dict()}, indent=2) + "\n")
+        "fixed_compute": fixed, "nproc": nproc, "jobs": jobs, "threads_per_job": threads,
+        "git_revision": git_revision(), "base_config": base.to_dict()}, indent=2) + "\n")
 
-    rows: list[dict] = []
+    rows: dict[int, dict] = {}  # point index -> its row, filled as points finish
     start = time.perf_counter()
+    n = len(points)
 
     def write_tables() -> None:  # after every point, so an interrupted sweep has its results
-        write_results(out / "results.csv", rows, list(grid))
-        (out / "summary.md").write_text(summary_markdown(rows, list(grid), seeds, fixed))
+        done = [rows[i] for i in sorted(rows)]
+        write_results(out / "results.csv", done, list(grid))
+        (out / "summary.md").write_text(summary_markdown(done, list(grid), seeds, fixed))
 
-    first_of: dict[str, dict] = {}  # run_identity -> the row of the point that trains it
-    for i, p in enumerate(points, 1):
+    def finish(i: int, row: dict) -> None:
+        p = points[i]
+        row.update(run_stats(Path(row["run_dir"]), p.cfg.train.max_steps))
+        if row["status"] == "ok":
+            echo(f"[{i + 1}/{n}] {p.name}: val loss {row['final_val_loss']:.4f}, drop "
+                 f"{row.get('drop_frac', 0):.4f}, {row.get('tokens_per_s', 0):.0f} tok/s" +
+                 ("" if row["cached"] or row["same_as"] else f", {row['wall_s']:.0f}s"))
+        else:
+            echo(f"[{i + 1}/{n}] {p.name}: FAILED: {row['error']}")
+        rows[i] = row
+        write_tables()
+
+    first_of: dict[str, int] = {}  # run_identity -> the index of the point that trains it
+    to_train: list[tuple[int, dict]] = []
+    twins: list[tuple[int, dict, int]] = []
+    for i, p in enumerate(points):
         row: dict[str, Any] = {"name": p.name, "seed": p.seed, "seed_index": p.seed_index,
                                "cached": False, "run_dir": str(p.run_dir), "error": "",
                                "same_as": "", **p.values}
@@ -159,53 +201,64 @@ def run_sweep(config: str | None, overrides: list[str], grid: dict[str, list], s
                                    for k, v in p.adjusted.items())
         if p.cfg is None:
             row.update(status="failed", error=p.error)
-            echo(f"[{i}/{len(points)}] {p.name}: failed before launch: {p.error}")
-            rows.append(row)
+            echo(f"[{i + 1}/{n}] {p.name}: failed before launch: {p.error}")
+            rows[i] = row
             write_tables()
             continue
-        mc, max_steps = p.cfg.model, p.cfg.train.max_steps
+        mc = p.cfg.model
         row.update(n_experts=mc.n_experts, top_k=mc.top_k, expert_hidden=mc.expert_hidden,
-                   n_shared_experts=mc.n_shared_experts, max_steps=max_steps,
+                   n_shared_experts=mc.n_shared_experts, max_steps=p.cfg.train.max_steps,
                    **params(p.cfg))
-        record = p.run_dir / "ablate.json"
-        twin = first_of.setdefault(run_identity(p.cfg), row)
-        if twin is not row:  # the same capacities as an earlier point: its run is this one
-            row.update({k: twin.get(k) for k in ("status", "cached", "run_dir", "error")},
-                       same_as=twin["name"], wall_s=0.0)
-            echo(f"[{i}/{len(points)}] {p.name}: same run as {twin['name']} "
-                 f"(equal capacities), not trained again")
-        elif is_finished(p.run_dir, max_steps):
+        twin = first_of.setdefault(run_identity(p.cfg), i)
+        if twin != i:  # the same capacities as an earlier point: its run is this one
+            twins.append((i, row, twin))
+        elif is_finished(p.run_dir, p.cfg.train.max_steps):
+            record = p.run_dir / "ablate.json"
             prev = json.loads(record.read_text()) if record.is_file() else {}
             row.update(status="ok", cached=True, wall_s=prev.get("wall_s"))
-            echo(f"[{i}/{len(points)}] {p.name}: finished before, skipped")
+            echo(f"[{i + 1}/{n}] {p.name}: finished before, skipped")
+            finish(i, row)
         else:
-            cmd = train_command(p, config, nproc, python)
-            echo(f"[{i}/{len(points)}] {p.name}: training ...")
-            rc, wall, offset = run_point(p, cmd, train_env())
-            # Judged by its final checkpoint and val row, not the exit status alone: a job that
-            # used torch.distributed.checkpoint may abort at exit after finishing its work.
-            ok = is_finished(p.run_dir, max_steps)
-            row.update(status="ok" if ok else "failed", wall_s=round(wall, 2))
-            if not ok:
-                row["error"] = f"exit {rc}: {log_tail(p.run_dir / 'train.log', offset=offset)}"
-            record.write_text(json.dumps({"name": p.name, "status": row["status"], "rc": rc,
-                                          "wall_s": row["wall_s"], "cmd": cmd}, indent=2) + "\n")
-        row.update(run_stats(Path(row["run_dir"]), max_steps))
-        if row["status"] == "ok":
-            echo(f"    val loss {row['final_val_loss']:.4f}, drop {row.get('drop_frac', 0):.4f},"
-                 f" {row.get('tokens_per_s', 0):.0f} tok/s" +
-                 ("" if row["cached"] or row["same_as"] else f", {row['wall_s']:.0f}s"))
-        else:
-            echo(f"    FAILED: {row['error']}")
-        rows.append(row)
-        write_tables()
+            to_train.append((i, row))
 
-    echo(f"sweep of {len(points)} runs: {time.perf_counter() - start:.0f}s")
+    def train_one(i: int, row: dict) -> dict:
+        p = points[i]
+        cmd = train_command(p, config, nproc, python)
+        rc, wall, offset = run_point(p, cmd, job_env(threads, jobs))
+        # Judged by its final checkpoint and val row, not the exit status alone: a job that
+        # used torch.distributed.checkpoint may abort at exit after finishing its work.
+        ok = is_finished(p.run_dir, p.cfg.train.max_steps)
+        row.update(status="ok" if ok else "failed", wall_s=round(wall, 2))
+        if not ok:
+            row["error"] = f"exit {rc}: {log_tail(p.run_dir / 'train.log', offset=offset)}"
+        (p.run_dir / "ablate.json").write_text(json.dumps({
+            "name": p.name, "status": row["status"], "rc": rc, "wall_s": row["wall_s"],
+            "cmd": cmd, "threads": threads, "jobs": jobs}, indent=2) + "\n")
+        return row
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # threads wait on processes
+        futures = {}
+        for i, row in to_train:
+            echo(f"[{i + 1}/{n}] {points[i].name}: training ...")
+            futures[pool.submit(train_one, i, row)] = i
+        for future in as_completed(futures):
+            finish(futures[future], future.result())
+    for i, row, twin in twins:
+        row.update({k: rows[twin].get(k) for k in ("status", "cached", "run_dir", "error")},
+                   same_as=points[twin].name, wall_s=0.0)
+        echo(f"[{i + 1}/{n}] {points[i].name}: same run as {points[twin].name} "
+             f"(equal capacities), not trained again")
+        finish(i, row)
+
+    ordered = [rows[i] for i in sorted(rows)]
+    echo(f"sweep of {n} runs: {time.perf_counter() - start:.0f}s ({jobs} at a time, "
+         f"{threads} thread{'s' if threads > 1 else ''} each)")
     if plots:
         from moe.ablate.plots import sweep_plots
         from moe.train.metrics import read_metrics
 
-        metrics = {r["run_dir"]: read_metrics(r["run_dir"]) for r in rows if r["status"] == "ok"}
-        for path in sweep_plots(rows, list(grid), out, metrics, echo=echo):
+        metrics = {r["run_dir"]: read_metrics(r["run_dir"]) for r in ordered
+                   if r["status"] == "ok"}
+        for path in sweep_plots(ordered, list(grid), out, metrics, echo=echo):
             echo(f"wrote {path}")
-    return rows
+    return ordered

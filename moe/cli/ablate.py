@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                              "parameters and the token budget fixed")
     parser.add_argument("--nproc", type=int, default=1,
                         help="run each point under torchrun --nproc_per_node=N")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="grid points trained at once (each its own process)")
+    parser.add_argument("--threads-per-job", type=int, default=None,
+                        help="torch threads of each point (default: the cores over --jobs); "
+                             "a point's numbers depend on this, never on --jobs")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = parse_grid(args.grid)
         rows = run_sweep(args.config, overrides, grid, args.seeds, args.out,
                          fixed=not args.no_fixed_compute, nproc=args.nproc,
+                         jobs=args.jobs, threads=args.threads_per_job,
                          plots=not args.no_plots)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

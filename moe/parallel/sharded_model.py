@@ -8,6 +8,7 @@ applied, in a fixed order); one process is the layout with every size 1 (no mesh
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -180,9 +181,13 @@ class ShardedModel:
         """Mean LM loss per target token over fixed batches in eval mode (eval capacity
         factor): each batch weighs its number of sequences, so how the validation set is cut
         into batches does not change the number. Every rank runs every batch (expert and tensor
-        parallel forwards need all ranks) and returns the same number."""
+        parallel forwards need all ranks) and returns the same number.
+
+        ``last_eval_se`` is then the standard error of that mean estimated from the batches'
+        spread (the evaluation noise an ablation weighs against its seed noise; nan with one
+        batch)."""
         self.train(False)
-        total, rows = 0.0, 0
+        total, rows, per_batch = 0.0, 0, []
         for x, y in batches:
             if self.pipeline is not None:
                 from moe.parallel.pipeline import pipeline_forward
@@ -192,9 +197,12 @@ class ShardedModel:
                 with self.autocast():
                     logits = self._forward(x.to(self.device))
             loss = lm_loss(logits, y.to(self.device)) if logits is not None else None
-            total += self._from_last_stage(loss) * x.shape[0]
+            value = self._from_last_stage(loss)
+            per_batch.append((value, x.shape[0]))
+            total += value * x.shape[0]
             rows += x.shape[0]
         self.train(True)
+        self.last_eval_se = weighted_mean_se(per_batch)
         return total / rows
 
     def _from_last_stage(self, loss) -> float:
@@ -205,6 +213,17 @@ class ShardedModel:
             t += float(loss)
         dist.all_reduce(t, group=self.dims.mesh("pp").get_group())
         return float(t)
+
+
+def weighted_mean_se(values: list[tuple[float, int]]) -> float:
+    """Standard error of the weighted mean of (value, weight) pairs from their spread:
+    sqrt(n / (n - 1) * sum(w^2 (v - m)^2)) / sum(w); nan for fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    w = sum(wi for _, wi in values)
+    m = sum(v * wi for v, wi in values) / w
+    return math.sqrt(n / (n - 1) * sum((wi * (v - m)) ** 2 for v, wi in values)) / w
 
 
 def _offsets(sizes: list[int]):

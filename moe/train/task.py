@@ -17,6 +17,7 @@ of a new run; returns a dict to log at step 0, or None), and ``sample(runtime, d
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -78,7 +79,10 @@ class TextTask:
         return runtime.forward_backward(x, y, routing)
 
     def evaluate(self, runtime) -> dict[str, float]:
-        return {"val_loss": runtime.evaluate(self.val)}
+        out = {"val_loss": runtime.evaluate(self.val)}
+        if math.isfinite(runtime.last_eval_se):  # two or more validation batches
+            out["val_loss_se"] = runtime.last_eval_se
+        return out
 
     def sample(self, runtime, device: torch.device) -> str | None:
         cfg = self.cfg
