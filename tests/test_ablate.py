@@ -228,8 +228,8 @@ def test_sweep_plots_from_rows_and_metrics(tmp_path):
             for s in (0, 1):
                 run = str(tmp_path / "nowhere" / f"{n}_{cf}_{s}")
                 rows.append({"model.n_experts": n, "model.capacity_factor": cf, "seed_index": s,
-                             "status": "ok", "final_val_loss": 3.0 + s, "drop_frac": 0.1,
-                             "run_dir": run})
+                             "status": "ok", "final_val_loss": 3.0 + s - 0.1 * (n == 4),
+                             "drop_frac": 0.1, "run_dir": run})
                 layers = {str(i): {"tokens_per_expert": list(range(1, n + 1))} for i in (1, 3)}
                 metrics[run] = [{"step": t, "lm_loss": 5.0 - t, "layers": layers}
                                 for t in (1, 2)] + [{"step": 2, "tokens": 64, "val_loss": 4.0}]
@@ -238,7 +238,8 @@ def test_sweep_plots_from_rows_and_metrics(tmp_path):
     paths = sweep_plots(rows, ["model.n_experts", "model.capacity_factor"], tmp_path, metrics,
                         echo=warnings.append)
     assert not warnings and [p.stem for p in paths] == [
-        "val_loss_vs_capacity", "drop_vs_capacity", "loss_curves", "expert_load_heatmap"]
+        "val_loss_vs_capacity", "drop_vs_capacity", "loss_curves", "expert_load_heatmap",
+        "paired_deltas"]
     for p in paths:
         assert_png(p)
     assert not (tmp_path / "nowhere").exists()

@@ -14,7 +14,9 @@ from typing import Any
 
 import matplotlib
 
+from moe.ablate.points import format_value
 from moe.ablate.results import group_rows, mean_std
+from moe.ablate.stats import paired_comparisons
 from moe.analysis.plots import figure, heatmaps, lines_vs_x, save_png, x_label, x_order
 
 
@@ -129,6 +131,31 @@ def expert_load_heatmap(rows: list[dict], grid_keys: list[str], path: str | Path
                     row_labels=labels, ylabel="MoE layer")
 
 
+def paired_deltas_plot(rows: list[dict], grid_keys: list[str], path: str | Path) -> Path | None:
+    """Each neighbouring comparison of the first grid key (``paired_comparisons``): the mean
+    paired Δ val loss with its 95% interval as an error bar, against a line at 0; green
+    better, red worse, grey inconclusive. None when there is nothing to compare."""
+    comps = [c for c in paired_comparisons(rows, grid_keys) if c.interval.n > 1]
+    if not comps:
+        return None
+    colors = {"better": "tab:green", "worse": "tab:red", "inconclusive": "tab:gray"}
+    short = grid_keys[0].split(".")[-1]
+    fig = figure(max(5.5, 1.1 * len(comps) + 2), 4.0)
+    ax = fig.subplots()
+    for x, c in enumerate(comps):
+        iv = c.interval
+        ax.errorbar([x], [iv.estimate], yerr=[[iv.estimate - iv.low], [iv.high - iv.estimate]],
+                    marker="o", capsize=4, color=colors[c.verdict])
+    labels = [f"{format_value(c.base)}→{format_value(c.arm)}"
+              + "".join(f"\n{format_value(v)}" for v in c.fixed) for c in comps]
+    ax.set_xticks(range(len(comps)), labels, fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(xlabel=short, ylabel="Δ val loss (arm − base)",
+           title=f"paired by seed: mean, 95% CI ({comps[0].interval.n} seeds)")
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
 def sweep_plots(rows: list[dict], grid_keys: list[str], out: str | Path,
                 metrics: Mapping[str, list[dict]],
                 echo: Callable[[str], None] = print) -> list[Path]:
@@ -142,6 +169,7 @@ def sweep_plots(rows: list[dict], grid_keys: list[str], out: str | Path,
             "dropped token-expert assignments")),
         ("loss_curves.png", lambda p: loss_curves(rows, grid_keys, p, metrics)),
         ("expert_load_heatmap.png", lambda p: expert_load_heatmap(rows, grid_keys, p, metrics)),
+        ("paired_deltas.png", lambda p: paired_deltas_plot(rows, grid_keys, p)),
     ]
     written = []
     for name, draw in jobs:
