@@ -5,4 +5,5 @@
     init_memory.py   peak host memory of building and materialising a model
     decode.py        decode tokens/s: our engine, static and continuous batching, vs Hugging Face
     speculative.py   speculative decoding: acceptance, speedup, cost model
+    prompt_lookup.py prompt lookup on code completion: ours and Hugging Face's, plain and not
 """
