@@ -5,6 +5,7 @@
     reduce_gradients([model], mesh)                    # the trainer's reduction, then
     assert_grads_match([model], ref)                   # every shard's grad == its slice of ref's
     assert_same_rows(ref_rows, rows, keys)             # metrics rows, step by step
+    chi2_pvalue(counts, probs)                         # sampled tokens against a distribution
 """
 
 from __future__ import annotations
@@ -117,3 +118,20 @@ def assert_same_rows(ref: list[dict], rows: list[dict], keys: Iterable[str],
                 other = b["layers"][layer]
                 assert st["tokens_per_expert"] == other["tokens_per_expert"], (tag, layer)
                 assert st["kept_per_expert"] == other["kept_per_expert"], (tag, layer)
+
+
+def chi2_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Pearson's chi-square test of counts against a distribution, cells with fewer than 5
+    expected pooled into one; a count where the probability is 0 gives p-value 0."""
+    counts, e = counts.double(), expected_probs.double() * counts.sum()
+    if (counts[e == 0] > 0).any():
+        return 0.0
+    small = e < 5
+    if small.any():
+        counts = torch.cat([counts[~small], counts[small].sum()[None]])
+        e = torch.cat([e[~small], e[small].sum()[None]])
+    e, counts = e[e > 0], counts[e > 0]
+    stat = ((counts - e) ** 2 / e).sum()
+    dof = len(e) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
+                                         stat / 2))

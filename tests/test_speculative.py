@@ -23,7 +23,7 @@ from moe.inference.speculative import (
     verify,
 )
 from moe.model import build_model
-from tests.helpers import tiny_model_config
+from tests.helpers import chi2_pvalue, tiny_model_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -154,23 +154,6 @@ def test_predicted_tokens_per_call():
 
 # --- the decoder's sampled output is distributed as the target's -------------------------------
 
-def chi2_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson's chi-square test of counts against a distribution, cells with fewer than 5
-    expected pooled into one; a count where the probability is 0 gives p-value 0."""
-    counts, e = counts.double(), expected_probs.double() * counts.sum()
-    if (counts[e == 0] > 0).any():
-        return 0.0
-    small = e < 5
-    if small.any():
-        counts = torch.cat([counts[~small], counts[small].sum()[None]])
-        e = torch.cat([e[~small], e[small].sum()[None]])
-    e, counts = e[e > 0], counts[e > 0]
-    stat = ((counts - e) ** 2 / e).sum()
-    dof = len(e) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
-                                         stat / 2))
-
-
 @pytest.mark.slow
 def test_sampled_tokens_distributed_as_target():
     """The first two tokens of N seeded runs (gamma = 1: the second is a bonus or the next
@@ -237,8 +220,8 @@ def test_rollback_leaves_caches_as_if_only_kept_tokens_were_fed():
         # The target holds all but the last token (it starts the next verify); the draft a
         # prefix: all but the last one or, after a bonus, two.
         assert_cache_holds(dec.target, ctx[:-1])
-        assert dec.draft.length(0) in (len(ctx) - 1, len(ctx) - 2)
-        assert_cache_holds(dec.draft, ctx[:dec.draft.length(0)])
+        assert dec.proposer.engine.length(0) in (len(ctx) - 1, len(ctx) - 2)
+        assert_cache_holds(dec.proposer.engine, ctx[:dec.proposer.engine.length(0)])
     assert {1, 4} <= lengths  # a rejection at the first draft and a full accept + bonus ran
     assert dec.stats.emitted >= 40
 
@@ -283,8 +266,9 @@ def test_speculative_bench_section_keys():
 
 
 def test_generate_command_with_draft(tmp_path, capsys):
-    """moe-generate --draft RUN: greedy prints what the target alone prints; the rates go to
-    stderr; a draft with another tokenizer, or --batch, is one line and exit 2."""
+    """moe-generate --draft RUN and --prompt-lookup N: greedy prints what the target alone
+    prints; the rates go to stderr; a draft with another tokenizer, --batch, or both ways at
+    once, is one line and exit 2."""
     from moe.checkpoint import save_checkpoint
     from moe.cli.generate import main
     from moe.config import load_config
@@ -313,6 +297,14 @@ def test_generate_command_with_draft(tmp_path, capsys):
     assert out.out == alone and "[speculative] 3 draft tokens: acceptance" in out.err
     assert main(args + ["--draft", str(runs["draft"]), "--batch"]) == 2
     assert "drop --batch" in capsys.readouterr().err
+    assert main(args + ["--prompt-lookup", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == alone and "[prompt lookup] up to 3 tokens: acceptance" in out.err
+    for extra, match in ((["--batch"], "drop --batch"),
+                         (["--draft", str(runs["draft"])], "choose one")):
+        assert main(args + ["--prompt-lookup", "3", *extra]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
     train_bpe(["zzz yyy, xxx\n"] * 20, 300).save(runs["draft"] / "tokenizer.json")
     assert main(args + ["--draft", str(runs["draft"])]) == 2
     err = capsys.readouterr().err

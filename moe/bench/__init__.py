@@ -8,4 +8,5 @@
     serve.py         the server's load test: the load (malformed, cut-off, 1e-40 requests
                      among the rest) and its invariants; serve_run.py runs it on a server
                      subprocess (throughput, latency, memory, SIGTERM)
+    prompt_lookup.py prompt lookup on code completion: ours and Hugging Face's, plain and not
 """

@@ -77,29 +77,33 @@ def random_pair(target, prompt_len: int, seed: int, n_prompts: int = 2) -> tuple
     return target, draft, prompts
 
 
+def forward_ms(engine: Engine, prefix: int, s: int, gen: torch.Generator,
+               n: int = 40) -> float:
+    """Median ms of one forward of ``s`` random tokens after the ``prefix`` tokens the engine's
+    slot 0 holds (rolled back after each). Random tokens, new each call: routing as diverse
+    as sampled text's (MoE: s tokens route to up to s * top_k distinct experts)."""
+    times = []
+    for _ in range(n):
+        engine.truncate(0, prefix)
+        tokens = torch.randint(0, engine.cfg.vocab_size, (1, s), generator=gen)
+        t0 = time.perf_counter()
+        engine.forward([0], tokens)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def step_costs(target, draft, prompt: list[int], gamma: int, n: int = 40) -> dict:
     """Median ms of one forward after ``prompt``: a decode step of each model and the
     target's verify of gamma + 1 tokens (MoE: those tokens route to up to (gamma + 1) * top_k
-    distinct experts, so unlike a dense model's the verify reads more weights than a step).
-    The tokens are random (seeded), new each call: routing as diverse as sampled text's."""
+    distinct experts, so unlike a dense model's the verify reads more weights than a step)."""
     g = torch.Generator().manual_seed(0)
-
-    def ms(engine: Engine, s: int) -> float:
-        times = []
-        for _ in range(n):
-            engine.truncate(0, len(prompt))
-            tokens = torch.randint(0, target.cfg.vocab_size, (1, s), generator=g)
-            t0 = time.perf_counter()
-            engine.forward([0], tokens)
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
-
     t, d = Engine(target, 1), Engine(draft, 1)
     t.prefill([0], [prompt])
     d.prefill([0], [prompt])
-    ms(t, 1), ms(d, 1)  # warm-up
-    return {"target_step_ms": ms(t, 1), "draft_step_ms": ms(d, 1),
-            "target_verify_ms": ms(t, gamma + 1)}
+    forward_ms(t, len(prompt), 1, g, n), forward_ms(d, len(prompt), 1, g, n)  # warm-up
+    return {"target_step_ms": forward_ms(t, len(prompt), 1, g, n),
+            "draft_step_ms": forward_ms(d, len(prompt), 1, g, n),
+            "target_verify_ms": forward_ms(t, len(prompt), gamma + 1, g, n)}
 
 
 def speculative_bench(target, draft, prompts: list[list[int]], new_tokens: int,

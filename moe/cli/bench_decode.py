@@ -11,6 +11,14 @@ timed). Any --section.key=value overrides the config. Speculative decoding: ``--
 --draft RUN`` (trained runs, e.g. of configs/tiny.yaml and configs/draft.yaml); without them
 random models (nothing trained: the rates, not a useful speedup; see
 moe/bench/speculative.py).
+
+    python scripts/bench_decode.py --prompt-lookup 4 --target RUN [--code-prompts 8]
+
+``--prompt-lookup N`` runs, instead of the sections above, prompt lookup on code completion:
+RUN's model (a run of the built-in corpus) continues prompts cut from the validation split's
+Python files, greedy, plain and with up to N tokens looked up per target call, ours and
+Hugging Face's (moe/bench/prompt_lookup.py); --prompt-tokens and --new-tokens default to 256
+and 160 there.
 """
 
 from __future__ import annotations
@@ -20,15 +28,17 @@ import json
 import sys
 
 from moe.bench.decode import bench_config, run_decode_bench
-from moe.config import ConfigError
+from moe.config import Config, ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Any --section.key=value overrides the config.")
     p.add_argument("--config", default="configs/bench.yaml")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=224)
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="default 32; 256 with --prompt-lookup")
+    p.add_argument("--new-tokens", type=int, default=None,
+                   help="default 224; 160 with --prompt-lookup")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each side")
     p.add_argument("--stat-steps", type=int, default=16,
                    help="decode steps counted for the MoE statistics")
@@ -42,7 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec-new-tokens", type=int, default=64,
                    help="new tokens per prompt in the speculative section")
     p.add_argument("--no-speculative", action="store_true", help="skip speculative decoding")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="only prompt lookup on code completion, N tokens per target call "
+                        "(with --target)")
+    p.add_argument("--max-ngram", type=int, default=3, help="prompt lookup's longest n-gram")
+    p.add_argument("--code-prompts", type=int, default=8,
+                   help="validation files prompted in the prompt-lookup section")
     args, overrides = p.parse_known_args(argv)
+    lookup = args.prompt_lookup > 0
+    if args.prompt_tokens is None:
+        args.prompt_tokens = 256 if lookup else 32
+    if args.new_tokens is None:
+        args.new_tokens = 160 if lookup else 224
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} "
@@ -55,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     log = None if args.json else (lambda s: print(s, flush=True))
+    if lookup:
+        return prompt_lookup_main(args, cfg, log)
     try:
         r = run_decode_bench(cfg, prompt_len=args.prompt_tokens, new_tokens=args.new_tokens,
                              repeats=args.repeats, stat_steps=args.stat_steps,
@@ -107,6 +130,66 @@ def main(argv: list[str] | None = None) -> int:
                   f"(predicted {e['acceptance_rate_predicted']:.3f}), tokens per target call "
                   f"{e['tokens_per_target_call']:.2f} (predicted "
                   f"{e['tokens_per_target_call_predicted']:.2f})")
+    return 0
+
+
+def prompt_lookup_main(args: argparse.Namespace, cfg: Config, log) -> int:
+    """--prompt-lookup N: the code-completion section alone."""
+    from moe.bench.decode import _loadavg, _machine
+    from moe.bench.prompt_lookup import load_code_workload, prompt_lookup_bench
+    from moe.device import set_threads
+
+    try:
+        if args.target is None or args.draft is not None:
+            raise ValueError("--prompt-lookup takes --target RUN (a trained run: a random "
+                             "model does not copy its prompt) and no --draft")
+        if args.code_prompts < 1 or args.max_ngram < 1:
+            raise ValueError("--code-prompts and --max-ngram must be >= 1")
+        threads = set_threads(cfg.train.threads)
+        model, prompts, names = load_code_workload(args.target, args.code_prompts,
+                                                   args.prompt_tokens, args.new_tokens)
+        hf_model = None
+        if not args.no_hf:
+            import warnings
+
+            from moe.hf.export import to_mixtral_model
+
+            with warnings.catch_warnings():  # eval capacity: both sides decode dropless
+                warnings.simplefilter("ignore")
+                hf_model = to_mixtral_model(model)
+        r = {"machine": _machine(), "threads": threads, "loadavg_start": _loadavg(),
+             "target": args.target, "files": names}
+        if log:
+            log(f"prompt lookup: {len(prompts)} prompts of {args.prompt_tokens} tokens from "
+                f"{args.target}'s validation files, {args.new_tokens} new tokens, "
+                f"{args.prompt_lookup} per target call, {threads} threads")
+        r.update(prompt_lookup_bench(model, prompts, args.new_tokens, args.prompt_lookup,
+                                     args.repeats, hf_model, args.max_ngram, log=log))
+        r["loadavg_end"] = _loadavg()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"\n{r['machine']}; {r['threads']} threads; 1-min load average "
+          f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}; median of {r['runs']} runs")
+    for name in ("plain", "prompt_lookup", "hf", "hf_prompt_lookup"):
+        if name in r:
+            e = r[name]
+            rate = (f", {e['tokens_per_forward']:.2f} tokens per target forward"
+                    if "tokens_per_forward" in e else "")
+            print(f"  {name:17s} {e['tokens_per_s']:8.1f} tokens/s{rate}")
+    pl = r["prompt_lookup"]
+    print(f"  prompt lookup / plain {r['speedup']:.2f}x; acceptance {pl['acceptance_rate']:.3f}, "
+          f"{pl['tokens_per_target_call']:.2f} tokens per verify; same tokens as plain: "
+          f"{r['same_tokens']}; a verify of {r['draft_tokens'] + 1} tokens costs "
+          f"{r['verify_cost_ratio']:.2f} decode steps")
+    if "hf" in r:
+        print(f"  ours / HF prompt lookup {r['speedup_over_hf_prompt_lookup']:.2f}x; HF prompt "
+              f"lookup / HF plain {r['hf_prompt_lookup_speedup']:.2f}x; HF plain = ours: "
+              f"{r['hf_same_tokens']}, HF prompt lookup = HF plain: "
+              f"{r['hf_prompt_lookup_same_tokens']}")
     return 0
 
 

@@ -3,7 +3,7 @@
     python scripts/generate.py --run runs/tiny --prompt "def " [--prompt "class "]
         [--prompt-file FILE] [--max-new-tokens 200] [--temperature 0.8] [--top-k 50]
         [--top-p 1.0] [--seed 0] [--ignore-eot] [--batch] [--device auto] [--threads 0]
-        [--draft RUN] [--draft-tokens 4]
+        [--draft RUN] [--draft-tokens 4] [--prompt-lookup 4]
     python scripts/generate.py --run runs/vision_tiny --image shapes.png [--prompt "a"]
 
 ``--run``: a run folder (its newest good checkpoint), a ``step_*`` folder or a consolidated
@@ -15,10 +15,13 @@ when done: the same tokens, as every prompt draws from its own generator seeded 
 ``--temperature 0`` is greedy. ``--draft RUN``: speculative decoding with that run's model as
 the draft (same tokenizer; ``--draft-tokens`` drafted per target call; one prompt at a time,
 so not with ``--batch``): greedy gives the same text as without it; the acceptance rate goes
-to stderr. ``--image PATH`` (a vision run, vision.enabled): caption a PNG / JPEG image
-(resized to vision.image_size) by continuing each prompt (default "a", the start of every
-caption; "q: what colour is the circle? a:" asks a question) after the image, without a KV
-cache (moe/vision/caption.py). Code: moe/inference/ (engine, sampling, speculative);
+to stderr. ``--prompt-lookup N``: speculative decoding with no draft model, up to N tokens
+copied per target call from what followed the last tokens' previous occurrence in the prompt
+or output (moe/inference/ngram.py); the same rules as ``--draft``, not with it.
+``--image PATH`` (a vision run, vision.enabled): caption a PNG / JPEG image (resized to
+vision.image_size) by continuing each prompt (default "a", the start of every caption;
+"q: what colour is the circle? a:" asks a question) after the image, without a KV cache
+(moe/vision/caption.py). Code: moe/inference/ (engine, sampling, speculative);
 installed as the moe-generate command.
 """
 
@@ -35,6 +38,7 @@ from moe.cli import add_model_source
 from moe.data import EOT_ID, BPETokenizer
 from moe.device import resolve_device, set_threads
 from moe.inference import Engine, SamplingParams
+from moe.inference.ngram import NgramProposer
 from moe.inference.speculative import SpeculativeDecoder
 
 SEPARATOR = "---"
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding: a draft model's run, step folder or file")
     p.add_argument("--draft-tokens", type=int, default=4,
                    help="tokens the draft proposes per target call (with --draft)")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding by prompt lookup: up to N tokens per target call")
     p.add_argument("--image", default=None, metavar="PATH",
                    help="caption this image (a vision run): the prompts continue after it")
     return p
@@ -116,8 +122,9 @@ def caption_main(args: argparse.Namespace, loaded, tokenizer: BPETokenizer,
         if not cfg.vision.enabled:
             raise ValueError(f"--image needs a vision run (vision.enabled), and "
                              f"{loaded.checkpoint} is a text model")
-        if args.draft or args.batch:
-            raise ValueError("--image captions one image without --draft or --batch")
+        if args.draft or args.batch or args.prompt_lookup is not None:
+            raise ValueError("--image captions one image without --draft, --prompt-lookup or "
+                             "--batch")
         image = load_image(args.image, cfg.vision.image_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -142,9 +149,15 @@ def main(argv: list[str] | None = None) -> int:
                                 stop_tokens=() if args.ignore_eot else (EOT_ID,))
         prompts = read_prompts(args)
         device = resolve_device(args.device)
+        if args.draft and args.prompt_lookup is not None:
+            raise ValueError("--draft and --prompt-lookup both propose tokens: choose one")
         set_threads(args.threads)
         loaded = load_model(args.checkpoint or args.run, device=device)
         spec = None
+        if args.prompt_lookup is not None:
+            if args.batch:
+                raise ValueError("--prompt-lookup decodes one prompt at a time: drop --batch")
+            spec = SpeculativeDecoder(loaded.model, NgramProposer(), args.prompt_lookup)
         if args.draft:
             if args.batch:
                 raise ValueError("--draft decodes one prompt at a time: drop --batch")
@@ -198,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
                     out.flush()
             out.write(detok.flush() + "\n")
             out.flush()
-        if spec is not None:
+        if spec is not None and args.prompt_lookup is not None:
+            st = spec.stats
+            print(f"[prompt lookup] up to {args.prompt_lookup} tokens: acceptance "
+                  f"{st.acceptance_rate:.2f}, {st.tokens_per_target_call:.2f} tokens per "
+                  f"verify, {st.plain_calls} plain steps (nothing proposed)", file=sys.stderr)
+        elif spec is not None:
             st = spec.stats
             print(f"[speculative] {args.draft_tokens} draft tokens: acceptance "
                   f"{st.acceptance_rate:.2f} (predicted 1 - TV: "

@@ -4,7 +4,9 @@
     sampling.py  SamplingParams, filter_logits / probs / sample (the one filter used everywhere)
     engine.py    Engine: prefill, decode, forward (S tokens per slot), truncate, stream, generate
     scheduler.py Scheduler, Request: continuous batching over the engine's slots
-    speculative.py SpeculativeDecoder (a draft proposes, the target verifies), verify, stats
+    speculative.py SpeculativeDecoder (a proposer guesses, the target verifies), DraftModel,
+                 verify, stats
+    ngram.py     NgramProposer, propose_ngram: prompt lookup (proposals copied from the context)
     generate.py  generate(model, prompt, ...): the one-call API (imported on its own)
     server.py    the OpenAI-compatible HTTP server (FastAPI; imported on its own, not here)
 
@@ -14,10 +16,11 @@ to ``Transformer.forward(tokens, kv_cache=...)`` and the model never imports thi
 
 from moe.inference.cache import CacheView, KVCache
 from moe.inference.engine import Engine
+from moe.inference.ngram import NgramProposer
 from moe.inference.sampling import SamplingParams, filter_logits, probs, sample, sample_from
 from moe.inference.scheduler import Request, Scheduler, static_batches
 from moe.inference.speculative import SpeculativeDecoder, SpeculativeStats
 
 __all__ = ["CacheView", "KVCache", "Engine", "SamplingParams", "filter_logits", "probs", "sample",
            "sample_from", "Request", "Scheduler", "static_batches", "SpeculativeDecoder",
-           "SpeculativeStats"]
+           "SpeculativeStats", "NgramProposer"]

@@ -1,21 +1,31 @@
-"""Speculative decoding: a small draft model proposes tokens, the target verifies them at once.
+"""Speculative decoding: a proposer guesses tokens, the target verifies them at once.
 
     dec = SpeculativeDecoder(target, draft, draft_tokens=4)
     new = dec.generate(prompt, SamplingParams(max_new_tokens=64, temperature=0.8), generator)
     dec.stats.acceptance_rate, dec.stats.acceptance_rate_predicted   # measured vs 1 - TV(p, q)
+    dec = SpeculativeDecoder(target, NgramProposer(), draft_tokens=4)  # prompt lookup
+
+The proposer is a small draft model (``DraftModel``, made from the ``nn.Module`` given) or
+prompt lookup (``moe.inference.ngram.NgramProposer``: the tokens that followed the last
+n-gram's previous occurrence). A proposer chosen deterministically from the context is a
+draft distribution p that is one-hot on its token, so the same rule below applies: accept
+x_i with probability q(x_i); a rejection resamples from norm(max(0, q - p)), which is q
+with x_i removed and renormalised.
 
 The rule of Leviathan et al. 2023 ("Fast Inference from Transformers via Speculative
 Decoding") and Chen et al. 2023 ("Accelerating LLM Decoding with Speculative Sampling"). Each
 step, with p the draft's and q the target's distribution, both after the same temperature /
 top-k / top-p filter (``moe.inference.sampling.probs``):
 
-1. the draft samples gamma tokens x_1..x_gamma autoregressively from p (its own KV cache);
+1. the proposer gives up to gamma tokens x_1..x_gamma (a draft model samples them
+   autoregressively from p, with its own KV cache; none given: a plain target step);
 2. the target runs ONE forward over [last token, x_1..x_gamma] (gamma + 1 positions), giving
    q at each drafted position and one more;
 3. x_i is accepted with probability min(1, q(x_i) / p(x_i)), in order; at the first rejection
    the next token is drawn from norm(max(0, q - p)) at that position and the rest dropped; if
    all gamma are accepted a bonus token is drawn from q at the last position;
-4. both caches are rolled back (``Engine.truncate``) to the tokens kept.
+4. the target's cache (and a draft model's) is rolled back (``Engine.truncate``) to the
+   tokens kept.
 
 Every emitted token is then distributed exactly as the target's sample (Leviathan et al.,
 Theorem 1); the test is tests/test_speculative.py. Greedy (temperature 0): p and q are one-hot,
@@ -31,11 +41,10 @@ runs at each position up to the first rejection), and the predicted one is the m
 so the two agree up to sampling noise (binomial, about sqrt(a(1-a)/tests)).
 
 Bookkeeping: the target's cache always holds the context but its last token (that token
-starts the next verify); the draft's holds a prefix of the context and is fed what it lacks
-(one token, or two after a bonus: gamma tokens are drafted from gamma draft calls, so the
-last drafted token is never in the draft's cache). Near the end of the context gamma shrinks
-to fit both caches; with no room left each token is one plain target step, exactly as the
-engine alone (past ``max_len`` the window slides: a re-prefill per token).
+starts the next verify); a draft model's holds a prefix of the context (``DraftModel``).
+Near the end of the context gamma shrinks to fit both caches; with no room left, or nothing
+proposed, the token is one plain target step, exactly as the engine alone takes it (past
+``max_len`` the window slides: a re-prefill per token).
 
 One sequence at a time (batch 1): ``moe.inference.generate.generate`` refuses a batch with a draft.
 Routing is dropless: a verify forward is one row of gamma + 1 tokens, and a capacity would
@@ -107,13 +116,13 @@ class SpeculativeStats:
 
     draft_tokens: int  # gamma asked for (a step near the context's end may draft fewer)
     target_calls: int = 0  # verify forwards (the prompt's prefill not counted)
-    draft_calls: int = 0  # draft forwards
+    draft_calls: int = 0  # draft model forwards (0 with prompt lookup)
     drafted: int = 0  # tokens proposed
     tests: int = 0  # accept tests run (positions up to and including the first rejection)
     accepted: int = 0
     emitted: int = 0  # tokens the verify calls yielded (accepted + 1 each, before any cut)
     alpha_sum: float = 0.0  # sum of 1 - TV(p, q) over the tested positions
-    plain_calls: int = 0  # target-alone steps (no room left to draft)
+    plain_calls: int = 0  # target-alone steps (no room left to draft, or nothing proposed)
     gammas: dict[int, int] = field(default_factory=dict)  # drafted per step -> steps
 
     def reset(self) -> None:
@@ -147,22 +156,78 @@ class SpeculativeStats:
         return {k: getattr(self, k) for k in keys}
 
 
+@dataclass
+class Proposal:
+    """What a proposer guesses for the next tokens.
+
+    ``probs`` [len(tokens), V]: the distributions a sampling proposer drew ``tokens`` from;
+    None for a token chosen deterministically (verified as a one-hot p). ``forwards``: the
+    model forwards it took (0 for prompt lookup)."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+    forwards: int = 0
+
+
+class DraftModel:
+    """A small model as the proposer: it samples from its own filtered distribution p with its
+    own one-slot KV cache, which holds a prefix of the context and is fed what it lacks (one
+    token, or two after a bonus: the last drafted token is never in its cache)."""
+
+    def __init__(self, model: nn.Module, *, decode_path: bool = True):
+        self.engine = Engine(model, 1, decode_path=decode_path)
+
+    def start(self, ctx: list[int]) -> None:
+        """A new sequence: the target will hold ``ctx[:-1]``; so does the draft if it fits."""
+        self.engine.reset(0)
+        if 1 < len(ctx) <= self.engine.max_len + 1:
+            self.engine.prefill([0], [ctx[:-1]])
+
+    def propose(self, ctx: list[int], g: int, params: SamplingParams,
+                gen: torch.Generator | None) -> Proposal:
+        d = self.engine
+        g = min(g, d.max_len - (len(ctx) - 1))  # room in the draft's cache
+        if g < 1:
+            return Proposal([])
+        logits = d.forward([0], torch.tensor([ctx[d.length(0):]]))[0, -1]
+        tokens, dists = [], []
+        for i in range(g):
+            if i:
+                logits = d.decode([0], [tokens[-1]])[0]
+            if params.greedy:
+                tokens.append(int(logits.argmax()))
+            else:
+                p = probs(logits, params)
+                dists.append(p)
+                tokens.append(int(sample_from(p[None], gen)[0]))
+        return Proposal(tokens, torch.stack(dists) if dists else None, forwards=g)
+
+    def rollback(self, kept: int) -> None:
+        """The context's first ``kept`` tokens are final: drop what the draft holds past them."""
+        self.engine.truncate(0, min(self.engine.length(0), kept))
+
+
 class SpeculativeDecoder:
-    def __init__(self, target: nn.Module, draft: nn.Module, draft_tokens: int = 4, *,
+    def __init__(self, target: nn.Module, draft, draft_tokens: int = 4, *,
                  max_len: int | None = None, decode_path: bool = True):
-        """``target``, ``draft``: ``Transformer``s with the same vocabulary (the same
-        tokenizer); each gets a one-slot engine (``max_len`` caps the target's context,
-        default its ``max_seq_len``; the draft's is its own ``max_seq_len``)."""
+        """``target``: a ``Transformer``; ``draft``: a ``Transformer`` with the same vocabulary
+        (the same tokenizer), used through ``DraftModel``, or a proposer (an object with
+        ``start``, ``propose`` and ``rollback`` as ``DraftModel``'s, e.g. ``NgramProposer``).
+        ``draft_tokens``: gamma, the most proposed per target call. The target gets a one-slot
+        engine (``max_len`` caps its context, default its ``max_seq_len``; a draft model's is
+        its own ``max_seq_len``)."""
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) \
                 or draft_tokens < 1:
             raise ValueError(f"draft_tokens={draft_tokens!r} must be an integer >= 1")
-        tv, dv = target.cfg.vocab_size, draft.cfg.vocab_size
-        if tv != dv:
-            raise ValueError(f"draft model vocab_size={dv} differs from the target's "
-                             f"vocab_size={tv}: the draft must share the target's tokenizer")
+        if isinstance(draft, nn.Module):
+            tv, dv = target.cfg.vocab_size, draft.cfg.vocab_size
+            if tv != dv:
+                raise ValueError(f"draft model vocab_size={dv} differs from the target's "
+                                 f"vocab_size={tv}: the draft must share the target's tokenizer")
+            draft = DraftModel(draft, decode_path=decode_path)
         self.draft_tokens = draft_tokens
         self.target = Engine(target, 1, max_len, decode_path=decode_path)
-        self.draft = Engine(draft, 1, decode_path=decode_path)
+        self.proposer = draft
         self.stats = SpeculativeStats(draft_tokens)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams,
@@ -183,13 +248,10 @@ class SpeculativeDecoder:
         ctx = self.target.check_prompt(prompt)
         if params.max_new_tokens == 0:
             return
-        t, d = self.target, self.draft
-        t.reset(0)
-        d.reset(0)
+        self.target.reset(0)
         if len(ctx) > 1:  # the last prompt token starts the first verify
-            t.prefill([0], [ctx[:-1]])
-            if len(ctx) - 1 <= d.max_len:
-                d.prefill([0], [ctx[:-1]])
+            self.target.prefill([0], [ctx[:-1]])
+        self.proposer.start(ctx)
         made = 0
         while True:
             new = self._step(ctx, params, generator)
@@ -208,23 +270,16 @@ class SpeculativeDecoder:
     @torch.inference_mode()
     def _step(self, ctx: list[int], params: SamplingParams,
               gen: torch.Generator | None) -> list[int]:
-        t, d, st = self.target, self.draft, self.stats
-        lt = t.length(0)  # == len(ctx) - 1 while there is room to draft
-        g = min(self.draft_tokens, t.max_len - lt - 1, d.max_len - lt)
+        t, st = self.target, self.stats
+        lt = t.length(0)  # == len(ctx) - 1 while there is room to verify
+        g = min(self.draft_tokens, t.max_len - lt - 1)
+        # 1. the proposal (a draft model may give fewer tokens near its context's end).
+        prop = self.proposer.propose(ctx, g, params, gen) if g >= 1 else Proposal([])
+        drafted = prop.tokens[:g]
+        g = len(drafted)
+        st.draft_calls += prop.forwards
         if g < 1:
             return [self._plain(ctx, params, gen)]
-        # 1. draft g tokens, feeding the draft what its cache lacks first.
-        logits = d.forward([0], torch.tensor([ctx[d.length(0):]]))[0, -1]
-        drafted, dists = [], []
-        for i in range(g):
-            if i:
-                logits = d.decode([0], [drafted[-1]])[0]
-            if params.greedy:
-                drafted.append(int(logits.argmax()))
-            else:
-                p = probs(logits, params)
-                dists.append(p)
-                drafted.append(int(sample_from(p[None], gen)[0]))
         # 2. one target forward over the last token and the drafts: q at g + 1 positions.
         q_logits = t.forward([0], torch.tensor([[ctx[-1], *drafted]]))[0]  # [g + 1, V]
         # 3. accept / resample.
@@ -237,15 +292,18 @@ class SpeculativeDecoder:
             alpha = float(n)  # one-hot p, q: 1 - TV is 1 where the argmaxes agree, else 0
         else:
             q = probs(q_logits, params)
-            p = torch.stack(dists).to(q.device)
+            if prop.probs is None:  # a deterministic proposal: p one-hot on each token
+                ids = torch.tensor(drafted, device=q.device)[:, None]
+                p = torch.zeros_like(q[:g]).scatter_(-1, ids, 1.0)
+            else:
+                p = prop.probs[:g].to(q.device)
             n_t, nxt_t = verify(torch.tensor([drafted]), p[None], q[None], gen)
             n, nxt = int(n_t[0]), int(nxt_t[0])
             alpha = float(torch.minimum(p, q[:g]).sum(-1)[:min(n + 1, g)].sum())
-        # 4. roll both caches back to the kept tokens (ctx + drafted[:n]; nxt is fed next).
+        # 4. roll back to the kept tokens (ctx + drafted[:n]; nxt is fed next).
         t.truncate(0, lt + 1 + n)
-        d.truncate(0, min(d.length(0), lt + 1 + n))
+        self.proposer.rollback(lt + 1 + n)
         st.target_calls += 1
-        st.draft_calls += g
         st.drafted += g
         st.tests += min(n + 1, g)
         st.accepted += n
