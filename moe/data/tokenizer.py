@@ -4,10 +4,17 @@ Byte-level means every string encodes losslessly (``decode(encode(s)) == s``) wi
 token. Id 0 is ``<|endoftext|>``, the separator placed after every document in the token
 streams; text that happens to contain that literal string is encoded as ordinary bytes, so only
 the separator the pipeline inserts ever produces id 0.
+
+An imported Hugging Face run (moe/hf/import_hf.py) keeps its folder's tokenizer: its
+``tokenizer.json`` has a ``tokenizer_config.json`` beside it naming the end-of-text token
+(``eos_token``, e.g. ``</s>``) and whether special tokens in text stay text
+(``split_special_tokens``, false in Hugging Face by default); ``load`` reads both, and
+``eot`` / ``eot_id`` are then that token's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 EOT = "<|endoftext|>"
 EOT_ID = 0
 MIN_VOCAB = 257  # 256 byte tokens + <|endoftext|>
+SIDECAR = "tokenizer_config.json"  # beside an imported tokenizer.json: its eos token
 
 
 class BPETokenizer:
@@ -25,20 +33,36 @@ class BPETokenizer:
     eot = EOT
     eot_id = EOT_ID
 
-    def __init__(self, tok: Tokenizer):
-        if tok.token_to_id(EOT) != EOT_ID:
+    def __init__(self, tok: Tokenizer, eot: str = EOT, split_special_tokens: bool = True):
+        eot_id = tok.token_to_id(eot)
+        if eot == EOT and eot_id != EOT_ID:
             raise ValueError(f"tokenizer must map {EOT} to id {EOT_ID}; delete the cached "
                              "tokenizer.json to retrain it")
+        if eot_id is None:
+            raise ValueError(f"the tokenizer has no end-of-text token {eot!r}")
+        self.eot, self.eot_id = eot, eot_id
         # Not saved in tokenizer.json, so set on every load: document text never yields id 0.
-        tok.encode_special_tokens = True
+        tok.encode_special_tokens = split_special_tokens
         self.tok = tok
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
+        """``path`` (a tokenizer.json), with the end-of-text token and special-token rule of
+        a ``tokenizer_config.json`` beside it if there is one (an imported run's)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        return cls(Tokenizer.from_file(str(path)))
+        side = path.with_name(SIDECAR)
+        kw = {}
+        if side.is_file():
+            conf = json.loads(side.read_text())
+            eos = conf.get("eos_token")
+            if isinstance(eos, dict):  # transformers' AddedToken form
+                eos = eos.get("content")
+            if eos:
+                kw["eot"] = eos
+            kw["split_special_tokens"] = bool(conf.get("split_special_tokens", False))
+        return cls(Tokenizer.from_file(str(path)), **kw)
 
     def save(self, path: str | Path) -> None:
         """Write atomically, so a crash never leaves a half-written tokenizer.json."""
