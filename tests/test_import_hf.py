@@ -183,6 +183,14 @@ def tokenizer_folder(hf, path):
 def test_import_writes_a_run_folder_with_the_tokenizer(tmp_path, capsys):
     hf = hf_model("qwen2_moe", num_key_value_heads=2)
     folder, fast = tokenizer_folder(hf, tmp_path / "hf")
+    prompt = "def the model"
+    ids = fast(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # eos made likely (its head row twice a generated token's): a stop
+        first = hf.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1]
+        hf.lm_head.weight[hf.config.eos_token_id] = 2 * hf.lm_head.weight[first]
+        want = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert want.shape[1] < ids.shape[1] + 8  # HF stopped at the folder's eos
+    saved(hf, folder)
     run = tmp_path / "run"
     assert import_main([str(folder), "--out", str(run)]) == 0
     assert "wrote" in capsys.readouterr().out
@@ -198,10 +206,6 @@ def test_import_writes_a_run_folder_with_the_tokenizer(tmp_path, capsys):
     # stops at the folder's eos (not at our <|endoftext|>).
     from moe.cli.generate import main as generate_main
 
-    prompt = "def the model"
-    ids = fast(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        want = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert generate_main(["--run", str(run), "--prompt", prompt, "--max-new-tokens", "8",
                           "--temperature", "0", "--threads", "1"]) == 0
     new = [t for t in want[0, ids.shape[1]:].tolist() if t != tok.eot_id]
@@ -244,3 +248,83 @@ def test_family_options_are_checked_by_name(bad, match):
 
     with pytest.raises(ConfigError, match=match):
         ModelConfig(n_layers=2, **bad).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training from an import: train.init_from (hf:DIR or the run folder) and data.tokenizer
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A Qwen2-MoE folder with a tokenizer, its import, and local text to train on."""
+    root = tmp_path_factory.mktemp("init")
+    hf = hf_model("qwen2_moe", num_key_value_heads=2)
+    folder, fast = tokenizer_folder(hf, root / "hf")
+    import_hf(folder, root / "run")
+    text = "\n\n".join(f"def the model {i} of experts return import {i % 7}"
+                       for i in range(400))
+    (root / "train.txt").write_text(text)
+    (root / "val.txt").write_text(text[:2000])
+    return root, folder, fast
+
+
+def init_config(root, init_from, name, *extra):
+    from moe.config import load_config
+
+    return load_config(root / "run" / "config.yaml", [
+        f"--train.init_from={init_from}", f"--train.run_dir={root / name}",
+        f"--data.cache_dir={root / 'cache'}", "--data.source=files",
+        f"--data.files={root / 'train.txt'}", f"--data.val_files={root / 'val.txt'}",
+        "--data.chunk_chars=300", f"--data.tokenizer={root / 'run' / 'tokenizer.json'}",
+        "--data.seq_len=32", "--data.val_windows=2", "--train.batch_size=2",
+        "--train.micro_batch_size=2", "--train.max_steps=1", "--train.eval_every=1",
+        "--train.warmup_steps=0", "--train.lr=0", "--train.sample_tokens=0",
+        "--log.progress=false", *extra])
+
+
+@pytest.mark.parametrize("source", ["hf", "run"])
+def test_a_new_run_starts_from_the_import_with_its_tokenizer(imported, source):
+    from moe.checkpoint import full_state, list_checkpoints
+    from moe.train.loop import train
+
+    root, folder, fast = imported
+    init = f"hf:{folder}" if source == "hf" else str(root / "run")
+    summary = train(init_config(root, init, f"from_{source}"))
+    assert summary["step"] == 1
+    # lr 0: the step changed nothing, so the checkpoint holds the imported weights.
+    want = full_state(list_checkpoints(root / "run")[-1])["model"]
+    got = full_state(list_checkpoints(root / f"from_{source}")[-1])["model"]
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    # The data were tokenised with the folder's tokenizer, documents ended by its eos.
+    tok = BPETokenizer.load(root / f"from_{source}" / "tokenizer.json")
+    assert (tok.eot, tok.eot_id) == ("</s>", fast.convert_tokens_to_ids("</s>"))
+    assert tok.encode("def the model") == fast("def the model")["input_ids"]
+    if source == "hf":  # imported once into the data cache
+        assert len(list((root / "cache").glob("hf-import-*"))) == 1
+
+
+def test_init_from_an_import_refuses_other_models_and_tokenizers(imported):
+    from moe.config import ConfigError
+    from moe.train.init_from import resolve_init_from
+
+    root, folder, _ = imported
+    with pytest.raises(ConfigError, match=r"model.d_model \(32 -> 64\)"):
+        resolve_init_from(init_config(root, root / "run", "x", "--model.d_model=64"))
+    with pytest.raises(ConfigError, match="imported model with its own tokenizer: set "
+                                          "data.tokenizer"):
+        resolve_init_from(init_config(root, f"hf:{folder}", "x", "--data.tokenizer=null"))
+    with pytest.raises(ConfigError, match="train.init_from=hf:.*no config.json"):
+        resolve_init_from(init_config(root, f"hf:{root}", "x"))
+
+
+def test_an_import_is_never_resumed(imported):
+    from moe.config import ConfigError
+    from moe.train.loop import train
+
+    root, _, _ = imported
+    cfg = init_config(root, root / "run", "run")  # run_dir = the import itself
+    cfg.train.init_from = None
+    with pytest.raises(ConfigError, match="holds an imported model.*train.init_from="):
+        train(cfg)

@@ -25,7 +25,12 @@ if TYPE_CHECKING:
     from moe.config import Config
     from moe.model import Transformer
 
-__all__ = ["LoadedModel", "load_model", "resolve_checkpoint"]
+__all__ = ["IMPORTED", "LoadedModel", "load_model", "resolve_checkpoint"]
+
+# The key of a checkpoint's extra that marks an imported model (moe/hf/import_hf.py) and names
+# its source: it has no optimizer or data state, so runs start from it (train.init_from) and
+# never resume it.
+IMPORTED = "imported_from"
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where training normally runs
 
@@ -126,5 +131,8 @@ def _tokenizer(cfg: Config, beside: Path) -> Path | None:
 
     if (beside / TOKENIZER).is_file():  # the trainer writes it into the run folder
         return beside / TOKENIZER
-    cached = cache_folder(cfg) / TOKENIZER
+    try:
+        cached = cache_folder(cfg) / TOKENIZER
+    except FileNotFoundError:  # its data.tokenizer is gone: no cache to look in
+        return None
     return cached if cached.is_file() else None

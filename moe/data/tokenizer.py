@@ -65,8 +65,15 @@ class BPETokenizer:
         return cls(Tokenizer.from_file(str(path)), **kw)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically, so a crash never leaves a half-written tokenizer.json."""
+        """Write atomically, so a crash never leaves a half-written tokenizer.json; an
+        imported tokenizer (another end-of-text token) gets its ``tokenizer_config.json``."""
         path = Path(path)
+        if self.eot != EOT:
+            side = path.with_name(SIDECAR)
+            tmp = side.with_name(f"{side.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"eos_token": self.eot, "split_special_tokens":
+                                       self.tok.encode_special_tokens}, indent=2) + "\n")
+            os.replace(tmp, side)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         self.tok.save(str(tmp))
         os.replace(tmp, path)

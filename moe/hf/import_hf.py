@@ -41,7 +41,9 @@ whose value is set (a later transformers' attention sinks, MLA, ...).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -73,11 +75,6 @@ FAMILIES: dict[str, set[str]] = {
                             "decoder_sparse_step", "mlp_only_layers",
                             "shared_expert_intermediate_size"},
 }
-
-
-# The checkpoint's extra key saying where an imported run came from (it has no optimizer or
-# data state: the trainer starts new runs from it, never resumes it).
-IMPORTED = "imported_from"
 
 
 class HFImportError(ValueError):
@@ -369,20 +366,23 @@ def copy_tokenizer(folder: Path, run_dir: Path) -> Path | None:
     return run_dir / "tokenizer.json"
 
 
-def import_hf(folder: str | Path, out: str | Path, max_seq_len: int | None = None) -> Path:
+def import_hf(folder: str | Path, out: str | Path, max_seq_len: int | None = None,
+              run_dir: str | Path | None = None) -> Path:
     """Write the Hugging Face folder as a run folder ``out`` (new or empty): config.yaml, a
     step-0 checkpoint (fp32) that ``moe.checkpoint.load_model`` and every ``--run`` command
     read, and the folder's tokenizer (``copy_tokenizer``). Train from it with
-    ``train.init_from=<out>`` (a new run: the import has no optimizer or data state)."""
+    ``train.init_from=<out>`` (a new run: the import has no optimizer or data state).
+    ``run_dir``: the train.run_dir its config names, if not ``out`` (an import written
+    elsewhere, then renamed)."""
     import yaml
 
-    from moe.checkpoint import save_checkpoint
+    from moe.checkpoint import IMPORTED, save_checkpoint
 
     folder, out = Path(folder), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HFImportError(f"{out} exists and is not an empty folder: import into a new one")
     model, cfg = load_hf_model(folder, max_seq_len)
-    config = run_config(cfg, out)
+    config = run_config(cfg, out if run_dir is None else run_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         copy_tokenizer(folder, out)
@@ -394,3 +394,38 @@ def import_hf(folder: str | Path, out: str | Path, max_seq_len: int | None = Non
         shutil.rmtree(out, ignore_errors=True)  # it was new or empty: no half-made run
         raise
     return out
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Short sha256 of what an import reads: the folder's path, its JSON files' contents and
+    its weight files' names, sizes and modification times."""
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".json":
+            h.update(path.name.encode() + path.read_bytes())
+        elif path.suffix in (".safetensors", ".bin", ".pt"):
+            st = path.stat()
+            h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def import_cached(folder: str | Path, cache_dir: str | Path) -> Path:
+    """The run folder of ``folder``'s import under ``cache_dir`` (``hf-import-<fingerprint>``),
+    imported on first use (``train.init_from: hf:DIR``); a changed folder gets a new one."""
+    from moe.checkpoint import latest_good_checkpoint
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
+    run = Path(cache_dir) / f"hf-import-{folder_fingerprint(folder)}"
+    if run.is_dir() and latest_good_checkpoint(run) is not None:
+        return run
+    tmp = run.with_name(f".{run.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    import_hf(folder, tmp, run_dir=run)
+    shutil.rmtree(run, ignore_errors=True)  # a broken earlier import, if any
+    try:
+        os.rename(tmp, run)
+    except OSError:  # another process imported it meanwhile: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    return run

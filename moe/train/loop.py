@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from moe.checkpoint import (
+    IMPORTED,
     latest_good_checkpoint,
     list_checkpoints,
     read_extra,
@@ -131,6 +132,10 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     step, tokens = 0, 0
     ckpt = latest_good_checkpoint(run_dir, mesh)  # newest that verifies; warns of broken ones
     if ckpt is not None:
+        if IMPORTED in read_extra(ckpt):  # weights only: no optimizer, loader or RNG state
+            raise ConfigError(f"train.run_dir={run_dir} holds an imported model, which has no "
+                              f"training state to resume: train a new run from it with "
+                              f"train.init_from={run_dir} and another train.run_dir")
         _check_resume_config(read_extra(ckpt)["config"], cfg, ckpt)
         extra = restore_checkpoint(ckpt, runtime.parts, optimizer, mesh)
         loader.load_state_dict(extra["loader"])
