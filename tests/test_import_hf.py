@@ -197,6 +197,8 @@ def test_import_writes_a_run_folder_with_the_tokenizer(tmp_path, capsys):
     loaded = load_model(run)
     assert loaded.cfg.model.shared_expert_gate and loaded.step == 0
     assert (run / "config.yaml").is_file() and (run / "chat_template.jinja").is_file()
+    # Whatever data a run or an analysis of it reads is tokenised with the folder's tokenizer.
+    assert loaded.cfg.data.tokenizer == str(run.resolve() / "tokenizer.json")
     assert_same_logits(loaded.model, hf)
     tok = BPETokenizer.load(loaded.tokenizer)
     assert (tok.eot, tok.eot_id) == ("</s>", fast.convert_tokens_to_ids("</s>"))
@@ -268,18 +270,22 @@ def imported(tmp_path_factory):
     return root, folder, fast
 
 
+def init_overrides(root, init_from, name, *extra):
+    return [f"--train.init_from={init_from}", f"--train.run_dir={root / name}",
+            f"--data.cache_dir={root / 'cache'}", "--data.source=files",
+            f"--data.files={root / 'train.txt'}", f"--data.val_files={root / 'val.txt'}",
+            "--data.chunk_chars=300", "--data.seq_len=32", "--data.val_windows=2",
+            "--train.batch_size=2", "--train.micro_batch_size=2", "--train.max_steps=1",
+            "--train.eval_every=1", "--train.warmup_steps=0", "--train.lr=0",
+            "--train.sample_tokens=0", "--log.progress=false", *extra]
+
+
 def init_config(root, init_from, name, *extra):
+    """The import's config.yaml (its model and data.tokenizer), training on local text."""
     from moe.config import load_config
 
-    return load_config(root / "run" / "config.yaml", [
-        f"--train.init_from={init_from}", f"--train.run_dir={root / name}",
-        f"--data.cache_dir={root / 'cache'}", "--data.source=files",
-        f"--data.files={root / 'train.txt'}", f"--data.val_files={root / 'val.txt'}",
-        "--data.chunk_chars=300", f"--data.tokenizer={root / 'run' / 'tokenizer.json'}",
-        "--data.seq_len=32", "--data.val_windows=2", "--train.batch_size=2",
-        "--train.micro_batch_size=2", "--train.max_steps=1", "--train.eval_every=1",
-        "--train.warmup_steps=0", "--train.lr=0", "--train.sample_tokens=0",
-        "--log.progress=false", *extra])
+    return load_config(root / "run" / "config.yaml", init_overrides(root, init_from, name,
+                                                                    *extra))
 
 
 @pytest.mark.parametrize("source", ["hf", "run"])
@@ -328,3 +334,39 @@ def test_an_import_is_never_resumed(imported):
     cfg.train.init_from = None
     with pytest.raises(ConfigError, match="holds an imported model.*train.init_from="):
         train(cfg)
+
+
+def _train_rank(rank, world_size, config_path, overrides):
+    from moe.config import load_config
+    from moe.train.loop import train
+
+    train(load_config(config_path, overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--parallel.tp=2"], ["--parallel.pp=2"],
+                                    ["--parallel.ep=2"]], ids=["tp2", "pp2", "ep2"])
+def test_training_from_an_import_on_a_layout_matches_one_process(imported, layout):
+    """Qwen2-MoE's q/k/v biases, gated shared expert and dense layer, trained from the import
+    on 2 gloo ranks: the losses and gradient norms of one process."""
+    from moe.train.loop import train
+    from tests.dist_utils import run_ranks
+
+    root, _, _ = imported
+    steps = ["--train.max_steps=2", "--train.lr=1e-2", "--train.batch_size=4",
+             "--train.micro_batch_size=2", "--log.log_every=1"]
+    single = root / "layout_single"
+    if not single.exists():
+        train(init_config(root, root / "run", single.name, *steps))
+    name = "layout_" + layout[0].split(".")[-1].replace("=", "")
+    run_ranks(_train_rank, 2, str(root / "run" / "config.yaml"),
+              init_overrides(root, root / "run", name, *steps, *layout), timeout_s=300)
+    rows = [[json.loads(line) for line in (root / r / "metrics.jsonl").read_text().splitlines()]
+            for r in (single.name, name)]
+    ref, got = ([r for r in rs if "lm_loss" in r] for rs in rows)
+    assert [r["step"] for r in ref] == [r["step"] for r in got] == [1, 2]
+    assert ref[1]["loss"] != ref[0]["loss"]  # it trained
+    for a, b in zip(ref, got):
+        for key in ("loss", "aux_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, a["step"], key)
+

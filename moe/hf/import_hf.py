@@ -307,11 +307,15 @@ def load_hf_model(folder: str | Path, max_seq_len: int | None = None):
     return model.eval(), cfg
 
 
-def run_config(cfg: ModelConfig, run_dir: str | Path) -> Config:
-    """The run folder's Config: the imported model, every other section at its default
-    (data.seq_len no longer than the model's context)."""
+def run_config(cfg: ModelConfig, run_dir: str | Path, tokenizer: bool) -> Config:
+    """The run folder's Config: the imported model; data.tokenizer the run folder's copy of
+    the folder's tokenizer (absolute: a run from this config, or an analysis of it on any
+    data, tokenises as the model was trained), when it has one; data.seq_len no longer than
+    the model's context; every other key at its default."""
     config = Config(model=cfg)
     config.data.seq_len = min(config.data.seq_len, cfg.max_seq_len)
+    if tokenizer:
+        config.data.tokenizer = str(Path(run_dir).resolve() / "tokenizer.json")
     config.train.run_dir = str(run_dir)
     return config.validate()
 
@@ -382,7 +386,8 @@ def import_hf(folder: str | Path, out: str | Path, max_seq_len: int | None = Non
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HFImportError(f"{out} exists and is not an empty folder: import into a new one")
     model, cfg = load_hf_model(folder, max_seq_len)
-    config = run_config(cfg, out if run_dir is None else run_dir)
+    config = run_config(cfg, out if run_dir is None else run_dir,
+                        (folder / "tokenizer.json").is_file())
     out.mkdir(parents=True, exist_ok=True)
     try:
         copy_tokenizer(folder, out)
