@@ -152,11 +152,10 @@ def test_unknown_config_keys_and_architectures_are_refused(tmp_path):
         load_hf_model(folder)
     (folder / "config.json").write_text(json.dumps({**config, "attention_sinks": None}))
     load_hf_model(folder)  # unset: nothing to drop
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32))
-    with pytest.raises(HFImportError, match="architectures='LlamaForCausalLM'"):
-        load_hf_model(saved(llama, tmp_path / "llama"))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    with pytest.raises(HFImportError, match="architectures='GPT2LMHeadModel'"):
+        load_hf_model(saved(gpt2, tmp_path / "gpt2"))
 
 
 def tokenizer_folder(hf, path):
@@ -332,7 +331,7 @@ def test_an_import_is_never_resumed(imported):
     root, _, _ = imported
     cfg = init_config(root, root / "run", "run")  # run_dir = the import itself
     cfg.train.init_from = None
-    with pytest.raises(ConfigError, match="holds an imported model.*train.init_from="):
+    with pytest.raises(ConfigError, match="holds an imported or upcycled model.*train.init_from="):
         train(cfg)
 
 

@@ -25,12 +25,16 @@ if TYPE_CHECKING:
     from moe.config import Config
     from moe.model import Transformer
 
-__all__ = ["IMPORTED", "LoadedModel", "load_model", "resolve_checkpoint"]
+__all__ = ["IMPORTED", "UPCYCLED", "WEIGHTS_ONLY", "LoadedModel", "load_model",
+           "resolve_checkpoint"]
 
-# The key of a checkpoint's extra that marks an imported model (moe/hf/import_hf.py) and names
-# its source: it has no optimizer or data state, so runs start from it (train.init_from) and
-# never resume it.
+# Keys of a checkpoint's extra that mark weights written by a tool rather than by training, and
+# name their source: an imported Hugging Face model (moe/hf/import_hf.py; its data section is
+# a placeholder) or an upcycled dense model (moe/upcycle/upcycle.py). Neither has optimizer or
+# data state: runs start from them (train.init_from) and never resume them.
 IMPORTED = "imported_from"
+UPCYCLED = "upcycled_from"
+WEIGHTS_ONLY = (IMPORTED, UPCYCLED)
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where training normally runs
 

@@ -12,6 +12,9 @@ Families (``architectures[0]`` of config.json) and what each needs of our model:
     Qwen2MoeForCausalLM   model.qkv_bias; one shared expert of shared_expert_intermediate_size
                           with model.shared_expert_gate (sigmoid); dense layers as Qwen3;
                           norm_topk_prob
+    LlamaForCausalLM,     dense: every layer in model.dense_layers (ffn_hidden =
+    Qwen2ForCausalLM      intermediate_size; Qwen2 with model.qkv_bias), to upcycle
+                          (moe/upcycle/upcycle.py)
 
 Weights (transformers >= 5 in-memory names; 4.x per-expert names are read too)::
 
@@ -74,7 +77,13 @@ FAMILIES: dict[str, set[str]] = {
                             "sliding_window", "max_window_layers", "layer_types",
                             "decoder_sparse_step", "mlp_only_layers",
                             "shared_expert_intermediate_size"},
+    # Dense families, for upcycling (moe/upcycle/upcycle.py): every layer a dense FFN.
+    "LlamaForCausalLM": {"intermediate_size", "head_dim", "pretraining_tp", "attention_bias",
+                         "mlp_bias"},
+    "Qwen2ForCausalLM": {"intermediate_size", "head_dim", "use_sliding_window",
+                         "sliding_window", "max_window_layers", "layer_types"},
 }
+DENSE = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
 class HFImportError(ValueError):
@@ -180,12 +189,13 @@ def model_config(hf_cfg, max_seq_len: int | None = None) -> ModelConfig:
               ("layer_types", all(t == "full_attention" for t in get("layer_types") or []),
                "our attention is full causal"),
               ("clip_qkv", get("clip_qkv") is None, "we do not clip q, k, v"),
+              ("mlp_bias", not get("mlp_bias"), "our feed-forward has no biases"),
               ("attention_bias", not get("attention_bias"), "our wo has no bias (model."
                "qkv_bias covers q, k, v)")]
     for key, ok, why in checks:
         if not ok:
             raise HFImportError(f"{family} {key}={get(key)!r}: {why}")
-    n_experts = get("num_local_experts") or get("num_experts")
+    n_experts = 1 if family in DENSE else get("num_local_experts") or get("num_experts")
     if not n_experts:
         raise HFImportError(f"{family} num_experts={n_experts}: a dense model (upcycle it)")
     d, heads = c.hidden_size, c.num_attention_heads
@@ -193,7 +203,7 @@ def model_config(hf_cfg, max_seq_len: int | None = None) -> ModelConfig:
     if family == "OlmoeForCausalLM" and head_dim * heads != d:
         raise HFImportError(f"OLMoE with head_dim={head_dim} x heads={heads} != hidden_size={d}")
     theta, scaling, length = _rope(c, head_dim)
-    top_k = c.num_experts_per_tok
+    top_k = 1 if family in DENSE else c.num_experts_per_tok
     renorm = family == "MixtralForCausalLM" or bool(get("norm_topk_prob"))
     kw: dict[str, Any] = dict(
         vocab_size=c.vocab_size, d_model=d, n_layers=c.num_hidden_layers, n_heads=heads,
@@ -209,6 +219,10 @@ def model_config(hf_cfg, max_seq_len: int | None = None) -> ModelConfig:
         kw.update(expert_hidden=c.intermediate_size)
     elif family == "OlmoeForCausalLM":
         kw.update(expert_hidden=c.intermediate_size, qk_norm="projection")
+    elif family in DENSE:  # every layer dense (upcycling gives it experts)
+        kw.update(ffn_hidden=c.intermediate_size, expert_hidden=c.intermediate_size,
+                  dense_layers=list(range(c.num_hidden_layers)),
+                  qkv_bias=family == "Qwen2ForCausalLM")
     else:  # the Qwen MoEs: dense layers, and Qwen2-MoE's gated shared expert and biases
         kw.update(expert_hidden=c.moe_intermediate_size, ffn_hidden=c.intermediate_size,
                   moe_every=get("decoder_sparse_step") or 1,
@@ -370,6 +384,34 @@ def copy_tokenizer(folder: Path, run_dir: Path) -> Path | None:
     return run_dir / "tokenizer.json"
 
 
+def new_run_folder(out: str | Path) -> Path:
+    """``out`` as a Path; HFImportError when it exists and is not an empty folder."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HFImportError(f"{out} exists and is not an empty folder: write into a new one")
+    return out
+
+
+def write_run(out: Path, model, config: Config, extra: dict, tokenizer) -> Path:
+    """A weights-only run folder ``out`` (new or empty): ``tokenizer(out)`` puts its tokenizer
+    there, then a step-0 checkpoint with ``extra`` (the key saying where the weights came
+    from) and config.yaml. Nothing is left of a write that fails."""
+    import yaml
+
+    from moe.checkpoint import save_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer(out)
+        save_checkpoint(out, 0, model, None,
+                        {"config": config.to_dict(), "step": 0, "tokens": 0, **extra}, keep=1)
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # it was new or empty: no half-made run
+        raise
+    return out
+
+
 def import_hf(folder: str | Path, out: str | Path, max_seq_len: int | None = None,
               run_dir: str | Path | None = None) -> Path:
     """Write the Hugging Face folder as a run folder ``out`` (new or empty): config.yaml, a
@@ -378,27 +420,14 @@ def import_hf(folder: str | Path, out: str | Path, max_seq_len: int | None = Non
     ``train.init_from=<out>`` (a new run: the import has no optimizer or data state).
     ``run_dir``: the train.run_dir its config names, if not ``out`` (an import written
     elsewhere, then renamed)."""
-    import yaml
+    from moe.checkpoint import IMPORTED
 
-    from moe.checkpoint import IMPORTED, save_checkpoint
-
-    folder, out = Path(folder), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise HFImportError(f"{out} exists and is not an empty folder: import into a new one")
+    folder, out = Path(folder), new_run_folder(out)
     model, cfg = load_hf_model(folder, max_seq_len)
     config = run_config(cfg, out if run_dir is None else run_dir,
                         (folder / "tokenizer.json").is_file())
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        copy_tokenizer(folder, out)
-        save_checkpoint(out, 0, model, None, {"config": config.to_dict(), "step": 0,
-                                              "tokens": 0, IMPORTED: str(folder.resolve())},
-                        keep=1)
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # it was new or empty: no half-made run
-        raise
-    return out
+    return write_run(out, model, config, {IMPORTED: str(folder.resolve())},
+                     lambda run: copy_tokenizer(folder, run))
 
 
 def folder_fingerprint(folder: Path) -> str:

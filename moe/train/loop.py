@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from moe.checkpoint import (
-    IMPORTED,
+    WEIGHTS_ONLY,
     latest_good_checkpoint,
     list_checkpoints,
     read_extra,
@@ -110,8 +110,13 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             print(f"note: {line}", file=sys.stderr)
     # train.init_from is checked before anything is built (a refused change costs nothing),
     # and only for a run folder with no checkpoint yet: otherwise the run resumes.
-    init_source = (resolve_init_from(cfg, mesh)
-                   if tc.init_from and not list_checkpoints(run_dir) else None)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints and any(k in read_extra(checkpoints[-1]) for k in WEIGHTS_ONLY):
+        # An import or upcycle: weights only, no optimizer, loader or RNG state to resume.
+        raise ConfigError(f"train.run_dir={run_dir} holds an imported or upcycled model, "
+                          f"which has no training state to resume: train a new run from it "
+                          f"with train.init_from={run_dir} and another train.run_dir")
+    init_source = resolve_init_from(cfg, mesh) if tc.init_from and not checkpoints else None
 
     # The data, the model and a step's loss: the language model, or the vision model
     # (vision.enabled). Bad data settings are one line, no traceback (moe/train/task.py).
@@ -132,10 +137,6 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     step, tokens = 0, 0
     ckpt = latest_good_checkpoint(run_dir, mesh)  # newest that verifies; warns of broken ones
     if ckpt is not None:
-        if IMPORTED in read_extra(ckpt):  # weights only: no optimizer, loader or RNG state
-            raise ConfigError(f"train.run_dir={run_dir} holds an imported model, which has no "
-                              f"training state to resume: train a new run from it with "
-                              f"train.init_from={run_dir} and another train.run_dir")
         _check_resume_config(read_extra(ckpt)["config"], cfg, ckpt)
         extra = restore_checkpoint(ckpt, runtime.parts, optimizer, mesh)
         loader.load_state_dict(extra["loader"])
