@@ -67,6 +67,16 @@ def _check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None
                           f"train.run_dir or the saved values (see config.yaml in the run folder)")
 
 
+def _weights_only(ckpt: Path) -> bool:
+    """Was ``ckpt`` written by moe-import-hf or moe-upcycle? (A checkpoint whose extra does
+    not read is left to ``latest_good_checkpoint``, which warns and skips it.)"""
+    try:
+        extra = read_extra(ckpt)
+    except Exception:  # noqa: BLE001 - any unreadable extra: not this check's to report
+        return False
+    return any(k in extra for k in WEIGHTS_ONLY)
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train per ``cfg``; returns a summary dict (final step, losses, sample text)."""
     # The run-folder lock, the metrics logger (and wandb) and the progress bar: released in
@@ -111,7 +121,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
     # train.init_from is checked before anything is built (a refused change costs nothing),
     # and only for a run folder with no checkpoint yet: otherwise the run resumes.
     checkpoints = list_checkpoints(run_dir)
-    if checkpoints and any(k in read_extra(checkpoints[-1]) for k in WEIGHTS_ONLY):
+    if checkpoints and _weights_only(checkpoints[-1]):
         # An import or upcycle: weights only, no optimizer, loader or RNG state to resume.
         raise ConfigError(f"train.run_dir={run_dir} holds an imported or upcycled model, "
                           f"which has no training state to resume: train a new run from it "
