@@ -158,6 +158,47 @@ def test_unknown_config_keys_and_architectures_are_refused(tmp_path):
         load_hf_model(saved(gpt2, tmp_path / "gpt2"))
 
 
+# config.json as the hub's checkpoints write them (transformers 4.x keys: rope_theta,
+# torch_dtype, max_window_layers beside a disabled sliding window), shrunk.
+HUB = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+           num_hidden_layers=2, vocab_size=128, hidden_act="silu", initializer_range=0.02,
+           attention_dropout=0.0, use_cache=True, torch_dtype="bfloat16",
+           tie_word_embeddings=False, output_router_logits=False, num_experts_per_tok=2)
+HUB_CONFIGS = {
+    "mixtral-8x7b": dict(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                         max_position_embeddings=32768, num_local_experts=8, rms_norm_eps=1e-5,
+                         rope_theta=1e6, router_aux_loss_coef=0.02, sliding_window=None),
+    "qwen3-30b-a3b": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                          attention_bias=False, decoder_sparse_step=1, head_dim=16,
+                          max_position_embeddings=40960, max_window_layers=48,
+                          mlp_only_layers=[], moe_intermediate_size=32, norm_topk_prob=True,
+                          num_experts=8, rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1e6,
+                          router_aux_loss_coef=0.001, sliding_window=None,
+                          use_sliding_window=False),
+    "qwen1.5-moe-a2.7b": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe",
+                              decoder_sparse_step=1, max_position_embeddings=8192,
+                              max_window_layers=21, moe_intermediate_size=32,
+                              norm_topk_prob=False, num_experts=8, rms_norm_eps=1e-6,
+                              rope_theta=1e6, router_aux_loss_coef=0.001,
+                              shared_expert_intermediate_size=64, sliding_window=32768,
+                              use_sliding_window=False),
+    "olmoe-1b-7b": dict(architectures=["OlmoeForCausalLM"], model_type="olmoe",
+                        attention_bias=False, clip_qkv=None, max_position_embeddings=4096,
+                        norm_topk_prob=False, num_experts=8, pad_token_id=1, rms_norm_eps=1e-5,
+                        rope_scaling=None, rope_theta=10000.0, router_aux_loss_coef=0.01),
+}
+
+
+@pytest.mark.parametrize("name", HUB_CONFIGS)
+def test_hub_shaped_configs_are_read(name, tmp_path):
+    from moe.hf.import_hf import model_config, read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**HUB, **HUB_CONFIGS[name]}))
+    cfg = model_config(read_hf_config(tmp_path))
+    assert (cfg.n_experts, cfg.top_k, cfg.rope_theta) == (8, 2, HUB_CONFIGS[name]["rope_theta"])
+    assert cfg.max_seq_len == HUB_CONFIGS[name]["max_position_embeddings"]
+
+
 def tokenizer_folder(hf, path):
     """``hf`` saved with a small byte-level BPE tokenizer (<s>, </s>) and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
