@@ -410,3 +410,26 @@ def test_training_from_an_import_on_a_layout_matches_one_process(imported, layou
         for key in ("loss", "aux_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, a["step"], key)
 
+
+
+def test_an_imported_tokenizer_may_keep_its_endoftext_anywhere(tmp_path):
+    """Qwen's eos is <|endoftext|> at 151643, not our id 0: with the sidecar it loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from moe.data.tokenizer import SIDECAR
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["some text"] * 5, trainers.BpeTrainer(
+        special_tokens=["<pad>", "<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="must map <|endoftext|> to id 0"):
+        BPETokenizer.load(tmp_path / "tokenizer.json")  # ours: id 0 or nothing
+    (tmp_path / SIDECAR).write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    loaded = BPETokenizer.load(tmp_path / "tokenizer.json")
+    assert (loaded.eot, loaded.eot_id, loaded.imported) == ("<|endoftext|>", 1, True)
+    (tmp_path / "copy").mkdir()
+    loaded.save(tmp_path / "copy" / "tokenizer.json")  # with its sidecar
+    again = BPETokenizer.load(tmp_path / "copy" / "tokenizer.json")
+    assert (again.eot_id, again.imported) == (1, True)

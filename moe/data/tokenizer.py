@@ -33,9 +33,13 @@ class BPETokenizer:
     eot = EOT
     eot_id = EOT_ID
 
-    def __init__(self, tok: Tokenizer, eot: str = EOT, split_special_tokens: bool = True):
+    def __init__(self, tok: Tokenizer, eot: str | None = None, split_special_tokens: bool = True):
+        """``eot``: an imported tokenizer's end-of-text token (any id); None: ours, whose
+        <|endoftext|> must be id 0."""
+        self.imported = eot is not None
+        eot = EOT if eot is None else eot
         eot_id = tok.token_to_id(eot)
-        if eot == EOT and eot_id != EOT_ID:
+        if not self.imported and eot_id != EOT_ID:
             raise ValueError(f"tokenizer must map {EOT} to id {EOT_ID}; delete the cached "
                              "tokenizer.json to retrain it")
         if eot_id is None:
@@ -68,7 +72,7 @@ class BPETokenizer:
         """Write atomically, so a crash never leaves a half-written tokenizer.json; an
         imported tokenizer (another end-of-text token) gets its ``tokenizer_config.json``."""
         path = Path(path)
-        if self.eot != EOT:
+        if self.imported:
             side = path.with_name(SIDECAR)
             tmp = side.with_name(f"{side.name}.tmp{os.getpid()}")
             tmp.write_text(json.dumps({"eos_token": self.eot, "split_special_tokens":
