@@ -212,7 +212,8 @@ def tokenizer_folder(hf, path):
     tok.train_from_iterator(["def import return the model of experts"] * 20, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
                                                 eos_token="</s>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+                          "{{ eos_token }}{% endfor %}")
     hf.config.eos_token_id = tok.token_to_id("</s>")
     hf.generation_config.eos_token_id = hf.config.eos_token_id
     saved(hf, path)
@@ -252,6 +253,19 @@ def test_import_writes_a_run_folder_with_the_tokenizer(tmp_path, capsys):
                           "--temperature", "0", "--threads", "1"]) == 0
     new = [t for t in want[0, ids.shape[1]:].tolist() if t != tok.eot_id]
     assert capsys.readouterr().out.strip() == fast.decode(ids[0].tolist() + new).strip()
+    # moe-serve's chat prompt on the import: the ids HF's apply_chat_template gives (the
+    # folder's template, bos and eos).
+    from moe.data.chat import load_chat_template
+    from moe.inference.protocol import ChatCompletionRequest
+    from moe.inference.server import CompletionServer
+
+    server = CompletionServer(loaded.model, tok, n_slots=1,
+                              chat_template=load_chat_template(loaded.tokenizer))
+    messages = [{"role": "user", "content": "def the"}, {"role": "user", "content": "model"}]
+    want_ids = fast.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                        return_dict=False)
+    got_ids = server.chat_prompt(ChatCompletionRequest(model="x", messages=messages))
+    assert got_ids == [list(want_ids)] and fast.convert_tokens_to_ids("<s>") in want_ids
     # A second import into the same folder is refused; nothing of the first is touched.
     with pytest.raises(SystemExit):
         import_main([str(folder), "--out", str(run)])

@@ -33,9 +33,11 @@ class BPETokenizer:
     eot = EOT
     eot_id = EOT_ID
 
-    def __init__(self, tok: Tokenizer, eot: str | None = None, split_special_tokens: bool = True):
+    def __init__(self, tok: Tokenizer, eot: str | None = None, split_special_tokens: bool = True,
+                 bos: str | None = None):
         """``eot``: an imported tokenizer's end-of-text token (any id); None: ours, whose
-        <|endoftext|> must be id 0."""
+        <|endoftext|> must be id 0. ``bos``: its beginning-of-text token, for chat templates
+        (None: the same as ``eot``, as ours)."""
         self.imported = eot is not None
         eot = EOT if eot is None else eot
         eot_id = tok.token_to_id(eot)
@@ -45,6 +47,7 @@ class BPETokenizer:
         if eot_id is None:
             raise ValueError(f"the tokenizer has no end-of-text token {eot!r}")
         self.eot, self.eot_id = eot, eot_id
+        self.bos = eot if bos is None else bos
         # Not saved in tokenizer.json, so set on every load: document text never yields id 0.
         tok.encode_special_tokens = split_special_tokens
         self.tok = tok
@@ -65,6 +68,11 @@ class BPETokenizer:
                 eos = eos.get("content")
             if eos:
                 kw["eot"] = eos
+            bos = conf.get("bos_token")
+            if isinstance(bos, dict):
+                bos = bos.get("content")
+            if bos:
+                kw["bos"] = bos
             kw["split_special_tokens"] = bool(conf.get("split_special_tokens", False))
         return cls(Tokenizer.from_file(str(path)), **kw)
 
@@ -75,8 +83,9 @@ class BPETokenizer:
         if self.imported:
             side = path.with_name(SIDECAR)
             tmp = side.with_name(f"{side.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"eos_token": self.eot, "split_special_tokens":
-                                       self.tok.encode_special_tokens}, indent=2) + "\n")
+            tmp.write_text(json.dumps({"eos_token": self.eot, "bos_token": self.bos,
+                                       "split_special_tokens": self.tok.encode_special_tokens},
+                                      indent=2) + "\n")
             os.replace(tmp, side)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         self.tok.save(str(tmp))

@@ -372,9 +372,10 @@ def copy_tokenizer(folder: Path, run_dir: Path) -> Path | None:
                             "config.json / generation_config.json, eos_token in "
                             "tokenizer_config.json): generation could not stop")
     shutil.copyfile(folder / "tokenizer.json", run_dir / "tokenizer.json")
+    bos = tok_conf.get("bos_token")
     (run_dir / SIDECAR).write_text(json.dumps(
-        {"eos_token": eos, "split_special_tokens": bool(tok_conf.get("split_special_tokens"))},
-        indent=2) + "\n")
+        {"eos_token": eos, "bos_token": bos.get("content") if isinstance(bos, dict) else bos,
+         "split_special_tokens": bool(tok_conf.get("split_special_tokens"))}, indent=2) + "\n")
     template = tok_conf.get("chat_template")
     if (folder / TEMPLATE_FILE).is_file():
         shutil.copyfile(folder / TEMPLATE_FILE, run_dir / TEMPLATE_FILE)
