@@ -40,6 +40,11 @@ VARIANTS = {
                                  tie_embeddings=True),
     "head_dim_override": dict(n_kv_heads=2, head_dim=10, n_experts=8, top_k=1),
     "no_moe_layers": dict(moe_every=5),
+    # The imported families' options (moe/hf/import_hf.py).
+    "olmoe_projection_qk_norm": dict(n_kv_heads=3, qk_norm="projection"),
+    "qwen3_head_qk_norm_dense_layers": dict(n_kv_heads=2, qk_norm="head", dense_layers=[0]),
+    "qwen2_bias_gated_shared": dict(n_kv_heads=2, qkv_bias=True, n_shared_experts=1,
+                                    shared_expert_hidden=24, shared_expert_gate=True),
 }
 
 
@@ -55,7 +60,8 @@ def test_meta_count_equals_analytic(name):
     meta, formula = count_params(cfg, "meta"), analytic_params(cfg)
     assert meta == formula
     parts = (meta.attention_params + meta.expert_params + meta.router_params
-             + meta.dense_ffn_params + meta.embedding_params + meta.norm_params)
+             + meta.dense_ffn_params + meta.embedding_params + meta.norm_params
+             + meta.shared_expert_params)
     assert parts == meta.total_params
 
 

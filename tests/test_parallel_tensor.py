@@ -2,7 +2,8 @@
 
 One spawned run checks several models: multi-query, grouped-query and multi-head attention;
 MoE with token dropping and dropless; a dense layer beside MoE layers (moe_every=2); SwiGLU and
-GELU; the grouped, loop and bmm expert paths; tied embeddings; a pruned pipeline stage. For
+GELU; the grouped, loop and bmm expert paths; tied embeddings; a pruned pipeline stage; the
+imported families' q/k norm, q/k/v biases and gated shared expert. For
 each: logits and loss equal the single-process model's, every gradient (after the trainer's
 ``reduce_gradients``) equals its slice of the full model's, replicated parameters have
 bitwise-identical gradients on both ranks (the router among them), and after one AdamW step the
@@ -33,6 +34,13 @@ CASES = {
     "mha_dense+moe_drop_bmm_tied": (dict(n_kv_heads=4, moe_every=2, expert_impl="bmm",
                                          tie_embeddings=True), False),
     "mqa_pruned_stage": (dict(n_layers=3, moe_every=2), True),
+    # The imported families' options (moe/hf/import_hf.py): Qwen3's per-head q/k norm (a
+    # weight every rank applies to its own heads: partial gradients), Qwen2-MoE's q/k/v biases
+    # and sigmoid-gated shared expert (replicated gate, outside the shared FFN's region).
+    "mqa_head_qk_norm": (dict(n_kv_heads=1, qk_norm="head"), False),
+    "gqa_qkv_bias_head_qk_norm_gated_shared_dense_layer": (
+        dict(n_kv_heads=2, qk_norm="head", qkv_bias=True, n_shared_experts=1,
+             shared_expert_hidden=16, shared_expert_gate=True, dense_layers=[0]), False),
 }
 
 

@@ -26,6 +26,10 @@ VARIANTS = {
     "mha_tied": dict(n_kv_heads=4, tie_embeddings=True),
     "shared_experts_bias": dict(n_shared_experts=2, shared_expert_hidden=16, balance="bias",
                                 router_score="sigmoid"),
+    # The imported families' options (moe/hf/import_hf.py): Qwen2-MoE, Qwen3-MoE.
+    "qwen2_moe": dict(qkv_bias=True, n_shared_experts=1, shared_expert_gate=True,
+                      n_kv_heads=2, dense_layers=[0]),
+    "qwen3_moe_mqa": dict(qk_norm="head"),
 }
 
 
@@ -39,6 +43,15 @@ def test_every_parameter_has_a_rule_and_every_rule_a_parameter():
         rule_for(name)  # raises on a name the plan does not cover
     for pattern, _ in PARAMETER_PLAN:  # no stale entry
         assert any(fnmatch.fnmatchcase(n, pattern) for n in names), pattern
+
+
+def test_whole_projection_qk_norm_is_refused_under_tensor_parallelism():
+    from moe.config import Config, ConfigError
+
+    cfg = Config(model=tiny_model_config(qk_norm="projection"))
+    ParallelDims(dp=2).validate(cfg, 2)  # dp, pp and ep leave every head on each rank
+    with pytest.raises(ConfigError, match="model.qk_norm=projection .* parallel.tp=2"):
+        ParallelDims(tp=2).validate(cfg, 2)
 
 
 def test_unknown_parameter_is_refused_by_name():
@@ -59,6 +72,10 @@ def test_placements_by_hand():
     assert placement("layers.1.feed_forward.experts.w2", mqa, 2).ep_dim == 0
     assert placement("layers.0.feed_forward.router.gate.weight", mqa, 2) == placement(
         "norm.weight", mqa, 2)  # replicated
+    # model.qk_norm=head: one [head_dim] weight each rank applies to its own heads.
+    q_norm = placement("layers.0.attention.q_norm.weight", gqa, 2)
+    assert q_norm.tp_dim is None and q_norm.tp_partial_grad
+    assert placement("layers.0.attention.wk.bias", gqa, 2).tp_unit == 8  # whole KV heads
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -10,12 +10,15 @@ formulas do not know about fails a test instead of silently skewing the numbers.
 Categories (they partition the parameters; tied weights are counted once)::
 
     embedding   tok_embeddings.weight + output.weight (one matrix when tie_embeddings)
-    attention   layers.*.attention.{wq,wk,wv,wo}       (shared by all experts)
+    attention   layers.*.attention.{wq,wk,wv,wo}       (shared by all experts; with their
+                                                       biases, model.qkv_bias)
     router      layers.*.feed_forward.router.*
     expert      layers.*.feed_forward.experts.*        (all experts of all MoE layers)
     dense_ffn   layers.*.feed_forward.{w1,w2,w3}       (non-MoE layers' feed-forward)
     shared_expert layers.*.feed_forward.shared_experts.* (always-on experts, DeepSeekMoE)
-    norm        layers.*.attention_norm, layers.*.ffn_norm, norm
+                and their gate, layers.*.feed_forward.shared_expert_gate (Qwen2-MoE)
+    norm        layers.*.attention_norm, layers.*.ffn_norm, norm,
+                layers.*.attention.{q_norm,k_norm} (model.qk_norm)
 
 Active parameters (per token): every parameter except the experts a token is not routed to,
 i.e. the experts count ``top_k / n_experts`` of their parameters; the router, the shared
@@ -150,13 +153,13 @@ def classify_param(name: str) -> str:
         if sub in ("attention_norm", "ffn_norm"):
             return "norm"
         if sub == "attention":
-            return "attention"
+            return "norm" if parts[3] in ("q_norm", "k_norm") else "attention"
         if sub == "feed_forward":
             if parts[3] == "router":
                 return "router"
             if parts[3] == "experts":
                 return "expert"
-            if parts[3] == "shared_experts":
+            if parts[3] in ("shared_experts", "shared_expert_gate"):
                 return "shared_expert"
             if parts[3] in ("w1", "w2", "w3"):
                 return "dense_ffn"
@@ -218,14 +221,19 @@ def analytic_params(cfg: ModelConfig) -> ParamCounts:
     n_dense = L - n_moe
     mats = 3 if cfg.activation == "swiglu" else 2  # w1, w2 (+ w3 for SwiGLU)
     attn_layer = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d
+    if cfg.qkv_bias:
+        attn_layer += (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
+    qk_norm = {"none": 0, "head": 2 * hd,
+               "projection": (cfg.n_heads + cfg.n_kv_heads) * hd}[cfg.qk_norm]
     sums = {
         "attention": L * attn_layer,
         "router": n_moe * d * cfg.n_experts,
         "expert": n_moe * cfg.n_experts * mats * d * cfg.expert_hidden,
         "dense_ffn": n_dense * mats * d * cfg.ffn_hidden,
-        "shared_expert": n_moe * mats * d * cfg.shared_hidden_total,
+        "shared_expert": n_moe * (mats * d * cfg.shared_hidden_total
+                                  + (d if cfg.shared_expert_gate else 0)),
         "embedding": (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * d,
-        "norm": (2 * L + 1) * d,
+        "norm": (2 * L + 1) * d + L * qk_norm,
     }
     return _finish(cfg, sums, cfg.vocab_size * d, n_moe)
 

@@ -60,12 +60,19 @@ from moe.checkpoint.integrity import (
     list_checkpoints,
     read_extra,
 )
-from moe.checkpoint.load import LoadedModel, load_model, resolve_checkpoint
+from moe.checkpoint.load import (
+    IMPORTED,
+    UPCYCLED,
+    WEIGHTS_ONLY,
+    LoadedModel,
+    load_model,
+    resolve_checkpoint,
+)
 from moe.checkpoint.sharding import model_state, optimizer_state, restore_checkpoint
 from moe.checkpoint.unsharded import consolidate, full_state
 
-__all__ = ["EXTRA_FILE", "MANIFEST_FILE", "CheckpointError", "LoadedModel", "check_checkpoint",
-           "checkpoint_dir", "checkpoint_problem", "consolidate", "full_state", "is_checkpoint",
-           "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints", "load_model",
-           "model_state", "optimizer_state", "read_extra", "resolve_checkpoint",
-           "restore_checkpoint", "save_checkpoint"]
+__all__ = ["EXTRA_FILE", "IMPORTED", "MANIFEST_FILE", "CheckpointError", "LoadedModel",
+           "check_checkpoint", "checkpoint_dir", "checkpoint_problem", "consolidate", "full_state",
+           "is_checkpoint", "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints",
+           "load_model", "model_state", "optimizer_state", "read_extra", "resolve_checkpoint",
+           "restore_checkpoint", "save_checkpoint", "UPCYCLED", "WEIGHTS_ONLY"]

@@ -25,7 +25,16 @@ if TYPE_CHECKING:
     from moe.config import Config
     from moe.model import Transformer
 
-__all__ = ["LoadedModel", "load_model", "resolve_checkpoint"]
+__all__ = ["IMPORTED", "UPCYCLED", "WEIGHTS_ONLY", "LoadedModel", "load_model",
+           "resolve_checkpoint"]
+
+# Keys of a checkpoint's extra that mark weights written by a tool rather than by training, and
+# name their source: an imported Hugging Face model (moe/hf/import_hf.py; its data section is
+# a placeholder) or an upcycled dense model (moe/upcycle/upcycle.py). Neither has optimizer or
+# data state: runs start from them (train.init_from) and never resume them.
+IMPORTED = "imported_from"
+UPCYCLED = "upcycled_from"
+WEIGHTS_ONLY = (IMPORTED, UPCYCLED)
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where training normally runs
 
@@ -126,5 +135,8 @@ def _tokenizer(cfg: Config, beside: Path) -> Path | None:
 
     if (beside / TOKENIZER).is_file():  # the trainer writes it into the run folder
         return beside / TOKENIZER
-    cached = cache_folder(cfg) / TOKENIZER
+    try:
+        cached = cache_folder(cfg) / TOKENIZER
+    except FileNotFoundError:  # its data.tokenizer is gone: no cache to look in
+        return None
     return cached if cached.is_file() else None

@@ -1,6 +1,6 @@
 """The command-line programs, one module each (train, generate, ablate, bench, count_params,
-export_hf, consolidate, routing_report, batch_dependence, init_memory), each a
-``main(argv=None) -> int`` (the exit status) run by ``scripts/<name>.py`` and by the
+export_hf, import_hf, upcycle, consolidate, routing_report, batch_dependence, init_memory),
+each a ``main(argv=None) -> int`` (the exit status) run by ``scripts/<name>.py`` and by the
 ``moe-<name>`` console scripts of pyproject.toml; here, what they share: ``--config FILE`` plus
 ``--section.key=value`` overrides."""
 

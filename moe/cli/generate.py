@@ -28,6 +28,7 @@ installed as the moe-generate command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 
 from moe.checkpoint import CheckpointError, load_model
 from moe.cli import add_model_source
-from moe.data import EOT_ID, BPETokenizer
+from moe.data import BPETokenizer
 from moe.device import resolve_device, set_threads
 from moe.inference import Engine, SamplingParams
 from moe.inference.ngram import NgramProposer
@@ -137,7 +138,7 @@ def caption_main(args: argparse.Namespace, loaded, tokenizer: BPETokenizer,
         new = caption_image(loaded.model, image, [tokenizer.eot_id, *ids],
                             max_new_tokens=params.max_new_tokens, params=params,
                             generator=torch.Generator().manual_seed(args.seed))
-        sys.stdout.write(tokenizer.decode(ids + [t for t in new if t != EOT_ID]) + "\n")
+        sys.stdout.write(tokenizer.decode(ids + [t for t in new if t != tokenizer.eot_id]) + "\n")
     return 0
 
 
@@ -145,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p,
-                                stop_tokens=() if args.ignore_eot else (EOT_ID,))
+                                top_k=args.top_k, top_p=args.top_p)
         prompts = read_prompts(args)
         device = resolve_device(args.device)
         if args.draft and args.prompt_lookup is not None:
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
               "in its data cache)", file=sys.stderr)
         return 2
     tokenizer = BPETokenizer.load(loaded.tokenizer)
+    if not args.ignore_eot:  # the run's end-of-text (an imported run's is its folder's eos)
+        params = dataclasses.replace(params, stop_tokens=(tokenizer.eot_id,))
     if args.image:
         return caption_main(args, loaded, tokenizer, params)
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, (p, new) in enumerate(zip(ids, news)):
                 if len(ids) > 1:
                     out.write(f"=== {i + 1}/{len(ids)}\n")
-                out.write(tokenizer.decode([t for t in p + new if t != EOT_ID]) + "\n")
+                out.write(tokenizer.decode([t for t in p + new if t != tokenizer.eot_id]) + "\n")
             return 0
         engine = Engine(loaded.model, n_slots=1)
         for i, p in enumerate(ids):

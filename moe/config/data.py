@@ -42,6 +42,10 @@ class DataConfig:
     seq_len: int = 256
     cache_dir: str = "data/cache"
     tokenizer_train_mb: float = 64.0  # at most this much training text feeds the BPE trainer
+    # A tokenizer.json to tokenise with instead of training the BPE (e.g. an imported Hugging
+    # Face run's, with the tokenizer_config.json beside it naming its end-of-text token, which
+    # then separates documents); null: our byte-level BPE, trained on the data.
+    tokenizer: str | None = None
     # The validation set: this many windows of seq_len + 1 tokens spread evenly over the val
     # split, the same in every run and layout whatever train.micro_batch_size (evaluation cuts
     # them into micro-batches; the loss is a mean per token). A multiple of

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from moe.config.fields import ConfigError, choice, coerce, nonnegative, positive
@@ -68,10 +68,19 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    # RMSNorm on queries and keys before the rotary embedding (both off by default):
+    # head = over each head's head_dim, one weight [head_dim] shared by the heads (Qwen3);
+    # projection = over the whole q / k projection, weights [n_heads * head_dim] and
+    # [n_kv_heads * head_dim] (OLMoE). Modules: layers.{i}.attention.{q_norm,k_norm}.
+    qk_norm: str = "none"
+    # Biases on the q, k and v projections (Qwen2); wo has none.
+    qkv_bias: bool = False
     activation: str = "swiglu"  # swiglu | gelu
     init_std: float = 0.02
     # Feed-forward: layer i is MoE when (i + 1) % moe_every == 0 (1: every layer, 2: every other).
     moe_every: int = 1
+    # Layers given a dense FFN whatever moe_every says (Qwen-MoE's mlp_only_layers).
+    dense_layers: list = field(default_factory=list)
     ffn_hidden: int = 1024  # hidden size of the dense feed-forward in non-MoE layers
     n_experts: int = 16
     top_k: int = 2
@@ -119,6 +128,9 @@ class ModelConfig:
     # n_experts=0 (with top_k=0) leaves only the shared experts: a dense FFN.
     n_shared_experts: int = 0
     shared_expert_hidden: int | None = None
+    # Scale the shared experts' output per token by sigmoid(x . w), w [1, d_model]: the module
+    # feed_forward.shared_expert_gate (Qwen2-MoE). Needs n_shared_experts >= 1.
+    shared_expert_gate: bool = False
     # token_choice: each token picks its top_k experts | expert_choice: each expert takes its
     # top-capacity tokens of every capacity group (Zhou et al. 2022; capacity =
     # ceil(capacity_factor * n * top_k / n_experts), so top_k * capacity_factor experts per
@@ -168,6 +180,12 @@ class ModelConfig:
         if self.router_jitter >= 1:
             raise ConfigError(f"model.router_jitter={self.router_jitter} must be in [0, 1)")
         choice(self, "activation", ("swiglu", "gelu"))
+        choice(self, "qk_norm", ("none", "head", "projection"))
+        bad = [i for i in self.dense_layers
+               if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.n_layers]
+        if bad or len(set(self.dense_layers)) != len(self.dense_layers):
+            raise ConfigError(f"model.dense_layers={self.dense_layers} must list distinct layer "
+                              f"indices in [0, model.n_layers={self.n_layers})")
         if self.drop_policy == "position":
             raise ConfigError("model.drop_policy='position' was split in two: token_major is the "
                               "old order (Megatron's \"position\"), choice_major (the new default) "
@@ -191,6 +209,9 @@ class ModelConfig:
         if self.shared_expert_hidden is not None and self.shared_expert_hidden <= 0:
             raise ConfigError(f"model.shared_expert_hidden={self.shared_expert_hidden} must be "
                               "> 0, or null (= model.expert_hidden)")
+        if self.shared_expert_gate and not self.n_shared_experts:
+            raise ConfigError("model.shared_expert_gate=true gates the shared experts: set "
+                              "model.n_shared_experts >= 1 (or the gate to false)")
         if self.n_experts == 0:
             if self.n_shared_experts == 0 or self.top_k != 0:
                 raise ConfigError(f"model.n_experts=0 (no routed experts) needs "
@@ -254,4 +275,4 @@ class ModelConfig:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
     def is_moe_layer(self, i: int) -> bool:
-        return (i + 1) % self.moe_every == 0
+        return (i + 1) % self.moe_every == 0 and i not in self.dense_layers

@@ -44,7 +44,9 @@ class TrainConfig:
     # A new run from a trained model's weights (a run folder or a step_* folder) with a fresh
     # optimizer, schedule and data position; only model.max_seq_len, model.rope_scaling and
     # data.seq_len (and any train.* key) may differ from its config (moe/train/init_from.py). A
-    # checkpoint already in run_dir wins: the run resumes from it instead.
+    # checkpoint already in run_dir wins: the run resumes from it instead. "hf:DIR": a Hugging
+    # Face folder, imported once (moe/hf/import_hf.py); from an import only model.* keys are
+    # compared, and data.tokenizer must be set.
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16

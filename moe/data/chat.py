@@ -61,8 +61,11 @@ def _compile(template: str):
 
 
 def render_chat(messages: list[dict], template: str = CHAT_TEMPLATE,
-                add_generation_prompt: bool = True, eos_token: str = "<|endoftext|>") -> str:
-    """The text of ``messages`` (dicts with "role" and "content" strings) under ``template``."""
+                add_generation_prompt: bool = True, eos_token: str = "<|endoftext|>",
+                bos_token: str | None = None) -> str:
+    """The text of ``messages`` (dicts with "role" and "content" strings) under ``template``;
+    ``bos_token`` defaults to ``eos_token`` (ours is one token for both, as GPT-2's)."""
     return _compile(template).render(messages=messages,
                                      add_generation_prompt=add_generation_prompt,
-                                     bos_token=eos_token, eos_token=eos_token)
+                                     bos_token=eos_token if bos_token is None else bos_token,
+                                     eos_token=eos_token)

@@ -24,7 +24,7 @@ from .cache import (TOKENIZER, build_lock, log, open_tokens, read_meta, token_dt
 from .corpus import Corpus, Document, open_corpus
 from .loader import PackedLoader
 from .split import name_hash, split_names
-from .tokenizer import BPETokenizer, train_bpe, training_sample
+from .tokenizer import SIDECAR, BPETokenizer, train_bpe, training_sample
 
 # Bump when the cache layout, the documents or tokenization change, so old folders are not
 # reused. 2: builtin leaves generated tables out; files/hf documents named by file and row or
@@ -48,7 +48,20 @@ def fingerprint(corpus: Corpus, cfg) -> str:
     key = {"format": FORMAT_VERSION, "kind": corpus.kind, "identity": corpus.identity,
            "vocab_size": cfg.model.vocab_size, "val_fraction": cfg.data.val_fraction,
            "tokenizer_train_mb": cfg.data.tokenizer_train_mb}
+    if cfg.data.tokenizer:  # a given tokenizer: its files are part of what the cache is
+        key["tokenizer"] = _given_tokenizer_hash(Path(cfg.data.tokenizer))
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _given_tokenizer_hash(path: Path) -> str:
+    """sha256 of a data.tokenizer file and of the tokenizer_config.json beside it, if any."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data.tokenizer={path} does not exist")
+    h = hashlib.sha256(path.read_bytes())
+    side = path.with_name(SIDECAR)
+    if side.is_file():
+        h.update(side.read_bytes())
+    return h.hexdigest()
 
 
 def data_fingerprint(cfg) -> str:
@@ -163,6 +176,9 @@ def _tokenizer(folder: Path, train_hashed: list[tuple[float, str]], cfg) -> BPET
     tok_path = folder / TOKENIZER
     if tok_path.is_file():  # left by a build that stopped after training: do not retrain
         log(f"reusing {tok_path}")
+    elif cfg.data.tokenizer:  # data.tokenizer: a copy (with its eos), nothing trained
+        log(f"tokenising with {cfg.data.tokenizer}")
+        BPETokenizer.load(cfg.data.tokenizer).save(tok_path)
     else:
         # Hash order is a deterministic shuffle, so a size cap still samples every source.
         train_hashed = sorted(train_hashed, key=lambda ht: ht[0])

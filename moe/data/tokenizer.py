@@ -4,10 +4,17 @@ Byte-level means every string encodes losslessly (``decode(encode(s)) == s``) wi
 token. Id 0 is ``<|endoftext|>``, the separator placed after every document in the token
 streams; text that happens to contain that literal string is encoded as ordinary bytes, so only
 the separator the pipeline inserts ever produces id 0.
+
+An imported Hugging Face run (moe/hf/import_hf.py) keeps its folder's tokenizer: its
+``tokenizer.json`` has a ``tokenizer_config.json`` beside it naming the end-of-text token
+(``eos_token``, e.g. ``</s>``) and whether special tokens in text stay text
+(``split_special_tokens``, false in Hugging Face by default); ``load`` reads both, and
+``eot`` / ``eot_id`` are then that token's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 EOT = "<|endoftext|>"
 EOT_ID = 0
 MIN_VOCAB = 257  # 256 byte tokens + <|endoftext|>
+SIDECAR = "tokenizer_config.json"  # beside an imported tokenizer.json: its eos token
 
 
 class BPETokenizer:
@@ -25,24 +33,60 @@ class BPETokenizer:
     eot = EOT
     eot_id = EOT_ID
 
-    def __init__(self, tok: Tokenizer):
-        if tok.token_to_id(EOT) != EOT_ID:
+    def __init__(self, tok: Tokenizer, eot: str | None = None, split_special_tokens: bool = True,
+                 bos: str | None = None):
+        """``eot``: an imported tokenizer's end-of-text token (any id); None: ours, whose
+        <|endoftext|> must be id 0. ``bos``: its beginning-of-text token, for chat templates
+        (None: the same as ``eot``, as ours)."""
+        self.imported = eot is not None
+        eot = EOT if eot is None else eot
+        eot_id = tok.token_to_id(eot)
+        if not self.imported and eot_id != EOT_ID:
             raise ValueError(f"tokenizer must map {EOT} to id {EOT_ID}; delete the cached "
                              "tokenizer.json to retrain it")
+        if eot_id is None:
+            raise ValueError(f"the tokenizer has no end-of-text token {eot!r}")
+        self.eot, self.eot_id = eot, eot_id
+        self.bos = eot if bos is None else bos
         # Not saved in tokenizer.json, so set on every load: document text never yields id 0.
-        tok.encode_special_tokens = True
+        tok.encode_special_tokens = split_special_tokens
         self.tok = tok
 
     @classmethod
     def load(cls, path: str | Path) -> "BPETokenizer":
+        """``path`` (a tokenizer.json), with the end-of-text token and special-token rule of
+        a ``tokenizer_config.json`` beside it if there is one (an imported run's)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        return cls(Tokenizer.from_file(str(path)))
+        side = path.with_name(SIDECAR)
+        kw = {}
+        if side.is_file():
+            conf = json.loads(side.read_text())
+            eos = conf.get("eos_token")
+            if isinstance(eos, dict):  # transformers' AddedToken form
+                eos = eos.get("content")
+            if eos:
+                kw["eot"] = eos
+            bos = conf.get("bos_token")
+            if isinstance(bos, dict):
+                bos = bos.get("content")
+            if bos:
+                kw["bos"] = bos
+            kw["split_special_tokens"] = bool(conf.get("split_special_tokens", False))
+        return cls(Tokenizer.from_file(str(path)), **kw)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically, so a crash never leaves a half-written tokenizer.json."""
+        """Write atomically, so a crash never leaves a half-written tokenizer.json; an
+        imported tokenizer (another end-of-text token) gets its ``tokenizer_config.json``."""
         path = Path(path)
+        if self.imported:
+            side = path.with_name(SIDECAR)
+            tmp = side.with_name(f"{side.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"eos_token": self.eot, "bos_token": self.bos,
+                                       "split_special_tokens": self.tok.encode_special_tokens},
+                                      indent=2) + "\n")
+            os.replace(tmp, side)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         self.tok.save(str(tmp))
         os.replace(tmp, path)

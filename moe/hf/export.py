@@ -97,9 +97,13 @@ def check_exportable(model: torch.nn.Module) -> ModelConfig:
     if mixtral_cannot:
         raise ExportError(f"model.{', model.'.join(mixtral_cannot)}: Mixtral has softmax top-k "
                           "routing without a balancing bias, scaling or shared experts")
-    if cfg.moe_every != 1:
-        raise ExportError(f"model.moe_every={cfg.moe_every}: Mixtral has an MoE in every layer, "
-                          "so only moe_every=1 can be exported")
+    if cfg.moe_every != 1 or cfg.dense_layers:
+        raise ExportError(f"model.moe_every={cfg.moe_every}, model.dense_layers="
+                          f"{cfg.dense_layers}: Mixtral has an MoE in every layer, so only "
+                          "moe_every=1 with no dense_layers can be exported")
+    if cfg.qk_norm != "none" or cfg.qkv_bias:
+        raise ExportError(f"model.qk_norm={cfg.qk_norm}, model.qkv_bias={cfg.qkv_bias}: "
+                          "Mixtral's attention has no q/k norm and no biases")
     if cfg.activation != "swiglu":
         raise ExportError(f"model.activation={cfg.activation!r}: Mixtral experts are SwiGLU "
                           "(silu); only activation=swiglu can be exported")

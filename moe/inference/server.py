@@ -256,7 +256,8 @@ class CompletionServer:
     def chat_prompt(self, req: ChatCompletionRequest) -> list[list[int]]:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            text = render_chat(messages, self.chat_template, req.add_generation_prompt)
+            text = render_chat(messages, self.chat_template, req.add_generation_prompt,
+                               self.tokenizer.eot, self.tokenizer.bos)
         except Exception as e:  # noqa: BLE001 - a template error is this request's
             raise APIError(f"the chat template failed on these messages: {e}",
                            "messages") from None

@@ -124,6 +124,11 @@ class MoE(nn.Module):
         # as n_shared separate ones), tensor-parallel like the dense FFN (moe/parallel/plan.py).
         self.shared_experts = (FeedForward(cfg.d_model, cfg.shared_hidden_total, cfg.activation)
                                if cfg.n_shared_experts else None)
+        # Qwen2-MoE's gate on the shared experts: sigmoid(x . w) per token (model.
+        # shared_expert_gate); replicated under tensor parallelism, outside the shared FFN's
+        # region, as the router is.
+        self.shared_expert_gate = (nn.Linear(cfg.d_model, 1, bias=False)
+                                   if cfg.shared_expert_gate else None)
         self.last_stats: RoutingStats | None = None
         self.last_experts: torch.Tensor | None = None  # [T, k] experts chosen in the last forward
 
@@ -136,7 +141,16 @@ class MoE(nn.Module):
             rules.update(prefixed("experts", self.experts.init_rules(std, out_std)))
         if self.shared_experts is not None:
             rules.update(prefixed("shared_experts", self.shared_experts.init_rules(std, out_std)))
+        if self.shared_expert_gate is not None:
+            rules["shared_expert_gate.weight"] = trunc_normal(std)
         return rules
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared experts' output for x [..., dim], gated when the layer has a gate."""
+        out = self.shared_experts(x)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(self.shared_expert_gate(x)) * out
+        return out
 
     def init_weights(self, std: float, out_std: float, seed: int | None = None) -> None:
         """Initialise a standalone MoE layer (seed None: from torch's global RNG)."""
@@ -168,7 +182,7 @@ class MoE(nn.Module):
             flat = x.reshape(-1, dim)
             out = self._forward_few(flat)
             if self.shared_experts is not None:
-                out = out + self.shared_experts(flat)
+                out = out + self._shared(flat)
             return out.view(b, s, dim)
         # A factor given for one call (inference: the engine, generate) plans each sequence as
         # its own group, so a request's tokens never depend on its batch-mates; the configured
@@ -194,7 +208,7 @@ class MoE(nn.Module):
         # slot order (bitwise the same for top_k <= 2, float rounding beyond).
         out = y.new_zeros(t, dim).index_add(0, plan.token, y).to(x.dtype)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            out = out + self._shared(flat)
         return self._finish(out, plan).view(b, s, dim)
 
     def _run_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor, capacity: int,
@@ -236,7 +250,7 @@ class MoE(nn.Module):
     def _forward_shared_only(self, x: torch.Tensor) -> torch.Tensor:
         """n_experts=0: the shared experts are the whole layer (a dense FFN); empty stats."""
         b, s, dim = x.shape
-        out = self.shared_experts(x)
+        out = self._shared(x)
         zero = torch.zeros((), device=x.device)
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         self.last_experts = None

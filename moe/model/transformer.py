@@ -5,10 +5,14 @@ export; keep them stable:
 
     tok_embeddings                         nn.Embedding [vocab, dim]
     layers.{i}.attention_norm              RMSNorm
-    layers.{i}.attention.{wq,wk,wv,wo}     nn.Linear (no bias)
+    layers.{i}.attention.{wq,wk,wv,wo}     nn.Linear (no bias; wq/wk/wv biased with
+                                           model.qkv_bias)
+    layers.{i}.attention.{q_norm,k_norm}   RMSNorm, with model.qk_norm = head | projection
     layers.{i}.ffn_norm                    RMSNorm
-    layers.{i}.feed_forward                MoE: router.gate, experts.{w1,w2,w3}
-                                           or dense FeedForward: w1, w2, w3
+    layers.{i}.feed_forward                MoE: router.gate, experts.{w1,w2,w3}, optional
+                                           shared_experts.{w1,w2,w3}, shared_expert_gate
+                                           or dense FeedForward: w1, w2, w3 (model.moe_every,
+                                           model.dense_layers)
     norm                                   RMSNorm
     output                                 nn.Linear [vocab, dim] (tied: tok_embeddings.weight)
 
@@ -37,7 +41,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, n_moe_layers: int):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size)
+        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size,
+                                   cfg.qk_norm, cfg.qkv_bias, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.is_moe_layer(layer_id):
             self.feed_forward = MoE(cfg, n_moe_layers)

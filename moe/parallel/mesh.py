@@ -92,6 +92,9 @@ class ParallelDims:
         if m.n_kv_heads % self.tp and m.n_kv_heads != 1:
             raise ConfigError(f"model.n_kv_heads={m.n_kv_heads} must be 1 (replicated) or "
                               f"divisible by parallel.tp={self.tp}")
+        if m.qk_norm == "projection" and self.tp > 1:
+            raise ConfigError(f"model.qk_norm=projection normalises over every head, which "
+                              f"parallel.tp={self.tp} splits: use tp=1 (dp, pp and ep apply)")
         n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
         if n_moe and m.expert_hidden % self.tp:
             raise ConfigError(f"model.expert_hidden={m.expert_hidden} is not divisible by "

@@ -15,11 +15,17 @@ needs to know a parameter's layout reads it, never a second copy of the rules:
                                     (multi-query, Hkv = 1) replicated over tp with a PARTIAL
                                     gradient on each rank (its query heads' share), summed over
                                     tp by the gradient reduction
+    wq.bias          [H*D]          as wq (model.qkv_bias); wk/wv.bias as wk/wv
+    q_norm/k_norm    [D]            model.qk_norm=head: replicated, PARTIAL gradient over tp
+                                    (each rank normalises only its own heads);
+                                    qk_norm=projection ([H*D], [Hkv*D]) needs every head:
+                                    refused at tp > 1 (ParallelDims.validate)
     wo.weight        [dim, H*D]     tp dim 1 (row-parallel), whole heads
     experts.w1/w3    [E, dim, hid]  ep dim 0 (whole experts), tp dim 2
     experts.w2       [E, hid, dim]  ep dim 0, tp dim 1
     dense w1/w3      [hid, dim]     tp dim 0;   dense w2 [dim, hid]: tp dim 1
     shared_experts.* as the dense FFN (hid = n_shared_experts * shared hidden)
+    shared_expert_gate [1, dim]     replicated, outside the shared FFN's region (as the router)
     router, norms, embeddings, head: replicated
     vision_encoder.*, perceiver.*, cross_attn.*: replicated (vision runs: dp and ep only)
 
@@ -42,11 +48,13 @@ from moe.config import ModelConfig
 class Rule:
     """A declared split. ``tp_unit``: what may not be cut along ``tp_dim``: "row" (any row),
     "head" (whole attention heads), "kv_head" (whole KV heads; fewer KV heads than tp ranks
-    means replicated with a partial gradient)."""
+    means replicated with a partial gradient). ``tp_partial``: replicated, each tp rank
+    computing part of the gradient (a weight applied to every head separately)."""
 
     tp_dim: int | None = None
     tp_unit: str = "row"
     ep_dim: int | None = None
+    tp_partial: bool = False
 
 
 REPLICATED = Rule()
@@ -61,6 +69,13 @@ PARAMETER_PLAN: tuple[tuple[str, Rule], ...] = (
     ("layers.*.attention.wk.weight", Rule(tp_dim=0, tp_unit="kv_head")),
     ("layers.*.attention.wv.weight", Rule(tp_dim=0, tp_unit="kv_head")),
     ("layers.*.attention.wo.weight", Rule(tp_dim=1, tp_unit="head")),
+    # model.qkv_bias: cut as the rows of their weights.
+    ("layers.*.attention.wq.bias", Rule(tp_dim=0, tp_unit="head")),
+    ("layers.*.attention.wk.bias", Rule(tp_dim=0, tp_unit="kv_head")),
+    ("layers.*.attention.wv.bias", Rule(tp_dim=0, tp_unit="kv_head")),
+    # model.qk_norm=head: one [head_dim] weight used by every head of the rank.
+    ("layers.*.attention.q_norm.weight", Rule(tp_partial=True)),
+    ("layers.*.attention.k_norm.weight", Rule(tp_partial=True)),
     ("layers.*.feed_forward.router.*", REPLICATED),
     ("layers.*.feed_forward.experts.w1", Rule(tp_dim=2, ep_dim=0)),
     ("layers.*.feed_forward.experts.w3", Rule(tp_dim=2, ep_dim=0)),
@@ -73,6 +88,7 @@ PARAMETER_PLAN: tuple[tuple[str, Rule], ...] = (
     ("layers.*.feed_forward.shared_experts.w1.weight", Rule(tp_dim=0)),
     ("layers.*.feed_forward.shared_experts.w3.weight", Rule(tp_dim=0)),
     ("layers.*.feed_forward.shared_experts.w2.weight", Rule(tp_dim=1)),
+    ("layers.*.feed_forward.shared_expert_gate.weight", REPLICATED),
     # The vision parts (vision.enabled, moe/vision/model.py): replicated, the only layout a
     # vision run has (it refuses tp and pp; under ep they sit beside the experts, summed over
     # every data rank like the text model's dense weights).
@@ -133,6 +149,8 @@ def rule_for(name: str) -> Rule:
 def placement(name: str, m: ModelConfig, tp: int) -> Placement:
     """How parameter ``name`` of a model ``m`` is laid out at tensor-parallel size ``tp``."""
     rule = rule_for(name)
+    if rule.tp_partial:
+        return Placement(ep_dim=rule.ep_dim, tp_partial_grad=tp > 1)
     if rule.tp_unit == "kv_head" and m.n_kv_heads % tp:
         # Fewer KV heads than tp ranks (ParallelDims.validate allows only Hkv == 1): every
         # rank needs the head, and only sees its own query heads' part of the gradient.

@@ -16,6 +16,12 @@ key (and both values). The weights load through ``restore_checkpoint`` into this
 
 A checkpoint already in ``train.run_dir`` wins: the run resumes from it and ``init_from`` is
 not read again (a fine-tune that was interrupted continues where it stopped).
+
+An imported model (``moe-import-hf DIR --out RUN``, then ``init_from: RUN``; or ``init_from:
+hf:DIR``, which imports DIR once into ``<data.cache_dir>/hf-import-<fingerprint>``,
+moe/hf/import_hf.py) was trained with its own tokenizer on its own data: only its ``model.*``
+keys are compared (the import's data section is a placeholder), and the run must tokenise with
+its tokenizer (``data.tokenizer``, e.g. ``RUN/tokenizer.json``).
 """
 
 from __future__ import annotations
@@ -26,8 +32,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from moe.checkpoint import CheckpointError, read_extra, resolve_checkpoint, restore_checkpoint
+from moe.checkpoint import (
+    IMPORTED,
+    CheckpointError,
+    read_extra,
+    resolve_checkpoint,
+    restore_checkpoint,
+)
 from moe.config import Config, ConfigError, saved_differences
+
+HF_PREFIX = "hf:"  # train.init_from: hf:DIR, a Hugging Face folder (moe/hf/import_hf.py)
 
 # The keys that may differ from the checkpoint's config (train.* always may).
 ALLOWED = ("model.max_seq_len", "model.rope_scaling", "data.seq_len", "data.cache_dir",
@@ -42,20 +56,25 @@ VISION_ARCHITECTURE = ["vision.image_size", "vision.patch_size", "vision.d_visio
                        "vision.cross_attn_ffn_mult", "vision.attend"]
 
 
-def init_config_problems(saved: dict, cfg: Config) -> list[str]:
+def init_config_problems(saved: dict, cfg: Config, imported: bool = False) -> list[str]:
     """``"key (saved -> now)"`` for each refused difference: a model/data key outside
-    ``ALLOWED``, and, from a vision run into a vision run, a vision key that shapes the
-    weights (``VISION_ARCHITECTURE``)."""
-    keys = ["model", "data"]
+    ``ALLOWED`` (model keys only from an ``imported`` model), and, from a vision run into a
+    vision run, a vision key that shapes the weights (``VISION_ARCHITECTURE``)."""
+    keys = ["model"] if imported else ["model", "data"]
     if (saved.get("vision") or {}).get("enabled") and cfg.vision.enabled:
         keys += VISION_ARCHITECTURE
     return [f"{key} ({old!r} -> {now!r})" for key, old, now in saved_differences(saved, cfg, keys)
             if key not in ALLOWED]
 
 
-def check_init_config(saved: dict, cfg: Config, source: Path) -> None:
-    """ConfigError (one line) naming every refused difference."""
-    diffs = init_config_problems(saved, cfg)
+def check_init_config(saved: dict, cfg: Config, source: Path, imported: bool = False) -> None:
+    """ConfigError (one line) naming every refused difference, and, from an ``imported``
+    model, a run that would tokenise with anything but a given tokenizer."""
+    if imported and not cfg.data.tokenizer:
+        raise ConfigError(f"train.init_from={cfg.train.init_from} is an imported model with "
+                          f"its own tokenizer: set data.tokenizer to it (e.g. "
+                          f"{source.parent.parent / 'tokenizer.json'})")
+    diffs = init_config_problems(saved, cfg, imported)
     if diffs:
         raise ConfigError(f"train.init_from={cfg.train.init_from}: this run changes "
                           f"{', '.join(diffs)} from {source}; init_from allows only "
@@ -68,19 +87,29 @@ def resolve_init_from(cfg: Config, mesh=None) -> Path:
     its config checked against ``cfg``. Collective with a mesh: rank 0 resolves, every rank
     gets its answer or its error."""
     out: list = [None]
+    init = cfg.train.init_from
     if mesh is None or dist.get_rank() == 0:
         try:
-            out[0] = ("ok", resolve_checkpoint(cfg.train.init_from))
+            if init.startswith(HF_PREFIX):  # imported once, then read from the cache
+                from moe.hf.import_hf import import_cached
+
+                out[0] = ("ok", resolve_checkpoint(import_cached(init[len(HF_PREFIX):],
+                                                                 cfg.data.cache_dir)))
+            else:
+                out[0] = ("ok", resolve_checkpoint(init))
         except (FileNotFoundError, CheckpointError) as e:
+            out[0] = ("error", f"{e} (train that run first, or name a run folder or step_* "
+                               "folder that has one)")
+        except ValueError as e:  # the import refused the folder (HFImportError, ConfigError)
             out[0] = ("error", str(e))
     if mesh is not None:
         dist.broadcast_object_list(out, src=0)
     kind, value = out[0]
     if kind == "error":
-        raise ConfigError(f"train.init_from={cfg.train.init_from}: {value} (train that run "
-                          "first, or name a run folder or step_* folder that has one)")
+        raise ConfigError(f"train.init_from={init}: {value}")
     source = Path(value)
-    check_init_config(read_extra(source)["config"], cfg, source)
+    extra = read_extra(source)
+    check_init_config(extra["config"], cfg, source, imported=IMPORTED in extra)
     return source
 
 

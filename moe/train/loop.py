@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from moe.checkpoint import (
+    WEIGHTS_ONLY,
     latest_good_checkpoint,
     list_checkpoints,
     read_extra,
@@ -64,6 +65,16 @@ def _check_resume_config(saved: dict[str, Any], cfg: Config, path: Path) -> None
     if diffs:
         raise ConfigError(f"{path} was trained with different {', '.join(diffs)}: use a new "
                           f"train.run_dir or the saved values (see config.yaml in the run folder)")
+
+
+def _weights_only(ckpt: Path) -> bool:
+    """Was ``ckpt`` written by moe-import-hf or moe-upcycle? (A checkpoint whose extra does
+    not read is left to ``latest_good_checkpoint``, which warns and skips it.)"""
+    try:
+        extra = read_extra(ckpt)
+    except Exception:  # noqa: BLE001 - any unreadable extra: not this check's to report
+        return False
+    return any(k in extra for k in WEIGHTS_ONLY)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -109,8 +120,13 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
             print(f"note: {line}", file=sys.stderr)
     # train.init_from is checked before anything is built (a refused change costs nothing),
     # and only for a run folder with no checkpoint yet: otherwise the run resumes.
-    init_source = (resolve_init_from(cfg, mesh)
-                   if tc.init_from and not list_checkpoints(run_dir) else None)
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints and _weights_only(checkpoints[-1]):
+        # An import or upcycle: weights only, no optimizer, loader or RNG state to resume.
+        raise ConfigError(f"train.run_dir={run_dir} holds an imported or upcycled model, "
+                          f"which has no training state to resume: train a new run from it "
+                          f"with train.init_from={run_dir} and another train.run_dir")
+    init_source = resolve_init_from(cfg, mesh) if tc.init_from and not checkpoints else None
 
     # The data, the model and a step's loss: the language model, or the vision model
     # (vision.enabled). Bad data settings are one line, no traceback (moe/train/task.py).
