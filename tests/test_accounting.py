@@ -188,6 +188,11 @@ def test_script_json():
     acc = account(load_config(GPT4).model, seq_len=8192)
     assert out["total_params"] == acc.params.total_params
     assert out["flops_per_token"] == acc.flops_per_token
+    # int8 weight-only serving at tp8 x pp16: half the bytes; the reports' "< 15 GB per GPU".
+    fp16, int8 = out["serving"][0], out["serving_int8"][0]
+    assert int8["weight_bytes_per_gpu"] * 2 == fp16["weight_bytes_per_gpu"]
+    assert int8["weight_bytes_per_gpu"] < 15e9 < fp16["weight_bytes_per_gpu"]
+    assert int8["max_batch"] > fp16["max_batch"]
 
 
 def test_overrides_change_counts():
