@@ -447,3 +447,63 @@ def test_an_imported_tokenizer_may_keep_its_endoftext_anywhere(tmp_path):
     loaded.save(tmp_path / "copy" / "tokenizer.json")  # with its sidecar
     again = BPETokenizer.load(tmp_path / "copy" / "tokenizer.json")
     assert (again.eot_id, again.imported) == (1, True)
+
+
+# --- export to the family that fits (moe/hf/families.py) --------------------------------------
+
+ROUND_TRIPS = [("mixtral", 2, True, {}), ("olmoe", 2, False, dict(norm_topk_prob=False)),
+               ("qwen3_moe", 1, True, dict(norm_topk_prob=True, decoder_sparse_step=2)),
+               ("qwen2_moe", 4, False, dict(norm_topk_prob=False)),
+               ("qwen2_moe", 2, True, dict(qkv_bias=False))]
+
+
+@pytest.mark.parametrize("family, kv, tied, extra", ROUND_TRIPS,
+                         ids=[f"{f}-kv{k}-{'tied' if t else 'untied'}"
+                              for f, k, t, _ in ROUND_TRIPS])
+def test_every_family_round_trips_through_import_and_auto_export(family, kv, tied, extra,
+                                                                 tmp_path):
+    """import -> export (family auto) -> from_pretrained: the same architecture, config and
+    every tensor identical; export chooses the family by rule, not by where the run came from."""
+    hf = hf_model(family, num_key_value_heads=kv, tie_word_embeddings=tied, **extra)
+    folder, _ = tokenizer_folder(hf, tmp_path / "hf")
+    import_hf(folder, tmp_path / "run")
+    out = export_checkpoint(tmp_path / "run", tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(back) is type(hf)
+    want, got = hf.state_dict(), back.state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    for key in ("num_key_value_heads", "num_hidden_layers", "tie_word_embeddings",
+                "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "qkv_bias",
+                "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if hasattr(hf.config, key):
+            assert getattr(back.config, key) == getattr(hf.config, key), key
+    head_dim = [getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+                for c in (hf.config, back.config)]  # None means hidden / heads: the same
+    assert head_dim[0] == head_dim[1]
+    assert_same_logits(load_model(tmp_path / "run").model, back)
+
+
+def test_export_refuses_what_no_family_or_the_named_family_expresses(tmp_path):
+    from moe.hf.export import ExportError, check_exportable
+    from moe.hf.families import choose_family
+    from moe.model import build_model
+    from tests.helpers import tiny_model_config
+
+    # An ungated shared expert: Qwen2-MoE gates its one; the others have none.
+    ungated = tiny_model_config(n_shared_experts=1)
+    with pytest.raises(ValueError, match="mixtral: .*n_shared_experts.*qwen2_moe: .*gated"):
+        choose_family(ungated)
+    with pytest.raises(ExportError, match="no Hugging Face family"):
+        check_exportable(build_model(ungated, "meta"))
+    per_head = tiny_model_config(qk_norm="head")
+    assert choose_family(per_head) == "qwen3_moe"
+    with pytest.raises(ValueError, match="--family mixtral.*qk_norm=head"):
+        choose_family(per_head, "mixtral")
+    assert choose_family(tiny_model_config()) == "mixtral"  # the plain model: Mixtral first
+    assert choose_family(tiny_model_config(qk_norm="projection")) == "olmoe"
+    gated = tiny_model_config(n_shared_experts=1, shared_expert_gate=True, qkv_bias=True)
+    assert choose_family(gated) == "qwen2_moe"
+    with pytest.raises(ValueError, match="family='llama'"):
+        choose_family(tiny_model_config(), "llama")

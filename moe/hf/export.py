@@ -80,8 +80,11 @@ def _require_transformers():
     return transformers
 
 
-def check_exportable(model: torch.nn.Module) -> ModelConfig:
-    """Raise ExportError when ``model`` cannot become a MixtralForCausalLM; return its config."""
+def check_exportable(model: torch.nn.Module, family: str = "auto") -> ModelConfig:
+    """Raise ExportError when ``model`` cannot become a model of ``family`` (``auto``: of any
+    family, moe/hf/families.py) with the same function; return its config."""
+    from moe.hf.families import choose_family
+
     cfg: ModelConfig = model.cfg
     try:
         check_causal(model, "export for generation")
@@ -89,37 +92,31 @@ def check_exportable(model: torch.nn.Module) -> ModelConfig:
         raise ExportError(str(e)) from None
     for router in (m for m in model.modules() if isinstance(m, RouterBase)):
         if not router.exportable:
-            raise ExportError(f"model.routing={router.name}: Mixtral routes by token choice")
-    mixtral_cannot = [f"{k}={getattr(cfg, k)}" for k, ok in (
+            raise ExportError(f"model.routing={router.name}: the Hugging Face families route "
+                              "by token choice")
+    nobody = [f"{k}={getattr(cfg, k)}" for k, ok in (
         ("router_score", cfg.router_score == "softmax"), ("route_scale", cfg.route_scale == 1.0),
-        ("balance", cfg.balance != "bias"), ("n_shared_experts", cfg.n_shared_experts == 0))
-        if not ok]
-    if mixtral_cannot:
-        raise ExportError(f"model.{', model.'.join(mixtral_cannot)}: Mixtral has softmax top-k "
-                          "routing without a balancing bias, scaling or shared experts")
-    if cfg.moe_every != 1 or cfg.dense_layers:
-        raise ExportError(f"model.moe_every={cfg.moe_every}, model.dense_layers="
-                          f"{cfg.dense_layers}: Mixtral has an MoE in every layer, so only "
-                          "moe_every=1 with no dense_layers can be exported")
-    if cfg.qk_norm != "none" or cfg.qkv_bias:
-        raise ExportError(f"model.qk_norm={cfg.qk_norm}, model.qkv_bias={cfg.qkv_bias}: "
-                          "Mixtral's attention has no q/k norm and no biases")
+        ("balance", cfg.balance != "bias")) if not ok]
+    if nobody:
+        raise ExportError(f"model.{', model.'.join(nobody)}: the Hugging Face MoE families "
+                          "(Mixtral, Qwen-MoE, OLMoE) have softmax top-k routing without a "
+                          "balancing bias or scaling")
     if cfg.activation != "swiglu":
-        raise ExportError(f"model.activation={cfg.activation!r}: Mixtral experts are SwiGLU "
-                          "(silu); only activation=swiglu can be exported")
+        raise ExportError(f"model.activation={cfg.activation!r}: the families' experts are "
+                          "SwiGLU (silu); only activation=swiglu can be exported")
     missing = [str(i) for i in range(cfg.n_layers) if str(i) not in model.layers]
     if missing or model.tok_embeddings is None or model.norm is None or model.output is None:
         raise ExportError("the model is a pruned pipeline stage (layers "
                           f"{missing or 'all present'}, embeddings/norm/output may be None): "
                           "export the full model")
-    if cfg.router_weights_resolved != "renorm":
-        raise ExportError(f"model.router_weights={cfg.router_weights!r} with top_k={cfg.top_k} "
-                          "gives raw (unrenormalised) weights, but Mixtral always renormalises "
-                          "the top-k weights: only router_weights=renorm can be exported")
+    try:
+        choose_family(cfg, family)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if cfg.eval_capacity_factor_resolved is not None:
         warnings.warn(f"model.eval_capacity_factor={cfg.eval_capacity_factor} (capacity factor "
-                      f"{cfg.eval_capacity_factor_resolved}): Hugging Face "
-                      "Mixtral is dropless, so its logits match this model's eval logits only "
+                      f"{cfg.eval_capacity_factor_resolved}): the Hugging Face families are "
+                      "dropless, so their logits match this model's eval logits only "
                       "when no token is dropped (eval_capacity_factor=None always matches)",
                       stacklevel=3)
     return cfg
@@ -158,6 +155,12 @@ def mixtral_config(cfg: ModelConfig, **overrides: Any):
         kwargs["rope_scaling"] = dict(scaling)  # v5 moves it into rope_parameters
     kwargs.update(overrides)
     hf_cfg = transformers.MixtralConfig(**kwargs)
+    check_rope_taken(hf_cfg, cfg, scaling)
+    return hf_cfg
+
+
+def check_rope_taken(hf_cfg, cfg: ModelConfig, scaling: dict | None) -> None:
+    """ExportError when the installed transformers did not take our rope settings."""
     rope = getattr(hf_cfg, "rope_parameters", None)
     theta = rope["rope_theta"] if isinstance(rope, dict) else getattr(hf_cfg, "rope_theta", None)
     if theta != cfg.rope_theta:
@@ -170,76 +173,22 @@ def mixtral_config(cfg: ModelConfig, **overrides: Any):
                                                if k != "rope_type"):
             raise ExportError(f"this transformers version did not take rope_scaling={scaling} "
                               f"(got {got}); update moe/hf/export.py")
-    return hf_cfg
-
-
-def _skeleton_shapes(hf_cfg) -> dict[str, torch.Size]:
-    """Parameter names and shapes of MixtralForCausalLM as installed (built on meta: free)."""
-    transformers = _require_transformers()
-    with torch.device("meta"):
-        skeleton = transformers.MixtralForCausalLM(hf_cfg)
-    return {k: v.shape for k, v in skeleton.state_dict().items()}
 
 
 def to_mixtral(model: torch.nn.Module, **config_overrides: Any):
-    """``(transformers.MixtralConfig, state_dict)`` for ``MixtralForCausalLM(config)``.
+    """``(transformers.MixtralConfig, state_dict)`` for ``MixtralForCausalLM(config)``
+    (``moe.hf.families.to_family`` for Mixtral): the installed transformers' in-memory names,
+    load with ``load_state_dict(sd, strict=True)``; the tensors are detached copies."""
+    from moe.hf.families import to_family
 
-    The state dict uses the installed transformers' in-memory parameter names (load it with
-    ``load_state_dict(sd, strict=True)``); its tensors are detached copies.
-    """
-    cfg = check_exportable(model)
-    hf_cfg = mixtral_config(cfg, **config_overrides)
-    shapes = _skeleton_shapes(hf_cfg)
-    fused = any(k.endswith("experts.gate_up_proj") for k in shapes)
-    moe = "mlp" if fused else "block_sparse_moe"
-
-    def t(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().clone().contiguous()
-
-    sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": t(model.tok_embeddings.weight),
-                                   "model.norm.weight": t(model.norm.weight)}
-    if "lm_head.weight" in shapes:
-        sd["lm_head.weight"] = t(model.output.weight)
-    for i in range(cfg.n_layers):
-        layer = model.layers[str(i)]
-        p = f"model.layers.{i}."
-        att = layer.attention
-        for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"),
-                             ("wo", "o_proj")):
-            sd[f"{p}self_attn.{theirs}.weight"] = t(getattr(att, ours).weight)
-        sd[f"{p}input_layernorm.weight"] = t(layer.attention_norm.weight)
-        sd[f"{p}post_attention_layernorm.weight"] = t(layer.ffn_norm.weight)
-        ff = layer.feed_forward
-        sd[f"{p}{moe}.gate.weight"] = t(ff.router.gate.weight)
-        w1, w2, w3 = (w.detach().transpose(1, 2) for w in (ff.experts.w1, ff.experts.w2,
-                                                            ff.experts.w3))
-        if fused:  # [E, 2 * hidden, dim] (gate, then up) and [E, dim, hidden]
-            sd[f"{p}mlp.experts.gate_up_proj"] = t(torch.cat([w1, w3], dim=1))
-            sd[f"{p}mlp.experts.down_proj"] = t(w2)
-        else:
-            for e in range(cfg.n_experts):
-                for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
-                    sd[f"{p}block_sparse_moe.experts.{e}.{name}.weight"] = t(w[e])
-
-    missing, unexpected = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
-    bad = [k for k in sd if k in shapes and sd[k].shape != shapes[k]]
-    if missing or unexpected or bad:
-        raise ExportError(f"transformers {_require_transformers().__version__}'s Mixtral layout "
-                          f"is not the one moe/hf/export.py knows: missing {missing[:4]}, "
-                          f"unexpected {unexpected[:4]}, wrong shapes {bad[:4]}")
-    return hf_cfg, sd
+    return to_family(model, "mixtral", **config_overrides)
 
 
 def to_mixtral_model(model: torch.nn.Module, **config_overrides: Any):
     """A ``MixtralForCausalLM`` holding ``model``'s weights (eval mode, same dtype)."""
-    transformers = _require_transformers()
-    hf_cfg, sd = to_mixtral(model, **config_overrides)
-    dtype = next(model.parameters()).dtype
-    hf = transformers.MixtralForCausalLM(hf_cfg).to(dtype)
-    hf.load_state_dict(sd, strict=True)
-    if hf_cfg.tie_word_embeddings:
-        assert hf.lm_head.weight is hf.model.embed_tokens.weight
-    return hf.eval()
+    from moe.hf.families import to_family_model
+
+    return to_family_model(model, "mixtral", **config_overrides)
 
 
 def _new_folder(out_dir: str | Path) -> Path:
@@ -264,11 +213,14 @@ def hf_tokenizer(tokenizer, max_seq_len: int):
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
-              chat_template: str | None = None, **config_overrides: Any) -> Path:
-    """Write ``model`` as a Hugging Face Mixtral folder (``config.json``, safetensors,
-    ``generation_config.json`` and, given our ``BPETokenizer``, the tokenizer files) that
-    ``MixtralForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer`` load. ``out_dir`` must
-    be new or empty: save_pretrained would leave an older export's files beside the new ones."""
+              chat_template: str | None = None, family: str = "auto",
+              **config_overrides: Any) -> Path:
+    """Write ``model`` as a Hugging Face folder of ``family`` (``auto``: the first of Mixtral,
+    Qwen3-MoE, OLMoE, Qwen2-MoE that expresses it exactly; moe/hf/families.py):
+    ``config.json``, safetensors, ``generation_config.json`` and, given our ``BPETokenizer``,
+    the tokenizer files, which ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
+    ``AutoTokenizer`` load. ``out_dir`` must be new or empty: save_pretrained would leave an
+    older export's files beside the new ones."""
     out_dir = _new_folder(out_dir)
     hf_tok = None
     if tokenizer is not None:
@@ -280,7 +232,9 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
         hf_tok = hf_tokenizer(tokenizer, model.cfg.max_seq_len)
         # The server's template (moe/data/chat.py): apply_chat_template gives its token ids.
         hf_tok.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
-    hf = to_mixtral_model(model, **config_overrides)
+    from moe.hf.families import to_family_model
+
+    hf = to_family_model(model, family, **config_overrides)
     # Built from config.json's ids, so generate() stops at and pads with <|endoftext|>.
     hf.generation_config = _require_transformers().GenerationConfig.from_model_config(hf.config)
     hf.save_pretrained(out_dir)
@@ -296,7 +250,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
-                      tokenizer_path: str | Path | None = None) -> Path:
+                      tokenizer_path: str | Path | None = None, family: str = "auto") -> Path:
     """Export a training checkpoint (a run folder, a ``step_*`` folder or a file written by
     scripts/consolidate.py; see ``moe.checkpoint.load_model``) with its tokenizer:
     ``tokenizer_path``, else the run folder's ``tokenizer.json`` (the trainer writes it), else
@@ -318,4 +272,4 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
                 "its data.cache_dir and data settings) does not exist; run from the folder "
                 "training ran in, or pass --tokenizer PATH/tokenizer.json")
     return export_hf(loaded.model, out_dir, BPETokenizer.load(tokenizer_path),
-                     chat_template=load_chat_template(tokenizer_path))
+                     chat_template=load_chat_template(tokenizer_path), family=family)
