@@ -56,138 +56,35 @@ as in ours: text containing the literal ``<|endoftext|>`` encodes as bytes, neve
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moe.config import ModelConfig
 from moe.data.chat import CHAT_TEMPLATE, load_chat_template
-from moe.model.router import RouterBase, check_causal
+from moe.hf.families import (
+    ExportError,
+    _require_transformers,
+    check_exportable,
+    check_rope_taken,
+    mixtral_config,
+    to_family,
+    to_family_model,
+)
 
-
-class ExportError(ValueError):
-    """The model uses a feature that Hugging Face Mixtral cannot express."""
-
-
-def _require_transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("exporting to Hugging Face needs transformers: "
-                          "pip install transformers") from e
-    return transformers
-
-
-def check_exportable(model: torch.nn.Module, family: str = "auto") -> ModelConfig:
-    """Raise ExportError when ``model`` cannot become a model of ``family`` (``auto``: of any
-    family, moe/hf/families.py) with the same function; return its config."""
-    from moe.hf.families import choose_family
-
-    cfg: ModelConfig = model.cfg
-    try:
-        check_causal(model, "export for generation")
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    for router in (m for m in model.modules() if isinstance(m, RouterBase)):
-        if not router.exportable:
-            raise ExportError(f"model.routing={router.name}: the Hugging Face families route "
-                              "by token choice")
-    nobody = [f"{k}={getattr(cfg, k)}" for k, ok in (
-        ("router_score", cfg.router_score == "softmax"), ("route_scale", cfg.route_scale == 1.0),
-        ("balance", cfg.balance != "bias")) if not ok]
-    if nobody:
-        raise ExportError(f"model.{', model.'.join(nobody)}: the Hugging Face MoE families "
-                          "(Mixtral, Qwen-MoE, OLMoE) have softmax top-k routing without a "
-                          "balancing bias or scaling")
-    if cfg.activation != "swiglu":
-        raise ExportError(f"model.activation={cfg.activation!r}: the families' experts are "
-                          "SwiGLU (silu); only activation=swiglu can be exported")
-    missing = [str(i) for i in range(cfg.n_layers) if str(i) not in model.layers]
-    if missing or model.tok_embeddings is None or model.norm is None or model.output is None:
-        raise ExportError("the model is a pruned pipeline stage (layers "
-                          f"{missing or 'all present'}, embeddings/norm/output may be None): "
-                          "export the full model")
-    try:
-        choose_family(cfg, family)
-    except ValueError as e:
-        raise ExportError(str(e)) from None
-    if cfg.eval_capacity_factor_resolved is not None:
-        warnings.warn(f"model.eval_capacity_factor={cfg.eval_capacity_factor} (capacity factor "
-                      f"{cfg.eval_capacity_factor_resolved}): the Hugging Face families are "
-                      "dropless, so their logits match this model's eval logits only "
-                      "when no token is dropped (eval_capacity_factor=None always matches)",
-                      stacklevel=3)
-    return cfg
-
-
-def mixtral_config(cfg: ModelConfig, **overrides: Any):
-    """The ``transformers.MixtralConfig`` for ``cfg``; ``overrides`` go to MixtralConfig
-    (e.g. ``bos_token_id``, ``eos_token_id`` for your tokenizer)."""
-    transformers = _require_transformers()
-    from moe.model.rope import hf_rope_parameters
-
-    # model.rope_scaling -> HF's rope_scaling / rope_parameters (the same formulas: see
-    # moe/model/rope.py); dynamic NTK reads its original length from max_position_embeddings.
-    scaling, max_positions = hf_rope_parameters(cfg)
-    kwargs: dict[str, Any] = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.expert_hidden,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_size,
-        hidden_act="silu",
-        max_position_embeddings=max_positions,
-        rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,  # v4: an attribute; v5: moved into rope_parameters
-        tie_word_embeddings=cfg.tie_embeddings,
-        sliding_window=None,
-        num_local_experts=cfg.n_experts,
-        num_experts_per_tok=cfg.top_k,
-        router_aux_loss_coef=cfg.aux_loss_coef / cfg.top_k,
-        router_jitter_noise=0.0,
-        initializer_range=cfg.init_std,
-    )
-    if scaling is not None:
-        kwargs["rope_scaling"] = dict(scaling)  # v5 moves it into rope_parameters
-    kwargs.update(overrides)
-    hf_cfg = transformers.MixtralConfig(**kwargs)
-    check_rope_taken(hf_cfg, cfg, scaling)
-    return hf_cfg
-
-
-def check_rope_taken(hf_cfg, cfg: ModelConfig, scaling: dict | None) -> None:
-    """ExportError when the installed transformers did not take our rope settings."""
-    rope = getattr(hf_cfg, "rope_parameters", None)
-    theta = rope["rope_theta"] if isinstance(rope, dict) else getattr(hf_cfg, "rope_theta", None)
-    if theta != cfg.rope_theta:
-        raise ExportError(f"this transformers version did not take rope_theta={cfg.rope_theta} "
-                          f"(got {theta}); update moe/hf/export.py")
-    if scaling is not None:
-        got = rope if isinstance(rope, dict) else (getattr(hf_cfg, "rope_scaling", None) or {})
-        kind = got.get("rope_type", got.get("type"))
-        if kind != scaling["rope_type"] or any(got.get(k) != v for k, v in scaling.items()
-                                               if k != "rope_type"):
-            raise ExportError(f"this transformers version did not take rope_scaling={scaling} "
-                              f"(got {got}); update moe/hf/export.py")
+__all__ = ["ExportError", "check_exportable", "check_rope_taken", "export_checkpoint",
+           "export_hf", "hf_tokenizer", "mixtral_config", "to_mixtral", "to_mixtral_model"]
 
 
 def to_mixtral(model: torch.nn.Module, **config_overrides: Any):
     """``(transformers.MixtralConfig, state_dict)`` for ``MixtralForCausalLM(config)``
     (``moe.hf.families.to_family`` for Mixtral): the installed transformers' in-memory names,
     load with ``load_state_dict(sd, strict=True)``; the tensors are detached copies."""
-    from moe.hf.families import to_family
-
     return to_family(model, "mixtral", **config_overrides)
 
 
 def to_mixtral_model(model: torch.nn.Module, **config_overrides: Any):
     """A ``MixtralForCausalLM`` holding ``model``'s weights (eval mode, same dtype)."""
-    from moe.hf.families import to_family_model
-
     return to_family_model(model, "mixtral", **config_overrides)
 
 
@@ -232,8 +129,6 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
         hf_tok = hf_tokenizer(tokenizer, model.cfg.max_seq_len)
         # The server's template (moe/data/chat.py): apply_chat_template gives its token ids.
         hf_tok.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
-    from moe.hf.families import to_family_model
-
     hf = to_family_model(model, family, **config_overrides)
     # Built from config.json's ids, so generate() stops at and pads with <|endoftext|>.
     hf.generation_config = _require_transformers().GenerationConfig.from_model_config(hf.config)

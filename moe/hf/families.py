@@ -26,11 +26,13 @@ each family's reason (:func:`family_problems`), never dropped.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 from moe.config import ModelConfig
+from moe.model.router import RouterBase, check_causal
 
 # family -> (architecture, transformers config class)
 FAMILIES = {
@@ -39,6 +41,112 @@ FAMILIES = {
     "olmoe": ("OlmoeForCausalLM", "OlmoeConfig"),
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig"),
 }
+
+
+class ExportError(ValueError):
+    """The model uses a feature no Hugging Face family (or not the one asked for) expresses."""
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("exporting to Hugging Face needs transformers: "
+                          "pip install transformers") from e
+    return transformers
+
+
+def check_exportable(model: torch.nn.Module, family: str = "auto") -> ModelConfig:
+    """Raise ExportError when ``model`` cannot become a model of ``family`` (``auto``: of any
+    family, moe/hf/families.py) with the same function; return its config."""
+    cfg: ModelConfig = model.cfg
+    try:
+        check_causal(model, "export for generation")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    for router in (m for m in model.modules() if isinstance(m, RouterBase)):
+        if not router.exportable:
+            raise ExportError(f"model.routing={router.name}: the Hugging Face families route "
+                              "by token choice")
+    nobody = [f"{k}={getattr(cfg, k)}" for k, ok in (
+        ("router_score", cfg.router_score == "softmax"), ("route_scale", cfg.route_scale == 1.0),
+        ("balance", cfg.balance != "bias")) if not ok]
+    if nobody:
+        raise ExportError(f"model.{', model.'.join(nobody)}: the Hugging Face MoE families "
+                          "(Mixtral, Qwen-MoE, OLMoE) have softmax top-k routing without a "
+                          "balancing bias or scaling")
+    if cfg.activation != "swiglu":
+        raise ExportError(f"model.activation={cfg.activation!r}: the families' experts are "
+                          "SwiGLU (silu); only activation=swiglu can be exported")
+    missing = [str(i) for i in range(cfg.n_layers) if str(i) not in model.layers]
+    if missing or model.tok_embeddings is None or model.norm is None or model.output is None:
+        raise ExportError("the model is a pruned pipeline stage (layers "
+                          f"{missing or 'all present'}, embeddings/norm/output may be None): "
+                          "export the full model")
+    try:
+        choose_family(cfg, family)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if cfg.eval_capacity_factor_resolved is not None:
+        warnings.warn(f"model.eval_capacity_factor={cfg.eval_capacity_factor} (capacity factor "
+                      f"{cfg.eval_capacity_factor_resolved}): the Hugging Face families are "
+                      "dropless, so their logits match this model's eval logits only "
+                      "when no token is dropped (eval_capacity_factor=None always matches)",
+                      stacklevel=3)
+    return cfg
+
+
+def mixtral_config(cfg: ModelConfig, **overrides: Any):
+    """The ``transformers.MixtralConfig`` for ``cfg``; ``overrides`` go to MixtralConfig
+    (e.g. ``bos_token_id``, ``eos_token_id`` for your tokenizer)."""
+    transformers = _require_transformers()
+    from moe.model.rope import hf_rope_parameters
+
+    # model.rope_scaling -> HF's rope_scaling / rope_parameters (the same formulas: see
+    # moe/model/rope.py); dynamic NTK reads its original length from max_position_embeddings.
+    scaling, max_positions = hf_rope_parameters(cfg)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.expert_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_size,
+        hidden_act="silu",
+        max_position_embeddings=max_positions,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,  # v4: an attribute; v5: moved into rope_parameters
+        tie_word_embeddings=cfg.tie_embeddings,
+        sliding_window=None,
+        num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k,
+        router_aux_loss_coef=cfg.aux_loss_coef / cfg.top_k,
+        router_jitter_noise=0.0,
+        initializer_range=cfg.init_std,
+    )
+    if scaling is not None:
+        kwargs["rope_scaling"] = dict(scaling)  # v5 moves it into rope_parameters
+    kwargs.update(overrides)
+    hf_cfg = transformers.MixtralConfig(**kwargs)
+    check_rope_taken(hf_cfg, cfg, scaling)
+    return hf_cfg
+
+
+def check_rope_taken(hf_cfg, cfg: ModelConfig, scaling: dict | None) -> None:
+    """ExportError when the installed transformers did not take our rope settings."""
+    rope = getattr(hf_cfg, "rope_parameters", None)
+    theta = rope["rope_theta"] if isinstance(rope, dict) else getattr(hf_cfg, "rope_theta", None)
+    if theta != cfg.rope_theta:
+        raise ExportError(f"this transformers version did not take rope_theta={cfg.rope_theta} "
+                          f"(got {theta}); update moe/hf/export.py")
+    if scaling is not None:
+        got = rope if isinstance(rope, dict) else (getattr(hf_cfg, "rope_scaling", None) or {})
+        kind = got.get("rope_type", got.get("type"))
+        if kind != scaling["rope_type"] or any(got.get(k) != v for k, v in scaling.items()
+                                               if k != "rope_type"):
+            raise ExportError(f"this transformers version did not take rope_scaling={scaling} "
+                              f"(got {got}); update moe/hf/export.py")
 
 
 def family_problems(cfg: ModelConfig, family: str) -> list[str]:
@@ -96,7 +204,6 @@ def choose_family(cfg: ModelConfig, family: str = "auto") -> str:
 
 def family_config(cfg: ModelConfig, family: str, **overrides: Any):
     """The transformers config of ``family`` for ``cfg`` (checked to have taken the rope)."""
-    from moe.hf.export import _require_transformers, check_rope_taken, mixtral_config
     from moe.model.rope import hf_rope_parameters
 
     if family == "mixtral":
@@ -131,8 +238,6 @@ def family_config(cfg: ModelConfig, family: str, **overrides: Any):
 
 
 def _skeleton_shapes(family: str, hf_cfg) -> dict[str, torch.Size]:
-    from moe.hf.export import _require_transformers
-
     with torch.device("meta"):
         skeleton = getattr(_require_transformers(), FAMILIES[family][0])(hf_cfg)
     return {k: v.shape for k, v in skeleton.state_dict().items()}
@@ -141,8 +246,6 @@ def _skeleton_shapes(family: str, hf_cfg) -> dict[str, torch.Size]:
 def to_family(model: torch.nn.Module, family: str, **config_overrides: Any):
     """``(config, state_dict)`` of ``family`` holding ``model``'s weights (detached copies,
     the installed transformers' in-memory names: load with ``strict=True``)."""
-    from moe.hf.export import ExportError, _require_transformers, check_exportable
-
     cfg = check_exportable(model)
     try:
         family = choose_family(cfg, family)
@@ -205,8 +308,6 @@ def to_family(model: torch.nn.Module, family: str, **config_overrides: Any):
 
 def to_family_model(model: torch.nn.Module, family: str = "auto", **config_overrides: Any):
     """The ``family`` model (``auto``: chosen by rule) holding ``model``'s weights, eval mode."""
-    from moe.hf.export import _require_transformers
-
     hf_cfg, sd = to_family(model, family, **config_overrides)
     arch = hf_cfg.architectures[0] if getattr(hf_cfg, "architectures", None) else None
     cls = getattr(_require_transformers(), arch or {
