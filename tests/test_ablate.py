@@ -384,3 +384,48 @@ def test_jobs_run_points_at_once_with_bit_identical_results(tmp_path):
     assert runs[1] == runs[2] and len(runs[1][0]) > 1
     with pytest.raises(ConfigError, match="--jobs=0"):
         run_sweep(None, over, grid, 1, tmp_path / "bad", jobs=0, echo=lambda s: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation-time ablation of one trained checkpoint (moe/ablate/evaluate.py)
+
+
+@pytest.mark.slow
+def test_eval_sweep_of_a_trained_checkpoint(tmp_path):
+    """No training: the run's checkpoint at each eval-time setting, on its own val windows.
+    With the trained settings the val loss is the trainer's own; dropless drops nothing; a
+    smaller capacity drops more; a training-time key is refused by name."""
+    from moe.ablate.evaluate import eval_sweep
+    from moe.cli.ablate import main
+    from moe.train.loop import train
+
+    run = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"--data.cache_dir={tmp_path / 'cache'}",
+                                    f"--train.run_dir={run}", "--model.capacity_factor=1.0",
+                                    "--model.eval_capacity_factor=null",
+                                    "--model.capacity_group_seqs=8"])
+    train(cfg)
+    logged = [r["val_loss"] for r in read_metrics(run) if "val_loss" in r][-1]
+    grid = parse_grid(["model.eval_capacity_factor=0.5,1.0,null",
+                       "model.drop_policy=choice_major,token_major"])
+    rows = eval_sweep(run, grid, tmp_path / "eval", echo=lambda s: None)
+    by = {(r["model.eval_capacity_factor"], r["model.drop_policy"]): r for r in rows}
+    assert all(r["status"] == "ok" for r in rows) and len(rows) == 6
+    assert abs(by[(None, "choice_major")]["val_loss"] - logged) < 1e-5  # the trainer's number
+    assert by[(None, "choice_major")]["drop_frac"] == by[(None, "token_major")]["drop_frac"] == 0
+    for policy in ("choice_major", "token_major"):
+        assert by[(0.5, policy)]["drop_frac"] > by[(1.0, policy)]["drop_frac"] > 0
+    assert by[(None, "choice_major")]["val_loss"] == by[(None, "token_major")]["val_loss"]
+    summary = (tmp_path / "eval" / "summary.md").read_text()
+    assert "| null | token_major |" in summary and "trained with eval_capacity_factor=null" \
+        in summary
+    assert (tmp_path / "eval" / "val_loss_vs_eval_capacity_factor.png").stat().st_size > 1000
+    refused = eval_sweep(run, parse_grid(["model.top_k=2,9"]), tmp_path / "k",
+                         echo=lambda s: None)
+    assert [r["status"] for r in refused] == ["ok", "failed"] and "top_k" in refused[1]["error"]
+    with pytest.raises(ConfigError, match="model.n_experts.*need training"):
+        eval_sweep(run, parse_grid(["model.n_experts=2"]), tmp_path / "x")
+    assert main(["--run", str(run), "--out", str(tmp_path / "cli"),
+                 "--grid", "model.eval_capacity_factor=1.0"]) == 0
+    assert main(["--run", str(run), "--out", str(tmp_path / "cli2"),
+                 "--grid", "model.n_experts=2"]) == 2

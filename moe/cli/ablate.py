@@ -5,6 +5,14 @@
 
 Any other ``--section.key=value`` applies to every point. Re-running the same command skips
 finished points and resumes interrupted ones. See moe/ablate/points.py for the fixed-compute rule.
+
+    python scripts/ablate.py --run runs/tiny --out runs/tiny_eval \
+        --grid model.eval_capacity_factor=0.5,1.0,2.0,null \\
+               model.drop_policy=choice_major,token_major
+
+With ``--run``, no training: the run's checkpoint is evaluated at every point of a grid of
+evaluation-time settings (moe/ablate/evaluate.py: capacity factor, drop policy, top-k, group
+size, router weights) on its own validation windows.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import argparse
 import sys
 
 from moe.ablate import parse_grid, run_sweep
+from moe.checkpoint import CheckpointError
 from moe.config import ConfigError
 
 
@@ -38,11 +47,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads of each point (default: the cores over --jobs); "
                              "a point's numbers depend on this, never on --jobs")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--run", default=None,
+                        help="evaluate this run's checkpoint over an evaluation-time grid "
+                             "instead of training (no --config, --seeds or overrides)")
+    parser.add_argument("--windows", type=int, default=None,
+                        help="with --run: validation windows (default: the run's "
+                             "data.val_windows)")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like "
                      "--section.key=value)")
+    if args.run is not None:
+        if args.config or overrides or args.seeds != 1:
+            parser.error("--run evaluates a trained checkpoint: drop --config, --seeds and "
+                         "config overrides (the grid holds the evaluation-time settings)")
+        try:
+            from moe.ablate.evaluate import eval_sweep
+
+            rows = eval_sweep(args.run, parse_grid(args.grid), args.out, args.windows)
+        except (ConfigError, OSError, ValueError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{len(rows)} points evaluated; table in {args.out}/summary.md")
+        return 0
     try:
         grid = parse_grid(args.grid)
         rows = run_sweep(args.config, overrides, grid, args.seeds, args.out,
