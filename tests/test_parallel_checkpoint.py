@@ -33,7 +33,7 @@ from moe.config import from_dict, load_config
 from moe.model import build_model
 from moe.optim import build_optimizer
 from moe.parallel.mesh import MESH_DIMS
-from moe.parallel.shards import shard_spec
+from moe.parallel.shards import record
 from tests.dist_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,12 +107,14 @@ def _build(mesh, seed: int):
     return cfg, parts, build_optimizer(parts, cfg.train)
 
 
-def _slicer(mesh):
+def _slicer(mesh, parts):
+    where = {id(p): (part, n) for part in parts for n, p in part.named_parameters()}
+
     def local(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        spec = shard_spec(p)
+        rec = record(*where[id(p)])
         for dim_name in ("tp", "ep"):  # applied in this order; they split different dims
-            if dim_name in spec:
-                full = full.chunk(mesh[dim_name].size(), spec[dim_name])[
+            if rec.dim_on(dim_name) is not None:
+                full = full.chunk(mesh[dim_name].size(), rec.dim_on(dim_name))[
                     mesh[dim_name].get_local_rank()]
         assert full.shape == p.shape, (full.shape, p.shape)
         return full
@@ -142,7 +144,7 @@ def _ranks_main(rank, world, root):
     # Save the reference from each layout.
     for kind, mesh in meshes.items():
         _, parts, opt = _build(mesh, seed=0)
-        _set_state(opt, _ids(parts), ref_opt, _slicer(mesh))
+        _set_state(opt, _ids(parts), ref_opt, _slicer(mesh, parts))
         if kind == "dp4":  # ZeRO-1-like: each parameter's AdamW state on one dp rank only
             dp = mesh["dp"].get_local_rank()
             for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -155,8 +157,9 @@ def _ranks_main(rank, world, root):
 
     # Load into other layouts: start from other weights (seed 1) and an empty optimizer.
     for src, dst in LOADS:
-        mesh, local = meshes[dst], _slicer(meshes[dst])
+        mesh = meshes[dst]
         _, parts, opt = _build(mesh, seed=1)
+        local = _slicer(mesh, parts)
         extra = ckpt.restore_checkpoint(latest_checkpoint(root / src), parts, opt, mesh)
         assert extra["tokens"] == 5 and extra["config"]["model"]["n_experts"] == 4
         n = 0

@@ -2,7 +2,7 @@
 torch.distributed):
 
     mesh.py          ParallelDims: sizes, layout checks, the device mesh
-    shards.py        how each parameter is split (the records the readers share)
+    shards.py        one ShardRecord per parameter name: how this rank's copy was cut
     launch.py        process-group start-up from torchrun's environment
     plan.py          the sharding plan: each parameter's tp / ep split, as data
     parallelize.py   the one place parallelism is applied, in a fixed order

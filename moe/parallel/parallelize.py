@@ -28,7 +28,7 @@ from moe.config import Config
 from moe.model.init import materialize
 from moe.parallel.activation_checkpoint import apply_activation_checkpointing
 from moe.parallel.mesh import ParallelDims
-from moe.parallel.shards import shard_slices
+from moe.parallel.shards import record
 
 
 @dataclass
@@ -75,7 +75,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config,
         steps.append(f"expert: ep={dims.ep}")
     for part in parts:
         if any(p.is_meta for p in part.parameters()):
-            materialize(part, device, cfg.train.seed, shard_slices)
+            materialize(part, device, cfg.train.seed,
+                        lambda name, part=part: record(part, name).slices)
         else:
             part.to(device)
     steps.append(f"materialise on {device} (seed {cfg.train.seed})")
