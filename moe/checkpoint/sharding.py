@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moe.checkpoint.integrity import _folder, read_extra
-from moe.parallel.shards import ShardRecord, named_records, record
+from moe.parallel.shards import ShardRecord, local_tensor, named_records, record
 
 MODEL, OPT_STATE, OPT_GROUPS = "model.", "optim.state.", "optim.param_groups."
 # Optimizer settings that describe the local implementation, not the optimisation: kept as
@@ -78,7 +78,9 @@ def _placements(rec: ShardRecord, sub) -> list:
     for name in sub.mesh_dim_names:
         dim = rec.dim_on(name)
         if dim is not None:
-            if dim in used:
+            # FSDP2 cuts a dense parameter over the flattened dp x ep ranks: Shard(d) on "dp"
+            # then on "ep" is the same chunking (mesh order, dp outer), so d may repeat there.
+            if dim in used and not (name == "ep" and dim == rec.dp_dim):
                 raise NotImplementedError(f"tensor dim {dim} is split over two mesh dims {rec}")
             used.add(dim)
             places.append(Shard(dim))
@@ -106,8 +108,15 @@ def _wrap(local: torch.Tensor, rec: ShardRecord, sub):
     return DTensor.from_local(local, sub, _placements(rec, sub), run_check=False)
 
 
-def _local(t) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as state of parameter ``p``: a DTensor placed like ``p`` if ``p`` is one
+    (FSDP2), so that AdamW updates DTensors with DTensors."""
+    if not hasattr(p, "to_local") or not torch.is_tensor(local) or local.ndim == 0:
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
 
 
 def _named_params(parts: Iterable[nn.Module]) -> dict[int, tuple[str, ShardRecord]]:
@@ -132,7 +141,8 @@ def model_state(parts, mesh=None) -> dict:
     out = {}
     for part in parts:
         for name, t in part.state_dict(keep_vars=True).items():
-            out[MODEL + _strip(name)] = _wrap(t.detach(), record(part, name), sub)
+            local = local_tensor(t.detach())
+            out[MODEL + _strip(name)] = _wrap(local, record(part, name), sub)
     return out
 
 
@@ -160,7 +170,7 @@ def optimizer_state(parts, optimizer: torch.optim.Optimizer, mesh=None) -> dict:
                     if v.shape != p.shape:
                         raise ValueError(f"{key}: state of shape {tuple(v.shape)} for a "
                                          f"parameter of shape {tuple(p.shape)}")
-                    out[key] = _wrap(v.detach(), rec, sub)
+                    out[key] = _wrap(local_tensor(v.detach()), rec, sub)
                 else:
                     out[key] = v.detach() if torch.is_tensor(v) else v
             out[OPT_GROUPS + fqn] = hyper
@@ -214,7 +224,7 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
             key = MODEL + _strip(name)
             if missing_ok is not None and key not in meta and missing_ok(_strip(name)):
                 continue
-            add(key, t.detach(), record(part, name), "model tensor")
+            add(key, local_tensor(t.detach()), record(part, name), "model tensor")
             sinks.append((key, t))
 
     new_state: dict = {}  # param -> {state name: tensor}
@@ -239,7 +249,8 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
                         targets[key] = torch.zeros((), dtype=md.properties.dtype,
                                                    device=_step_device(group, p))
                     else:
-                        local = torch.zeros(p.shape, dtype=md.properties.dtype, device=p.device)
+                        local = torch.zeros(local_tensor(p).shape, dtype=md.properties.dtype,
+                                            device=p.device)
                         add(key, local, rec, "optimizer tensor")
                     new_state.setdefault(p, {})[k] = key
                 if gi not in hyper_keys and OPT_GROUPS + fqn in meta:
@@ -252,12 +263,13 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
 
     with torch.no_grad():
         for key, t in sinks:
-            src = _local(targets[key])
-            if src.data_ptr() != t.data_ptr():
-                t.copy_(src)
+            src, dst = local_tensor(targets[key]), local_tensor(t)
+            if src.data_ptr() != dst.data_ptr():
+                dst.copy_(src)
     if optimizer is not None:
         for p, keys in new_state.items():
-            optimizer.state[p] = {k: _local(targets[key]) for k, key in keys.items()}
+            optimizer.state[p] = {k: _like(p, local_tensor(targets[key]))
+                                  for k, key in keys.items()}
         for gi, key in hyper_keys.items():
             optimizer.param_groups[gi].update(dict(targets[key]))
     return read_extra(path)

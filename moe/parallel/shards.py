@@ -13,6 +13,9 @@ asks the same two functions, so none needs to know which module a parameter came
     gradient reduction, grad norm (grads.py)     record.ep_dim, tp_partial_grad, dim_on
     ZeRO-1           (moe/optim/zero.py)         record.ep_dim: which replicas own the state
     checkpoints      (moe/checkpoint/sharding.py) record.dim_on(mesh dim): DTensor placements
+
+Under ``parallel.dp_shard=fsdp`` (moe/parallel/fsdp.py) parameters, gradients and AdamW state
+are FSDP2's DTensors; ``local_tensor`` gives the shard a reader works on.
 """
 
 from __future__ import annotations
@@ -32,20 +35,25 @@ class ShardRecord:
     ``tp_dim`` / ``ep_dim``: the dim cut over tensor / expert-parallel ranks (None: replicated
     over them). ``tp_partial_grad``: replicated over tp, but each tp rank computes only part of
     its gradient (multi-query attention's shared K/V), so the gradient is summed over tp.
-    ``slices``: the cuts in the order they were made."""
+    ``slices``: the cuts in the order they were made (by tp and ep, on the meta device).
+    ``dp_dim``: the dim FSDP2 cuts over the data ranks that replicate the parameter (dp, and
+    ep too for one that ``ep_dim`` does not split), or None."""
 
     tp_dim: int | None = None
     ep_dim: int | None = None
     tp_partial_grad: bool = False
     slices: Slices = ()
+    dp_dim: int | None = None
 
     def dim_on(self, mesh_dim: str) -> int | None:
         """The tensor dim split over mesh dimension ``mesh_dim`` ("dp", "ep", "tp"), or None."""
-        return {"tp": self.tp_dim, "ep": self.ep_dim}.get(mesh_dim)
+        if mesh_dim == "ep" and self.ep_dim is None:
+            return self.dp_dim
+        return {"tp": self.tp_dim, "ep": self.ep_dim, "dp": self.dp_dim}.get(mesh_dim)
 
     @property
     def sharded(self) -> bool:
-        return bool(self.slices)
+        return bool(self.slices) or self.dp_dim is not None
 
 
 REPLICATED = ShardRecord()
@@ -74,6 +82,11 @@ def named_records(parts: nn.Module | list[nn.Module],
                 seen.add(id(p))
                 out.append((name, p, record(part, name)))
     return out
+
+
+def local_tensor(t):
+    """This rank's shard of a DTensor (FSDP2's parameters, gradients, AdamW state), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def mark(part: nn.Module, name: str, **changes) -> None:
