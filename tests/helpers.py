@@ -20,7 +20,7 @@ from torch import nn
 
 from moe.config import ModelConfig
 from moe.parallel.mesh import ParallelDims
-from moe.parallel.shards import shard_slices
+from moe.parallel.shards import record
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=16,
             n_experts=4, top_k=2, expert_hidden=32, ffn_hidden=48, capacity_factor=1.0,
@@ -59,10 +59,10 @@ class FakeMesh:
         return None
 
 
-def local_slice(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """The part of a full-model tensor that the local parameter ``p`` holds, by the cuts
-    parallelism recorded on it (outermost first)."""
-    for dim, index, n in shard_slices(p):
+def local_slice(full: torch.Tensor, part: nn.Module, name: str) -> torch.Tensor:
+    """The part of a full-model tensor that ``part``'s local parameter ``name`` holds, by the
+    cuts parallelism recorded for it (outermost first)."""
+    for dim, index, n in record(part, name).slices:
         full = full.chunk(n, dim=dim)[index]
     return full
 
@@ -85,7 +85,7 @@ def assert_grads_match(parts: nn.Module | Iterable[nn.Module], ref: nn.Module,
     errors, n = [], 0
     for part in parts:
         for name, p in part.named_parameters():
-            got, want = _value(p, what), local_slice(_value(ref_params[name], what), p)
+            got, want = _value(p, what), local_slice(_value(ref_params[name], what), part, name)
             n += 1
             if got.shape != want.shape:
                 errors.append(f"{tag} {name}: {what} shape {tuple(got.shape)} != "

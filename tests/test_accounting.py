@@ -290,7 +290,7 @@ def test_tp2_gqa_splits_kv():
 
 
 def test_ep2_halves_experts_and_zero1():
-    cfg = layout_cfg(ep=2, dp=2, zero1=True)
+    cfg = layout_cfg(ep=2, dp=2, dp_shard="zero1")
     lay = layout_accounting(cfg)
     full = count_params(cfg.model)
     assert lay.expert_params_per_gpu == full.expert_params // 2 == 3 * 2 * 3 * 48 * 40
@@ -301,6 +301,16 @@ def test_ep2_halves_experts_and_zero1():
         ADAM_BYTES_PER_PARAM * (-(-dense // 4) + full.expert_params // 4))
     assert lay.optimizer_bytes_per_gpu_no_zero1 == 12 * lay.params_per_gpu
     assert lay.train_state_bytes_per_gpu == 4 * lay.params_per_gpu + lay.optimizer_bytes_per_gpu
+    # FSDP: weights, gradients and AdamW state all sharded that way (16 B per parameter).
+    share = -(-dense // 4) + full.expert_params // 4
+    assert lay.params_per_gpu_sharded == share
+    assert lay.train_state_bytes_per_gpu_fsdp == 16 * share
+    cfg.parallel.dp_shard = "fsdp"
+    fsdp = layout_accounting(cfg)
+    assert fsdp.params_per_gpu == lay.params_per_gpu  # what the rank computes with
+    assert fsdp.weight_bytes_per_gpu == fsdp.grad_bytes_per_gpu == 2 * share
+    assert fsdp.optimizer_bytes_per_gpu == 12 * share
+    assert fsdp.train_state_bytes_per_gpu == fsdp.train_state_bytes_per_gpu_fsdp == 16 * share
     # Ranks: ((pp*dp + dp_i)*ep + ep_i)*tp + tp_i; node of 2 = the two ep ranks of one replica.
     assert layout_accounting(cfg, gpus_per_node=2).params_per_node == full.total_params
     assert layout_accounting(cfg, gpus_per_node=1).params_per_node == lay.params_per_gpu
@@ -468,7 +478,7 @@ def test_gpt4_balanced_stages_under_30gb():
     weights (the reports' figure); with dp 4 and zero1 the AdamW state shrinks 4x."""
     layers = "[" + ",".join(map(str, [7] * 7 + [8] * 8 + [7])) + "]"
     cfg = load_config(GPT4, ["--parallel.tp=8", "--parallel.pp=16", "--parallel.dp=4",
-                             "--parallel.zero1=true", "--train.batch_size=64",
+                             "--parallel.dp_shard=zero1", "--train.batch_size=64",
                              f"--parallel.pp_layers={layers}"])
     lay = layout_accounting(cfg)
     assert lay.weight_bytes_per_gpu < 30e9
@@ -495,6 +505,7 @@ def test_script_layout_json():
     for key in ("params_per_gpu", "params_per_node", "weight_bytes_per_gpu",
                 "optimizer_bytes_per_gpu", "optimizer_bytes_per_gpu_zero1",
                 "optimizer_bytes_per_gpu_no_zero1", "grad_bytes_per_gpu",
+                "train_state_bytes_per_gpu_fsdp",
                 "kv_cache_bytes_per_token_per_gpu"):
         assert isinstance(out[key], int), key
     assert 110e9 <= out["params_per_node"] <= 130e9
@@ -512,7 +523,7 @@ def test_script_layout_strict_and_table():
     assert r.stderr.startswith("error: ") and "n_heads=118" in r.stderr
     r = _run("--config", str(ROOT / "configs" / "a100x8_tp2pp2dp2.yaml"), "--grad-bytes=4")
     assert r.returncode == 0, r.stderr
-    for text in ("most loaded GPU", "rank 4 (pp 1", "per node (8 GPUs)", "with zero1",
+    for text in ("most loaded GPU", "rank 4 (pp 1", "per node (8 GPUs)", "with zero1", "with fsdp",
                  "gradients (4 B)", "replicated on each of 2 tp ranks"):
         assert text in r.stdout, text
 

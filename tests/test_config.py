@@ -274,6 +274,10 @@ EC = ["--model.routing=expert_choice", "--model.balance=none"]
     (["--data.val_windows=7", "--model.capacity_group_seqs=2"], ["data.val_windows"]),
     (["--data.val_windows=0"], ["data.val_windows"]),
     (["--train.eval_batches=4"], ["train.eval_batches", "data.val_windows"]),
+    (["--parallel.zero1=true"], ["parallel.zero1", "parallel.dp_shard"]),
+    (["--parallel.dp_shard=zero2"], ["parallel.dp_shard", "fsdp"]),
+    (["--parallel.dp_shard=fsdp", "--train.compile=true"], ["parallel.dp_shard", "train.compile"]),
+    (["--parallel.dp_shard=fsdp", "--vision.enabled=true"], ["parallel.dp_shard", "vision"]),
 ])
 def test_configs_that_used_to_run_are_refused_naming_the_key(overrides, keys):
     msg = config_error(overrides=overrides)
@@ -318,6 +322,12 @@ def test_saved_configs_with_a_replaced_key_load_as_the_same_run():
     saved["train"].update(eval_batches=4, micro_batch_size=8)
     cfg = from_dict(saved)
     assert cfg.data.val_windows == 32 and cfg.train.micro_batch_size == 8
+    # parallel.zero1 (before parallel.dp_shard): the same optimizer sharding.
+    for zero1, dp_shard in ((True, "zero1"), (False, "none")):
+        saved = Config().to_dict()
+        del saved["parallel"]["dp_shard"]
+        saved["parallel"]["zero1"] = zero1
+        assert from_dict(saved).parallel.dp_shard == dp_shard
 
 
 def test_nested_sections_built_in_python_take_a_mapping():

@@ -1,12 +1,13 @@
 """Layout-independent checkpoints (moe/checkpoint/): save in one layout, load in another.
 
 One spawned 4-rank run saves the same reference state (weights and AdamW state, both distinct
-from any initialisation) from five layouts (pp2 x tp2, ep2 x tp2, dp2 x ep2, dp4 with each
-parameter's AdamW state on one rank only as under ZeRO-1, pp2 x ep2) and loads checkpoints into
-other layouts, one-process saves included: every local parameter and AdamW tensor must equal
-its slice of the reference exactly, and loaded models without a pipeline compute the reference
-loss. The parent loads each checkpoint unsharded, resumes a pp2 x tp2 one into a plain model and
-AdamW, and consolidates one with scripts/consolidate.py (the file loads with load_model).
+from any initialisation) from seven layouts (pp2 x tp2, ep2 x tp2, dp2 x ep2, dp4 with each
+parameter's AdamW state on one rank only as under ZeRO-1, pp2 x ep2, and dp2 x ep2 and tp2 x dp2
+under FSDP2, parallel.dp_shard=fsdp) and loads checkpoints into other layouts, one-process saves
+included, to and from FSDP2: every local parameter and AdamW tensor must equal its slice of the
+reference exactly, and loaded models without a pipeline compute the reference loss. The parent
+loads each checkpoint unsharded, resumes a pp2 x tp2 one into a plain model and AdamW, and
+consolidates one with scripts/consolidate.py (the file loads with load_model).
 Crashes mid-save, in one process (at four points) and on 4 ranks, leave the previous checkpoint
 as the latest.
 """
@@ -33,7 +34,7 @@ from moe.config import from_dict, load_config
 from moe.model import build_model
 from moe.optim import build_optimizer
 from moe.parallel.mesh import MESH_DIMS
-from moe.parallel.shards import shard_spec
+from moe.parallel.shards import local_tensor, record
 from tests.dist_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +45,13 @@ ARGS = ["--model.vocab_size=64", "--model.d_model=32", "--model.n_layers=2",
         "--model.max_seq_len=16", "--data.seq_len=16", "--model.router_jitter=0.0",
         # a persistent buffer (the bias of bias balancing) and a tp-split shared expert
         "--model.balance=bias", "--model.n_shared_experts=1", "--model.shared_expert_hidden=32"]
-# (pp, dp, ep, tp) sizes, MESH_DIMS order, on 4 ranks.
+# (pp, dp, ep, tp) sizes, MESH_DIMS order, on 4 ranks; "_fsdp": sharded by FSDP2 over dp (x ep).
 LAYOUTS = {"pp2tp2": (2, 1, 1, 2), "ep2tp2": (1, 1, 2, 2), "dp2ep2": (1, 2, 2, 1),
-           "dp4": (1, 4, 1, 1), "pp2ep2": (2, 1, 2, 1)}
+           "dp4": (1, 4, 1, 1), "pp2ep2": (2, 1, 2, 1), "dp2ep2_fsdp": (1, 2, 2, 1),
+           "tp2dp2_fsdp": (1, 2, 1, 2)}
 LOADS = [("single", "pp2tp2"), ("pp2tp2", "dp4"), ("pp2tp2", "ep2tp2"), ("ep2tp2", "pp2ep2"),
-         ("dp2ep2", "pp2tp2"), ("dp4", "ep2tp2"), ("pp2ep2", "dp2ep2")]
+         ("dp2ep2", "pp2tp2"), ("dp4", "ep2tp2"), ("pp2ep2", "dp2ep2"),
+         ("pp2tp2", "dp2ep2_fsdp"), ("dp2ep2_fsdp", "tp2dp2_fsdp"), ("tp2dp2_fsdp", "pp2ep2")]
 LR = 0.0123  # saved with the optimizer; a freshly built one has the config's lr
 
 
@@ -75,12 +78,23 @@ def _reference(seed: int = 0):
     return cfg, model, opt
 
 
+def _like(p, local: torch.Tensor) -> torch.Tensor:
+    """AdamW state for ``p``: a DTensor placed like it under FSDP2."""
+    if not hasattr(p, "to_local"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape,
+                              stride=p.stride())
+
+
 def _set_state(optimizer, names: dict, full: dict, slicer) -> None:
     for group in optimizer.param_groups:
         group["lr"] = LR
         for p in group["params"]:
             ref = full[names[id(p)]]
-            optimizer.state[p] = {k: slicer(v, p) if v.ndim else v.clone() for k, v in ref.items()}
+            optimizer.state[p] = {k: _like(p, slicer(v, p)) if v.ndim else v.clone()
+                                  for k, v in ref.items()}
 
 
 def _ids(parts) -> dict:
@@ -90,9 +104,10 @@ def _ids(parts) -> dict:
 # --- in the spawned ranks ---------------------------------------------------------------------
 
 
-def _build(mesh, seed: int):
+def _build(mesh, seed: int, fsdp: bool = False):
     """This rank's stage modules and optimizer for ``mesh``, built the way the trainer does."""
     from moe.parallel.expert import apply_expert_parallel
+    from moe.parallel.fsdp import apply_fsdp
     from moe.parallel.pipeline import build_stage_models
     from moe.parallel.tensor import apply_tensor_parallel
 
@@ -101,20 +116,25 @@ def _build(mesh, seed: int):
     pp = mesh["pp"].size()
     if pp > 1:
         parts = [m for _, m in build_stage_models(model, mesh["pp"].get_local_rank(), pp, cfg)]
-    for part in parts:  # the trainer's order: pipeline split, tensor, expert
+    for part in parts:  # the trainer's order: pipeline split, tensor, expert, data
         apply_tensor_parallel(part, mesh["tp"])
         apply_expert_parallel(part, mesh["ep"])
+        if fsdp:
+            apply_fsdp(part, mesh)
     return cfg, parts, build_optimizer(parts, cfg.train)
 
 
-def _slicer(mesh):
+def _slicer(mesh, parts):
+    where = {id(p): (part, n) for part in parts for n, p in part.named_parameters()}
+
     def local(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        spec = shard_spec(p)
-        for dim_name in ("tp", "ep"):  # applied in this order; they split different dims
-            if dim_name in spec:
-                full = full.chunk(mesh[dim_name].size(), spec[dim_name])[
-                    mesh[dim_name].get_local_rank()]
-        assert full.shape == p.shape, (full.shape, p.shape)
+        rec = record(*where[id(p)])
+        # applied in this order (tp, ep, then FSDP2's cut over the data ranks); all differ
+        for dim_name, dim in (("tp", rec.tp_dim), ("ep", rec.ep_dim),
+                              ("dp" if rec.ep_dim is not None else "dp_ep", rec.dp_dim)):
+            if dim is not None:
+                full = full.chunk(mesh[dim_name].size(), dim)[mesh[dim_name].get_local_rank()]
+        assert full.shape == local_tensor(p).shape, (full.shape, p.shape)
         return full
     return local
 
@@ -130,7 +150,8 @@ def _ranks_main(rank, world, root):
     from tests.helpers import build_mesh
 
     root = Path(root)
-    meshes = {k: build_mesh(**dict(zip(MESH_DIMS, s))) for k, s in LAYOUTS.items()}
+    by_sizes = {s: build_mesh(**dict(zip(MESH_DIMS, s))) for s in dict.fromkeys(LAYOUTS.values())}
+    meshes = {k: by_sizes[s] for k, s in LAYOUTS.items()}
     _, ref_model, ref_opt = _reference(0)
     ref_params = dict(ref_model.named_parameters())
     ref_bias = {n: b for n, b in ref_model.named_buffers() if n.endswith("expert_bias")}
@@ -141,8 +162,8 @@ def _ranks_main(rank, world, root):
 
     # Save the reference from each layout.
     for kind, mesh in meshes.items():
-        _, parts, opt = _build(mesh, seed=0)
-        _set_state(opt, _ids(parts), ref_opt, _slicer(mesh))
+        _, parts, opt = _build(mesh, seed=0, fsdp=kind.endswith("_fsdp"))
+        _set_state(opt, _ids(parts), ref_opt, _slicer(mesh, parts))
         if kind == "dp4":  # ZeRO-1-like: each parameter's AdamW state on one dp rank only
             dp = mesh["dp"].get_local_rank()
             for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
@@ -155,18 +176,21 @@ def _ranks_main(rank, world, root):
 
     # Load into other layouts: start from other weights (seed 1) and an empty optimizer.
     for src, dst in LOADS:
-        mesh, local = meshes[dst], _slicer(meshes[dst])
-        _, parts, opt = _build(mesh, seed=1)
+        mesh = meshes[dst]
+        _, parts, opt = _build(mesh, seed=1, fsdp=dst.endswith("_fsdp"))
+        local = _slicer(mesh, parts)
         extra = ckpt.restore_checkpoint(latest_checkpoint(root / src), parts, opt, mesh)
         assert extra["tokens"] == 5 and extra["config"]["model"]["n_experts"] == 4
         n = 0
         for part in parts:
             for name, p in part.named_parameters():
                 want = local(ref_params[name].detach(), p)
-                assert torch.equal(p.detach(), want), (src, dst, name)
+                assert hasattr(p, "to_local") == dst.endswith("_fsdp"), (dst, name)  # DTensor
+                assert torch.equal(local_tensor(p.detach()), want), (src, dst, name)
                 state = opt.state[p]
                 for k in ("exp_avg", "exp_avg_sq"):
-                    assert torch.equal(state[k], local(ref_opt[name][k], p)), (src, dst, name, k)
+                    assert torch.equal(local_tensor(state[k]), local(ref_opt[name][k], p)), (
+                        src, dst, name, k)
                 assert state["step"].dtype == torch.float32 and float(state["step"]) == 7.0
                 n += 1
             for name, b in part.named_buffers():  # replicated on every rank, restored whole

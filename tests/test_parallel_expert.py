@@ -25,7 +25,7 @@ from moe.model import build_model
 from moe.model.experts import GroupedExperts
 from moe.parallel.expert import ExpertParallelExperts, apply_expert_parallel
 from moe.parallel.grads import reduce_gradients
-from moe.parallel.shards import shard_spec
+from moe.parallel.shards import named_records
 from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks
 from tests.helpers import FakeMesh, assert_grads_match, build_mesh, tiny_model_config
@@ -63,7 +63,7 @@ def check_grads(model, ref, mesh, tag) -> int:
     returns how many expert (ep-sharded) parameters there are."""
     reduce_gradients([model], mesh)
     assert_grads_match(model, ref, rtol=1e-5, atol=1e-7, tag=tag)
-    return sum("ep" in shard_spec(p) for p in model.parameters())
+    return sum(rec.ep_dim is not None for _, _, rec in named_records(model))
 
 
 def gather_cat(t: torch.Tensor, group, n: int) -> torch.Tensor:

@@ -219,7 +219,7 @@ def _check_case(cfg, mesh, x, y, tag):
         for part in pipe.parts:
             for name, p in part.named_parameters():
                 assert p.grad is not None, (tag, name)
-                ref = local_slice(ref_grads[name], p)
+                ref = local_slice(ref_grads[name], part, name)
                 err = float((p.grad - ref).abs().max())
                 assert err <= 1e-5 * float(ref.abs().max()) + 1e-8, (tag, name, err)
                 names.append(name)

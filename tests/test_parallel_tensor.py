@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from moe.model import build_model
 from moe.parallel.grads import reduce_gradients
-from moe.parallel.shards import shard_spec
+from moe.parallel.shards import ShardRecord, record
 from moe.parallel.tensor import apply_tensor_parallel
 from tests.dist_utils import run_ranks
 from tests.helpers import assert_grads_match, build_mesh, tiny_model_config
@@ -58,7 +58,7 @@ def _gather(t: torch.Tensor, dim: int, group, size: int) -> torch.Tensor:
 def _check_replicas(model, group, size, what, failures, case):
     """Parameters replicated over tp: the same bits on every rank, or the replicas drift."""
     for name, p in model.named_parameters():
-        if "tp" in shard_spec(p):
+        if record(model, name).tp_dim is not None:
             continue
         mine = p.grad if what == "grad" else p.detach()
         other = _gather(mine.unsqueeze(0), 0, group, size)
@@ -151,16 +151,16 @@ def _run(rank, world_size):
         _check(lambda m=model, r=ref: assert_grads_match(m, r, 1e-5, 1e-6, what="data"),
                failures, case)
         _check_replicas(model, group, size, "data", failures, case)
-        for layer in model.layers.values():
-            attn = layer.attention
+        for i, layer in model.layers.items():
+            attn, wk = layer.attention, record(model, f"layers.{i}.attention.wk.weight")
             if cfg.n_kv_heads == 1:
-                assert shard_spec(attn.wk.weight) == {"tp_partial_grad": True}
+                assert wk == ShardRecord(tp_partial_grad=True)
                 for w in (attn.wk.weight, attn.wv.weight):
                     both = _gather(w.detach().unsqueeze(0), 0, group, size)
                     if not torch.equal(both[0], both[1]):
                         failures.append(f"{case}: MQA K/V differ between tp ranks after step")
             else:
-                assert shard_spec(attn.wk.weight) == {"tp": 0}
+                assert wk.tp_dim == 0 and not wk.tp_partial_grad
     return failures, report
 
 

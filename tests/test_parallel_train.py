@@ -40,7 +40,12 @@ LAYOUTS = {
     "ep2": (2, ["--parallel.ep=2"]),
     "tp2_pp2": (4, ["--parallel.tp=2", "--parallel.pp=2"]),
     "dp2_ep2": (4, ["--parallel.dp=2", "--parallel.ep=2"]),
-    "dp2_ep2_zero1": (4, ["--parallel.dp=2", "--parallel.ep=2", "--parallel.zero1=true"]),
+    "dp2_ep2_zero1": (4, ["--parallel.dp=2", "--parallel.ep=2", "--parallel.dp_shard=zero1"]),
+    # FSDP2 (moe/parallel/fsdp.py) alone and composed with each other kind of parallelism
+    "dp2_fsdp": (2, ["--parallel.dp=2", "--parallel.dp_shard=fsdp"]),
+    "dp2_ep2_fsdp": (4, ["--parallel.dp=2", "--parallel.ep=2", "--parallel.dp_shard=fsdp"]),
+    "tp2_dp2_fsdp": (4, ["--parallel.tp=2", "--parallel.dp=2", "--parallel.dp_shard=fsdp"]),
+    "pp2_dp2_fsdp": (4, ["--parallel.pp=2", "--parallel.dp=2", "--parallel.dp_shard=fsdp"]),
 }
 CASES = [(name, "1.0") for name in LAYOUTS] + [("ep2", "null"), ("pp2_1f1b", "null")]
 KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "router_loss", "drop_frac", "grad_norm",
@@ -142,6 +147,21 @@ def test_torchrun_tp2_pp2_then_resume_in_one_process(workdir, reference):
     state = torch.load(plain, weights_only=True)
     assert state["model"]["layers.3.feed_forward.experts.w1"].shape == (4, 64, 64)
     assert state["model"]["layers.0.attention.wq.weight"].shape == (64, 64)
+
+
+@pytest.mark.slow
+def test_fsdp_run_resumes_from_and_into_other_layouts(workdir, reference):
+    """Through the trainer, a checkpoint crosses into FSDP2 and out of it: step 1 in one
+    process, step 2 at dp2 with parallel.dp_shard=fsdp, step 3 in one process again give the
+    rows of one unbroken run (tests/test_parallel_checkpoint.py reshards every tensor; this
+    checks the loop around it: AdamW's DTensor state, its step and hyper-parameters)."""
+    ref = reference("1.0")
+    args = _overrides(workdir, "fsdp_resume", "1.0")
+    train(load_config(None, args + ["--train.max_steps=1"]))
+    run_ranks(_train_rank, 2, args + ["--train.max_steps=2", "--parallel.dp=2",
+                                      "--parallel.dp_shard=fsdp"], timeout_s=300)
+    train(load_config(None, args))
+    _assert_same(ref, _rows(workdir / "fsdp_resume"), "single -> dp2 fsdp -> single")
 
 
 # A ramp of 2, 2, 4, 8 sequences (increments of 2 over 256 tokens of 32-token windows).

@@ -14,7 +14,7 @@ from moe.model import build_model
 from moe.parallel.expert import apply_expert_parallel
 from moe.parallel.mesh import ParallelDims
 from moe.parallel.plan import PARAMETER_PLAN, placement, rule_for
-from moe.parallel.shards import shard_slices, shard_spec
+from moe.parallel.shards import REPLICATED, ShardRecord, record
 from moe.parallel.tensor import apply_tensor_parallel
 from moe.vision.model import build_vision_model
 from tests.helpers import FakeMesh, tiny_model_config
@@ -88,10 +88,10 @@ def test_applied_shards_are_the_plans(variant, tp, ep):
     apply_expert_parallel(model, FakeMesh(ep, 0))
     for name, p in model.named_parameters():
         want = placement(name, cfg, tp)
-        spec = shard_spec(p)
-        assert spec.get("tp") == (want.tp_dim if tp > 1 else None), name
-        assert spec.get("ep") == (want.ep_dim if ep > 1 else None), name
-        assert bool(spec.get("tp_partial_grad")) == want.tp_partial_grad, name
+        rec = record(model, name)
+        assert rec.tp_dim == (want.tp_dim if tp > 1 else None), name
+        assert rec.ep_dim == (want.ep_dim if ep > 1 else None), name
+        assert rec.tp_partial_grad == want.tp_partial_grad, name
         # The shape the plan says (not the one the recorded cuts say), and the cuts name
         # this rank's chunk (tp rank tp - 1, ep rank 0).
         shape, cuts = list(full[name]), []
@@ -100,9 +100,21 @@ def test_applied_shards_are_the_plans(variant, tp, ep):
                 shape[dim] //= size
                 cuts.append((dim, rank, size))
         assert tuple(p.shape) == tuple(shape), name
-        assert shard_slices(p) == cuts, name
+        assert rec.slices == tuple(cuts), name
         assert p.is_meta, name  # nothing was allocated
     assert all(b.is_meta for b in model.buffers())
+
+
+def test_fsdp_cuts_a_dim_that_tensor_and_expert_parallelism_leave_whole():
+    from moe.parallel.fsdp import shard_dim
+
+    assert shard_dim("wq", (16, 32), ShardRecord(tp_dim=0), 2) == 1
+    assert shard_dim("experts.w1", (2, 32, 16), ShardRecord(tp_dim=2, ep_dim=0), 2) == 1
+    assert shard_dim("norm", (32,), REPLICATED, 4) == 0
+    assert shard_dim("router.gate", (3, 32), REPLICATED, 2) == 1  # the first dim 2 divides
+    with pytest.raises(ValueError, match="attn_gate of local shape .1,. has no dim.*"
+                                         "parallel.dp_shard=fsdp"):
+        shard_dim("attn_gate", (1,), REPLICATED, 2)
 
 
 def test_single_process_has_no_mesh():

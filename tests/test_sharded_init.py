@@ -15,7 +15,7 @@ import torch
 from moe.config import ModelConfig, load_config
 from moe.model import build_model
 from moe.model.init import _local_ranges, _take, materialize
-from moe.parallel.shards import shard_param, shard_slices
+from moe.parallel.shards import record, shard_param
 from tests.dist_utils import run_ranks
 
 MODEL = ["--model.vocab_size=64", "--model.d_model=32", "--model.n_layers=4",
@@ -69,17 +69,17 @@ def test_shard_drawn_alone_equals_slice_of_full(cuts):
                       expert_hidden=32, max_seq_len=16)
     full = build_model(cfg, "cpu", seed=5)
     meta = build_model(cfg, "meta")
-    experts = meta.layers["1"].feed_forward.experts
+    name = "layers.1.feed_forward.experts.w1"
     for mesh_dim, dim, rank, size in cuts:
-        shard_param(experts, "w1", mesh_dim, dim, rank, size)
-    assert experts.w1.is_meta
-    materialize(meta, "cpu", 5, shard_slices)
+        shard_param(meta, name, mesh_dim, dim, rank, size)
+    assert meta.get_parameter(name).is_meta
+    materialize(meta, "cpu", 5, lambda n: record(meta, n).slices)
     w1 = full.layers["1"].feed_forward.experts.w1
     expect = w1
     for _, dim, rank, size in cuts:
         expect = expect.chunk(size, dim=dim)[rank]
     assert torch.equal(meta.layers["1"].feed_forward.experts.w1, expect)
-    assert shard_slices(meta.layers["1"].feed_forward.experts.w1) == [c[1:] for c in cuts]
+    assert record(meta, name).slices == tuple(c[1:] for c in cuts)
 
 
 def _rank_shards(rank, world_size, overrides):
@@ -91,7 +91,7 @@ def _rank_shards(rank, world_size, overrides):
     model = build_model(cfg.model, "meta")
     runtime = ShardedModel(cfg, model, dims, torch.device("cpu"))
     # numpy: pickled by value (tensors would travel as shared-memory handles, one fd each).
-    return {name: (p.detach().numpy().copy(), shard_slices(p))
+    return {name: (p.detach().numpy().copy(), record(part, name).slices)
             for part in runtime.parts for name, p in part.named_parameters()}
 
 

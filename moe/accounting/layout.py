@@ -15,7 +15,8 @@ parameters follow the trainer's sharding because they are read from the same sha
               (each expert's hidden units), dense w1/w3 dim 0 and w2 dim 1; router, norms,
               tok_embeddings and output replicated.
     ep        experts.w1/w2/w3 dim 0: n_experts / ep experts per rank.
-    dp        replicates everything.
+    dp        replicates everything (parallel.dp_shard: none, zero1), or shards every parameter
+              over the data ranks that replicate it (fsdp): dense over dp * ep, experts over dp.
 
 Ranks are numbered with the mesh order ("pp", "dp", "ep", "tp"), tp innermost:
 ``rank = ((pp_i * dp + dp_i) * ep + ep_i) * tp + tp_i``. The **most loaded GPU** is the rank
@@ -27,12 +28,14 @@ node is one tp group = one pipeline stage, so params_per_node is one stage's par
 
 Memory convention (mixed-precision AdamW, Megatron style): weights ``weight_bytes`` (2: bf16 /
 fp16) per parameter; gradients ``grad_bytes`` per parameter (2: bf16, the default; 4 for fp32
-gradient accumulation), never sharded (ZeRO-1 shards only optimizer state); optimizer state
-12 bytes per parameter (fp32 master weights 4 + exp_avg 4 + exp_avg_sq 4). With ZeRO-1
-(parallel.zero1) the state of dense (non-expert) parameters is split over dp * ep ranks and
-that of expert parameters over dp ranks (ceil). Activations and temporary buffers are not
-counted. (This repository's trainer keeps fp32 parameters under bf16 autocast: 4 + 4 grad + 8
-Adam = the same 16 bytes per parameter without ZeRO.) KV cache per token per GPU: 2 * (layers
+gradient accumulation); optimizer state 12 bytes per parameter (fp32 master weights 4 +
+exp_avg 4 + exp_avg_sq 4). Sharded over a parameter's data replicas, a rank holds
+``params_per_gpu_sharded``: dense (non-expert) parameters over dp * ep ranks, expert parameters
+over dp ranks (ceil). ``parallel.dp_shard=zero1`` shards the optimizer state that way;
+``fsdp`` (FSDP2) weights, gradients and optimizer state. Activations and temporary buffers are
+not counted (under fsdp: nor the one block whose weights are gathered while it runs). (This
+repository's trainer keeps fp32 parameters under bf16 autocast: 4 + 4 grad + 8 Adam = the same
+16 bytes per parameter without ZeRO.) KV cache per token per GPU: 2 * (layers
 on the rank) * (KV heads on the rank) * head_dim * bytes; with multi-query attention the one
 K/V head is replicated on every tp rank, so each tp rank holds the full KV of its layers.
 
@@ -74,7 +77,7 @@ class LayoutAccounting:
     world_size: int
     gpus_per_node: int
     n_nodes: int
-    zero1: bool
+    dp_shard: str  # none | zero1 | fsdp
     pp_schedule: str
     stage_layers: tuple  # per pp rank: the global layer indices it holds
     valid: bool  # ParallelDims.validate accepts the layout (model and batch)
@@ -87,7 +90,8 @@ class LayoutAccounting:
     rank_has_head: bool  # final norm + output head
     params_per_gpu: int
     params_per_gpu_by_category: dict
-    expert_params_per_gpu: int  # the ep-sharded part (ZeRO-1 shards it over dp only)
+    expert_params_per_gpu: int  # the ep-sharded part (ZeRO-1 / FSDP shard it over dp only)
+    params_per_gpu_sharded: int  # dense over dp * ep, experts over dp: zero1's / fsdp's share
     params_per_gpu_min: int
     params_per_gpu_mean: float  # over all ranks
     params_per_gpu_by_stage: tuple  # per pp rank, its most loaded (tp, ep) rank
@@ -95,10 +99,11 @@ class LayoutAccounting:
     grad_bytes: int
     weight_bytes_per_gpu: int
     grad_bytes_per_gpu: int
-    optimizer_bytes_per_gpu: int  # with parallel.zero1 as configured
+    optimizer_bytes_per_gpu: int  # with parallel.dp_shard as configured
     optimizer_bytes_per_gpu_no_zero1: int
-    optimizer_bytes_per_gpu_zero1: int
+    optimizer_bytes_per_gpu_zero1: int  # also fsdp's
     train_state_bytes_per_gpu: int  # weights + gradients + optimizer (as configured)
+    train_state_bytes_per_gpu_fsdp: int  # the same, all three sharded
     kv_bytes_per_element: int
     kv_cache_bytes_per_token_per_gpu: int
     kv_replicated_over_tp: bool  # MQA: every tp rank holds the one K/V head
@@ -257,9 +262,10 @@ def layout_accounting(cfg: Config, gpus_per_node: int = 8, weight_bytes: int = 2
     by_cat = counts[best]
     expert = by_cat["expert"]  # the only ep-sharded category
     dense = n - expert
-    opt_zero1 = ADAM_BYTES_PER_PARAM * (-(-dense // (dp * ep)) + -(-expert // dp))
-    opt_full = ADAM_BYTES_PER_PARAM * n
-    opt = opt_zero1 if p.zero1 else opt_full
+    sharded = -(-dense // (dp * ep)) + -(-expert // dp)
+    opt_zero1, opt_full = ADAM_BYTES_PER_PARAM * sharded, ADAM_BYTES_PER_PARAM * n
+    opt = opt_full if p.dp_shard == "none" else opt_zero1
+    held = sharded if p.dp_shard == "fsdp" else n  # weights and gradients
     kv_local = m.n_kv_heads // tp if m.n_kv_heads % tp == 0 else m.n_kv_heads
     kv = 2 * len(layers[s0]) * kv_local * m.head_size * kv_bytes_per_element
 
@@ -293,20 +299,22 @@ def layout_accounting(cfg: Config, gpus_per_node: int = 8, weight_bytes: int = 2
 
     return LayoutAccounting(
         tp=tp, pp=pp, dp=dp, ep=ep, world_size=world, gpus_per_node=gpus_per_node,
-        n_nodes=n_nodes, zero1=p.zero1, pp_schedule=p.pp_schedule,
+        n_nodes=n_nodes, dp_shard=p.dp_shard, pp_schedule=p.pp_schedule,
         stage_layers=tuple(layers), valid=not warnings, warnings=tuple(warnings),
         rank=rank, rank_coords={"pp": s0, "dp": 0, "ep": e0, "tp": t0},
         rank_layers=layers[s0], rank_has_embedding=s0 == 0, rank_has_head=s0 == pp - 1,
         params_per_gpu=n, params_per_gpu_by_category=by_cat, expert_params_per_gpu=expert,
+        params_per_gpu_sharded=sharded,
         params_per_gpu_min=min(totals.values()),
         params_per_gpu_mean=sum(totals.values()) / len(coords),
         params_per_gpu_by_stage=tuple(max(totals[(s, e, t)] for e in range(ep)
                                           for t in range(tp)) for s in range(pp)),
         weight_bytes=weight_bytes, grad_bytes=grad_bytes,
-        weight_bytes_per_gpu=weight_bytes * n, grad_bytes_per_gpu=grad_bytes * n,
+        weight_bytes_per_gpu=weight_bytes * held, grad_bytes_per_gpu=grad_bytes * held,
         optimizer_bytes_per_gpu=opt, optimizer_bytes_per_gpu_no_zero1=opt_full,
         optimizer_bytes_per_gpu_zero1=opt_zero1,
-        train_state_bytes_per_gpu=(weight_bytes + grad_bytes) * n + opt,
+        train_state_bytes_per_gpu=(weight_bytes + grad_bytes) * held + opt,
+        train_state_bytes_per_gpu_fsdp=(weight_bytes + grad_bytes) * sharded + opt_zero1,
         kv_bytes_per_element=kv_bytes_per_element, kv_cache_bytes_per_token_per_gpu=kv,
         kv_replicated_over_tp=tp > 1 and m.n_kv_heads % tp != 0,
         node=node, node_ranks=(first, last),

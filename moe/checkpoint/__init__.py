@@ -27,8 +27,8 @@ On disk (``<run_dir>/checkpoints/``)::
 
 One job per file:
 
-- ``sharding``: the DCP state dict's keys, DTensor placement from ``shard_spec``, and
-  ``restore_checkpoint`` (load into the current layout: the resharding);
+- ``sharding``: the DCP state dict's keys, DTensor placement from each parameter's
+  ``ShardRecord``, and ``restore_checkpoint`` (load into the current layout: the resharding);
 - ``atomic``: ``save_checkpoint``, the write-then-rename protocol and rotation;
 - ``integrity``: listing checkpoints, the manifest, ``checkpoint_problem``,
   ``check_checkpoint``, ``latest_good_checkpoint``, ``CheckpointError``;

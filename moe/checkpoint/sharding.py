@@ -17,9 +17,9 @@ groups is what makes it independent of which parameters a rank holds.
 
 With a mesh, each local parameter becomes a DTensor over the mesh dimensions other than "pp"
 (``mesh["dp", "ep", "tp"]`` at this rank's pp coordinate): ``Shard(d)`` on a mesh dimension
-named in its ``shard_spec`` (moe/parallel/shards.py), ``Replicate()`` on the others. Ranks at
-different pp coordinates hold different keys: DCP's plan takes the union of all ranks' keys
-(and writes each replicated chunk once), so no DTensor needs to span "pp". Without a mesh (one
+where its ``ShardRecord`` splits it (moe/parallel/shards.py), ``Replicate()`` on the others.
+Ranks at different pp coordinates hold different keys: DCP's plan takes the union of all ranks'
+keys (and writes each replicated chunk once), so no DTensor needs to span "pp". Without a mesh (one
 process) the same keys hold plain full tensors. Loading builds the same DTensors for the
 loading layout and lets ``dcp.load`` read each rank's slice: that is the resharding.
 """
@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moe.checkpoint.integrity import _folder, read_extra
-from moe.parallel.shards import shard_spec
+from moe.parallel.shards import ShardRecord, local_tensor, named_records, record
 
 MODEL, OPT_STATE, OPT_GROUPS = "model.", "optim.state.", "optim.param_groups."
 # Optimizer settings that describe the local implementation, not the optimisation: kept as
@@ -71,15 +71,17 @@ def _submesh(mesh):
     return mesh if rest == names else mesh[rest]
 
 
-def _placements(spec: dict, sub) -> list:
+def _placements(rec: ShardRecord, sub) -> list:
     from torch.distributed.tensor import Replicate, Shard
 
     places, used = [], set()
     for name in sub.mesh_dim_names:
-        dim = spec.get(name)
-        if isinstance(dim, int) and not isinstance(dim, bool):
-            if dim in used:
-                raise NotImplementedError(f"tensor dim {dim} is split over two mesh dims {spec}")
+        dim = rec.dim_on(name)
+        if dim is not None:
+            # FSDP2 cuts a dense parameter over the flattened dp x ep ranks: Shard(d) on "dp"
+            # then on "ep" is the same chunking (mesh order, dp outer), so d may repeat there.
+            if dim in used and not (name == "ep" and dim == rec.dp_dim):
+                raise NotImplementedError(f"tensor dim {dim} is split over two mesh dims {rec}")
             used.add(dim)
             places.append(Shard(dim))
         else:
@@ -87,44 +89,46 @@ def _placements(spec: dict, sub) -> list:
     return places
 
 
-def _global_shape(local: torch.Tensor, spec: dict, sub) -> tuple:
+def _global_shape(local: torch.Tensor, rec: ShardRecord, sub) -> tuple:
     shape = list(local.shape)
     if sub is not None:
         for i, name in enumerate(sub.mesh_dim_names):
-            dim = spec.get(name)
-            if isinstance(dim, int) and not isinstance(dim, bool):
+            dim = rec.dim_on(name)
+            if dim is not None:
                 shape[dim] *= sub.size(i)
     return tuple(shape)
 
 
-def _wrap(local: torch.Tensor, spec: dict, sub):
-    """``local`` as a DTensor over ``sub`` placed per ``spec``; plain without a mesh or if 0-dim."""
+def _wrap(local: torch.Tensor, rec: ShardRecord, sub):
+    """``local`` as a DTensor over ``sub`` placed per ``rec``; plain without a mesh or if 0-dim."""
     if sub is None or local.ndim == 0:
         return local
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(local, sub, _placements(spec, sub), run_check=False)
+    return DTensor.from_local(local, sub, _placements(rec, sub), run_check=False)
 
 
-def _local(t) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as state of parameter ``p``: a DTensor placed like ``p`` if ``p`` is one
+    (FSDP2), so that AdamW updates DTensors with DTensors."""
+    if not hasattr(p, "to_local") or not torch.is_tensor(local) or local.ndim == 0:
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
 
 
-def _named_params(parts: Iterable[nn.Module]) -> dict[int, tuple[str, nn.Parameter]]:
-    """id(param) -> (full-model name, param); a tied parameter keeps its first name."""
-    out: dict[int, tuple[str, nn.Parameter]] = {}
-    for part in parts:
-        for name, p in part.named_parameters():
-            out.setdefault(id(p), (_strip(name), p))
-    return out
+def _named_params(parts: Iterable[nn.Module]) -> dict[int, tuple[str, ShardRecord]]:
+    """id(param) -> (full-model name, its shard record); a tied parameter keeps its first name."""
+    return {id(p): (_strip(name), rec) for name, p, rec in named_records(list(parts))}
 
 
 def _check_mesh(parts: Iterable[nn.Module], mesh) -> None:
     if mesh is None:
-        for part in parts:
-            for name, p in part.named_parameters():
-                if any(k in shard_spec(p) for k in ("tp", "ep", "dp")):
-                    raise ValueError(f"{name} is sharded ({shard_spec(p)}) but no mesh was given")
+        for name, _, rec in named_records(list(parts)):
+            if rec.sharded:
+                raise ValueError(f"{name} is sharded ({rec}) but no mesh was given")
 
 
 def model_state(parts, mesh=None) -> dict:
@@ -137,7 +141,8 @@ def model_state(parts, mesh=None) -> dict:
     out = {}
     for part in parts:
         for name, t in part.state_dict(keep_vars=True).items():
-            out[MODEL + _strip(name)] = _wrap(t.detach(), shard_spec(t), sub)
+            local = local_tensor(t.detach())
+            out[MODEL + _strip(name)] = _wrap(local, record(part, name), sub)
     return out
 
 
@@ -158,14 +163,14 @@ def optimizer_state(parts, optimizer: torch.optim.Optimizer, mesh=None) -> dict:
             if id(p) not in names:
                 raise ValueError(f"an optimizer parameter of shape {tuple(p.shape)} is in none "
                                  f"of the given modules: pass every stage module this rank holds")
-            fqn = names[id(p)][0]
+            fqn, rec = names[id(p)]
             for k, v in optimizer.state.get(p, {}).items():
                 key = f"{OPT_STATE}{fqn}.{k}"
                 if torch.is_tensor(v) and v.ndim > 0:
                     if v.shape != p.shape:
                         raise ValueError(f"{key}: state of shape {tuple(v.shape)} for a "
                                          f"parameter of shape {tuple(p.shape)}")
-                    out[key] = _wrap(v.detach(), shard_spec(p), sub)
+                    out[key] = _wrap(local_tensor(v.detach()), rec, sub)
                 else:
                     out[key] = v.detach() if torch.is_tensor(v) else v
             out[OPT_GROUPS + fqn] = hyper
@@ -203,23 +208,23 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
     targets: dict = {}
     sinks: list = []  # (key, destination tensor) to copy into after the load
 
-    def add(key: str, local: torch.Tensor, spec: dict, what: str) -> None:
+    def add(key: str, local: torch.Tensor, rec: ShardRecord, what: str) -> None:
         md = meta.get(key)
-        want = _global_shape(local, spec, sub)
+        want = _global_shape(local, rec, sub)
         if not isinstance(md, TensorStorageMetadata):
             raise KeyError(f"{path} has no {what} {key!r}: was it saved from a different model? "
                            f"(compare config.yaml with the checkpoint's extra.pt)")
         if tuple(md.size) != want:
             raise ValueError(f"{key}: {path} holds shape {tuple(md.size)}, this model "
                              f"{want}: the model config differs")
-        targets[key] = _wrap(local, spec, sub)
+        targets[key] = _wrap(local, rec, sub)
 
     for part in parts:
         for name, t in part.state_dict(keep_vars=True).items():
             key = MODEL + _strip(name)
             if missing_ok is not None and key not in meta and missing_ok(_strip(name)):
                 continue
-            add(key, t.detach(), shard_spec(t), "model tensor")
+            add(key, local_tensor(t.detach()), record(part, name), "model tensor")
             sinks.append((key, t))
 
     new_state: dict = {}  # param -> {state name: tensor}
@@ -235,7 +240,7 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
             for p in group["params"]:
                 if id(p) not in names:
                     raise ValueError("an optimizer parameter is in none of the given modules")
-                fqn = names[id(p)][0]
+                fqn, rec = names[id(p)]
                 for k in saved.get(fqn, []):
                     key, md = f"{OPT_STATE}{fqn}.{k}", meta[f"{OPT_STATE}{fqn}.{k}"]
                     if not isinstance(md, TensorStorageMetadata):
@@ -244,8 +249,9 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
                         targets[key] = torch.zeros((), dtype=md.properties.dtype,
                                                    device=_step_device(group, p))
                     else:
-                        local = torch.zeros(p.shape, dtype=md.properties.dtype, device=p.device)
-                        add(key, local, shard_spec(p), "optimizer tensor")
+                        local = torch.zeros(local_tensor(p).shape, dtype=md.properties.dtype,
+                                            device=p.device)
+                        add(key, local, rec, "optimizer tensor")
                     new_state.setdefault(p, {})[k] = key
                 if gi not in hyper_keys and OPT_GROUPS + fqn in meta:
                     hyper_keys[gi] = OPT_GROUPS + fqn
@@ -257,12 +263,13 @@ def restore_checkpoint(path: str | Path, parts, optimizer: torch.optim.Optimizer
 
     with torch.no_grad():
         for key, t in sinks:
-            src = _local(targets[key])
-            if src.data_ptr() != t.data_ptr():
-                t.copy_(src)
+            src, dst = local_tensor(targets[key]), local_tensor(t)
+            if src.data_ptr() != dst.data_ptr():
+                dst.copy_(src)
     if optimizer is not None:
         for p, keys in new_state.items():
-            optimizer.state[p] = {k: _local(targets[key]) for k, key in keys.items()}
+            optimizer.state[p] = {k: _like(p, local_tensor(targets[key]))
+                                  for k, key in keys.items()}
         for gi, key in hyper_keys.items():
             optimizer.param_groups[gi].update(dict(targets[key]))
     return read_extra(path)

@@ -7,11 +7,12 @@ Prints a table by default, or one JSON object with ``--json``. Counts come from 
 model on the meta device (see ``moe/accounting/params.py`` for the definitions, the FLOP context
 convention and the layout rules). Attention FLOPs use ``data.seq_len``.
 
-Layout mode: the parallel.* keys of the config (tp, pp, dp, ep, pp_layers, pp_schedule, zero1)
-give the layout; the table shows it when the world size is above 1 (or with ``--layout``), and
-the JSON always has ``params_per_gpu``, ``params_per_node``, the per-GPU bytes (weights,
-gradients, AdamW state with and without ZeRO-1) and KV cache per token per GPU, all for the most
-loaded rank / node, plus the full breakdown under ``layout``. A layout that
+Layout mode: the parallel.* keys of the config (tp, pp, dp, ep, pp_layers, pp_schedule,
+dp_shard) give the layout; the table shows it when the world size is above 1 (or with
+``--layout``), and the JSON always has ``params_per_gpu``, ``params_per_node``, the per-GPU bytes
+(weights, gradients, AdamW state with and without ZeRO-1, all three under FSDP) and KV cache
+per token per GPU, all for the most loaded rank / node, plus the full breakdown under
+``layout``. A layout that
 ``ParallelDims.validate`` refuses (e.g. n_heads not divisible by tp) is counted as an uneven
 split: the table lists why (``warning:`` lines on stderr with ``--json``); ``--strict`` makes
 it an error instead.
@@ -105,7 +106,7 @@ def layout_table(cfg: Config, lay: LayoutAccounting) -> str:
     rows = [
         ("layout", f"tp {lay.tp} x pp {lay.pp} x dp {lay.dp} x ep {lay.ep} = {lay.world_size} "
                    f"GPUs, {lay.gpus_per_node} per node ({lay.n_nodes} node"
-                   f"{'s' if lay.n_nodes > 1 else ''}), zero1 {'on' if lay.zero1 else 'off'}"),
+                   f"{'s' if lay.n_nodes > 1 else ''}), dp_shard {lay.dp_shard}"),
         ("  pipeline stages", f"{len(sizes)} ({lay.pp_schedule}): layers per stage "
                               f"{', '.join(runs)}; embedding on stage 0, head on stage "
                               f"{lay.pp - 1}"),
@@ -128,14 +129,17 @@ def layout_table(cfg: Config, lay: LayoutAccounting) -> str:
         ("    embeddings", f"{format_count(cat['embedding']):>8}  {pct(cat['embedding'])}  "
                            f"(replicated over tp)"),
         ("    norms", f"{format_count(cat['norm']):>8}  {pct(cat['norm'])}"),
-        (f"  weights ({lay.weight_bytes} B)", format_gb(lay.weight_bytes_per_gpu)),
+        (f"  weights ({lay.weight_bytes} B)", f"{format_gb(lay.weight_bytes_per_gpu)}  "
+                                              f"(dp_shard {lay.dp_shard}: only fsdp shards it)"),
         (f"  gradients ({lay.grad_bytes} B)", f"{format_gb(lay.grad_bytes_per_gpu)}  "
-                                              f"(not sharded by ZeRO-1)"),
+                                              f"(dp_shard {lay.dp_shard}: only fsdp shards it)"),
         ("  AdamW state (12 B)", f"{format_gb(lay.optimizer_bytes_per_gpu_no_zero1)}  "
                                  f"(fp32 master + exp_avg + exp_avg_sq)"),
         ("    with zero1", f"{format_gb(lay.optimizer_bytes_per_gpu_zero1)}  ({zero_div})"),
-        ("  weights+grads+AdamW", f"{format_gb(lay.train_state_bytes_per_gpu)}  (zero1 "
-                                  f"{'on' if lay.zero1 else 'off'}; activations not counted)"),
+        ("  weights+grads+AdamW", f"{format_gb(lay.train_state_bytes_per_gpu)}  (dp_shard "
+                                  f"{lay.dp_shard}; activations not counted)"),
+        ("    with fsdp", f"{format_gb(lay.train_state_bytes_per_gpu_fsdp)}  (all three "
+                          f"sharded: {zero_div})"),
         ("  KV cache / token", f"{format_bytes(lay.kv_cache_bytes_per_token_per_gpu)}  "
                                f"({len(lay.rank_layers)} layers, {kv_note})"),
         (f"per node ({lay.gpus_per_node} GPUs)",
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             "params_per_gpu", "params_per_node", "weight_bytes_per_gpu", "grad_bytes_per_gpu",
             "optimizer_bytes_per_gpu", "optimizer_bytes_per_gpu_no_zero1",
             "optimizer_bytes_per_gpu_zero1", "train_state_bytes_per_gpu",
-            "kv_cache_bytes_per_token_per_gpu")})
+            "train_state_bytes_per_gpu_fsdp", "kv_cache_bytes_per_token_per_gpu")})
         out["layout"] = lay.to_dict()
         out["long_context"] = [r.to_dict() for r in long_rows]
         out["serving"] = [r.to_dict() for r in serving]

@@ -18,7 +18,9 @@ class ConfigError(ValueError):
 # Keys that no longer exist: a YAML file or override naming one gets this line; a run folder
 # saved with one is read through ``upgrade_saved`` (the same meaning in today's keys).
 REPLACED = {"train.eval_batches": "replaced by data.val_windows, a number of windows (the "
-                                   "former set was eval_batches x train.micro_batch_size)"}
+                                   "former set was eval_batches x train.micro_batch_size)",
+            "parallel.zero1": "replaced by parallel.dp_shard (none | zero1 | fsdp): "
+                              "zero1=true is dp_shard=zero1"}
 
 
 def set_field(obj: Any, prefix: str, name: str, value: Any) -> None:

@@ -61,7 +61,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def upgrade_saved(raw: dict) -> dict:
     """A saved config (a run folder's ``config.yaml``, a checkpoint's) in today's keys, the same
     run: ``train.eval_batches`` x ``train.micro_batch_size`` windows become
-    ``data.val_windows`` (exactly the windows evaluated then)."""
+    ``data.val_windows`` (exactly the windows evaluated then); ``parallel.zero1``
+    becomes ``parallel.dp_shard``."""
+    parallel = raw.get("parallel")
+    if isinstance(parallel, dict) and "zero1" in parallel:
+        parallel = dict(parallel)
+        zero1 = parallel.pop("zero1")
+        parallel.setdefault("dp_shard", "zero1" if zero1 else "none")
+        raw = {**raw, "parallel": parallel}
     train = dict(raw.get("train") or {})
     if "eval_batches" not in train:
         return raw

@@ -23,7 +23,10 @@ class ParallelConfig:
     pp_microbatches: int | None = None
     pp_stages_per_rank: int = 2  # virtual stages per rank for interleaved_1f1b
     pp_layers: list | None = None  # layers per stage, e.g. [1, 3]; null: as even as possible
-    zero1: bool = False  # shard AdamW state over the data-parallel ranks (ZeRO stage 1)
+    # What the data-parallel replicas of a parameter shard: none; zero1 (AdamW state: ZeRO
+    # stage 1, moe/optim/zero.py); fsdp (parameters, gradients and AdamW state: FSDP2's
+    # fully_shard, moe/parallel/fsdp.py).
+    dp_shard: str = "none"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     # Collective timeout: bounds a rank that hangs without dying (a dead rank is noticed at
     # once on one node: gloo / torchrun's agent stop the others; docs/distributed.md,
@@ -34,6 +37,7 @@ class ParallelConfig:
         positive(self, "tp", "pp", "dp", "ep", "pp_stages_per_rank", "timeout_s")
         choice(self, "pp_schedule", ("gpipe", "1f1b", "interleaved_1f1b"))
         choice(self, "backend", ("auto", "gloo", "nccl"))
+        choice(self, "dp_shard", ("none", "zero1", "fsdp"))
         if self.pp_microbatches is not None and self.pp_microbatches <= 0:
             raise ConfigError(f"parallel.pp_microbatches={self.pp_microbatches} must be > 0")
         if self.pp_layers is not None and (

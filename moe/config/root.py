@@ -46,6 +46,9 @@ class Config:
         if t.compile and p.pp > 1:
             raise ConfigError(f"train.compile=true is not supported with parallel.pp={p.pp} "
                               "(pipeline stages run uncompiled): set train.compile=false")
+        if t.compile and p.dp_shard == "fsdp":
+            raise ConfigError("train.compile=true is not supported with parallel.dp_shard=fsdp "
+                              "(the whole-model compile would trace FSDP's hooks): drop one")
         if p.ep > 1 and m.n_experts == 0:
             raise ConfigError(f"parallel.ep={p.ep} splits routed experts, and model.n_experts=0 "
                               "has none: set parallel.ep=1")
@@ -67,6 +70,9 @@ class Config:
         if p.tp > 1 or p.pp > 1:
             raise ConfigError(f"vision.enabled runs support parallel.dp and parallel.ep, not "
                               f"tp={p.tp} pp={p.pp}: set parallel.tp=1 and parallel.pp=1")
+        if p.dp_shard == "fsdp":  # its one-element tanh gates split over no data ranks
+            raise ConfigError("vision.enabled runs support parallel.dp_shard=none or zero1, not "
+                              "fsdp (the gates cross_attn.*.attn_gate have one element)")
         if self.train.batch_ramp_tokens:
             raise ConfigError("vision.enabled runs take a fixed batch: set "
                               "train.batch_ramp_tokens=0")

@@ -9,8 +9,9 @@ process holds, or on the device, and a rank that holds a shard can draw just tha
     ... prune pipeline stages, shard over tp / ep (still meta) ...
     materialize(part, device, seed, slices_of)  # allocate this rank's part, draw its values
 
-``slices_of(param)`` lists how a local parameter was cut from the full one, outermost cut
-first: ``[(dim, index, n_chunks), ...]`` (``moe.parallel.shards.shard_slices``). A rank draws
+``slices_of(name)`` lists how the local parameter ``name`` was cut from the full one, outermost
+cut first: ``((dim, index, n_chunks), ...)`` (its ``ShardRecord.slices``, moe/parallel/shards.py;
+keyed by name, so the cuts survive ``to_empty``'s new parameter objects). A rank draws
 the full tensor of a non-expert parameter (one at a time, so the peak is one full parameter,
 not a full model) and keeps its slice; for expert weights only its own experts are drawn.
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-Slices = list[tuple[int, int, int]]  # (dim, chunk index, number of chunks), outermost first
+Slices = tuple[tuple[int, int, int], ...]  # (dim, chunk index, chunks), outermost first
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _take(t: torch.Tensor, ranges: list[range]) -> torch.Tensor:
 
 @torch.no_grad()
 def init_parameters(module: nn.Module, rules: dict[str, Init], seed: int | None = None,
-                    slices_of: Callable[[torch.Tensor], Slices] | None = None) -> None:
+                    slices_of: Callable[[str], Slices] | None = None) -> None:
     """Draw every parameter of ``module`` by its rule (``rules`` keyed by the names
     ``module.named_parameters()`` gives). ``seed=None`` takes one from torch's global RNG, so
     ``torch.manual_seed(s)`` still decides the weights."""
@@ -108,7 +109,7 @@ def init_parameters(module: nn.Module, rules: dict[str, Init], seed: int | None 
         if name not in rules:
             raise KeyError(f"no init rule for parameter {name!r}: add it to init_rules()")
         rule = rules[name]
-        full, ranges = _local_ranges(tuple(p.shape), slices_of(p) if slices_of else [])
+        full, ranges = _local_ranges(tuple(p.shape), slices_of(name) if slices_of else ())
         if rule.per_expert:
             for i, e in enumerate(ranges[0]):
                 g = torch.Generator().manual_seed(param_seed(seed, name, e))
@@ -125,15 +126,9 @@ def init_parameters(module: nn.Module, rules: dict[str, Init], seed: int | None 
 
 
 def materialize(module: nn.Module, device: torch.device | str, seed: int | None = None,
-                slices_of: Callable[[torch.Tensor], Slices] | None = None) -> nn.Module:
-    """Allocate a meta-device ``module`` on ``device`` and initialise it (``module.init_weights``).
-
-    ``to_empty`` replaces meta parameters by new objects; the attributes parallelism recorded
-    on them (how each is sharded) are carried over by name.
-    """
-    saved = {name: dict(p.__dict__) for name, p in module.named_parameters()}
+                slices_of: Callable[[str], Slices] | None = None) -> nn.Module:
+    """Allocate a meta-device ``module`` on ``device`` and initialise it (``module.init_weights``);
+    ``slices_of(name)``: how a sharded parameter was cut (see the module doc)."""
     module.to_empty(device=device)
-    for name, p in module.named_parameters():
-        p.__dict__.update(saved.get(name, {}))
     module.init_weights(seed, slices_of)
     return module

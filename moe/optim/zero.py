@@ -22,7 +22,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from moe.config import TrainConfig
 from moe.optim.adamw import adamw_kwargs, param_groups
 from moe.parallel.grads import data_group
-from moe.parallel.shards import shard_spec
+from moe.parallel.shards import named_records
 
 
 def assign_owners(params: list[nn.Parameter], n_ranks: int) -> list[int]:
@@ -42,12 +42,13 @@ class ZeroOneAdamW(torch.optim.AdamW):
 
     def __init__(self, parts: list[nn.Module], cfg: TrainConfig, mesh):
         groups = param_groups(parts, cfg.weight_decay)
+        is_expert = {id(p): rec.ep_dim is not None for _, p, rec in named_records(parts)}
         self.replica_sets = []  # (process group, [(param, owner global rank)])
         owned_ids = set()
         for kind in ("dense", "expert"):
             group = data_group(mesh) if kind == "dense" else mesh["dp"].get_group()
             params = [p for g in groups for p in g["params"]
-                      if ("ep" in shard_spec(p)) == (kind == "expert")]
+                      if is_expert[id(p)] == (kind == "expert")]
             size, me = dist.get_world_size(group), dist.get_rank(group)
             owners = assign_owners(params, size)
             self.replica_sets.append(

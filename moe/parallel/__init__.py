@@ -2,7 +2,7 @@
 torch.distributed):
 
     mesh.py          ParallelDims: sizes, layout checks, the device mesh
-    shards.py        how each parameter is split (the records the readers share)
+    shards.py        one ShardRecord per parameter name: how this rank's copy was cut
     launch.py        process-group start-up from torchrun's environment
     plan.py          the sharding plan: each parameter's tp / ep split, as data
     parallelize.py   the one place parallelism is applied, in a fixed order
@@ -10,6 +10,7 @@ torch.distributed):
     expert.py        the experts' all-to-all
     pipeline.py      stages and schedules
     grads.py         gradient reduction over data ranks, the global grad norm, reduced metrics
+    fsdp.py          FSDP2 (fully_shard) over the data ranks: parallel.dp_shard=fsdp
     sharded_model.py ShardedModel: this rank's parts, a training step and eval on them
     rng.py           every rank's random generators in a checkpoint
     activation_checkpoint.py   full or selective recomputation

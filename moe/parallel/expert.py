@@ -3,7 +3,7 @@
     apply_expert_parallel(model, mesh["ep"])   # after pipeline split and tensor parallel
 
 Rank r keeps experts [r * E/ep, (r + 1) * E/ep) of every MoE layer (``experts.w1/w2/w3`` sliced
-on the ep dim the sharding plan gives them, dim 0; names unchanged, recorded as ``{"ep": 0}``).
+on the ep dim the sharding plan gives them, dim 0; names unchanged, recorded ``ep_dim=0``).
 Routing, capacity and dropping are untouched: they run on the rank that holds the tokens, per
 capacity group, before any exchange, so they are the same however the batch is split. The
 exchange is GShard's dispatch / combine all-to-all pair (Lepikhin et al. 2020) on the ragged
@@ -140,11 +140,11 @@ def apply_expert_parallel(model: torch.nn.Module, ep_mesh: DeviceMesh | None) ->
         ep_dim = rule_for(name).ep_dim  # whole experts: nothing to resolve per model
         if ep_dim is None:
             continue
-        module_name, _, attr = name.rpartition(".")
+        module_name = name.rpartition(".")[0]
         experts = model.get_submodule(module_name)
         if isinstance(experts, ExpertParallelExperts):
             raise ValueError(f"{module_name} is already expert-parallel")
-        shard_param(experts, attr, "ep", ep_dim, rank, size)
+        shard_param(model, name, "ep", ep_dim, rank, size)
         holders[module_name] = experts
     for experts in holders.values():
         experts.__class__ = ExpertParallelExperts

@@ -11,6 +11,9 @@ gradient is the SUM over data ranks:
 - parameters replicated over tp whose gradient each tp rank only partly computes (the shared
   K/V of multi-query attention, ``tp_partial_grad``) are also summed over tp.
 
+Under ``parallel.dp_shard=fsdp`` FSDP2 has already summed them over dp (x ep) in backward
+(moe/parallel/fsdp.py): only the tp sum is left, on each rank's shard.
+
 Collectives are bucketed: one flat buffer per (group, dtype).
 """
 
@@ -22,17 +25,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import DeviceMesh
 
-from moe.parallel.shards import shard_spec
-
-
-def _params(parts: list[nn.Module]) -> list[nn.Parameter]:
-    seen, out = set(), []
-    for part in parts:
-        for p in part.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+from moe.parallel.shards import ShardRecord, local_tensor, named_records
 
 
 def _all_reduce_bucketed(tensors: list[torch.Tensor], group) -> None:
@@ -50,13 +43,14 @@ def reduce_gradients(parts: list[nn.Module], mesh: DeviceMesh | None) -> None:
     """Sum gradients over the ranks that hold replicas of each parameter (see module doc)."""
     if mesh is None:
         return
-    params = [p for p in _params(parts) if p.grad is not None]
+    params = [(p, rec) for _, p, rec in named_records(parts) if p.grad is not None]
     if mesh["tp"].size() > 1:
-        partial = [p.grad for p in params if shard_spec(p).get("tp_partial_grad")]
+        partial = [local_tensor(p.grad) for p, rec in params if rec.tp_partial_grad]
         if partial:
             _all_reduce_bucketed(partial, mesh["tp"].get_group())
-    dense = [p.grad for p in params if "ep" not in shard_spec(p)]
-    expert = [p.grad for p in params if "ep" in shard_spec(p)]
+    params = [(p, rec) for p, rec in params if rec.dp_dim is None]  # not FSDP's
+    dense = [p.grad for p, rec in params if rec.ep_dim is None]
+    expert = [p.grad for p, rec in params if rec.ep_dim is not None]
     if mesh["dp"].size() * mesh["ep"].size() > 1 and dense:
         _all_reduce_bucketed(dense, data_group(mesh))
     if mesh["dp"].size() > 1 and expert:
@@ -69,34 +63,28 @@ def data_group(mesh: DeviceMesh) -> dist.ProcessGroup:
     return mesh["dp_ep"].get_group()
 
 
-def _counts_here(p: torch.Tensor, mesh: DeviceMesh | None) -> bool:
-    """Whether this rank contributes ``p`` to a global sum over the (pp, ep, tp) ranks.
+def _counts_here(rec: ShardRecord, mesh: DeviceMesh) -> bool:
+    """Whether this rank contributes a parameter to a sum over every rank.
 
     A parameter is counted once: on every rank holding a distinct shard of it, and for a
     dimension over which it is replicated only on that dimension's coordinate 0.
     """
-    spec = shard_spec(p)
-    for dim in ("ep", "tp"):
-        if dim not in spec and mesh[dim].get_local_rank() != 0:
-            return False
-    return True
+    return all(rec.dim_on(dim) is not None or mesh[dim].get_local_rank() == 0
+               for dim in ("dp", "ep", "tp"))
 
 
 def grad_norm(parts: list[nn.Module], mesh: DeviceMesh | None) -> torch.Tensor:
     """Global L2 norm of all gradients (after reduce_gradients), identical on every rank."""
-    params = [p for p in _params(parts) if p.grad is not None]
-    if mesh is not None:
-        params = [p for p in params if _counts_here(p, mesh)]
+    params = [p for _, p, rec in named_records(parts)
+              if p.grad is not None and (mesh is None or _counts_here(rec, mesh))]
     if params:
-        sq = torch.stack([p.grad.detach().float().pow(2).sum() for p in params]).sum()
+        sq = torch.stack([local_tensor(p.grad).detach().float().pow(2).sum()
+                          for p in params]).sum()
     else:
-        device = next(iter(_params(parts))).device
+        device = named_records(parts)[0][1].device
         sq = torch.zeros((), device=device)
-    if mesh is not None:
-        # dp replicas hold identical gradients: sum over the other dimensions only.
-        other = mesh["pp_ep_tp"]
-        if other.size() > 1:
-            dist.all_reduce(sq, group=other.get_group())
+    if mesh is not None and mesh.size() > 1:
+        dist.all_reduce(sq)  # the mesh spans the world; each shard was counted on one rank
     return sq.sqrt()
 
 
@@ -106,9 +94,9 @@ def clip_gradients(parts: list[nn.Module], mesh: DeviceMesh | None,
     norm = grad_norm(parts, mesh)
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in _params(parts):
+        for _, p, _ in named_records(parts):
             if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.dtype))
+                local_tensor(p.grad).mul_(scale.to(p.grad.dtype))
     return norm
 
 

@@ -24,8 +24,7 @@ if TYPE_CHECKING:
 MESH_DIMS = ("pp", "dp", "ep", "tp")
 # 1-D meshes over several dims, made once with the mesh (every rank, same order) and then
 # looked up by name like any dim: mesh["dp_ep"].
-FLAT_DIMS = {"dp_ep": ("dp", "ep"),         # data ranks: dense gradients are summed here
-             "pp_ep_tp": ("pp", "ep", "tp")}  # ranks holding distinct shards: the grad norm
+FLAT_DIMS = {"dp_ep": ("dp", "ep")}  # data ranks: dense gradients are summed here
 
 
 @dataclass(frozen=True)

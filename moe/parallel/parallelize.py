@@ -9,11 +9,14 @@ outside, in a fixed order, and logged once (rank 0):
     4. materialise this rank's shards on its device, each value drawn from a generator seeded
                    by (train.seed, parameter name): the weights of one process, any layout
     5. activation  checkpointing of the blocks (train.activation_checkpointing)
-    6. data        gradients summed over the dp x ep data ranks after backward (data.py), by
-                   the trainer's ``reduce_gradients``; nothing to apply to the modules
+    6. data        gradients summed over the dp x ep data ranks after backward (grads.py), by
+                   the trainer's ``reduce_gradients``; with ``parallel.dp_shard=fsdp``, FSDP2's
+                   ``fully_shard`` on each experts module, block and part instead (fsdp.py)
 
 One process is the same call with every size 1 (only 4 and 5 do anything). The optimizer for
-the parts is ``moe.optim.build_optimizer(parts, cfg.train, dims.mesh(), cfg.parallel.zero1)``.
+the parts is ``moe.optim.build_optimizer(parts, cfg.train, dims.mesh(), cfg.parallel.dp_shard)``.
+(``train.compile`` compiles the forward after this, in ``ShardedModel.compile``; it is refused
+with fsdp.)
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from moe.config import Config
 from moe.model.init import materialize
 from moe.parallel.activation_checkpoint import apply_activation_checkpointing
 from moe.parallel.mesh import ParallelDims
-from moe.parallel.shards import shard_slices
+from moe.parallel.shards import record
 
 
 @dataclass
@@ -75,15 +78,23 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config,
         steps.append(f"expert: ep={dims.ep}")
     for part in parts:
         if any(p.is_meta for p in part.parameters()):
-            materialize(part, device, cfg.train.seed, shard_slices)
+            materialize(part, device, cfg.train.seed,
+                        lambda name, part=part: record(part, name).slices)
         else:
             part.to(device)
     steps.append(f"materialise on {device} (seed {cfg.train.seed})")
     apply_activation_checkpointing(parts, cfg.train.activation_checkpointing)
     if cfg.train.activation_checkpointing != "none":
         steps.append(f"activation checkpointing: {cfg.train.activation_checkpointing}")
-    if mesh is not None:
+    if mesh is not None and cfg.parallel.dp_shard == "fsdp":
+        from moe.parallel.fsdp import apply_fsdp
+
+        for part in parts:
+            apply_fsdp(part, mesh)
+        steps.append(f"data: FSDP2 over dp x ep = {dims.data_shards} ranks (experts: dp = "
+                     f"{dims.dp})")
+    elif mesh is not None:
         steps.append(f"data: gradients summed over dp x ep = {dims.data_shards} ranks")
-        if log and torch.distributed.get_rank() == 0:
-            print(f"parallelize ({dims.describe()}): " + "; ".join(steps), file=sys.stderr)
+    if mesh is not None and log and torch.distributed.get_rank() == 0:
+        print(f"parallelize ({dims.describe()}): " + "; ".join(steps), file=sys.stderr)
     return Parallelized(parts, stage_ids, steps)

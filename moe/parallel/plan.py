@@ -6,8 +6,8 @@ needs to know a parameter's layout reads it, never a second copy of the rules:
 
     tensor parallelism  (moe/parallel/tensor.py)   which dim to cut over tp, where f / g go
     expert parallelism  (moe/parallel/expert.py)   which dim to cut over ep
-    materialisation     (moe/model/init.py)        through the cuts ``shard_param`` records
-    gradient reduction, grad norm, checkpoints     through the ``shard_spec`` record
+    materialisation, gradient reduction, grad norm, ZeRO-1, checkpoints: through the
+                        ``ShardRecord`` each cut leaves, keyed by parameter name (shards.py)
     layout accounting   (moe/accounting/layout.py)   per-rank counts without building a model
 
     wq.weight        [H*D, dim]     tp dim 0, whole query heads

@@ -37,7 +37,7 @@ is a possible later optimisation.
 
 Why small autograd Functions and not DTensor ``parallelize_module``: parameters stay plain local
 tensors so the optimizer, gradient reduction, grad-norm clipping and checkpoints treat every
-parallel layout alike through the ``shard_spec`` records (moe/parallel/shards.py). Mixing DTensor
+parallel layout alike through the shard records (moe/parallel/shards.py). Mixing DTensor
 and plain parameters breaks ``clip_grad_norm_`` on torch 2.13 ("got mixed torch.Tensor and
 DTensor"), multi-query attention's replicated-but-partial K/V has no Colwise/RowwiseParallel
 style, and the MoE's ragged expert layout (3-D weights run on expert-sorted rows of varying
@@ -58,7 +58,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from moe.parallel.plan import placement, tp_regions
-from moe.parallel.shards import mark_shard, shard_param, shard_spec
+from moe.parallel.shards import mark, record, shard_param
 
 
 class CopyToTensorParallel(torch.autograd.Function):
@@ -142,15 +142,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh | None) -> nn.Mo
     if tp_mesh is None or tp_mesh.size() == 1:
         return model
     tp, rank, group = tp_mesh.size(), tp_mesh.get_local_rank(), tp_mesh.get_group()
-    for name, p in list(model.named_parameters()):
-        if "tp" in shard_spec(p):
+    for name, _ in list(model.named_parameters()):
+        if record(model, name).tp_dim is not None:
             raise RuntimeError(f"{name}: tensor parallelism is already applied")
         where = placement(name, model.cfg, tp)
-        module_name, _, attr = name.rpartition(".")
         if where.tp_dim is not None:
-            shard_param(model.get_submodule(module_name), attr, "tp", where.tp_dim, rank, tp)
+            shard_param(model, name, "tp", where.tp_dim, rank, tp)
         elif where.tp_partial_grad:
-            mark_shard(p, tp_partial_grad=True)
+            mark(model, name, tp_partial_grad=True)
     for name, module in model.named_modules():
         region = tp_regions(name, module)
         if region is None:

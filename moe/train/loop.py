@@ -139,7 +139,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict[str, Any]:
                       autocast=lambda: autocast_context(device, tc.dtype))
     main = runtime.is_main
     task.prepare(runtime)  # e.g. vision.freeze_text: before the optimizer sees the parameters
-    optimizer = build_optimizer(runtime.parts, tc, mesh, zero1=cfg.parallel.zero1)
+    optimizer = build_optimizer(runtime.parts, tc, mesh, cfg.parallel.dp_shard)
     loader = task.loader()
 
     if rank0:  # from here the folder is ours until train() returns (moe/train/run_lock.py)
