@@ -1,8 +1,8 @@
 """The command-line programs, one module each (train, generate, ablate, bench, count_params,
-export_hf, import_hf, upcycle, consolidate, routing_report, batch_dependence, init_memory),
-each a ``main(argv=None) -> int`` (the exit status) run by ``scripts/<name>.py`` and by the
-``moe-<name>`` console scripts of pyproject.toml; here, what they share: ``--config FILE`` plus
-``--section.key=value`` overrides."""
+export_hf, export_gguf, import_hf, upcycle, consolidate, routing_report, batch_dependence,
+init_memory), each a ``main(argv=None) -> int`` (the exit status) run by
+``scripts/<name>.py`` and by the ``moe-<name>`` console scripts of pyproject.toml; here, what
+they share: ``--config FILE`` plus ``--section.key=value`` overrides."""
 
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ from moe.hf.families import (
 )
 
 __all__ = ["ExportError", "check_exportable", "check_rope_taken", "export_checkpoint",
-           "export_hf", "hf_tokenizer", "mixtral_config", "to_mixtral", "to_mixtral_model"]
+           "export_hf", "hf_tokenizer", "mixtral_config", "run_tokenizer", "to_mixtral",
+           "to_mixtral_model"]
 
 
 def to_mixtral(model: torch.nn.Module, **config_overrides: Any):
@@ -153,18 +154,26 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path,
     FileNotFoundError (one line) when the checkpoint or the tokenizer is missing."""
     from moe.checkpoint import load_model
     from moe.data import BPETokenizer
-    from moe.data.cache import TOKENIZER
-    from moe.data.prepare import cache_folder
 
     out_dir = _new_folder(out_dir)  # before the (slow) load
     loaded = load_model(checkpoint)  # verifies, and warns about broken ones it skips
-    if tokenizer_path is None:
-        # The run folder's copy (written by the trainer), else the data cache's.
-        tokenizer_path = loaded.tokenizer
-        if tokenizer_path is None:
-            raise FileNotFoundError(
-                f"no tokenizer for {checkpoint}: {cache_folder(loaded.cfg) / TOKENIZER} (from "
-                "its data.cache_dir and data settings) does not exist; run from the folder "
-                "training ran in, or pass --tokenizer PATH/tokenizer.json")
+    tokenizer_path = run_tokenizer(loaded, checkpoint, tokenizer_path)
     return export_hf(loaded.model, out_dir, BPETokenizer.load(tokenizer_path),
                      chat_template=load_chat_template(tokenizer_path), family=family)
+
+
+def run_tokenizer(loaded, checkpoint: str | Path, tokenizer_path: str | Path | None) -> Path:
+    """``tokenizer_path`` if given, else the run folder's copy (the trainer writes it), else
+    the data cache's (``loaded``: ``moe.checkpoint.load_model``'s result); FileNotFoundError
+    (one line) naming where it looked."""
+    from moe.data.cache import TOKENIZER
+    from moe.data.prepare import cache_folder
+
+    if tokenizer_path is not None:
+        return Path(tokenizer_path)
+    if loaded.tokenizer is None:
+        raise FileNotFoundError(
+            f"no tokenizer for {checkpoint}: {cache_folder(loaded.cfg) / TOKENIZER} (from "
+            "its data.cache_dir and data settings) does not exist; run from the folder "
+            "training ran in, or pass --tokenizer PATH/tokenizer.json")
+    return Path(loaded.tokenizer)
