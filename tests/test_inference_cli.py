@@ -113,6 +113,10 @@ def test_decode_bench_on_a_tiny_shape():
     assert r["kv_cache_bytes_per_token_mha"] == 4 * r["kv_cache_bytes_per_token"]
     st = r["moe_decode"]["batch_1"]
     assert st["experts_used_mean"] == 2 and st["tokens_per_expert_mean"] == 2 / 4
+    for d in ("fp32", "bf16", "int8"):  # the serving dtypes section (moe/bench/dtypes.py)
+        assert r[f"{d}_tokens_per_s"] > 0, d
+    assert r["int8_weight_bytes"] < r["bf16_weight_bytes"] < r["fp32_weight_bytes"]
+    assert r["int8_over_fp32"] > 0 and r["bf16_over_fp32"] > 0
     assert r["moe_decode"]["batch_4"]["tokens_per_expert_mean"] == 4 * 2 / 4
 
 
@@ -130,6 +134,10 @@ def test_bench_decode_command_prints_one_json_object(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["tokens_per_s"] > 0 and "hf_tokens_per_s" not in r
     assert set(r["moe_decode"]) == {"batch_1", "batch_8", "batch_64"}
+    assert "bf16_tokens_per_s" in r and "int8_weight_bytes" in r  # default --dtypes: all
+    with pytest.raises(SystemExit):  # argparse's one-line error for an unknown dtype
+        bench_main(["--dtypes", "fp32,int4", "--json"])
+    assert "--dtypes int4: choose from fp32,bf16,int8" in capsys.readouterr().err
     assert bench_main(["--config", str(ROOT / "configs" / "bench.yaml"), "--new-tokens", "20",
                        *tiny]) == 2  # 32 + 20 > max_seq_len: one line
     assert "exceed" in capsys.readouterr().err

@@ -27,6 +27,10 @@ tokens uniform random, also seeded), in one run:
   medians reported, with the token-producing steps each needed (those do not depend on the
   machine's load) and a check that all three made the same tokens.
 
+- **Serving dtypes** (``fp32_tokens_per_s``, ``bf16_tokens_per_s``, ``int8_tokens_per_s``,
+  ``*_weight_bytes``, ``*_over_fp32``): decode at batch 1 with the weights cast for serving,
+  timed in turns as above (moe/bench/dtypes.py).
+
 - **Speculative decoding** (``speculative_speedup``, ``acceptance_rate`` measured and
   ``acceptance_rate_predicted``, tokens per target call measured and predicted): the
   trained ``target_run`` / ``draft_run`` if given, else random models (nothing is trained);
@@ -43,6 +47,7 @@ from collections.abc import Callable
 
 import torch
 
+from moe.bench.dtypes import dtype_speed
 from moe.bench.speculative import (
     load_pair,
     random_pair,
@@ -52,6 +57,7 @@ from moe.bench.speculative import (
 from moe.config import Config, load_config
 from moe.device import set_threads
 from moe.inference import Engine, KVCache, Request, SamplingParams, Scheduler, static_batches
+from moe.inference.weights import SERVING_DTYPES
 from moe.model import build_model
 
 
@@ -267,8 +273,10 @@ def run_decode_bench(cfg: Config, prompt_len: int = 32, new_tokens: int = 224,
                      batch_requests: int = 24, target_run: str | None = None,
                      draft_run: str | None = None, draft_tokens: int = 4,
                      spec_new_tokens: int = 64, speculative: bool = True,
+                     dtypes: tuple[str, ...] = SERVING_DTYPES,
                      log: Callable[[str], None] | None = None) -> dict:
-    """Every section of the decode benchmark, as one dict (scripts/bench_decode.py --json)."""
+    """Every section of the decode benchmark, as one dict (scripts/bench_decode.py --json).
+    ``dtypes``: the serving dtypes timed against fp32 (empty: the section is skipped)."""
     log = log or (lambda s: None)
     threads = set_threads(cfg.train.threads)
     m = cfg.model
@@ -300,6 +308,9 @@ def run_decode_bench(cfg: Config, prompt_len: int = 32, new_tokens: int = 224,
     log(f"decode at batch 1: prompt {prompt_len}, {new_tokens} new tokens, {repeats} runs each, "
         f"{threads} threads")
     result.update(decode_speed(model, prompt, new_tokens, repeats, hf_model, log))
+    if dtypes:
+        log(f"serving dtypes at batch 1: {', '.join(dtypes)}")
+        result.update(dtype_speed(model, prompt, new_tokens, repeats, tuple(dtypes), log))
     result.update(kv_cache_bytes(cfg))
     log("MoE decode statistics")
     result["moe_decode"] = moe_decode_stats(model, batches, prompt_len, stat_steps,

@@ -19,6 +19,13 @@ RUN's model (a run of the built-in corpus) continues prompts cut from the valida
 Python files, greedy, plain and with up to N tokens looked up per target call, ours and
 Hugging Face's (moe/bench/prompt_lookup.py); --prompt-tokens and --new-tokens default to 256
 and 160 there.
+
+    python scripts/bench_decode.py --quality RUN [RUN ...] [--windows 256] [--dtypes bf16,int8]
+
+``--quality`` runs, instead, the quality cost of the serving dtypes on trained runs: validation
+loss and greedy agreement with fp32 over validation windows (moe/bench/dtypes.py). In the
+main benchmark ``--dtypes`` lists the dtypes whose decode speed and weight bytes are measured
+against fp32 (default fp32,bf16,int8; ``--dtypes=`` skips the section).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import sys
 
 from moe.bench.decode import bench_config, run_decode_bench
 from moe.config import Config, ConfigError
+from moe.inference.weights import SERVING_DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-ngram", type=int, default=3, help="prompt lookup's longest n-gram")
     p.add_argument("--code-prompts", type=int, default=8,
                    help="validation files prompted in the prompt-lookup section")
+    p.add_argument("--dtypes", default=",".join(SERVING_DTYPES),
+                   help="serving dtypes timed against fp32 (comma-separated; empty: skip)")
+    p.add_argument("--quality", nargs="+", default=None, metavar="RUN",
+                   help="only the quality cost of --dtypes on these trained runs")
+    p.add_argument("--windows", type=int, default=256,
+                   help="validation windows per run with --quality")
     args, overrides = p.parse_known_args(argv)
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    unknown = [d for d in dtypes if d not in SERVING_DTYPES]
+    if unknown:
+        p.error(f"--dtypes {','.join(unknown)}: choose from {','.join(SERVING_DTYPES)}")
     lookup = args.prompt_lookup > 0
     if args.prompt_tokens is None:
         args.prompt_tokens = 256 if lookup else 32
@@ -76,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     log = None if args.json else (lambda s: print(s, flush=True))
+    if args.quality:
+        return quality_main(args, cfg, dtypes or SERVING_DTYPES, log)
     if lookup:
         return prompt_lookup_main(args, cfg, log)
     try:
@@ -84,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                              hf=not args.no_hf, target_run=args.target, draft_run=args.draft,
                              draft_tokens=args.draft_tokens,
                              spec_new_tokens=args.spec_new_tokens,
-                             speculative=not args.no_speculative, log=log)
+                             speculative=not args.no_speculative, dtypes=dtypes, log=log)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -104,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['hf_tokens_per_s_best']:.1f} tokens/s")
         same = "yes" if r["same_tokens"] else f"no, first differs at {r['first_mismatch']}"
         print(f"  same greedy tokens as HF: {same}")
+    if "fp32_tokens_per_s" in r:
+        print(f"serving dtypes, batch 1 (median of {r['dtypes']['runs']} runs):")
+        for d in SERVING_DTYPES:
+            if f"{d}_tokens_per_s" in r:
+                vs = f", {r[f'{d}_over_fp32']:.2f}x fp32 (paired)" if d != "fp32" else ""
+                print(f"  {d:5s} {r[f'{d}_tokens_per_s']:8.1f} tokens/s, weights "
+                      f"{r[f'{d}_weight_bytes'] / 1e6:.1f} MB{vs}")
     print(f"KV cache per token: {r['kv_cache_bytes_per_token']:.0f} B (n_kv_heads="
           f"{r['config']['n_kv_heads']}) vs {r['kv_cache_bytes_per_token_mha']:.0f} B multi-head "
           f"({r['kv_cache_mha_over_mqa']:.0f}x)")
@@ -130,6 +157,52 @@ def main(argv: list[str] | None = None) -> int:
                   f"(predicted {e['acceptance_rate_predicted']:.3f}), tokens per target call "
                   f"{e['tokens_per_target_call']:.2f} (predicted "
                   f"{e['tokens_per_target_call_predicted']:.2f})")
+    return 0
+
+
+def quality_main(args: argparse.Namespace, cfg: Config, dtypes: tuple[str, ...], log) -> int:
+    """--quality RUN ...: validation loss and greedy agreement of each dtype against fp32."""
+    from moe.analysis.windows import val_windows
+    from moe.bench.decode import _loadavg, _machine
+    from moe.bench.dtypes import dtype_quality
+    from moe.checkpoint import CheckpointError, load_model
+    from moe.data import prepare_data
+    from moe.device import set_threads
+
+    threads = set_threads(cfg.train.threads)
+    r: dict = {"machine": _machine(), "threads": threads, "loadavg_start": _loadavg(),
+               "dtypes": list(dtypes), "runs": {}}
+    try:
+        if args.windows < 1:
+            raise ValueError(f"--windows {args.windows} must be >= 1")
+        for run in args.quality:
+            loaded = load_model(run)
+            windows = val_windows(prepare_data(loaded.cfg), loaded.cfg.data.seq_len + 1,
+                                  args.windows)
+            if log:
+                log(f"{run}: {len(windows)} validation windows of {windows.shape[1] - 1} tokens")
+            r["runs"][run] = dtype_quality(loaded.model, windows, dtypes,
+                                           log=log or (lambda s: None))
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    r["loadavg_end"] = _loadavg()
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    for run, q in r["runs"].items():
+        print(f"\n{run}: {q['windows']} windows of {q['window_tokens']} tokens; greedy: "
+              f"{q['prompt_tokens']}-token prompts, {q['greedy_new_tokens']} new tokens")
+        for d in ("fp32", *[d for d in dtypes if d != "fp32"]):
+            e = q[d]
+            line = (f"  {d:5s} val loss {e['val_loss']:.4f}, weights "
+                    f"{e['weight_bytes'] / 1e6:.2f} MB")
+            if d != "fp32":
+                line += (f"; {e['val_loss_delta']:+.4f} ± {e['val_loss_delta_se']:.4f} vs fp32, "
+                         f"top-1 agreement {e['top1_agreement']:.3f}, greedy same tokens "
+                         f"{e['greedy_same_tokens']:.3f}, identical prefix "
+                         f"{e['greedy_identical_prefix']:.1f}")
+            print(line)
     return 0
 
 

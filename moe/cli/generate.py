@@ -3,7 +3,7 @@
     python scripts/generate.py --run runs/tiny --prompt "def " [--prompt "class "]
         [--prompt-file FILE] [--max-new-tokens 200] [--temperature 0.8] [--top-k 50]
         [--top-p 1.0] [--seed 0] [--ignore-eot] [--batch] [--device auto] [--threads 0]
-        [--draft RUN] [--draft-tokens 4] [--prompt-lookup 4]
+        [--draft RUN] [--draft-tokens 4] [--prompt-lookup 4] [--dtype fp32|bf16|int8]
     python scripts/generate.py --run runs/vision_tiny --image shapes.png [--prompt "a"]
 
 ``--run``: a run folder (its newest good checkpoint), a ``step_*`` folder or a consolidated
@@ -18,6 +18,9 @@ so not with ``--batch``): greedy gives the same text as without it; the acceptan
 to stderr. ``--prompt-lookup N``: speculative decoding with no draft model, up to N tokens
 copied per target call from what followed the last tokens' previous occurrence in the prompt
 or output (moe/inference/ngram.py); the same rules as ``--draft``, not with it.
+``--dtype``: the weights decoding runs with (the target's and the draft's), as ``moe-serve
+--dtype``: bf16, or int8 weight-only with fp32 activations; routers stay fp32
+(moe/inference/weights.py).
 ``--image PATH`` (a vision run, vision.enabled): caption a PNG / JPEG image (resized to
 vision.image_size) by continuing each prompt (default "a", the start of every caption;
 "q: what colour is the circle? a:" asks a question) after the image, without a KV cache
@@ -41,6 +44,7 @@ from moe.device import resolve_device, set_threads
 from moe.inference import Engine, SamplingParams
 from moe.inference.ngram import NgramProposer
 from moe.inference.speculative import SpeculativeDecoder
+from moe.inference.weights import SERVING_DTYPES, cast_for_serving
 
 SEPARATOR = "---"
 
@@ -107,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens the draft proposes per target call (with --draft)")
     p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
                    help="speculative decoding by prompt lookup: up to N tokens per target call")
+    p.add_argument("--dtype", default="fp32", choices=SERVING_DTYPES,
+                   help="weights for decoding: bf16 (the KV cache too) or int8 weight-only "
+                        "(fp32 activations); the routers stay fp32 (moe/inference/weights.py)")
     p.add_argument("--image", default=None, metavar="PATH",
                    help="caption this image (a vision run): the prompts continue after it")
     return p
@@ -151,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         if args.draft and args.prompt_lookup is not None:
             raise ValueError("--draft and --prompt-lookup both propose tokens: choose one")
+        if args.image and args.dtype != "fp32":
+            raise ValueError(f"--dtype {args.dtype} is for KV-cached text decoding; --image "
+                             "captions in fp32")
         set_threads(args.threads)
         loaded = load_model(args.checkpoint or args.run, device=device)
+        cast_for_serving(loaded.model, args.dtype)
         spec = None
         if args.prompt_lookup is not None:
             if args.batch:
@@ -166,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     Path(loaded.tokenizer).read_bytes() != Path(draft.tokenizer).read_bytes():
                 raise ValueError(f"the draft's tokenizer {draft.tokenizer} differs from the "
                                  f"target's {loaded.tokenizer}")
-            spec = SpeculativeDecoder(loaded.model, draft.model, args.draft_tokens)
+            spec = SpeculativeDecoder(loaded.model, cast_for_serving(draft.model, args.dtype),
+                                      args.draft_tokens)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

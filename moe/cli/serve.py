@@ -2,7 +2,8 @@
 
     python scripts/serve.py --run runs/tiny [--port 8000] [--host 127.0.0.1] [--slots 8]
         [--model-name NAME] [--checkpoint PATH] [--device auto] [--threads 0]
-        [--max-waiting 256] [--request-timeout S] [--chat-template FILE] [--dtype fp32]
+        [--max-waiting 256] [--request-timeout S] [--chat-template FILE]
+        [--dtype fp32|bf16|int8]
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny", "prompt": "def ", "max_tokens": 32, "temperature": 0}'
@@ -30,7 +31,7 @@ from moe.cli import add_model_source
 from moe.data import BPETokenizer
 from moe.data.chat import load_chat_template
 from moe.device import resolve_device, set_threads
-from moe.inference.weights import cast_for_serving
+from moe.inference.weights import SERVING_DTYPES, cast_for_serving
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Jinja chat template file for /v1/chat/completions (default: the "
                         "run's chat_template.jinja beside its tokenizer.json, else the "
                         "built-in one, moe/data/chat.py)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="weights (and KV cache) for serving; bf16 keeps the routers in fp32 "
+    p.add_argument("--dtype", default="fp32", choices=SERVING_DTYPES,
+                   help="weights for serving: bf16 (the KV cache too) or int8 weight-only "
+                        "(fp32 activations and KV cache); the routers stay fp32 "
                         "(moe/inference/weights.py)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

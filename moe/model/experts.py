@@ -141,6 +141,12 @@ class GroupedExperts(nn.Module):
             return self._loop(x, counts, scale)
         raise ValueError(f"unknown expert implementation {impl!r}: use auto, grouped, bmm or loop")
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` on x [n, dim] -> [n, dim]: three matmuls with views of its weights (the
+        MoE's few-token decode path; ``Int8Experts.expert`` is its int8 twin)."""
+        up = x @ self.w3[e] if self.w3 is not None else None
+        return activate(x @ self.w1[e], up) @ self.w2[e]
+
     def _weights(self, dtype: torch.dtype):
         w = [self.w1, self.w2, self.w3]
         return [None if t is None else t.to(dtype) for t in w]

@@ -36,7 +36,8 @@ from torch import nn
 from moe.config import ModelConfig
 from moe.model.experts import GroupedExperts
 from moe.model.init import ZEROS, Init, init_parameters, prefixed, trunc_normal
-from moe.model.layers import FeedForward, activate
+from moe.model.int8 import Int8Experts
+from moe.model.layers import FeedForward
 from moe.model.router import (
     ROUTERS,
     RoutingPlan,
@@ -170,8 +171,8 @@ class MoE(nn.Module):
         ``model.capacity_group_seqs`` sequences) by default; None is dropless, a number
         overrides it for this call with one group per sequence. ``decode_path``: take the few-token
         path when it applies (dropless, eval mode, at most ``n_experts`` assignments, plain
-        ``GroupedExperts`` with no parallel hooks); it keeps no ``last_stats`` (None), only
-        ``last_experts``.
+        ``GroupedExperts`` or ``Int8Experts`` with no parallel hooks); it keeps no
+        ``last_stats`` (None), only ``last_experts``.
         """
         b, s, dim = x.shape
         dropless = capacity_factor is None or (capacity_factor is CONFIGURED_CAPACITY and (
@@ -263,28 +264,27 @@ class MoE(nn.Module):
         e = self.experts
         return (not self.training and isinstance(self.router, TokenChoiceRouter)
                 and n_tokens * self.top_k <= self.n_experts
-                and type(e) is GroupedExperts and not e._forward_hooks
+                and type(e) in (GroupedExperts, Int8Experts) and not e._forward_hooks
                 and not e._forward_pre_hooks)
 
     def _forward_few(self, flat: torch.Tensor) -> torch.Tensor:
         """The decode path: flat [T, dim] -> [T, dim], dropless, T * top_k <= n_experts.
 
         Each chosen expert runs on its tokens as three matmuls with views of its weights
-        (gpt-fast gathers the chosen experts' weights instead: right on a GPU under
-        torch.compile, but on a CPU the copy costs as much as the matmul). Combined as the
-        sorted path does: fp32, each token's terms added in expert order from zero.
+        (``experts.expert``; int8 weights: moe/model/int8.py). gpt-fast gathers the chosen
+        experts' weights instead: right on a GPU under torch.compile, but on a CPU the copy
+        costs as much as the matmul. Combined as the sorted path does: fp32, each token's
+        terms added in expert order from zero.
         """
         _, _, weights, experts = self.router(flat)
         self.last_experts, self.last_stats = experts, None
-        w1, w2, w3 = self.experts.w1, self.experts.w2, self.experts.w3
+        expert = self.experts.expert  # fp32 / bf16 views, or int8 (moe/model/int8.py)
         t = flat.shape[0]
         if t == 1:  # batch-1 decode: no index tensors at all
             ids = experts[0].tolist()
             out = None
             for j in sorted(range(len(ids)), key=ids.__getitem__):
-                e = ids[j]
-                up = flat @ w3[e] if w3 is not None else None
-                y = (activate(flat @ w1[e], up) @ w2[e]).float() * weights[:, j:j + 1]
+                y = expert(ids[j], flat).float() * weights[:, j:j + 1]
                 out = y if out is None else out + y
             return out.to(flat.dtype)
         by_expert: dict[int, list[tuple[int, int]]] = {}
@@ -297,8 +297,7 @@ class MoE(nn.Module):
             idx = torch.tensor([tok for tok, _ in pairs], device=flat.device)
             slot = torch.tensor([j for _, j in pairs], device=flat.device)
             xe, we = flat.index_select(0, idx), weights[idx, slot].unsqueeze(1)
-            up = xe @ w3[e] if w3 is not None else None
-            y = (activate(xe @ w1[e], up) @ w2[e]).float() * we
+            y = expert(e, xe).float() * we
             if out is None:
                 out = y.new_zeros(t, flat.shape[1])
             out.index_add_(0, idx, y)
