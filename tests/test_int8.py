@@ -187,6 +187,15 @@ def test_dtype_quality_measures_against_fp32():
     assert (q["prompt_tokens"], q["greedy_new_tokens"]) == (8, 8)
 
 
+def test_export_refuses_an_int8_model():
+    from moe.hf.export import ExportError, check_exportable
+
+    model = make_model(n_layers=1)
+    check_exportable(model)  # the fp32 model exports
+    with pytest.raises(ExportError, match="int8 serving weights"):
+        check_exportable(cast_for_serving(model, "int8"))
+
+
 def _run_folder(tmp_path):
     from moe.checkpoint import save_checkpoint
     from moe.config import load_config

@@ -27,7 +27,8 @@ meta-device skeleton of ``MixtralForCausalLM`` rather than assumed:
 What Mixtral cannot express raises :class:`ExportError`: dense (non-MoE) layers
 (``moe_every != 1``), GELU experts, a pipeline stage whose layers or embeddings were pruned,
 raw router weights (``router_weights`` resolving to raw, e.g. ``auto`` with top_k=1: Mixtral
-renormalises the top-k weights, which gives a top-1 expert the weight 1).
+renormalises the top-k weights, which gives a top-1 expert the weight 1). A model cast to int8
+for serving is refused: exports are written from the checkpoint's fp32 weights.
 
 Capacity: Hugging Face Mixtral is dropless. A model with ``eval_capacity_factor`` set is exported
 anyway (with a warning), but its logits match ours only on inputs where no token is dropped;

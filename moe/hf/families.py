@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from moe.config import ModelConfig
+from moe.model.int8 import Int8Embedding, Int8Experts, Int8Linear
 from moe.model.router import RouterBase, check_causal
 
 # family -> (architecture, transformers config class)
@@ -83,6 +84,9 @@ def check_exportable(model: torch.nn.Module, family: str = "auto") -> ModelConfi
         raise ExportError("the model is a pruned pipeline stage (layers "
                           f"{missing or 'all present'}, embeddings/norm/output may be None): "
                           "export the full model")
+    if any(isinstance(m, (Int8Linear, Int8Embedding, Int8Experts)) for m in model.modules()):
+        raise ExportError("the model holds int8 serving weights (cast_for_serving): export the "
+                          "checkpoint itself; exports are written from its fp32 weights")
     try:
         choose_family(cfg, family)
     except ValueError as e:
