@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -135,3 +136,30 @@ def chi2_pvalue(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
     dof = len(e) - 1
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
                                          stat / 2))
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` (an ASGI app) served by uvicorn in a thread on a free loopback port; yields
+    its base URL ("http://127.0.0.1:PORT") and stops the server on exit."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.01)
+        assert server.started, "uvicorn did not start within 30 s"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -5,9 +5,6 @@ same greedy/not-greedy flags, the same generations and the same accuracy. The ta
 JSONL under tests/data/lm_eval (nothing is downloaded); docs/inference.md has the command."""
 
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,13 +14,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 lm_eval = pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 
-import uvicorn  # noqa: E402
 
 from moe.config import load_config  # noqa: E402
 from moe.data import train_bpe  # noqa: E402
 from moe.hf.export import export_hf  # noqa: E402
 from moe.inference.server import build_app  # noqa: E402
 from moe.model import build_model  # noqa: E402
+from tests.helpers import serving  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "data" / "lm_eval"
@@ -47,20 +44,8 @@ def served_and_exported(tmp_path_factory):
     model = build_model(cfg.model, seed=0).eval()
     tok = train_bpe(CORPUS, 320)
     export_hf(model, root / "hf", tok)
-    app = build_app(model, tok, n_slots=4, model_name="tiny")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", root / "hf"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving(build_app(model, tok, n_slots=4, model_name="tiny")) as url:
+        yield url, root / "hf"
 
 
 def evaluate(model: str, model_args: str, monkeypatch) -> dict:

@@ -9,7 +9,6 @@ server keeps serving; the command loads a run folder and serves it.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from moe.data import EOT_ID, train_bpe
 from moe.inference import Engine, SamplingParams
 from moe.inference.server import build_app
 from moe.model import build_model
+from tests.helpers import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,20 +50,8 @@ def served(tmp_path_factory):
     run = tmp_path_factory.mktemp("serve") / "run"
     save_checkpoint(run, 1, model, extra={"config": cfg.to_dict()})
     tok.save(run / "tokenizer.json")
-    app = build_app(model, tok, n_slots=3, model_name="tiny")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", model, tok, run
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving(build_app(model, tok, n_slots=3, model_name="tiny")) as url:
+        yield url, model, tok, run
 
 
 @pytest.fixture(scope="module")
@@ -427,16 +415,8 @@ def test_a_non_streaming_request_stops_when_its_client_leaves(served):
         return decode(*args)
 
     engine.decode = slow_decode
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.01)
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1/completions"
+    with serving(app) as base:
+        url = base + "/v1/completions"
         body = {"model": "tiny", "prompt": "def ", "max_tokens": 40, "temperature": 0}
         for _ in range(3):
             with pytest.raises(httpx.TimeoutException):
@@ -448,10 +428,6 @@ def test_a_non_streaming_request_stops_when_its_client_leaves(served):
         assert loop.steps == steps  # idle: nobody decodes for the departed clients
         r = httpx.post(url, json={**body, "max_tokens": 3}, timeout=30)  # still serving
         assert r.status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def test_n_choices_per_prompt(served, client):

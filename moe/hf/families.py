@@ -48,11 +48,12 @@ class ExportError(ValueError):
     """The model uses a feature no Hugging Face family (or not the one asked for) expresses."""
 
 
-def _require_transformers():
+def _require_transformers(doing: str = "exporting to"):
+    """transformers, or one ImportError saying what needs it (export, import, upcycling)."""
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("exporting to Hugging Face needs transformers: "
+        raise ImportError(f"{doing} Hugging Face needs transformers: "
                           "pip install transformers") from e
     return transformers
 

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 from moe.config import Config, ModelConfig, RopeScalingConfig
+from moe.hf.families import _require_transformers
 
 # Keys every family may carry that do not change the function the weights compute.
 IGNORED = {"use_cache", "output_router_logits", "pad_token_id", "bos_token_id",
@@ -91,12 +92,7 @@ class HFImportError(ValueError):
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("importing from Hugging Face needs transformers: "
-                          "pip install transformers") from e
-    return transformers
+    return _require_transformers("importing from")
 
 
 def read_hf_config(folder: str | Path):
