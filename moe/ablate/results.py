@@ -165,9 +165,10 @@ def summary_markdown(rows: list[dict], grid_keys: list[str], seeds: int, fixed: 
 
 def noise_lines(rows: list[dict], grid_keys: list[str]) -> list[str]:
     """The noise budget: seed noise (std of the val loss over seeds, mean over grid points)
-    against evaluation noise (the standard error of one run's val loss over its validation
-    batches, mean over runs). Paired differences see less of both: each arm of a pair is
-    evaluated on the same windows, and the seed's share is what pairing cancels."""
+    and the validation set's sampling error (the standard error of one run's val loss over its
+    validation batches, mean over runs: how far these windows' mean may sit from the mean over
+    all windows). Every arm is evaluated on the same windows, so the sampling error is shared
+    and cancels in paired differences: it bounds an absolute val loss, not a comparison."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("final_val_loss") is not None
           and not r.get("same_as")]
     spreads = [mean_std([float(r["final_val_loss"]) for r in g])[1]
@@ -180,8 +181,9 @@ def noise_lines(rows: list[dict], grid_keys: list[str]) -> list[str]:
         parts.append(f"seed noise (std of val loss over seeds, mean over points) "
                      f"{statistics.fmean(spreads):.4f}")
     if se:
-        parts.append(f"evaluation noise (standard error of a run's val loss over its "
-                     f"validation batches, mean over runs) {statistics.fmean(se):.4f}")
+        parts.append(f"validation-set sampling error (standard error of a run's val loss "
+                     f"over its validation batches, mean over runs; shared by every arm, so "
+                     f"it cancels in the paired differences) {statistics.fmean(se):.4f}")
     return ["", "Noise: " + "; ".join(parts) + "."]
 
 
