@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from moe.ablate.claims import CLAIMS, run_claims
+from moe.ablate.sweep import default_jobs
 from moe.config import ConfigError
 
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/claims", help="output folder")
     p.add_argument("--quick", action="store_true",
                    help="a few steps and 2 seeds per claim: checks the machinery only")
-    p.add_argument("--jobs", type=int, default=1, help="grid points trained at once")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="grid points trained at once (default: 2 on 2 cores or more)")
     p.add_argument("--threads-per-job", type=int, default=None,
                    help="torch threads per point (default: the cores over --jobs)")
     p.add_argument("--list", action="store_true", help="list the claims and exit")
@@ -38,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.name:24s} {c.statement} [{c.source}] (~{c.budget_min:g} min)")
         return 0
     try:
-        results = run_claims(args.names or None, args.out, args.quick, args.jobs,
-                             args.threads_per_job)
+        results = run_claims(args.names or None, args.out, args.quick,
+                             args.jobs or default_jobs(), args.threads_per_job)
     except (ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
