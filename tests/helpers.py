@@ -36,6 +36,16 @@ def tiny_model_config(**kw) -> ModelConfig:
     return cfg
 
 
+def dropless_model(seed: int = 0, **kw):
+    """A dropless tiny model in eval mode, max_seq_len 24; init_std 0.2 spreads the logits, so
+    greedy comparisons are not decided by float noise between near-equal tokens."""
+    from moe.model import build_model
+
+    cfg = tiny_model_config(**{"capacity_factor": None, "eval_capacity_factor": None,
+                               "min_capacity": 0, "max_seq_len": 24, "init_std": 0.2, **kw})
+    return build_model(cfg, seed=seed).eval()
+
+
 def build_mesh(tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1):
     """The device mesh the trainer uses for these sizes (needs an initialised process group)."""
     dims = ParallelDims(tp=tp, pp=pp, dp=dp, ep=ep)

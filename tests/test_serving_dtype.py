@@ -9,15 +9,12 @@ from moe.inference import Engine, SamplingParams
 from moe.inference.weights import cast_for_serving, weight_bytes
 from moe.model import build_model
 from moe.model.router import RouterBase
-from tests.helpers import tiny_model_config
+from tests.helpers import dropless_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_model(seed=0, **kw):
-    cfg = tiny_model_config(capacity_factor=None, eval_capacity_factor=None, min_capacity=0,
-                            max_seq_len=24, init_std=0.2, **kw)
-    return build_model(cfg, seed=seed).eval()
+make_model = dropless_model
 
 
 def test_bf16_keeps_routers_and_buffers_in_fp32():
