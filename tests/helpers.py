@@ -46,6 +46,23 @@ def dropless_model(seed: int = 0, **kw):
     return build_model(cfg, seed=seed).eval()
 
 
+def tiny_run_folder(path: Path) -> Path:
+    """A run folder at ``path``: one checkpoint of a tiny random MoE (vocab 320, context 48)
+    and a BPE tokenizer, what the commands taking ``--run`` load."""
+    from moe.checkpoint import save_checkpoint
+    from moe.config import load_config
+    from moe.data import train_bpe
+    from moe.model import build_model
+
+    cfg = load_config(None, ["--model.vocab_size=320", "--model.d_model=32",
+                             "--model.n_layers=2", "--model.n_heads=4", "--model.n_experts=4",
+                             "--model.expert_hidden=32", "--model.max_seq_len=48",
+                             "--data.seq_len=32"])
+    save_checkpoint(path, 1, build_model(cfg.model, seed=0), extra={"config": cfg.to_dict()})
+    train_bpe(["def main():\n    return 0\n"] * 20, 300).save(path / "tokenizer.json")
+    return path
+
+
 def build_mesh(tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1):
     """The device mesh the trainer uses for these sizes (needs an initialised process group)."""
     dims = ParallelDims(tp=tp, pp=pp, dp=dp, ep=ep)

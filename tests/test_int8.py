@@ -16,7 +16,6 @@ from moe.inference.weights import (
     round_to_int8_grid,
     weight_bytes,
 )
-from moe.model import build_model
 from moe.model.int8 import (
     Int8Embedding,
     Int8Experts,
@@ -25,7 +24,7 @@ from moe.model.int8 import (
     quantize_per_channel,
 )
 from moe.model.router import RouterBase
-from tests.helpers import dropless_model
+from tests.helpers import dropless_model, tiny_run_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -193,27 +192,12 @@ def test_export_refuses_an_int8_model():
         check_exportable(cast_for_serving(model, "int8"))
 
 
-def _run_folder(tmp_path):
-    from moe.checkpoint import save_checkpoint
-    from moe.config import load_config
-    from moe.data import train_bpe
-
-    cfg = load_config(None, ["--model.vocab_size=320", "--model.d_model=32",
-                             "--model.n_layers=2", "--model.n_heads=4", "--model.n_experts=4",
-                             "--model.expert_hidden=32", "--model.max_seq_len=48",
-                             "--data.seq_len=32"])
-    run = tmp_path / "run"
-    save_checkpoint(run, 1, build_model(cfg.model, seed=0), extra={"config": cfg.to_dict()})
-    train_bpe(["def main():\n    return 0\n"] * 20, 300).save(run / "tokenizer.json")
-    return run
-
-
 def test_serve_and_generate_take_int8(tmp_path, monkeypatch, capsys):
     import uvicorn
 
     from moe.cli import generate, serve
 
-    run = _run_folder(tmp_path)
+    run = tiny_run_folder(tmp_path / "run")
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
     assert serve.main(["--run", str(run), "--dtype", "int8"]) == 0

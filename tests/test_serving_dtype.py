@@ -7,9 +7,8 @@ import torch
 
 from moe.inference import Engine, SamplingParams
 from moe.inference.weights import cast_for_serving, weight_bytes
-from moe.model import build_model
 from moe.model.router import RouterBase
-from tests.helpers import dropless_model
+from tests.helpers import dropless_model, tiny_run_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,18 +75,9 @@ def test_bf16_greedy_follows_fp32_and_the_router_sees_fp32_logits():
 def test_serve_takes_dtype(tmp_path, monkeypatch):
     import uvicorn
 
-    from moe.checkpoint import save_checkpoint
     from moe.cli import serve
-    from moe.config import load_config
-    from moe.data import train_bpe
 
-    cfg = load_config(None, ["--model.vocab_size=320", "--model.d_model=32",
-                             "--model.n_layers=2", "--model.n_heads=4", "--model.n_experts=4",
-                             "--model.expert_hidden=32", "--model.max_seq_len=48",
-                             "--data.seq_len=32"])
-    run = tmp_path / "run"
-    save_checkpoint(run, 1, build_model(cfg.model, seed=0), extra={"config": cfg.to_dict()})
-    train_bpe(["def main():\n    return 0\n"] * 20, 300).save(run / "tokenizer.json")
+    run = tiny_run_folder(tmp_path / "run")
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
     assert serve.main(["--run", str(run), "--dtype", "bf16"]) == 0

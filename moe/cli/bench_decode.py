@@ -39,6 +39,12 @@ from moe.config import Config, ConfigError
 from moe.inference.weights import SERVING_DTYPES
 
 
+def _machine_line(r: dict) -> str:
+    """The machine, threads and load a result was measured under, as its first line."""
+    return (f"\n{r['machine']}; {r['threads']} threads; 1-min load average "
+            f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Any --section.key=value overrides the config.")
@@ -111,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"\n{r['machine']}; {r['threads']} threads; 1-min load average "
-          f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}")
+    print(_machine_line(r))
     print(f"decode, batch 1 (median of {r['runs']} runs, {r['new_tokens']} new tokens):")
     print(f"  ours           {r['tokens_per_s']:8.1f} tokens/s")
     print(f"  ours, sorted MoE path {r['tokens_per_s_reference']:8.1f} tokens/s")
@@ -245,8 +250,7 @@ def prompt_lookup_main(args: argparse.Namespace, cfg: Config, log) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    print(f"\n{r['machine']}; {r['threads']} threads; 1-min load average "
-          f"{r['loadavg_start']:.1f} -> {r['loadavg_end']:.1f}; median of {r['runs']} runs")
+    print(_machine_line(r) + f"; median of {r['runs']} runs")
     for name in ("plain", "prompt_lookup", "hf", "hf_prompt_lookup"):
         if name in r:
             e = r[name]
