@@ -67,6 +67,7 @@ from moe.checkpoint.load import (
     LoadedModel,
     load_model,
     resolve_checkpoint,
+    saved_config,
 )
 from moe.checkpoint.sharding import model_state, optimizer_state, restore_checkpoint
 from moe.checkpoint.unsharded import consolidate, full_state
@@ -75,4 +76,4 @@ __all__ = ["EXTRA_FILE", "IMPORTED", "MANIFEST_FILE", "CheckpointError", "Loaded
            "check_checkpoint", "checkpoint_dir", "checkpoint_problem", "consolidate", "full_state",
            "is_checkpoint", "latest_checkpoint", "latest_good_checkpoint", "list_checkpoints",
            "load_model", "model_state", "optimizer_state", "read_extra", "resolve_checkpoint",
-           "restore_checkpoint", "save_checkpoint", "UPCYCLED", "WEIGHTS_ONLY"]
+           "restore_checkpoint", "save_checkpoint", "saved_config", "UPCYCLED", "WEIGHTS_ONLY"]

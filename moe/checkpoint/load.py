@@ -18,6 +18,7 @@ from moe.checkpoint.integrity import (
     check_checkpoint,
     is_checkpoint,
     latest_good_checkpoint,
+    read_extra,
 )
 from moe.checkpoint.unsharded import full_state
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from moe.model import Transformer
 
 __all__ = ["IMPORTED", "UPCYCLED", "WEIGHTS_ONLY", "LoadedModel", "load_model",
-           "resolve_checkpoint"]
+           "resolve_checkpoint", "saved_config"]
 
 # Keys of a checkpoint's extra that mark weights written by a tool rather than by training, and
 # name their source: an imported Hugging Face model (moe/hf/import_hf.py; its data section is
@@ -41,6 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository, where training nor
 
 def _is_step_folder(path: Path) -> bool:
     return is_checkpoint(path) or path.name.startswith(("step_", ".tmp_step_", ".old_step_"))
+
+
+def is_consolidated_file(path: str | Path) -> bool:
+    """A file written by scripts/consolidate.py (not a file inside a step folder)."""
+    path = Path(path)
+    return path.is_file() and not _is_step_folder(path.parent)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -81,18 +88,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     ``tokenizer`` is the run folder's tokenizer.json (a consolidated file: the one beside it),
     else the data cache's; None if neither exists.
     """
-    from moe.config import from_dict
     from moe.model import build_model
 
     path = Path(path)
-    if path.is_file() and not _is_step_folder(path.parent):
+    if is_consolidated_file(path):
         checkpoint, state, beside = path, _read_consolidated(path, device), path.parent
     else:
         checkpoint = resolve_checkpoint(path)
         state, beside = full_state(checkpoint, map_location=device), checkpoint.parent.parent
-    cfg = from_dict(state["config"])
-    cfg.data.cache_dir = cache_dir or _cache_dir(cfg.data.cache_dir)
-    cfg.validate()
+    cfg = _config(state["config"], cache_dir)
     if cfg.vision.enabled:  # the text model plus the vision parts (moe/vision/model.py)
         from moe.vision.model import build_vision_model
 
@@ -102,6 +106,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     model.load_state_dict(state["model"], strict=True)
     return LoadedModel(model.eval(), cfg, checkpoint, int(state.get("step", 0)),
                        _tokenizer(cfg, beside))
+
+
+def saved_config(checkpoint: str | Path, cache_dir: str | None = None
+                 ) -> tuple[Config, int, Path | None]:
+    """A step folder's config (``data.cache_dir`` resolved as ``load_model`` does), training
+    step and tokenizer, read without any tensor: what a sharded load needs before it builds
+    its shards (moe/inference/sharded.py)."""
+    checkpoint = Path(checkpoint)
+    extra = read_extra(checkpoint)
+    cfg = _config(extra["config"], cache_dir)
+    return cfg, int(extra.get("step", 0)), _tokenizer(cfg, checkpoint.parent.parent)
+
+
+def _config(raw: dict, cache_dir: str | None) -> Config:
+    from moe.config import from_dict
+
+    cfg = from_dict(raw)
+    cfg.data.cache_dir = cache_dir or _cache_dir(cfg.data.cache_dir)
+    return cfg.validate()
 
 
 def _read_consolidated(path: Path, device) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from moe.config import Config, ConfigError, load_config
 
@@ -35,9 +36,28 @@ def parse_config(argv: list[str] | None = None, description: str = "",
 
 
 def add_model_source(parser: argparse.ArgumentParser) -> None:
-    """``--run`` (required) and ``--checkpoint``: what ``moe.checkpoint.load_model`` loads
-    (``args.checkpoint or args.run``) for the inference commands."""
-    parser.add_argument("--run", required=True,
-                        help="run folder, step folder or consolidated checkpoint file")
-    parser.add_argument("--checkpoint", default=None, help="a step folder or consolidated file "
-                        "(default: the run's newest good checkpoint)")
+    """``--checkpoint`` and ``--run``, either enough: what ``moe.checkpoint.load_model`` loads
+    for the inference commands (read it with ``model_source(args)``). ``--checkpoint`` is the
+    spelling for torchrun, whose own parser takes ``--run`` for its ``--run-path`` ("ambiguous
+    option", even as ``--run=DIR``)."""
+    parser.add_argument("--checkpoint", default=None,
+                        help="run folder (its newest good checkpoint), step folder or "
+                             "consolidated checkpoint file")
+    parser.add_argument("--run", default=None,
+                        help="the same, for one process (torchrun mistakes --run for its "
+                             "own --run-path: use --checkpoint there)")
+
+
+def model_source(args: argparse.Namespace) -> str:
+    """The path ``add_model_source``'s flags name; ValueError (one line) when neither is given
+    or they name different runs (``--run R --checkpoint C`` is allowed for C inside R)."""
+    run, checkpoint = args.run, args.checkpoint
+    if run is None and checkpoint is None:
+        raise ValueError("give --checkpoint PATH (a run folder, a step folder or a "
+                         "consolidated file)")
+    if run is not None and checkpoint is not None:
+        r, c = Path(run).resolve(), Path(checkpoint).resolve()
+        if c != r and r not in c.parents:
+            raise ValueError(f"--run {run} and --checkpoint {checkpoint} name different "
+                             f"checkpoints: give --checkpoint alone")
+    return checkpoint if checkpoint is not None else run

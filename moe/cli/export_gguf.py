@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from moe.checkpoint import CheckpointError
-from moe.cli import add_model_source
+from moe.cli import add_model_source, model_source
 from moe.hf.gguf import DTYPES, ExportError, export_gguf_checkpoint
 
 
@@ -30,9 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokenizer.json (default: the run's, from its folder or data cache)")
     args = parser.parse_args(argv)
     try:
-        out = export_gguf_checkpoint(args.checkpoint or args.run, args.out, args.dtype,
-                                     args.tokenizer)
-    except (ExportError, FileNotFoundError, CheckpointError) as e:
+        out = export_gguf_checkpoint(model_source(args), args.out, args.dtype, args.tokenizer)
+    except (ExportError, FileNotFoundError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}")

@@ -1,13 +1,19 @@
 """Generate text from a trained model, streaming it to the terminal as it is decoded.
 
-    python scripts/generate.py --run runs/tiny --prompt "def " [--prompt "class "]
+    python scripts/generate.py --checkpoint runs/tiny --prompt "def " [--prompt "class "]
         [--prompt-file FILE] [--max-new-tokens 200] [--temperature 0.8] [--top-k 50]
         [--top-p 1.0] [--seed 0] [--ignore-eot] [--batch] [--device auto] [--threads 0]
         [--draft RUN] [--draft-tokens 4] [--prompt-lookup 4] [--dtype fp32|bf16|int8]
-    python scripts/generate.py --run runs/vision_tiny --image shapes.png [--prompt "a"]
+    python scripts/generate.py --checkpoint runs/vision_tiny --image shapes.png [--prompt "a"]
+    torchrun --nproc_per_node=4 scripts/generate.py --checkpoint runs/tiny \
+        --parallel.tp=2 --parallel.pp=2 --temperature 0 --prompt "def "
 
-``--run``: a run folder (its newest good checkpoint), a ``step_*`` folder or a consolidated
-file (``--checkpoint`` names one explicitly). Prompts: each ``--prompt``, and those of
+``--checkpoint``: a run folder (its newest good checkpoint), a ``step_*`` folder or a
+consolidated file (``--run`` is the same, in one process: torchrun takes ``--run`` for its own
+``--run-path``). Under torchrun the model is split by ``--parallel.tp/pp/ep=N`` (their product
+the number of processes), as training splits it, and rank 0 prints exactly what one process
+prints (moe/inference/distributed.py; not with --draft, --prompt-lookup, --image or --dtype
+int8). Prompts: each ``--prompt``, and those of
 ``--prompt-file`` (prompts separated by lines holding only ``---``; ``-`` reads stdin); none
 given: "def ". Generation stops at ``<|endoftext|>`` unless ``--ignore-eot``. Each prompt is
 streamed in turn; ``--batch`` decodes them together (one KV-cache slot each) and prints each
@@ -33,16 +39,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from moe.checkpoint import CheckpointError, load_model
-from moe.cli import add_model_source
+from moe.cli import add_model_source, model_source
 from moe.data import BPETokenizer
 from moe.device import resolve_device, set_threads
 from moe.inference import Engine, SamplingParams
+from moe.inference.distributed import Driver, follow
 from moe.inference.ngram import NgramProposer
+from moe.inference.sharded import is_launched, load_sharded, parallel_settings
 from moe.inference.speculative import SpeculativeDecoder
 from moe.inference.weights import SERVING_DTYPES, cast_for_serving
 
@@ -150,19 +160,27 @@ def caption_main(args: argparse.Namespace, loaded, tokenizer: BPETokenizer,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
     try:
+        parallel = parallel_settings(rest)
+        source = model_source(args)
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p)
         prompts = read_prompts(args)
-        device = resolve_device(args.device)
         if args.draft and args.prompt_lookup is not None:
             raise ValueError("--draft and --prompt-lookup both propose tokens: choose one")
         if args.image and args.dtype != "fp32":
             raise ValueError(f"--dtype {args.dtype} is for KV-cached text decoding; --image "
                              "captions in fp32")
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if is_launched() or parallel.world_size > 1:
+        return sharded_main(args, source, parallel, params, prompts)
+    try:
+        device = resolve_device(args.device)
         set_threads(args.threads)
-        loaded = load_model(args.checkpoint or args.run, device=device)
+        loaded = load_model(source, device=device)
         cast_for_serving(loaded.model, args.dtype)
         spec = None
         if args.prompt_lookup is not None:
@@ -182,15 +200,66 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if loaded.tokenizer is None:
-        print(f"error: no tokenizer.json for {loaded.checkpoint} (neither in its run folder nor "
-              "in its data cache)", file=sys.stderr)
+    tokenizer = _tokenizer(loaded.tokenizer, loaded.checkpoint)
+    if tokenizer is None:
         return 2
-    tokenizer = BPETokenizer.load(loaded.tokenizer)
     if not args.ignore_eot:  # the run's end-of-text (an imported run's is its folder's eos)
         params = dataclasses.replace(params, stop_tokens=(tokenizer.eot_id,))
     if args.image:
         return caption_main(args, loaded, tokenizer, params)
+    return write_generations(args, prompts, params, tokenizer,
+                             lambda n: Engine(loaded.model, n_slots=n), spec)
+
+
+def sharded_main(args: argparse.Namespace, source: str, parallel, params: SamplingParams,
+                 prompts: list[str]) -> int:
+    """Under torchrun: every rank loads its shards of the layout; rank 0 tokenizes, samples
+    and prints exactly what one process prints, the others follow (moe/inference/
+    distributed.py)."""
+    try:
+        for flag, given in (("--draft", args.draft), ("--image", args.image),
+                            ("--prompt-lookup", args.prompt_lookup is not None)):
+            if given:
+                raise ValueError(f"{flag} runs in one process: drop it, or the --parallel.* "
+                                 "layout and torchrun")
+        if args.dtype == "int8":
+            raise ValueError("--dtype int8 runs in one process (its per-channel scales are "
+                             "the whole matrix's): use fp32 or bf16 across ranks")
+        set_threads(args.threads)
+        sharded = load_sharded(source, parallel, args.device, "scripts/generate.py")
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        cast_for_serving(sharded.model.part, args.dtype)
+        if not sharded.is_driver:
+            follow(sharded)
+            return 0
+        with Driver(sharded) as driver:
+            tokenizer = _tokenizer(sharded.tokenizer, sharded.checkpoint)
+            if tokenizer is None:
+                return 2
+            if not args.ignore_eot:
+                params = dataclasses.replace(params, stop_tokens=(tokenizer.eot_id,))
+            return write_generations(args, prompts, params, tokenizer,
+                                     lambda n: driver.engine(n_slots=n), None)
+    finally:
+        dist.destroy_process_group()
+
+
+def _tokenizer(path: Path | None, checkpoint: Path) -> BPETokenizer | None:
+    if path is None:
+        print(f"error: no tokenizer.json for {checkpoint} (neither in its run folder nor "
+              "in its data cache)", file=sys.stderr)
+        return None
+    return BPETokenizer.load(path)
+
+
+def write_generations(args: argparse.Namespace, prompts: list[str], params: SamplingParams,
+                      tokenizer: BPETokenizer, new_engine: Callable[[int], Engine],
+                      spec: SpeculativeDecoder | None) -> int:
+    """Decode every prompt and write it to stdout: streamed one prompt after another, or
+    with ``--batch`` all together, each printed when done. ``new_engine(n_slots)``."""
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
 
     def gen() -> torch.Generator:
@@ -199,14 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     try:
         if args.batch:
-            engine = Engine(loaded.model, n_slots=len(ids))
+            engine = new_engine(len(ids))
             news = engine.generate(ids, params, [gen() for _ in ids])
             for i, (p, new) in enumerate(zip(ids, news)):
                 if len(ids) > 1:
                     out.write(f"=== {i + 1}/{len(ids)}\n")
                 out.write(tokenizer.decode([t for t in p + new if t != tokenizer.eot_id]) + "\n")
             return 0
-        engine = Engine(loaded.model, n_slots=1)
+        engine = new_engine(1)
         for i, p in enumerate(ids):
             if len(ids) > 1:
                 out.write(f"=== {i + 1}/{len(ids)}\n")

@@ -10,8 +10,12 @@ from moe.config import Config, ConfigError
 from moe.parallel.mesh import ParallelDims
 
 
-def init_distributed(cfg: Config):
+def init_distributed(cfg: Config, *, training: bool = True, script: str = "scripts/train.py"):
     """Initialise the process group from torchrun's environment and build the mesh.
+
+    ``training=False`` (inference) checks only what the model split needs
+    (``ParallelDims.validate_layout``), not the training batch; ``script`` is the command the
+    "launch with torchrun" error names.
 
     Returns (dims, device); ``dims.mesh()`` is the device mesh. Without torchrun (no RANK in
     the environment) and all sizes 1, returns (dims, None) with no mesh: single-process.
@@ -29,8 +33,11 @@ def init_distributed(cfg: Config):
         return dims, None
     if not launched:
         raise ConfigError(f"{dims.describe()} needs {dims.world_size} processes: launch with "
-                          f"torchrun --nproc_per_node={dims.world_size} scripts/train.py ...")
-    dims.validate(cfg, world)
+                          f"torchrun --nproc_per_node={dims.world_size} {script} ...")
+    if training:
+        dims.validate(cfg, world)
+    else:
+        dims.validate_layout(cfg, world)
     backend = cfg.parallel.backend
     from moe.device import resolve_device  # cuda without a GPU: a config error, not gloo
 

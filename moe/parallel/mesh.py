@@ -80,11 +80,18 @@ class ParallelDims:
                 f"parallel.ep={self.ep}")
 
     def validate(self, cfg: Config, world_size: int) -> None:
-        """Check the sizes against the world and the model; errors name every size."""
+        """Check the sizes against the world, the model and the training batch; errors name
+        every size."""
+        self.validate_layout(cfg, world_size)
+        self.check_training_batch(cfg)
+
+    def validate_layout(self, cfg: Config, world_size: int) -> None:
+        """The checks a model split needs, training or not (inference runs these alone): the
+        world size, heads, hidden sizes and experts divisible, the pipeline split possible."""
         if self.world_size != world_size:
             raise ConfigError(f"{self.describe()} = {self.world_size}, but the world size is "
                               f"{world_size}: make their product equal the number of processes")
-        m, t = cfg.model, cfg.train
+        m = cfg.model
         if m.n_heads % self.tp:
             raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by parallel.tp="
                               f"{self.tp} ({self.describe()}, world size {world_size})")
@@ -110,7 +117,11 @@ class ParallelDims:
         if self.ep > 1 and n_moe == 0:
             raise ConfigError(f"parallel.ep={self.ep} needs MoE layers (model.moe_every)")
         self.check_pipeline(cfg)
-        g = m.capacity_group_seqs
+
+    def check_training_batch(self, cfg: Config) -> None:
+        """The training batch splits over the data ranks and pipeline micro-batches."""
+        t = cfg.train
+        g = cfg.model.capacity_group_seqs
         if t.batch_size % (self.data_shards * g):
             raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of "
                               f"parallel.dp x parallel.ep = {self.data_shards} times "
