@@ -1,15 +1,20 @@
 """Serve a trained model over an OpenAI-compatible HTTP API (continuous batching).
 
-    python scripts/serve.py --run runs/tiny [--port 8000] [--host 127.0.0.1] [--slots 8]
-        [--model-name NAME] [--checkpoint PATH] [--device auto] [--threads 0]
+    python scripts/serve.py --checkpoint runs/tiny [--port 8000] [--host 127.0.0.1] [--slots 8]
+        [--model-name NAME] [--device auto] [--threads 0]
         [--max-waiting 256] [--request-timeout S] [--chat-template FILE]
         [--dtype fp32|bf16|int8]
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny", "prompt": "def ", "max_tokens": 32, "temperature": 0}'
 
-``--run``: a run folder (its newest good checkpoint), a ``step_*`` folder or a consolidated
-file. The model is served as ``--model-name`` (default: the run folder's name) at
+    torchrun --nproc_per_node=2 scripts/serve.py --checkpoint runs/tiny --parallel.tp=2
+
+``--checkpoint``: a run folder (its newest good checkpoint), a ``step_*`` folder or a
+consolidated file (``--run``: the same, in one process; torchrun takes ``--run`` for its own
+``--run-path``). Under torchrun the model is split by ``--parallel.tp/pp/ep=N`` as training
+splits it: rank 0 serves HTTP and drives the other ranks (moe/inference/distributed.py).
+The model is served as ``--model-name`` (default: the run folder's name) at
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming with ``"stream": true``) and
 listed at ``/v1/models`` (with its context, ``max_model_len``: pass it to lm-eval as
 ``max_length``).
@@ -26,11 +31,15 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from moe.checkpoint import CheckpointError, load_model
-from moe.cli import add_model_source
+from moe.cli import add_model_source, model_source
 from moe.data import BPETokenizer
 from moe.data.chat import load_chat_template
 from moe.device import resolve_device, set_threads
+from moe.inference.distributed import Driver, follow
+from moe.inference.sharded import is_launched, load_sharded, parallel_settings
 from moe.inference.weights import SERVING_DTYPES, cast_for_serving
 
 
@@ -68,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
     if args.draft is not None:
         print("error: --draft: speculative decoding is not yet used with continuous batching; "
               "serve without it", file=sys.stderr)
@@ -82,42 +91,104 @@ def main(argv: list[str] | None = None) -> int:
               "out for no limit)", file=sys.stderr)
         return 2
     try:
+        parallel = parallel_settings(rest)
+        source = model_source(args)
         import uvicorn
 
         from moe.inference.server import build_app
     except ImportError as e:
         print(f"error: {e} (pip install fastapi uvicorn)", file=sys.stderr)
         return 2
+    except ValueError as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if is_launched() or parallel.world_size > 1:
+        return sharded_main(args, source, parallel)
     try:
         device = resolve_device(args.device)
         set_threads(args.threads)
-        loaded = load_model(args.checkpoint or args.run, device=device)
+        loaded = load_model(source, device=device)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if loaded.tokenizer is None:
-        print(f"error: no tokenizer.json for {loaded.checkpoint} (neither in its run folder nor "
-              "in its data cache)", file=sys.stderr)
+    app = _app(args, source, loaded.tokenizer, loaded.checkpoint,
+               lambda: cast_for_serving(loaded.model, args.dtype), build_app)
+    if app is None:
         return 2
-    try:
-        template = load_chat_template(loaded.tokenizer, args.chat_template)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run = Path(args.run)
-    name = args.model_name or (run.stem if run.is_file() else run.resolve().name)
-    try:  # e.g. a model whose routing is not causal: the engine refuses it
-        app = build_app(cast_for_serving(loaded.model, args.dtype),
-                        BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
-                        model_name=name, max_waiting=args.max_waiting,
-                        chat_template=template, request_timeout=args.request_timeout)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"serving {loaded.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
-          f"({args.slots} slots, {device}, {args.dtype})", file=sys.stderr, flush=True)
+    print(f"serving {loaded.checkpoint} as {app.state.server.model_name!r} on "
+          f"http://{args.host}:{args.port}/v1 ({args.slots} slots, {device}, {args.dtype})",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def sharded_main(args: argparse.Namespace, source: str, parallel) -> int:
+    """Under torchrun: every rank loads its shards of the layout; rank 0 serves HTTP and
+    drives the others (moe/inference/distributed.py) until the server stops."""
+    import uvicorn
+
+    from moe.inference.server import build_app
+
+    try:
+        if args.dtype == "int8":
+            raise ValueError("--dtype int8 runs in one process (its per-channel scales are "
+                             "the whole matrix's): use fp32 or bf16 across ranks")
+        set_threads(args.threads)
+        sharded = load_sharded(source, parallel, args.device, "scripts/serve.py")
+    except (ValueError, OSError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        cast_for_serving(sharded.model.part, args.dtype)
+        if not sharded.is_driver:
+            follow(sharded)
+            return 0
+        with Driver(sharded) as driver:
+            app = _app(args, source, sharded.tokenizer, sharded.checkpoint,
+                       lambda: driver.engine(n_slots=args.slots), build_app)
+            if app is None:
+                return 2
+            print(f"serving {sharded.checkpoint} as {app.state.server.model_name!r} on "
+                  f"http://{args.host}:{args.port}/v1 ({args.slots} slots, "
+                  f"{sharded.dims.describe()}, {sharded.device}, {args.dtype})",
+                  file=sys.stderr, flush=True)
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    finally:
+        dist.destroy_process_group()
+
+
+def _app(args: argparse.Namespace, source: str, tokenizer: Path | None, checkpoint: Path,
+         model, build_app):
+    """The app over ``model()`` (a model or an engine), or None after printing the error."""
+    if tokenizer is None:
+        print(f"error: no tokenizer.json for {checkpoint} (neither in its run folder nor "
+              "in its data cache)", file=sys.stderr)
+        return None
+    try:
+        template = load_chat_template(tokenizer, args.chat_template)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    try:  # e.g. a model whose routing is not causal: the engine refuses it
+        return build_app(model(), BPETokenizer.load(tokenizer), n_slots=args.slots,
+                         model_name=args.model_name or served_name(source),
+                         max_waiting=args.max_waiting, chat_template=template,
+                         request_timeout=args.request_timeout)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def served_name(source: str) -> str:
+    """The model id served by default: the run folder's name (of a step folder inside it,
+    too), or a consolidated file's stem."""
+    path = Path(source).resolve()
+    if path.is_file():
+        return path.stem
+    if path.parent.name == "checkpoints":  # <run>/checkpoints/step_*
+        return path.parent.parent.name
+    return path.name
 
 
 if __name__ == "__main__":

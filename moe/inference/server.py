@@ -219,13 +219,15 @@ def _call(notify: Callable[[Update], None], update: Update) -> None:
 class CompletionServer:
     """Request checking, scheduling and response shaping for one model."""
 
-    def __init__(self, model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "moe",
+    def __init__(self, model: nn.Module | Engine, tokenizer, n_slots: int = 8,
+                 model_name: str = "moe",
                  max_len: int | None = None, max_waiting: int = 256,
                  chat_template: str = CHAT_TEMPLATE, request_timeout: float | None = None):
         self.tokenizer, self.model_name = tokenizer, model_name
         self.max_waiting, self.request_timeout = max_waiting, request_timeout
         self.chat_template = chat_template
-        self.engine = Engine(model, n_slots=n_slots, max_len=max_len)
+        self.engine = model if isinstance(model, Engine) else Engine(model, n_slots=n_slots,
+                                                                       max_len=max_len)
         self.loop = EngineLoop(Scheduler(self.engine, detokenize=tokenizer.decode))
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
@@ -447,13 +449,15 @@ def _usage(requests: list[Request], final: dict[int, Update], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
-def build_app(model: nn.Module, tokenizer, n_slots: int = 8, model_name: str = "moe",
+def build_app(model: nn.Module | Engine, tokenizer, n_slots: int = 8, model_name: str = "moe",
               max_len: int | None = None, max_waiting: int = 256,
               chat_template: str = CHAT_TEMPLATE, request_timeout: float | None = None
               ) -> FastAPI:
     """The FastAPI app serving ``model`` (a ``Transformer``) with ``tokenizer`` (a
-    ``BPETokenizer``: encode, decode, eot_id) on ``n_slots`` cache slots. The engine loop
-    starts and stops with the app's lifespan; ``app.state.server`` is the CompletionServer."""
+    ``BPETokenizer``: encode, decode, eot_id) on ``n_slots`` cache slots; ``model`` may be an
+    ``Engine`` already built (its own slots and context: rank 0's ``DistributedEngine`` under
+    torchrun, moe/inference/distributed.py). The engine loop starts and stops with the app's
+    lifespan; ``app.state.server`` is the CompletionServer."""
     server = CompletionServer(model, tokenizer, n_slots, model_name, max_len, max_waiting,
                               chat_template, request_timeout)
 
