@@ -11,9 +11,7 @@ arguments get one-line errors.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -35,6 +33,7 @@ from tests.dist_utils import run_ranks
 from tests.helpers import tiny_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7]]
 
 
@@ -161,3 +160,141 @@ def test_tp2_x_pp2_decode_equal_one_process(runs):
             ("gqa tp2pp2", paths["gqa"], {"tp": 2, "pp": 2})]
     got = run_ranks(_ranks, 4, jobs, timeout_s=300)
     check(got, jobs, want, {"mqa tp2pp2": [1, 1], "gqa tp2pp2": [1, 1]})
+
+
+# --- the commands ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return tiny_run_folder(tmp_path_factory.mktemp("cli") / "run")
+
+
+def _generate(capsys, *argv) -> tuple[int, str, str]:
+    rc = generate_main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_checkpoint_alone_names_the_model_and_run_still_works(tiny_run, capsys):
+    args = ["--prompt", "def ", "--temperature", "0", "--max-new-tokens", "6"]
+    rc, by_checkpoint, err = _generate(capsys, "--checkpoint", tiny_run, *args)
+    assert rc == 0, err
+    step = resolve_checkpoint(tiny_run)
+    for source in (["--run", tiny_run], ["--checkpoint", step],
+                   ["--run", tiny_run, "--checkpoint", step]):  # a step of that run: fine
+        assert _generate(capsys, *source, *args)[:2] == (0, by_checkpoint), source
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "error: give --checkpoint PATH (a run folder, a step folder or a consolidated file)"),
+    (["--run", "{run}", "--checkpoint", "{other}"], "name different checkpoints: give "
+                                                     "--checkpoint alone"),
+    (["--checkpoint", "{run}", "--model.n_heads=2"], "unrecognized argument "
+                                                     "'--model.n_heads=2': an inference "
+                                                     "command takes --parallel.key=value"),
+    (["--checkpoint", "{run}", "--parallel.tp", "2"], "bad override '--parallel.tp': write "
+                                                      "--section.key=value"),
+    (["--checkpoint", "{run}", "--parallel.tp=2"], "needs 2 processes: launch with torchrun "
+                                                   "--nproc_per_node=2 scripts/generate.py"),
+    (["--checkpoint", "{run}", "--parallel.dp=2"], "parallel.dp=2: data-parallel replicas"),
+    (["--checkpoint", "{run}", "--parallel.pp=2", "--parallel.pp_schedule=interleaved_1f1b"],
+     "decoding runs one stage per rank"),
+    (["--checkpoint", "{run}", "--parallel.tp=2", "--prompt-lookup", "4"],
+     "--prompt-lookup runs in one process"),
+    (["--checkpoint", "{run}", "--parallel.tp=2", "--dtype", "int8"],
+     "--dtype int8 runs in one process"),
+])
+def test_bad_model_source_or_layout_is_one_line(tiny_run, tmp_path, capsys, argv, message):
+    assert "RANK" not in os.environ
+    argv = [a.format(run=tiny_run, other=tmp_path) for a in argv]
+    rc, out, err = _generate(capsys, *argv, "--prompt", "x", "--max-new-tokens", "1")
+    assert rc == 2 and out == ""
+    assert message in err and err.count("\n") == 1, err
+
+
+def _documented(page: str, prefix: str) -> list[str]:
+    """The command of docs/<page> that starts with ``prefix``, split as a shell would."""
+    lines = [ln for ln in (ROOT / "docs" / page).read_text().splitlines()
+             if ln.startswith(prefix)]
+    assert lines, f"docs/{page} shows no command starting {prefix!r}"
+    return shlex.split(lines[0].split("  #")[0])
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_documented_torchrun_generate_prints_what_one_process_prints(tiny_run):
+    """docs/inference.md's torchrun command, as typed (the run folder swapped in), against
+    the same command in one process."""
+    cmd = _documented("inference.md", "torchrun --standalone --nproc_per_node=2 "
+                                      "scripts/generate.py")
+    cmd = [str(tiny_run) if a == "runs/tiny" else a for a in cmd]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    dist = subprocess.run([torchrun, *cmd[1:]], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    script = cmd.index("scripts/generate.py")
+    one = subprocess.run([sys.executable, *[a for a in cmd[script:]
+                                            if not a.startswith("--parallel.")]],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert dist.stdout == one.stdout and len(one.stdout) > len("def \n")
+    assert "tensor: tp=2" in dist.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_serve_tp2_answers_as_one_process(tiny_run):
+    """docs/inference.md's moe-serve torchrun command (tp2): an OpenAI client's completion,
+    text and top logprobs, equals the one-process server's."""
+    import openai
+    from fastapi.testclient import TestClient
+
+    from moe.data import BPETokenizer
+    from moe.inference.server import build_app
+
+    cmd = _documented("inference.md", "torchrun --standalone --nproc_per_node=2 "
+                                      "scripts/serve.py")
+    port = _free_port()
+    cmd = [str(tiny_run) if a == "runs/tiny" else a for a in cmd] + ["--port", str(port)]
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    job = subprocess.Popen([torchrun, *cmd[1:]], cwd=ROOT, env=_env(), text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           start_new_session=True)
+    ask = dict(model="run", prompt="def ", max_tokens=10, temperature=0, logprobs=2)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    break
+            except OSError:
+                assert job.poll() is None and time.time() < deadline, job.stdout.read()[-3000:]
+                time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-")
+        got = client.completions.create(**ask).model_dump()["choices"][0]
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        try:
+            job.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    loaded = load_model(tiny_run)
+    app = build_app(loaded.model, BPETokenizer.load(loaded.tokenizer), n_slots=2,
+                    model_name="run")
+    with TestClient(app) as c:
+        want = c.post("/v1/completions", json=ask).json()["choices"][0]
+    assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+    assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+    for a, b in zip(got["logprobs"]["top_logprobs"], want["logprobs"]["top_logprobs"]):
+        assert a.keys() == b.keys()
+        assert all(abs(a[k] - b[k]) < 1e-5 for k in a)
