@@ -12,6 +12,7 @@ arguments get one-line errors.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -184,6 +185,10 @@ def test_checkpoint_alone_names_the_model_and_run_still_works(tiny_run, capsys):
     for source in (["--run", tiny_run], ["--checkpoint", step],
                    ["--run", tiny_run, "--checkpoint", step]):  # a step of that run: fine
         assert _generate(capsys, *source, *args)[:2] == (0, by_checkpoint), source
+    rc, out, err = _generate(capsys, "--checkpoint", tiny_run, *args, "--ignore-eot", "--timing")
+    assert rc == 0 and re.fullmatch(r"\[timing\] \d+\.\d\d ms per decoded token \(median of 1 "
+                                    r"prompts: \d+\.\d\d\); prefill and first token \d+\.\d ms\n",
+                                    err), err
 
 
 @pytest.mark.parametrize("argv,message", [

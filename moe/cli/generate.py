@@ -27,6 +27,8 @@ or output (moe/inference/ngram.py); the same rules as ``--draft``, not with it.
 ``--dtype``: the weights decoding runs with (the target's and the draft's), as ``moe-serve
 --dtype``: bf16, or int8 weight-only with fp32 activations; routers stay fp32
 (moe/inference/weights.py).
+``--timing``: the decode speed on stderr, ms per token after each prompt's first (the prefill
+left out), median over the prompts.
 ``--image PATH`` (a vision run, vision.enabled): caption a PNG / JPEG image (resized to
 vision.image_size) by continuing each prompt (default "a", the start of every caption;
 "q: what colour is the circle? a:" asks a question) after the image, without a KV cache
@@ -38,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=SERVING_DTYPES,
                    help="weights for decoding: bf16 (the KV cache too) or int8 weight-only "
                         "(fp32 activations); the routers stay fp32 (moe/inference/weights.py)")
+    p.add_argument("--timing", action="store_true",
+                   help="print to stderr the ms per decoded token (each prompt after its "
+                        "first token, i.e. without the prefill; streamed mode)")
     p.add_argument("--image", default=None, metavar="PATH",
                    help="caption this image (a vision run): the prompts continue after it")
     return p
@@ -276,6 +283,7 @@ def write_generations(args: argparse.Namespace, prompts: list[str], params: Samp
                 out.write(tokenizer.decode([t for t in p + new if t != tokenizer.eot_id]) + "\n")
             return 0
         engine = new_engine(1)
+        per_token, first = [], []  # seconds per token after the first; prefill + first token
         for i, p in enumerate(ids):
             if len(ids) > 1:
                 out.write(f"=== {i + 1}/{len(ids)}\n")
@@ -286,7 +294,9 @@ def write_generations(args: argparse.Namespace, prompts: list[str], params: Samp
                 steps = ([tok for _, tok in step] for step in engine.stream([p], params, gen()))
             else:
                 steps = spec.stream(p, params, gen())
+            start, stamps = time.perf_counter(), []
             for step in steps:
+                stamps.append((time.perf_counter(), len(step)))
                 for tok in step:
                     if tok in params.stop_tokens:
                         continue
@@ -294,6 +304,15 @@ def write_generations(args: argparse.Namespace, prompts: list[str], params: Samp
                     out.flush()
             out.write(detok.flush() + "\n")
             out.flush()
+            if len(stamps) > 1:
+                first.append(stamps[0][0] - start)
+                per_token.append((stamps[-1][0] - stamps[0][0])
+                                 / sum(n for _, n in stamps[1:]))
+        if args.timing and per_token:
+            print(f"[timing] {statistics.median(per_token) * 1e3:.2f} ms per decoded token "
+                  f"(median of {len(per_token)} prompts: "
+                  f"{', '.join(f'{t * 1e3:.2f}' for t in per_token)}); prefill and first "
+                  f"token {statistics.median(first) * 1e3:.1f} ms", file=sys.stderr)
         if spec is not None and args.prompt_lookup is not None:
             st = spec.stats
             print(f"[prompt lookup] up to {args.prompt_lookup} tokens: acceptance "

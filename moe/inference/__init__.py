@@ -9,6 +9,10 @@
     ngram.py     NgramProposer, propose_ngram: prompt lookup (proposals copied from the context)
     generate.py  generate(model, prompt, ...): the one-call API (imported on its own)
     server.py    the OpenAI-compatible HTTP server (FastAPI; imported on its own, not here)
+    sharded.py   load_sharded: a checkpoint in a tp x pp x ep layout under torchrun, by the
+                 training plan; StagedModel (imported on its own)
+    distributed.py Driver, DistributedEngine, follow: rank 0 drives, the others follow
+                 (imported on its own)
 
 The decode benchmarks live in moe/bench/. The model stays plain PyTorch: the cache is passed
 to ``Transformer.forward(tokens, kv_cache=...)`` and the model never imports this.

@@ -33,6 +33,7 @@ stage sends the logits [B, S, vocab] to rank 0, the only rank that samples.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -143,9 +144,13 @@ def load_sharded(path: str | Path, parallel: ParallelConfig, device: str = "auto
                           f"torchrun)")
     dims, dev = init_distributed(cfg, training=False, script=script)
     model = loaded.model if loaded is not None else build_model(cfg.model, "meta")
-    done = parallelize(model, dims, cfg, dev)
+    done = parallelize(model, dims, cfg, dev, log=False)
     if loaded is None:
         restore_checkpoint(checkpoint, done.parts, None, dims.mesh())
+    if dist.get_rank() == 0:  # the training log's steps, less its gradient reduction
+        steps = [s for s in done.steps if not s.startswith("data:")]
+        print(f"decoding {checkpoint} ({dims.describe()}): {'; '.join(steps)}; weights "
+              f"loaded", file=sys.stderr)
     del loaded, model
     if len(done.parts) != 1:
         raise AssertionError(f"one stage per rank, got stages {done.stage_ids}")
