@@ -3,7 +3,7 @@
     python scripts/serve.py --run runs/tiny [--port 8000] [--host 127.0.0.1] [--slots 8]
         [--model-name NAME] [--checkpoint PATH] [--device auto] [--threads 0]
         [--max-waiting 256] [--request-timeout S] [--chat-template FILE]
-        [--dtype fp32|bf16|int8]
+        [--dtype fp32|bf16|int8] [--draft RUN [--draft-tokens 4] | --prompt-lookup N]
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny", "prompt": "def ", "max_tokens": 32, "temperature": 0}'
@@ -14,9 +14,13 @@ file. The model is served as ``--model-name`` (default: the run folder's name) a
 listed at ``/v1/models`` (with its context, ``max_model_len``: pass it to lm-eval as
 ``max_length``).
 ``--slots``: KV-cache slots, the most requests decoded together; more wait in a queue and are
-admitted as others finish. ``--draft RUN`` (speculative decoding) is not yet used with
-continuous batching (moe/inference/speculative.py decodes one sequence at a time): the server
-refuses to start with it rather than ignore it. Code:
+admitted as others finish. Speculative decoding, exact (greedy: the same tokens; sampled:
+the target's distribution), inside continuous batching (moe/inference/spec_batch.py):
+``--draft RUN`` loads a draft model (same tokenizer; its own cache slots) and every request
+speculates with it, ``--draft-tokens`` per step; ``--prompt-lookup N``: every request
+speculates by prompt lookup, up to N tokens per step. A request's ``speculative`` field
+overrides either (``{"method": "ngram"}`` works without a draft; ``{"method": "none"}``
+turns it off); ``/metrics`` counts proposed and accepted tokens. Code:
 moe/inference/server.py, moe/inference/scheduler.py; installed as the moe-serve command.
 """
 
@@ -27,7 +31,7 @@ import sys
 from pathlib import Path
 
 from moe.checkpoint import CheckpointError, load_model
-from moe.cli import add_model_source
+from moe.cli import add_model_source, add_speculation, load_draft, speculation_of
 from moe.data import BPETokenizer
 from moe.data.chat import load_chat_template
 from moe.device import resolve_device, set_threads
@@ -45,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache slots: requests decoded together (continuous batching)")
     p.add_argument("--model-name", default=None,
                    help="the model id clients send (default: the run folder's name)")
-    p.add_argument("--draft", default=None,
-                   help="draft model for speculative decoding: not yet used with continuous "
-                        "batching (refused)")
+    add_speculation(p)
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests waiting for a slot beyond which new ones get a 429")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -69,10 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.draft is not None:
-        print("error: --draft: speculative decoding is not yet used with continuous batching; "
-              "serve without it", file=sys.stderr)
-        return 2
     if args.slots < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
         print(f"error: --slots {args.slots} must be >= 1, --max-waiting {args.max_waiting} "
               f">= 0 and --port {args.port} in [0, 65535]", file=sys.stderr)
@@ -89,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e} (pip install fastapi uvicorn)", file=sys.stderr)
         return 2
     try:
+        speculation = speculation_of(args)
         device = resolve_device(args.device)
         set_threads(args.threads)
         loaded = load_model(args.checkpoint or args.run, device=device)
+        draft = None if args.draft is None else load_draft(args.draft, loaded, device)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -110,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         app = build_app(cast_for_serving(loaded.model, args.dtype),
                         BPETokenizer.load(loaded.tokenizer), n_slots=args.slots,
                         model_name=name, max_waiting=args.max_waiting,
-                        chat_template=template, request_timeout=args.request_timeout)
+                        chat_template=template, request_timeout=args.request_timeout,
+                        draft_model=None if draft is None else
+                        cast_for_serving(draft, args.dtype), speculation=speculation)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    spec = "" if speculation is None else \
+        f", speculative {speculation.method} up to {speculation.num_tokens} tokens"
     print(f"serving {loaded.checkpoint} as {name!r} on http://{args.host}:{args.port}/v1 "
-          f"({args.slots} slots, {device}, {args.dtype})", file=sys.stderr, flush=True)
+          f"({args.slots} slots, {device}, {args.dtype}{spec})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
