@@ -352,3 +352,20 @@ def test_a_server_without_a_draft_refuses_draft_model_and_defaults_apply():
         assert server.loop.scheduler.spec_stats.target_calls > 0  # the default speculated
     with pytest.raises(ValueError, match="needs a draft_model"):
         build_app(target, tok, speculation=Speculation("draft_model"))
+
+
+def test_the_scheduler_benchmark_section_compares_the_same_tokens(model):
+    """moe/bench/spec_serving.py on the tiny model: the keys the docs' table reads."""
+    from moe.bench.spec_serving import scheduler_prompt_lookup_bench
+
+    prompts = [[7, 8, 9, 7, 8, 9, 7, 8], [1, 2, 3, 4], [5, 5, 5]]
+    r = scheduler_prompt_lookup_bench(model, prompts, new_tokens=8, draft_tokens=3,
+                                      slots=[1, 2], repeats=1)
+    for n in (1, 2):
+        e = r[f"slots_{n}"]
+        assert e["same_tokens"] and e["plain"]["tokens_per_s"] > 0
+        assert e["speedup"] == pytest.approx(e["prompt_lookup"]["tokens_per_s"]
+                                             / e["plain"]["tokens_per_s"])
+        assert e["plain"]["steps"] == 8 * -(-3 // n)  # one token per request per step
+        assert e["prompt_lookup"]["steps"] <= e["plain"]["steps"]
+        assert e["prompt_lookup"]["verifies"] > 0

@@ -23,6 +23,20 @@ sequence's logits (dropless routing, to float noise), each request samples with 
 ``max_len`` tokens). A new request's first token comes from its prefill, in the same step
 where the running ones decode, so admitting never stalls the others for a step.
 
+Speculative decoding (``Request.speculative``, moe/inference/spec_batch.py): a request that
+speculates gets up to ``num_tokens`` proposed tokens per step (prompt lookup, or the
+``draft`` engine's model, which keeps its own cache slot per request), and the step's one
+target forward verifies them beside the other requests' single tokens (rows right-padded,
+``Engine.append``); each row is accepted on its own (``moe.inference.speculative.accept``,
+with the request's generator) and both caches are rolled back to the tokens kept. Several
+tokens may then come in one step; they are appended one by one, so a stop token, a stop string
+or ``max_new_tokens`` inside an accepted run ends the request there and nothing after it is
+emitted, and each token's logprobs are the target's at its position, as a plain step's.
+The proposal is cut to what fits: the cache's room (g + 1 positions; none near the end, where
+the request takes plain steps and, past ``max_len``, slides) and ``max_new_tokens`` (g + 1
+tokens). Greedy gives token for token the output without speculation; sampled, the target's
+distribution (tests/test_speculative_serving.py).
+
 Stop strings need text: with ``detokenize`` (token ids -> str) the scheduler keeps each
 request's ``text`` (the generated tokens decoded, a final stop token left out) and ends the
 request when a stop string appears, cutting ``text`` where it begins (OpenAI's behaviour: the

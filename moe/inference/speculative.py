@@ -46,7 +46,9 @@ Near the end of the context gamma shrinks to fit both caches; with no room left,
 proposed, the token is one plain target step, exactly as the engine alone takes it (past
 ``max_len`` the window slides: a re-prefill per token).
 
-One sequence at a time (batch 1): ``moe.inference.generate.generate`` refuses a batch with a draft.
+``SpeculativeDecoder`` decodes one sequence at a time (``moe.inference.generate.generate``
+refuses a batch with a draft); the continuous-batching scheduler speculates for many requests
+at once with the same ``accept`` (moe/inference/spec_batch.py).
 Routing is dropless: a verify forward is one row of gamma + 1 tokens, and a capacity would
 let those tokens compete for expert slots where single-token decoding never drops.
 """
