@@ -80,6 +80,31 @@ def assert_same_requests(got: list[Request], want: list[Request]):
             assert max(abs(u - v) for (_, u), (_, v) in zip(x.top, y.top)) < 1e-5, a.id
 
 
+def test_engine_append_gives_each_row_its_own_logits_and_groups_what_does_not_fit(model):
+    """Rows of 1 to 5 tokens appended together, one slot too full for the widest row's width
+    (a second forward): each row's logits equal a full forward of its whole sequence, and
+    each slot grows by its own row."""
+    engine = Engine(model, 3)
+    seqs = [[1, 2, 3], list(range(2, 24)), [9]]  # slot 1 holds 22 of max_len 24
+    engine.prefill([0, 1, 2], seqs)
+    rows = [[4, 5, 6, 7, 8], [10], [11, 12]]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[1]))
+    try:
+        out = engine.append([0, 1, 2], rows)
+    finally:
+        hook.remove()
+    assert sorted(calls) == [1, 5]  # slot 1 could not pad to 5: a forward of its own
+    for b, (seq, row) in enumerate(zip(seqs, rows)):
+        full = model(torch.tensor([seq + row]))[0, len(seq):]
+        torch.testing.assert_close(out[b], full, atol=1e-5, rtol=1e-5)
+        assert engine.length(b) == len(seq) + len(row)
+    with pytest.raises(ValueError, match="one non-empty row per slot"):
+        engine.append([0], [[]])
+    with pytest.raises(ValueError, match="exceed the cache's max_len=24"):
+        engine.append([1], [[1, 2]])
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_greedy_mix_equals_the_scheduler_without_speculation(model, method):
     plain, _ = run_all(model, None)
