@@ -10,7 +10,8 @@ together, against the target's filtered distributions (chi-square, with the powe
 the draft's distribution); a seeded request draws the same tokens alone or beside others.
 Rollback: after every step both caches hold exactly the context but its last token. The HTTP
 server with the openai client: a speculating greedy request equals the same without, streamed
-or not; bad ``speculative`` fields get a 400; /metrics counts proposed and accepted tokens.
+or not; bad ``speculative`` fields get a 400; /metrics counts proposed and accepted tokens;
+a speculating request past the timeout frees its slot in both engines.
 """
 
 import copy
@@ -395,3 +396,36 @@ def test_the_scheduler_benchmark_section_compares_the_same_tokens(model):
         assert e["plain"]["steps"] == 8 * -(-3 // n)  # one token per request per step
         assert e["prompt_lookup"]["steps"] <= e["plain"]["steps"]
         assert e["prompt_lookup"]["verifies"] > 0
+
+
+def test_a_speculating_request_past_the_timeout_frees_its_slot_in_both_engines():
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from moe.data import train_bpe
+    from moe.inference.server import build_app
+
+    tok = train_bpe(["def main(argv):\n    return 0\n"] * 20, 300)
+    target = dropless_model(vocab_size=320, max_seq_len=48)
+    app = build_app(target, tok, n_slots=1, model_name="tiny", request_timeout=0.5,
+                    draft_model=noisy_copy(target, 0.02))
+    sched = app.state.server.loop.scheduler
+    step = sched.step
+
+    def slow_step():  # 40 tokens in at most 5 a step: >= 8 steps, 1.6 s, past the limit
+        time.sleep(0.2)
+        return step()
+
+    sched.step = slow_step
+    body = {"model": "tiny", "prompt": "def ", "max_tokens": 40, "temperature": 0,
+            "ignore_eos": True, "speculative": {"method": "draft_model"}}
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        deadline = time.time() + 5
+        while (sched.running or sched.queue) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not sched.running and sched.free == [0]
+        assert sched.engine.length(0) == 0 and sched.draft.length(0) == 0
+        assert sched.spec_stats.target_calls > 0  # it did speculate before it was cut off
