@@ -429,3 +429,14 @@ def test_a_speculating_request_past_the_timeout_frees_its_slot_in_both_engines()
         assert not sched.running and sched.free == [0]
         assert sched.engine.length(0) == 0 and sched.draft.length(0) == 0
         assert sched.spec_stats.target_calls > 0  # it did speculate before it was cut off
+
+
+@pytest.mark.parametrize("argv", [["--scheduler-slots", "1,4"],
+                                  ["--prompt-lookup", "4", "--scheduler-slots", "0"],
+                                  ["--prompt-lookup", "4", "--scheduler-slots", "a"]])
+def test_the_benchmark_command_refuses_bad_scheduler_slots(argv, capsys):
+    from moe.cli.bench_decode import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "--scheduler-slots takes slot counts" in capsys.readouterr().err

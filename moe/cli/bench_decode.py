@@ -93,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_tokens = 256 if lookup else 32
     if args.new_tokens is None:
         args.new_tokens = 160 if lookup else 224
+    if args.scheduler_slots is not None:
+        try:
+            args.scheduler_slots = [int(x) for x in args.scheduler_slots.split(",") if x]
+        except ValueError:
+            args.scheduler_slots = []
+        if not lookup or not args.scheduler_slots or min(args.scheduler_slots) < 1:
+            p.error("--scheduler-slots takes slot counts >= 1, comma-separated (e.g. 1,4), "
+                    "with --prompt-lookup N")
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} "
@@ -282,14 +290,7 @@ def scheduler_main(args: argparse.Namespace, model, prompts, names, threads: int
     from moe.bench.decode import _loadavg, _machine
     from moe.bench.spec_serving import scheduler_prompt_lookup_bench
 
-    try:
-        slots = [int(x) for x in args.scheduler_slots.split(",") if x]
-        if not slots or min(slots) < 1:
-            raise ValueError
-    except ValueError:
-        print(f"error: --scheduler-slots {args.scheduler_slots!r}: give slot counts >= 1, "
-              "comma-separated (e.g. 1,4)", file=sys.stderr)
-        return 2
+    slots = args.scheduler_slots  # checked in main
     r = {"machine": _machine(), "threads": threads, "loadavg_start": _loadavg(),
          "target": args.target, "files": names}
     if log:
