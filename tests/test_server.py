@@ -236,7 +236,16 @@ def test_the_command_serves_a_run_folder(served, monkeypatch):
         r = c.post("/v1/completions", json={"model": "run", "prompt": "def ", "max_tokens": 5,
                                             "temperature": 0}).json()
     assert r["choices"][0]["text"] == alone(model, tok, "def ", 5)[0]
-    assert serve.main(["--run", str(run), "--draft", str(run)]) == 2  # refused, not ignored
+    # Speculative: the run as its own draft, then prompt lookup; greedy text unchanged.
+    for extra in (["--draft", str(run), "--draft-tokens", "3"], ["--prompt-lookup", "2"]):
+        assert serve.main(["--run", str(run), "--slots", "2", *extra]) == 0
+        with TestClient(seen["app"]) as c:
+            r = c.post("/v1/completions", json={"model": "run", "prompt": "def ",
+                                                "max_tokens": 5, "temperature": 0}).json()
+        assert r["choices"][0]["text"] == alone(model, tok, "def ", 5)[0], extra
+        assert seen["app"].state.server.speculation.num_tokens == int(extra[-1])
+    for bad in (["--draft", str(run), "--prompt-lookup", "2"], ["--prompt-lookup", "0"]):
+        assert serve.main(["--run", str(run), *bad]) == 2, bad
     assert serve.main(["--run", str(run.parent / "missing")]) == 2
 
 

@@ -267,8 +267,8 @@ def test_speculative_bench_section_keys():
 
 def test_generate_command_with_draft(tmp_path, capsys):
     """moe-generate --draft RUN and --prompt-lookup N: greedy prints what the target alone
-    prints; the rates go to stderr; a draft with another tokenizer, --batch, or both ways at
-    once, is one line and exit 2."""
+    prints, with --batch too (through the scheduler); the rates go to stderr; a draft with
+    another tokenizer, both ways at once, or a size past 16, is one line and exit 2."""
     from moe.checkpoint import save_checkpoint
     from moe.cli.generate import main
     from moe.config import load_config
@@ -295,16 +295,28 @@ def test_generate_command_with_draft(tmp_path, capsys):
     assert main(args + ["--draft", str(runs["draft"]), "--draft-tokens", "3"]) == 0
     out = capsys.readouterr()
     assert out.out == alone and "[speculative] 3 draft tokens: acceptance" in out.err
-    assert main(args + ["--draft", str(runs["draft"]), "--batch"]) == 2
-    assert "drop --batch" in capsys.readouterr().err
+    # --batch: two prompts through the scheduler, one target forward per step: the same
+    # text as --batch without a draft, and the rates on stderr.
+    two = args + ["--prompt", "class ", "--batch"]
+    assert main(two) == 0
+    batch_alone = capsys.readouterr().out
+    assert main(two + ["--draft", str(runs["draft"]), "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == batch_alone and "[speculative, batch] draft_model up to 3" in out.err
+    assert main(two + ["--prompt-lookup", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == batch_alone and "[speculative, batch] ngram up to 3" in out.err
     assert main(args + ["--prompt-lookup", "3"]) == 0
     out = capsys.readouterr()
     assert out.out == alone and "[prompt lookup] up to 3 tokens: acceptance" in out.err
-    for extra, match in ((["--batch"], "drop --batch"),
-                         (["--draft", str(runs["draft"])], "choose one")):
+    for extra, match in ((["--draft", str(runs["draft"])], "choose one"),
+                         (["--draft", str(runs["draft"]), "--batch"], "choose one")):
         assert main(args + ["--prompt-lookup", "3", *extra]) == 2
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, err
+    assert main(args + ["--prompt-lookup", "17", "--batch"]) == 2
+    err = capsys.readouterr().err
+    assert "--prompt-lookup 17: num_tokens=17 must be an integer in [1, 16]" in err, err
     train_bpe(["zzz yyy, xxx\n"] * 20, 300).save(runs["draft"] / "tokenizer.json")
     assert main(args + ["--draft", str(runs["draft"])]) == 2
     err = capsys.readouterr().err

@@ -61,3 +61,48 @@ def model_source(args: argparse.Namespace) -> str:
             raise ValueError(f"--run {run} and --checkpoint {checkpoint} name different "
                              f"checkpoints: give --checkpoint alone")
     return checkpoint if checkpoint is not None else run
+
+
+def add_speculation(parser: argparse.ArgumentParser) -> None:
+    """``--draft RUN``, ``--draft-tokens N`` and ``--prompt-lookup N``: speculative decoding
+    (moe/inference/spec_batch.py) for moe-generate and moe-serve."""
+    parser.add_argument("--draft", default=None, metavar="RUN",
+                        help="speculative decoding: a draft model's run, step folder or file "
+                             "(the target's tokenizer)")
+    parser.add_argument("--draft-tokens", type=int, default=4,
+                        help="tokens the draft proposes per target call (with --draft)")
+    parser.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                        help="speculative decoding by prompt lookup: up to N tokens per target "
+                             "call")
+
+
+def speculation_of(args: argparse.Namespace):
+    """The ``Speculation`` that --draft / --draft-tokens / --prompt-lookup ask for (None:
+    none); ValueError naming the flag for a bad combination or size."""
+    from moe.inference.spec_batch import Speculation
+
+    if args.draft is not None and args.prompt_lookup is not None:
+        raise ValueError("--draft and --prompt-lookup both propose tokens: choose one")
+    flag, spec = ("--draft-tokens", ("draft_model", args.draft_tokens)) if args.draft else \
+        ("--prompt-lookup", ("ngram", args.prompt_lookup))
+    if args.draft is None and args.prompt_lookup is None:
+        return None
+    try:
+        return Speculation(*spec)
+    except ValueError as e:
+        raise ValueError(f"{flag} {spec[1]}: {e}") from None
+
+
+def load_draft(source: str, target, device):
+    """The draft model of ``source``; ValueError if its tokenizer differs from the target's
+    (``target``: the target's ``moe.checkpoint.load_model`` result)."""
+    from pathlib import Path
+
+    from moe.checkpoint import load_model
+
+    draft = load_model(source, device=device)
+    if target.tokenizer and draft.tokenizer and \
+            Path(target.tokenizer).read_bytes() != Path(draft.tokenizer).read_bytes():
+        raise ValueError(f"the draft's tokenizer {draft.tokenizer} differs from the "
+                         f"target's {target.tokenizer}")
+    return draft.model

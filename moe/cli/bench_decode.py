@@ -18,7 +18,9 @@ moe/bench/speculative.py).
 RUN's model (a run of the built-in corpus) continues prompts cut from the validation split's
 Python files, greedy, plain and with up to N tokens looked up per target call, ours and
 Hugging Face's (moe/bench/prompt_lookup.py); --prompt-tokens and --new-tokens default to 256
-and 160 there.
+and 160 there. ``--scheduler-slots 1,4`` runs instead the same workload through the
+continuous-batching scheduler, plain and with every request speculating by prompt lookup, at
+each number of slots (moe/bench/spec_serving.py).
 
     python scripts/bench_decode.py --quality RUN [RUN ...] [--windows 256] [--dtypes bf16,int8]
 
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="only prompt lookup on code completion, N tokens per target call "
                         "(with --target)")
     p.add_argument("--max-ngram", type=int, default=3, help="prompt lookup's longest n-gram")
+    p.add_argument("--scheduler-slots", default=None, metavar="N,N",
+                   help="with --prompt-lookup: the workload through the continuous-batching "
+                        "scheduler at these slot counts instead (e.g. 1,4)")
     p.add_argument("--code-prompts", type=int, default=8,
                    help="validation files prompted in the prompt-lookup section")
     p.add_argument("--dtypes", default=",".join(SERVING_DTYPES),
@@ -88,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_tokens = 256 if lookup else 32
     if args.new_tokens is None:
         args.new_tokens = 160 if lookup else 224
+    if args.scheduler_slots is not None:
+        try:
+            args.scheduler_slots = [int(x) for x in args.scheduler_slots.split(",") if x]
+        except ValueError:
+            args.scheduler_slots = []
+        if not lookup or not args.scheduler_slots or min(args.scheduler_slots) < 1:
+            p.error("--scheduler-slots takes slot counts >= 1, comma-separated (e.g. 1,4), "
+                    "with --prompt-lookup N")
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         p.error(f"unrecognised arguments: {' '.join(bad)} "
@@ -226,6 +239,8 @@ def prompt_lookup_main(args: argparse.Namespace, cfg: Config, log) -> int:
         threads = set_threads(cfg.train.threads)
         model, prompts, names = load_code_workload(args.target, args.code_prompts,
                                                    args.prompt_tokens, args.new_tokens)
+        if args.scheduler_slots is not None:
+            return scheduler_main(args, model, prompts, names, threads, log)
         hf_model = None
         if not args.no_hf:
             import warnings
@@ -267,6 +282,35 @@ def prompt_lookup_main(args: argparse.Namespace, cfg: Config, log) -> int:
               f"lookup / HF plain {r['hf_prompt_lookup_speedup']:.2f}x; HF plain = ours: "
               f"{r['hf_same_tokens']}, HF prompt lookup = HF plain: "
               f"{r['hf_prompt_lookup_same_tokens']}")
+    return 0
+
+
+def scheduler_main(args: argparse.Namespace, model, prompts, names, threads: int, log) -> int:
+    """--prompt-lookup N --scheduler-slots 1,4: prompt lookup in the continuous batcher."""
+    from moe.bench.decode import _loadavg, _machine
+    from moe.bench.spec_serving import scheduler_prompt_lookup_bench
+
+    slots = args.scheduler_slots  # checked in main
+    r = {"machine": _machine(), "threads": threads, "loadavg_start": _loadavg(),
+         "target": args.target, "files": names}
+    if log:
+        log(f"prompt lookup in the scheduler: {len(prompts)} prompts of {args.prompt_tokens} "
+            f"tokens, {args.new_tokens} new tokens, {args.prompt_lookup} per step, slots "
+            f"{slots}, {threads} threads")
+    r.update(scheduler_prompt_lookup_bench(model, prompts, args.new_tokens, args.prompt_lookup,
+                                           slots, args.repeats, args.max_ngram, log=log))
+    r["loadavg_end"] = _loadavg()
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(_machine_line(r) + f"; median of {r['runs']} runs")
+    for n in slots:
+        e = r[f"slots_{n}"]
+        pl = e["prompt_lookup"]
+        print(f"  {n} slots: plain {e['plain']['tokens_per_s']:7.1f} tokens/s, prompt lookup "
+              f"{pl['tokens_per_s']:7.1f} ({e['speedup']:.2f}x; acceptance "
+              f"{pl['acceptance_rate']:.3f}, {pl['tokens_per_verify']:.2f} tokens per verify, "
+              f"steps {pl['steps']} vs {e['plain']['steps']}); same tokens: {e['same_tokens']}")
     return 0
 
 

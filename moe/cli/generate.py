@@ -19,11 +19,13 @@ given: "def ". Generation stops at ``<|endoftext|>`` unless ``--ignore-eot``. Ea
 streamed in turn; ``--batch`` decodes them together (one KV-cache slot each) and prints each
 when done: the same tokens, as every prompt draws from its own generator seeded ``--seed``.
 ``--temperature 0`` is greedy. ``--draft RUN``: speculative decoding with that run's model as
-the draft (same tokenizer; ``--draft-tokens`` drafted per target call; one prompt at a time,
-so not with ``--batch``): greedy gives the same text as without it; the acceptance rate goes
-to stderr. ``--prompt-lookup N``: speculative decoding with no draft model, up to N tokens
-copied per target call from what followed the last tokens' previous occurrence in the prompt
-or output (moe/inference/ngram.py); the same rules as ``--draft``, not with it.
+the draft (same tokenizer; ``--draft-tokens`` drafted per target call, at most 16): greedy
+gives the same text as without it; the acceptance rate goes to stderr. ``--prompt-lookup N``:
+speculative decoding with no draft model, up to N tokens copied per target call from what
+followed the last tokens' previous occurrence in the prompt or output (moe/inference/ngram.py);
+the same rules as ``--draft``, not with it. With ``--batch`` either speculates inside the
+continuous-batching scheduler, all prompts verified in one target forward per step
+(moe/inference/spec_batch.py): the same text as ``--batch`` without it, greedy.
 ``--dtype``: the weights decoding runs with (the target's and the draft's), as ``moe-serve
 --dtype``: bf16, or int8 weight-only with fp32 activations; routers stay fp32
 (moe/inference/weights.py).
@@ -50,13 +52,14 @@ import torch
 import torch.distributed as dist
 
 from moe.checkpoint import CheckpointError, load_model
-from moe.cli import add_model_source, model_source
+from moe.cli import add_model_source, add_speculation, load_draft, model_source, speculation_of
 from moe.data import BPETokenizer
 from moe.device import resolve_device, set_threads
-from moe.inference import Engine, SamplingParams
+from moe.inference import Engine, Request, SamplingParams, Scheduler
 from moe.inference.distributed import Driver, follow
 from moe.inference.ngram import NgramProposer
 from moe.inference.sharded import is_launched, load_sharded, parallel_settings
+from moe.inference.spec_batch import Speculation
 from moe.inference.speculative import SpeculativeDecoder
 from moe.inference.weights import SERVING_DTYPES, cast_for_serving
 
@@ -119,12 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode all prompts together; print each when done")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--draft", default=None, metavar="RUN",
-                   help="speculative decoding: a draft model's run, step folder or file")
-    p.add_argument("--draft-tokens", type=int, default=4,
-                   help="tokens the draft proposes per target call (with --draft)")
-    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
-                   help="speculative decoding by prompt lookup: up to N tokens per target call")
+    add_speculation(p)
     p.add_argument("--dtype", default="fp32", choices=SERVING_DTYPES,
                    help="weights for decoding: bf16 (the KV cache too) or int8 weight-only "
                         "(fp32 activations); the routers stay fp32 (moe/inference/weights.py)")
@@ -166,6 +164,22 @@ def caption_main(args: argparse.Namespace, loaded, tokenizer: BPETokenizer,
     return 0
 
 
+def batch_generate(new_engine: Callable[[int], Engine], draft, prompts: list[list[int]],
+                   params: SamplingParams, seed: int, speculation: Speculation | None
+                   ) -> tuple[list[list[int]], object]:
+    """--batch: the prompts decoded together, each from its own generator seeded ``seed``;
+    with speculation through the continuous-batching scheduler (every prompt speculates, in
+    one target forward per step); returns (new tokens per prompt, the speculative stats or
+    None). ``new_engine(n_slots)``."""
+    engine = new_engine(len(prompts))
+    if speculation is None:
+        gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+        return engine.generate(prompts, params, gens), None
+    sched = Scheduler(engine, draft=None if draft is None else Engine(draft, len(prompts)))
+    news = sched.run([Request(p, params, seed=seed, speculative=speculation) for p in prompts])
+    return news, sched.spec_stats
+
+
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
@@ -174,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p)
         prompts = read_prompts(args)
-        if args.draft and args.prompt_lookup is not None:
-            raise ValueError("--draft and --prompt-lookup both propose tokens: choose one")
+        speculation = speculation_of(args)
         if args.image and args.dtype != "fp32":
             raise ValueError(f"--dtype {args.dtype} is for KV-cached text decoding; --image "
                              "captions in fp32")
@@ -189,21 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         loaded = load_model(source, device=device)
         cast_for_serving(loaded.model, args.dtype)
-        spec = None
-        if args.prompt_lookup is not None:
-            if args.batch:
-                raise ValueError("--prompt-lookup decodes one prompt at a time: drop --batch")
-            spec = SpeculativeDecoder(loaded.model, NgramProposer(), args.prompt_lookup)
+        draft = None
         if args.draft:
-            if args.batch:
-                raise ValueError("--draft decodes one prompt at a time: drop --batch")
-            draft = load_model(args.draft, device=device)
-            if loaded.tokenizer and draft.tokenizer and \
-                    Path(loaded.tokenizer).read_bytes() != Path(draft.tokenizer).read_bytes():
-                raise ValueError(f"the draft's tokenizer {draft.tokenizer} differs from the "
-                                 f"target's {loaded.tokenizer}")
-            spec = SpeculativeDecoder(loaded.model, cast_for_serving(draft.model, args.dtype),
-                                      args.draft_tokens)
+            draft = cast_for_serving(load_draft(args.draft, loaded, device), args.dtype)
+        spec = None
+        if speculation is not None and not args.batch:
+            spec = SpeculativeDecoder(loaded.model, NgramProposer(speculation.max_ngram,
+                                                                  speculation.min_ngram)
+                                      if draft is None else draft, speculation.num_tokens)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image:
         return caption_main(args, loaded, tokenizer, params)
     return write_generations(args, prompts, params, tokenizer,
-                             lambda n: Engine(loaded.model, n_slots=n), spec)
+                             lambda n: Engine(loaded.model, n_slots=n), spec, draft, speculation)
 
 
 def sharded_main(args: argparse.Namespace, source: str, parallel, params: SamplingParams,
@@ -264,9 +270,11 @@ def _tokenizer(path: Path | None, checkpoint: Path) -> BPETokenizer | None:
 
 def write_generations(args: argparse.Namespace, prompts: list[str], params: SamplingParams,
                       tokenizer: BPETokenizer, new_engine: Callable[[int], Engine],
-                      spec: SpeculativeDecoder | None) -> int:
-    """Decode every prompt and write it to stdout: streamed one prompt after another, or
-    with ``--batch`` all together, each printed when done. ``new_engine(n_slots)``."""
+                      spec: SpeculativeDecoder | None, draft=None,
+                      speculation: Speculation | None = None) -> int:
+    """Decode every prompt and write it to stdout: streamed one prompt after another (through
+    ``spec`` if given), or with ``--batch`` all together, each printed when done (speculating
+    by ``speculation`` with the ``draft`` model if given). ``new_engine(n_slots)``."""
     ids = [tokenizer.encode(p) or [tokenizer.eot_id] for p in prompts]
 
     def gen() -> torch.Generator:
@@ -275,12 +283,16 @@ def write_generations(args: argparse.Namespace, prompts: list[str], params: Samp
     out = sys.stdout
     try:
         if args.batch:
-            engine = new_engine(len(ids))
-            news = engine.generate(ids, params, [gen() for _ in ids])
+            news, stats = batch_generate(new_engine, draft, ids, params, args.seed, speculation)
             for i, (p, new) in enumerate(zip(ids, news)):
                 if len(ids) > 1:
                     out.write(f"=== {i + 1}/{len(ids)}\n")
                 out.write(tokenizer.decode([t for t in p + new if t != tokenizer.eot_id]) + "\n")
+            if stats is not None:
+                print(f"[speculative, batch] {speculation.method} up to "
+                      f"{speculation.num_tokens} tokens: acceptance {stats.acceptance_rate:.2f}"
+                      f", {stats.tokens_per_target_call:.2f} tokens per verify, "
+                      f"{stats.plain_calls} plain steps", file=sys.stderr)
             return 0
         engine = new_engine(1)
         per_token, first = [], []  # seconds per token after the first; prefill + first token

@@ -3,7 +3,7 @@
     python scripts/serve.py --checkpoint runs/tiny [--port 8000] [--host 127.0.0.1] [--slots 8]
         [--model-name NAME] [--device auto] [--threads 0]
         [--max-waiting 256] [--request-timeout S] [--chat-template FILE]
-        [--dtype fp32|bf16|int8]
+        [--dtype fp32|bf16|int8] [--draft RUN [--draft-tokens 4] | --prompt-lookup N]
 
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "tiny", "prompt": "def ", "max_tokens": 32, "temperature": 0}'
@@ -19,9 +19,13 @@ The model is served as ``--model-name`` (default: the run folder's name) at
 listed at ``/v1/models`` (with its context, ``max_model_len``: pass it to lm-eval as
 ``max_length``).
 ``--slots``: KV-cache slots, the most requests decoded together; more wait in a queue and are
-admitted as others finish. ``--draft RUN`` (speculative decoding) is not yet used with
-continuous batching (moe/inference/speculative.py decodes one sequence at a time): the server
-refuses to start with it rather than ignore it. Code:
+admitted as others finish. Speculative decoding, exact (greedy: the same tokens; sampled:
+the target's distribution), inside continuous batching (moe/inference/spec_batch.py):
+``--draft RUN`` loads a draft model (same tokenizer; its own cache slots) and every request
+speculates with it, ``--draft-tokens`` per step; ``--prompt-lookup N``: every request
+speculates by prompt lookup, up to N tokens per step. A request's ``speculative`` field
+overrides either (``{"method": "ngram"}`` works without a draft; ``{"method": "none"}``
+turns it off); ``/metrics`` counts proposed and accepted tokens (one process only). Code:
 moe/inference/server.py, moe/inference/scheduler.py; installed as the moe-serve command.
 """
 
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from moe.checkpoint import CheckpointError, load_model
-from moe.cli import add_model_source, model_source
+from moe.cli import add_model_source, add_speculation, load_draft, model_source, speculation_of
 from moe.data import BPETokenizer
 from moe.data.chat import load_chat_template
 from moe.device import resolve_device, set_threads
@@ -54,9 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache slots: requests decoded together (continuous batching)")
     p.add_argument("--model-name", default=None,
                    help="the model id clients send (default: the run folder's name)")
-    p.add_argument("--draft", default=None,
-                   help="draft model for speculative decoding: not yet used with continuous "
-                        "batching (refused)")
+    add_speculation(p)
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests waiting for a slot beyond which new ones get a 429")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -78,10 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
-    if args.draft is not None:
-        print("error: --draft: speculative decoding is not yet used with continuous batching; "
-              "serve without it", file=sys.stderr)
-        return 2
     if args.slots < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
         print(f"error: --slots {args.slots} must be >= 1, --max-waiting {args.max_waiting} "
               f">= 0 and --port {args.port} in [0, 65535]", file=sys.stderr)
@@ -105,18 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     if is_launched() or parallel.world_size > 1:
         return sharded_main(args, source, parallel)
     try:
+        speculation = speculation_of(args)
         device = resolve_device(args.device)
         set_threads(args.threads)
         loaded = load_model(source, device=device)
+        draft = None if args.draft is None else \
+            cast_for_serving(load_draft(args.draft, loaded, device), args.dtype)
     except (ValueError, OSError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = _app(args, source, loaded.tokenizer, loaded.checkpoint,
-               lambda: cast_for_serving(loaded.model, args.dtype), build_app)
+               lambda: cast_for_serving(loaded.model, args.dtype), build_app,
+               draft_model=draft, speculation=speculation)
     if app is None:
         return 2
+    spec = "" if speculation is None else \
+        f", speculative {speculation.method} up to {speculation.num_tokens} tokens"
     print(f"serving {loaded.checkpoint} as {app.state.server.model_name!r} on "
-          f"http://{args.host}:{args.port}/v1 ({args.slots} slots, {device}, {args.dtype})",
+          f"http://{args.host}:{args.port}/v1 ({args.slots} slots, {device}, {args.dtype}{spec})",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -130,6 +134,11 @@ def sharded_main(args: argparse.Namespace, source: str, parallel) -> int:
     from moe.inference.server import build_app
 
     try:
+        for flag, given in (("--draft", args.draft),
+                            ("--prompt-lookup", args.prompt_lookup is not None)):
+            if given:
+                raise ValueError(f"{flag} runs in one process: drop it, or the --parallel.* "
+                                 "layout and torchrun")
         if args.dtype == "int8":
             raise ValueError("--dtype int8 runs in one process (its per-channel scales are "
                              "the whole matrix's): use fp32 or bf16 across ranks")
@@ -159,8 +168,9 @@ def sharded_main(args: argparse.Namespace, source: str, parallel) -> int:
 
 
 def _app(args: argparse.Namespace, source: str, tokenizer: Path | None, checkpoint: Path,
-         model, build_app):
-    """The app over ``model()`` (a model or an engine), or None after printing the error."""
+         model, build_app, **speculative):
+    """The app over ``model()`` (a model or an engine), or None after printing the error.
+    ``speculative``: build_app's ``draft_model`` and ``speculation``."""
     if tokenizer is None:
         print(f"error: no tokenizer.json for {checkpoint} (neither in its run folder nor "
               "in its data cache)", file=sys.stderr)
@@ -174,7 +184,7 @@ def _app(args: argparse.Namespace, source: str, tokenizer: Path | None, checkpoi
         return build_app(model(), BPETokenizer.load(tokenizer), n_slots=args.slots,
                          model_name=args.model_name or served_name(source),
                          max_waiting=args.max_waiting, chat_template=template,
-                         request_timeout=args.request_timeout)
+                         request_timeout=args.request_timeout, **speculative)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return None

@@ -7,6 +7,8 @@
     speculative.py SpeculativeDecoder (a proposer guesses, the target verifies), DraftModel,
                  verify, stats
     ngram.py     NgramProposer, propose_ngram: prompt lookup (proposals copied from the context)
+    spec_batch.py Speculation (a request's speculative decoding), propose_batch: speculation
+                 inside the scheduler's continuous batching
     generate.py  generate(model, prompt, ...): the one-call API (imported on its own)
     server.py    the OpenAI-compatible HTTP server (FastAPI; imported on its own, not here)
     sharded.py   load_sharded: a checkpoint in a tp x pp x ep layout under torchrun, by the

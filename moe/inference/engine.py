@@ -127,6 +127,31 @@ class Engine:
         last = torch.tensor(lengths, device=logits.device) - 1
         return logits[torch.arange(len(prompts), device=logits.device), last]
 
+    def append(self, slots: Sequence[int], rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Append ``rows[b]`` (one or more tokens) to ``slots[b]``, rows of different lengths
+        together; returns each row's logits [len(rows[b]), V]. A right-padded forward of width
+        S needs room for S tokens in every row's slot, so rows are grouped: the longest rows
+        first with every other row that has room for their width (usually one forward)."""
+        slots, rows = list(slots), [list(r) for r in rows]
+        if len(rows) != len(slots) or any(not r for r in rows):
+            raise ValueError(f"{len(rows)} token rows for {len(slots)} slots: want one "
+                             "non-empty row per slot")
+        out: dict[int, torch.Tensor] = {}
+        left = list(range(len(rows)))
+        while left:
+            width = max(len(rows[b]) for b in left)
+            group = [b for b in left if self.length(slots[b]) + width <= self.max_len]
+            if not group:  # the widest row itself does not fit: the cache's error
+                group = [max(left, key=lambda b: len(rows[b]))]
+            tokens = torch.zeros(len(group), width, dtype=torch.long)
+            for i, b in enumerate(group):
+                tokens[i, :len(rows[b])] = torch.tensor(rows[b])
+            n = [len(rows[b]) for b in group]
+            logits = self.forward([slots[b] for b in group], tokens, n_valid=n)
+            out.update((b, logits[i, :n[i]]) for i, b in enumerate(group))
+            left = [b for b in left if b not in out]
+        return [out[b] for b in range(len(rows))]
+
     def decode(self, slots: Sequence[int], tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """One token per slot; returns logits [B, V]."""
         tokens = torch.as_tensor(tokens, device=self.device).view(-1, 1)

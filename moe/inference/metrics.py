@@ -9,6 +9,12 @@ Each app has its own registry (two servers in one process, as in the tests, do n
     moe_requests_waiting              submitted, not yet in a slot (read at scrape time)
     moe_requests_running              in a slot (read at scrape time)
     moe_step_seconds                  wall time of one engine step (prefill and decode)
+    moe_spec_decode_verifies_total    speculative verifies (one per request per step that
+                                      proposed tokens; vLLM's spec_decode_num_drafts)
+    moe_spec_decode_draft_tokens_total     tokens proposed (prompt lookup or draft model)
+    moe_spec_decode_accepted_tokens_total  proposed tokens the target accepted (each verify
+                                      also emits one token of its own: accepted + verifies
+                                      tokens came out of verifies)
 """
 
 from __future__ import annotations
@@ -40,6 +46,20 @@ class ServerMetrics:
         self.step_seconds = Histogram(
             "moe_step_seconds", "Wall time of one engine step", registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0))
+        self._spec = tuple(Counter(name, doc, registry=self.registry) for name, doc in (
+            ("moe_spec_decode_verifies", "Speculative verifies (a request's step with a proposal)"),
+            ("moe_spec_decode_draft_tokens", "Tokens proposed for speculative decoding"),
+            ("moe_spec_decode_accepted_tokens", "Proposed tokens the target accepted")))
+        self._spec_seen = (0, 0, 0)
+
+    def speculation(self, verifies: int, drafted: int, accepted: int) -> None:
+        """The scheduler's running totals (``Scheduler.spec_stats``): the counters move by
+        what changed since the last call."""
+        now = (verifies, drafted, accepted)
+        for counter, new, old in zip(self._spec, now, self._spec_seen):
+            if new > old:
+                counter.inc(new - old)
+        self._spec_seen = now
 
     def finished(self, outcome: str, prompt_tokens: int, generated: int) -> None:
         self.requests.labels(outcome).inc()

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from moe.inference.sampling import TokenLogprob
+from moe.inference.spec_batch import MAX_SPECULATIVE_TOKENS
 
 MAX_LOGPROBS = 20  # top tokens a request may ask for (vLLM's default max_logprobs)
 
@@ -58,6 +59,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SpeculativeOptions(BaseModel):
+    """The ``speculative`` extension field: speculative decoding for this request, in the
+    names of vLLM's ``speculative_config`` ("ngram": prompt lookup; "draft_model": the
+    server's ``--draft``; "none": off even where the server speculates by default)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    method: Literal["ngram", "draft_model", "none"]
+    num_speculative_tokens: int | None = Field(None, ge=1, le=MAX_SPECULATIVE_TOKENS)
+    prompt_lookup_max: int | None = Field(None, ge=1)
+    prompt_lookup_min: int | None = Field(None, ge=1)
+
+
 class _Sampling(BaseModel):
     """The fields both endpoints share."""
 
@@ -79,6 +92,8 @@ class _Sampling(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: Annotated[bool, _null_is(False)] = False
     min_tokens: Annotated[int, _null_is(0)] = Field(0, ge=0)
+    # Our extension (moe/inference/spec_batch.py); null: the server's default.
+    speculative: SpeculativeOptions | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -167,6 +182,7 @@ class Generation:
     min_tokens: int
     logprobs: int | None  # top tokens per position (None: no logprobs)
     echo: bool  # the prompt's text (and with logprobs, its tokens' logprobs) comes first
+    speculative: SpeculativeOptions | None = None  # None: the server's default
 
 
 def generation(req: _Sampling, prompts: list[list[int]]) -> Generation:
@@ -181,7 +197,7 @@ def generation(req: _Sampling, prompts: list[list[int]]) -> Generation:
         raise APIError("stop: give at most 4 non-empty strings", "stop")
     return Generation(prompts, max_tokens, req.temperature, req.top_p, req.top_k, req.n, stops,
                       req.seed, tuple(req.stop_token_ids or ()), req.ignore_eos, req.min_tokens,
-                      logprobs, echo)
+                      logprobs, echo, req.speculative)
 
 
 # --- log-probabilities in OpenAI's shapes ----------------------------------------------------

@@ -23,6 +23,20 @@ sequence's logits (dropless routing, to float noise), each request samples with 
 ``max_len`` tokens). A new request's first token comes from its prefill, in the same step
 where the running ones decode, so admitting never stalls the others for a step.
 
+Speculative decoding (``Request.speculative``, moe/inference/spec_batch.py): a request that
+speculates gets up to ``num_tokens`` proposed tokens per step (prompt lookup, or the
+``draft`` engine's model, which keeps its own cache slot per request), and the step's one
+target forward verifies them beside the other requests' single tokens (rows right-padded,
+``Engine.append``); each row is accepted on its own (``moe.inference.speculative.accept``,
+with the request's generator) and both caches are rolled back to the tokens kept. Several
+tokens may then come in one step; they are appended one by one, so a stop token, a stop string
+or ``max_new_tokens`` inside an accepted run ends the request there and nothing after it is
+emitted, and each token's logprobs are the target's at its position, as a plain step's.
+The proposal is cut to what fits: the cache's room (g + 1 positions; none near the end, where
+the request takes plain steps and, past ``max_len``, slides) and ``max_new_tokens`` (g + 1
+tokens). Greedy gives token for token the output without speculation; sampled, the target's
+distribution (tests/test_speculative_serving.py).
+
 Stop strings need text: with ``detokenize`` (token ids -> str) the scheduler keeps each
 request's ``text`` (the generated tokens decoded, a final stop token left out) and ends the
 request when a stop string appears, cutting ``text`` where it begins (OpenAI's behaviour: the
@@ -45,6 +59,8 @@ from moe.inference.sampling import (
     suppress_stops,
     token_logprobs,
 )
+from moe.inference.spec_batch import Row, Speculation, propose_batch
+from moe.inference.speculative import Proposal, SpeculativeStats, accept
 
 
 @dataclass(eq=False)
@@ -61,6 +77,9 @@ class Request:
     # (OpenAI's echo; with ``max_new_tokens`` 0 the request is a prefill and nothing else).
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    # Speculative decoding for this request (None: one token per step); see
+    # moe/inference/spec_batch.py. Exact: the same tokens (greedy) or distribution (sampled).
+    speculative: Speculation | None = None
     # --- state ---
     tokens: list[int] = field(default_factory=list)  # generated so far (a stop token included)
     text: str = ""  # with a detokenize: the text of ``tokens``, cut before a stop string
@@ -80,10 +99,24 @@ class Request:
 
 class Scheduler:
     def __init__(self, engine: Engine,
-                 detokenize: Callable[[list[int]], str] | None = None):
+                 detokenize: Callable[[list[int]], str] | None = None,
+                 draft: Engine | None = None):
         """``engine``: its ``n_slots`` is the most requests decoded together. ``detokenize``:
-        needed by requests with stop strings (and fills ``Request.text``)."""
+        needed by requests with stop strings (and fills ``Request.text``). ``draft``: the
+        draft model's engine for requests speculating with "draft_model" (as many slots as
+        ``engine``, the same vocabulary); ``spec_stats`` counts every speculating step."""
+        if draft is not None:
+            if draft.n_slots != engine.n_slots:
+                raise ValueError(f"the draft engine has {draft.n_slots} slots and the "
+                                 f"target's {engine.n_slots}: give it one per target slot")
+            tv, dv = engine.cfg.vocab_size, draft.cfg.vocab_size
+            if tv != dv:
+                raise ValueError(f"draft model vocab_size={dv} differs from the target's "
+                                 f"vocab_size={tv}: the draft must share the target's tokenizer")
+            _check_dropless(engine)
         self.engine = engine
+        self.draft = draft
+        self.spec_stats = SpeculativeStats(0)  # draft_tokens: per request, not one gamma
         self.detokenize = detokenize
         self.queue: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
@@ -107,6 +140,14 @@ class Scheduler:
         if request.logprobs is not None and not 0 <= request.logprobs <= \
                 self.engine.cfg.vocab_size:
             raise ValueError(f"logprobs={request.logprobs} must be in [0, vocab_size]")
+        spec = request.speculative
+        if spec is not None:
+            if not isinstance(spec, Speculation):
+                raise ValueError(f"speculative={spec!r} must be a Speculation or None")
+            _check_dropless(self.engine)
+            if spec.method == "draft_model" and self.draft is None:
+                raise ValueError("speculative method 'draft_model' needs a draft model "
+                                 "(Scheduler(draft=...), moe-serve --draft RUN)")
         if request.prompt_logprobs and request.logprobs is None:
             raise ValueError("prompt_logprobs needs logprobs (how many top tokens: 0 or more)")
         if request.params.max_new_tokens == 0 and not request.prompt_logprobs:
@@ -164,14 +205,28 @@ class Scheduler:
                 changed.append(r)
                 new.remove(r)
         fits = [r for r in decoding if self.engine.length(r.slot) < self.engine.max_len]
-        if fits:
+        proposals = self._propose(fits)
+        verifying: dict[int, torch.Tensor] = {}  # slot -> [g + 1, V]: q over [last, drafts]
+        if fits and not proposals:
             out = self.engine.decode([r.slot for r in fits], [r.tokens[-1] for r in fits])
             logits.update(zip((r.slot for r in fits), out))
+        elif fits:  # one forward: verifies beside one-token rows (moe/inference/spec_batch.py)
+            rows = [[r.tokens[-1], *proposals[r.slot].tokens] if r.slot in proposals
+                    else [r.tokens[-1]] for r in fits]
+            for r, out in zip(fits, self.engine.append([r.slot for r in fits], rows)):
+                if r.slot in proposals:
+                    verifying[r.slot] = out
+                else:
+                    logits[r.slot] = out[-1]
         for r in decoding:
-            if r.slot not in logits:  # the window slides: re-prefill the last max_len tokens
+            if r.slot not in logits and r.slot not in verifying:
+                # the window slides: re-prefill the last max_len tokens
                 seq = (list(r.prompt) + r.tokens)[-self.engine.max_len:]
                 logits[r.slot] = self.engine.prefill([r.slot], [seq])[0]
-        active = new + decoding
+        for r in [r for r in decoding if r.slot in verifying]:
+            self._verify(r, verifying[r.slot], proposals[r.slot])
+            changed.append(r)
+        active = new + [r for r in decoding if r.slot in logits]
         for r, tok in zip(active, self._sample(active, logits)):
             if tok is None:  # its sampling failed: it alone ends, with the reason
                 self._release(r)
@@ -202,6 +257,52 @@ class Scheduler:
                 out.append(None)
         return out
 
+    def _propose(self, fits: list[Request]) -> dict[int, Proposal]:
+        """Non-empty proposals of the speculating requests among ``fits``, by slot. A request
+        may propose g tokens if the target's cache has room for g + 1 more (its length grows
+        by the verify's width) and its ``max_new_tokens`` for g + 1 more tokens."""
+        rows = []
+        for r in fits:
+            if r.speculative is None:
+                continue
+            room = self.engine.max_len - self.engine.length(r.slot) - 1
+            left = r.params.max_new_tokens - len(r.tokens) - 1
+            g = min(r.speculative.num_tokens, room, left)
+            if g >= 1:
+                rows.append(Row(r.slot, [*r.prompt, *r.tokens], g, r.speculative, r.params,
+                                r.generator))
+            else:
+                self.spec_stats.plain_calls += 1
+        if not rows:
+            return {}
+        proposals, forwards = propose_batch(rows, self.draft)
+        self.spec_stats.draft_calls += forwards
+        self.spec_stats.plain_calls += sum(not p.tokens for p in proposals.values())
+        return {slot: p for slot, p in proposals.items() if p.tokens}
+
+    def _verify(self, r: Request, q_logits: torch.Tensor, prop: Proposal) -> None:
+        """Accept / resample one verified row, roll both caches back to the tokens kept, and
+        append what came out, token by token (a stop or max_new_tokens cuts the run there;
+        each token's logprobs are the target's at its position, as a plain step's)."""
+        g = len(prop.tokens)
+        try:
+            n, nxt, alpha = accept(q_logits, prop, r.params, r.generator, len(r.tokens))
+        except (RuntimeError, ValueError) as e:
+            r.finish_reason, r.error = "error", f"sampling failed: {e}"
+            self._release(r)
+            return
+        kept = self.engine.length(r.slot) - g + n  # the context but its last token: nxt
+        self.engine.truncate(r.slot, kept)
+        if self.draft is not None:
+            self.draft.truncate(r.slot, min(self.draft.length(r.slot), kept))
+        self.spec_stats.record(g, n, alpha)
+        for i, tok in enumerate([*prop.tokens[:n], nxt]):
+            if r.logprobs is not None:
+                r.token_logprobs += token_logprobs(q_logits[i][None], [tok], r.logprobs)
+            self._append(r, tok)
+            if r.finished:
+                return
+
     def _append(self, r: Request, tok: int) -> None:
         r.tokens.append(tok)
         p = r.params
@@ -223,6 +324,8 @@ class Scheduler:
         self.free.append(r.slot)
         self.free.sort()
         self.engine.reset(r.slot)
+        if self.draft is not None:
+            self.draft.reset(r.slot)
         r.slot = None
 
     # --- offline use -----------------------------------------------------------------------
@@ -233,6 +336,13 @@ class Scheduler:
         while self.has_work:
             self.step()
         return [r.tokens for r in requests]
+
+
+def _check_dropless(engine: Engine) -> None:
+    if engine.capacity_factor is not None:
+        raise ValueError(f"speculative decoding is dropless: the engine's capacity_factor="
+                         f"{engine.capacity_factor} must be None (a verify's tokens would "
+                         "compete for expert capacity where one-token steps never drop)")
 
 
 def static_batches(engine: Engine, requests: Sequence[Request]) -> list[list[int]]:

@@ -25,7 +25,10 @@ tokens, whatever else is running; choice i of a prompt list, or of ``n``, draws 
 i), ``n`` (prompt-major), ``logprobs`` (top-N, N <= 20) and ``echo`` (the prompt first, with
 its tokens' logprobs: what lm-evaluation-harness sends, ``max_tokens`` 0 or 1), ``stream``,
 ``stream_options.include_usage``, ``user``, vLLM's ``stop_token_ids``, ``ignore_eos`` and
-``min_tokens``; chat takes ``messages``, ``max_completion_tokens``, ``logprobs`` with
+``min_tokens``, and our ``speculative`` (speculative decoding for this request, exact:
+``{"method": "ngram" | "draft_model" | "none", "num_speculative_tokens": 4,
+"prompt_lookup_max": 3, "prompt_lookup_min": 1}``, vLLM's ``speculative_config`` names;
+moe/inference/spec_batch.py); chat takes ``messages``, ``max_completion_tokens``, ``logprobs`` with
 ``top_logprobs``. Generation also stops at ``<|endoftext|>`` (finish_reason "stop", not in
 the text). Refused with a 400: ``best_of`` > 1, ``suffix``, ``logit_bias``, nonzero
 penalties, tools, unknown fields, wrong types, a prompt plus ``max_tokens`` longer than the
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import queue
@@ -65,12 +69,14 @@ from moe.inference.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     Generation,
+    SpeculativeOptions,
     chat_logprobs,
     generation,
     refuse_unsupported,
 )
 from moe.inference.sampling import SamplingParams
 from moe.inference.scheduler import Request, Scheduler
+from moe.inference.spec_batch import Speculation
 
 log = logging.getLogger("moe.serve")
 
@@ -174,6 +180,8 @@ class EngineLoop:
                                          error=f"{type(e).__name__}: {e}"))
                 continue
             self.metrics.step_seconds.observe(time.perf_counter() - t0)
+            st = sched.spec_stats
+            self.metrics.speculation(st.target_calls, st.drafted, st.accepted)
             self.steps += 1
             for r in changed:
                 if r.finished:
@@ -222,13 +230,19 @@ class CompletionServer:
     def __init__(self, model: nn.Module | Engine, tokenizer, n_slots: int = 8,
                  model_name: str = "moe",
                  max_len: int | None = None, max_waiting: int = 256,
-                 chat_template: str = CHAT_TEMPLATE, request_timeout: float | None = None):
+                 chat_template: str = CHAT_TEMPLATE, request_timeout: float | None = None,
+                 draft_model: nn.Module | None = None, speculation: Speculation | None = None):
         self.tokenizer, self.model_name = tokenizer, model_name
         self.max_waiting, self.request_timeout = max_waiting, request_timeout
         self.chat_template = chat_template
         self.engine = model if isinstance(model, Engine) else Engine(model, n_slots=n_slots,
                                                                        max_len=max_len)
-        self.loop = EngineLoop(Scheduler(self.engine, detokenize=tokenizer.decode))
+        draft = None if draft_model is None else Engine(draft_model, n_slots=self.engine.n_slots)
+        if speculation is not None and speculation.method == "draft_model" and draft is None:
+            raise ValueError("speculation by draft_model needs a draft_model")
+        self.speculation = speculation  # the default of requests that do not say
+        self.loop = EngineLoop(Scheduler(self.engine, detokenize=tokenizer.decode,
+                                         draft=draft))
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
 
@@ -265,8 +279,36 @@ class CompletionServer:
                            "messages") from None
         return [self.tokenizer.encode(text) or [self.tokenizer.eot_id]]
 
+    def request_speculation(self, opts: SpeculativeOptions | None) -> Speculation | None:
+        """A request's ``speculative`` field as the scheduler's Speculation (None: none);
+        what it leaves out comes from the server's default of the same method, else from
+        ``Speculation``'s defaults."""
+        if opts is None:
+            return self.speculation
+        given = {k: v for k, v in (("num_tokens", opts.num_speculative_tokens),
+                                   ("max_ngram", opts.prompt_lookup_max),
+                                   ("min_ngram", opts.prompt_lookup_min)) if v is not None}
+        if opts.method == "none":
+            if given:
+                raise APIError("speculative: method 'none' takes no other field", "speculative")
+            return None
+        if opts.method == "draft_model":
+            if self.loop.scheduler.draft is None:
+                raise APIError("speculative: this server has no draft model (start it with "
+                               "moe-serve --draft RUN), use method 'ngram'", "speculative")
+            if "max_ngram" in given or "min_ngram" in given:
+                raise APIError("speculative: prompt_lookup_max / prompt_lookup_min are for "
+                               "method 'ngram'", "speculative")
+        base = self.speculation if self.speculation is not None and \
+            self.speculation.method == opts.method else Speculation(opts.method)
+        try:
+            return dataclasses.replace(base, **given)
+        except ValueError as e:
+            raise APIError(f"speculative: {e}", "speculative") from None
+
     def requests(self, gen: Generation) -> list[Request]:
         """Scheduler requests for each prompt and choice, or an APIError saying what is wrong."""
+        speculative = self.request_speculation(gen.speculative)
         vocab = self.engine.cfg.vocab_size
         if any(not 0 <= t < vocab for t in gen.stop_token_ids):
             raise APIError(f"stop_token_ids must be token ids in [0, {vocab})", "stop_token_ids")
@@ -297,7 +339,8 @@ class CompletionServer:
                 seed = None if gen.seed is None else (gen.seed + len(out)) % 2**64
                 out.append(Request(ids, params, seed=seed, stop_strings=gen.stop,
                                    logprobs=gen.logprobs,
-                                   prompt_logprobs=gen.echo and gen.logprobs is not None))
+                                   prompt_logprobs=gen.echo and gen.logprobs is not None,
+                                   speculative=speculative))
         if self.loop.waiting() + len(out) > self.max_waiting:  # back-pressure: refuse, now
             for _ in out:
                 self.loop.metrics.requests.labels("rejected").inc()
@@ -451,15 +494,19 @@ def _usage(requests: list[Request], final: dict[int, Update], n: int) -> dict:
 
 def build_app(model: nn.Module | Engine, tokenizer, n_slots: int = 8, model_name: str = "moe",
               max_len: int | None = None, max_waiting: int = 256,
-              chat_template: str = CHAT_TEMPLATE, request_timeout: float | None = None
+              chat_template: str = CHAT_TEMPLATE, request_timeout: float | None = None,
+              draft_model: nn.Module | None = None, speculation: Speculation | None = None
               ) -> FastAPI:
     """The FastAPI app serving ``model`` (a ``Transformer``) with ``tokenizer`` (a
     ``BPETokenizer``: encode, decode, eot_id) on ``n_slots`` cache slots; ``model`` may be an
     ``Engine`` already built (its own slots and context: rank 0's ``DistributedEngine`` under
     torchrun, moe/inference/distributed.py). The engine loop starts and stops with the app's
-    lifespan; ``app.state.server`` is the CompletionServer."""
+    lifespan; ``app.state.server`` is the CompletionServer. ``draft_model``: a small model
+    (same vocabulary) with its own cache slots, for requests speculating by "draft_model";
+    ``speculation``: what requests that do not say use (None: no speculation unless a request
+    asks; moe/inference/spec_batch.py)."""
     server = CompletionServer(model, tokenizer, n_slots, model_name, max_len, max_waiting,
-                              chat_template, request_timeout)
+                              chat_template, request_timeout, draft_model, speculation)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -46,7 +46,9 @@ Near the end of the context gamma shrinks to fit both caches; with no room left,
 proposed, the token is one plain target step, exactly as the engine alone takes it (past
 ``max_len`` the window slides: a re-prefill per token).
 
-One sequence at a time (batch 1): ``moe.inference.generate.generate`` refuses a batch with a draft.
+``SpeculativeDecoder`` decodes one sequence at a time (``moe.inference.generate.generate``
+refuses a batch with a draft); the continuous-batching scheduler speculates for many requests
+at once with the same ``accept`` (moe/inference/spec_batch.py).
 Routing is dropless: a verify forward is one row of gamma + 1 tokens, and a capacity would
 let those tokens compete for expert slots where single-token decoding never drops.
 """
@@ -60,7 +62,7 @@ import torch
 from torch import nn
 
 from moe.inference.engine import Engine
-from moe.inference.sampling import SamplingParams, probs, sample, sample_from
+from moe.inference.sampling import SamplingParams, probs, sample, sample_from, suppress_stops
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -102,6 +104,36 @@ def verify(tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
     return n, sample_from(dist, generator)
 
 
+def accept(q_logits: torch.Tensor, prop: Proposal, params: SamplingParams,
+           gen: torch.Generator | None, n_made: int = 0) -> tuple[int, int, float]:
+    """One row's verify: q_logits [g + 1, V], the target's raw logits over the last token and
+    the g proposed ones; returns (n accepted, the next token, alpha: the sum of 1 - TV(p, q)
+    over the tested positions). Greedy: accept while the proposal is q's argmax (no random
+    numbers); sampled: ``verify`` with p one-hot for a deterministic proposal. Position i's
+    stop tokens are suppressed while ``n_made + i < params.min_tokens`` (``suppress_stops``:
+    a token is drawn where the row has made n_made + i)."""
+    drafted = prop.tokens
+    g = len(drafted)
+    if params.min_tokens and params.stop_tokens:
+        q_logits = torch.stack([suppress_stops(q_logits[i], params, n_made + i)
+                                for i in range(g + 1)])
+    if params.greedy:
+        best = q_logits.argmax(-1).tolist()
+        n = 0
+        while n < g and drafted[n] == best[n]:
+            n += 1
+        return n, best[n], float(n)  # one-hot p, q: 1 - TV is 1 where the argmaxes agree
+    q = probs(q_logits, params)
+    if prop.probs is None:  # a deterministic proposal: p one-hot on each token
+        ids = torch.tensor(drafted, device=q.device)[:, None]
+        p = torch.zeros_like(q[:g]).scatter_(-1, ids, 1.0)
+    else:
+        p = prop.probs[:g].to(q.device)
+    n_t, nxt_t = verify(torch.tensor([drafted]), p[None], q[None], gen)
+    n = int(n_t[0])
+    return n, int(nxt_t[0]), float(torch.minimum(p, q[:g]).sum(-1)[:min(n + 1, g)].sum())
+
+
 def predicted_tokens_per_call(alpha: float, gamma: int) -> float:
     """(1 - alpha^(gamma + 1)) / (1 - alpha): expected tokens per target call (Leviathan
     et al., eq. 1), gamma + 1 at alpha = 1."""
@@ -127,6 +159,16 @@ class SpeculativeStats:
 
     def reset(self) -> None:
         self.__init__(self.draft_tokens)
+
+    def record(self, g: int, n: int, alpha: float) -> None:
+        """One verify of g proposed tokens that accepted n (``accept``'s alpha)."""
+        self.target_calls += 1
+        self.drafted += g
+        self.tests += min(n + 1, g)
+        self.accepted += n
+        self.emitted += n + 1
+        self.alpha_sum += alpha
+        self.gammas[g] = self.gammas.get(g, 0) + 1
 
     @property
     def acceptance_rate(self) -> float:
@@ -283,33 +325,11 @@ class SpeculativeDecoder:
         # 2. one target forward over the last token and the drafts: q at g + 1 positions.
         q_logits = t.forward([0], torch.tensor([[ctx[-1], *drafted]]))[0]  # [g + 1, V]
         # 3. accept / resample.
-        if params.greedy:
-            best = q_logits.argmax(-1).tolist()
-            n = 0
-            while n < g and drafted[n] == best[n]:
-                n += 1
-            nxt = best[n]
-            alpha = float(n)  # one-hot p, q: 1 - TV is 1 where the argmaxes agree, else 0
-        else:
-            q = probs(q_logits, params)
-            if prop.probs is None:  # a deterministic proposal: p one-hot on each token
-                ids = torch.tensor(drafted, device=q.device)[:, None]
-                p = torch.zeros_like(q[:g]).scatter_(-1, ids, 1.0)
-            else:
-                p = prop.probs[:g].to(q.device)
-            n_t, nxt_t = verify(torch.tensor([drafted]), p[None], q[None], gen)
-            n, nxt = int(n_t[0]), int(nxt_t[0])
-            alpha = float(torch.minimum(p, q[:g]).sum(-1)[:min(n + 1, g)].sum())
+        n, nxt, alpha = accept(q_logits, Proposal(drafted, prop.probs), params, gen)
         # 4. roll back to the kept tokens (ctx + drafted[:n]; nxt is fed next).
         t.truncate(0, lt + 1 + n)
         self.proposer.rollback(lt + 1 + n)
-        st.target_calls += 1
-        st.drafted += g
-        st.tests += min(n + 1, g)
-        st.accepted += n
-        st.emitted += n + 1
-        st.alpha_sum += alpha
-        st.gammas[g] = st.gammas.get(g, 0) + 1
+        st.record(g, n, alpha)
         return drafted[:n] + [nxt]
 
     def _plain(self, ctx: list[int], params: SamplingParams,
