@@ -95,8 +95,9 @@ def upcycle_cached(src: str | Path, cfg: Config, keep: tuple[str, ...] = ()) -> 
         problems = upcycle_problems(source, hidden, cfg, keep)
         if problems:
             raise UpcycleError(f"this run changes {', '.join(problems)} from the upcycled "
-                               f"{src}; upcycling sets only the MoE layer's keys (model."
-                               f"{', model.'.join(MAY_SET)}): use the source's values")
+                               f"{src}; upcycling sets only the MoE layer's keys (experts, "
+                               f"top_k, routing, capacity, balancing: MAY_SET in "
+                               f"moe/upcycle/cached.py): use the source's values")
         expert_granularity(cfg.model, hidden)
         config = copy.deepcopy(source)
         config.model = copy.deepcopy(cfg.model)
