@@ -93,8 +93,8 @@ def _train_rank(rank, world_size, config_path, overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--parallel.ep=2"], ["--parallel.tp=2"]],
-                         ids=["ep2", "tp2"])
+@pytest.mark.parametrize("layout", [["--parallel.ep=2"], ["--parallel.tp=2"],
+                                    ["--parallel.pp=2"]], ids=["ep2", "tp2", "pp2"])
 def test_upcycled_run_on_a_layout_matches_one_process(dense, layout):
     """Granularity 2 on 2 gloo ranks: the dense model's loss at step 0, then training (lr > 0)
     the losses and gradient norms of one process."""
