@@ -390,6 +390,69 @@ def test_an_import_is_never_resumed(imported):
         train(cfg)
 
 
+def analysis_data(root):
+    """The local text an analysis of the import reads (its own data section is a placeholder)."""
+    return ["--data.source=files", f"--data.files={root / 'train.txt'}",
+            f"--data.val_files={root / 'val.txt'}", "--data.chunk_chars=300",
+            "--data.seq_len=32", f"--data.cache_dir={root / 'cache'}"]
+
+
+def test_analysis_commands_on_an_import_agree_with_hf(imported, capsys):
+    """eval_context, routing_report and batch_dependence on the import, reading local text
+    with its tokenizer: the loss and each MoE layer's expert choices are transformers' on the
+    same windows; a dropless import is batch-independent (exact zeros)."""
+    from moe.analysis import source_windows, val_windows, with_data
+    from moe.cli.batch_dependence import main as batch_main
+    from moe.cli.eval_context import main as context_main
+    from moe.cli.routing_report import main as routing_main
+    from moe.data import prepare_data
+
+    root, folder, _ = imported
+    run, data = root / "run", analysis_data(root)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    loaded = load_model(run)
+    cfg = with_data(loaded.cfg, loaded.tokenizer, data)
+    tokens = prepare_data(cfg)
+    # eval_context: the mean loss over positions of 4 validation windows of 32 tokens.
+    assert context_main(["--run", str(run), "--lengths", "8,32", "--windows", "4", "--json",
+                         *data]) == 0
+    out = json.loads(capsys.readouterr().out)
+    w = val_windows(tokens, 33, 4)
+    assert out["windows"] == len(w) == 4
+    with torch.no_grad():
+        logits = hf(input_ids=w[:, :-1]).logits
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten())
+    assert out["loss"] == pytest.approx(float(want), rel=1e-5)
+    # routing_report: tokens per expert of each MoE layer (layer 0 is dense) = HF's top-2.
+    assert routing_main(["--run", str(run), "--out", str(root / "routing"), "--windows", "4",
+                         "--batch-size", "2", *data]) == 0
+    report = json.loads((root / "routing" / "report.json").read_text())
+    assert sorted(report["layers"]) == ["1", "2"]
+    want = torch.zeros(2, 4, dtype=torch.long)
+    for w, _ in source_windows(cfg, tokens, 32, 4).values():
+        with torch.no_grad():
+            router = hf(input_ids=w[:, :-1], output_router_logits=True).router_logits
+        moe_layers = [r for r in router if r is not None][-2:]
+        for i, r in enumerate(moe_layers):
+            want[i] += torch.bincount(r.topk(2, dim=-1).indices.flatten(), minlength=4)
+    for i, layer in enumerate(("1", "2")):
+        assert report["layers"][layer]["tokens_per_expert"] == want[i].tolist(), layer
+        assert report["layers"][layer]["drop_frac"] == 0.0
+    # batch_dependence: dropless (the import's), every batch-mate gives the same answer.
+    assert batch_main(["--run", str(run), "--out", str(root / "batch"), "--prompt",
+                       "def the model", "--capacity-factors", "null", "--group-sizes", "1,2",
+                       "--trials", "2", *data]) == 0
+    results = json.loads((root / "batch" / "batch_dependence.json").read_text())["results"]
+    assert [r["group_size"] for r in results] == [1, 2]
+    assert all(r["kl_max"] == 0.0 and r["bit_identical_logits"] == 1.0 for r in results)
+    # Only the data may change, and never the tokenizer: one line each.
+    capsys.readouterr()
+    assert routing_main(["--run", str(run), "--model.top_k=1", *data]) == 2
+    assert "an analysis overrides only --data.key=value" in capsys.readouterr().err
+    assert batch_main(["--run", str(run), f"--data.tokenizer={root / 'x.json'}", *data]) == 2
+    assert "the run's own tokenizer" in capsys.readouterr().err
+
+
 def _train_rank(rank, world_size, config_path, overrides):
     from moe.config import load_config
     from moe.train.loop import train

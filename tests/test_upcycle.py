@@ -42,30 +42,39 @@ def logits(model, seed=0):
         return model(tokens)
 
 
-@pytest.mark.parametrize("source, target", [
-    (dict(), ["--model.n_experts=4", "--model.top_k=2"]),
+@pytest.mark.parametrize("source, target, g", [
+    (dict(), ["--model.n_experts=4", "--model.top_k=2"], 1),
     (dict(dense_layers=[0, 1, 2], moe_every=1, tie_embeddings=True, n_kv_heads=1),
-     ["--model.n_experts=3", "--model.top_k=1"]),
-    (dict(activation="gelu", n_kv_heads=4), ["--model.n_experts=8", "--model.top_k=3"]),
+     ["--model.n_experts=3", "--model.top_k=1"], 1),
+    (dict(activation="gelu", n_kv_heads=4), ["--model.n_experts=8", "--model.top_k=3"], 1),
     # MoE layers of one expert, beside a gated shared expert (copied as it is)
     (dict(moe_every=1, n_experts=1, top_k=1, expert_hidden=24, n_shared_experts=1,
           shared_expert_hidden=16, shared_expert_gate=True),
-     ["--model.n_experts=4", "--model.top_k=2"]),
+     ["--model.n_experts=4", "--model.top_k=2"], 1),
+    # Granular: 4 copies of 2 slices (top-2 copies); 3 copies of 4 slices (top-1 copy, gelu)
+    (dict(), ["--model.n_experts=8", "--model.top_k=4"], 2),
+    (dict(activation="gelu"), ["--model.n_experts=12", "--model.top_k=4"], 4),
 ], ids=["swiglu_gqa_top2", "dense_layers_tied_mqa_top1", "gelu_mha_top3",
-        "one_expert_moe_gated_shared"])
-def test_upcycled_logits_equal_the_dense_models(tmp_path, source, target):
+        "one_expert_moe_gated_shared", "g2_swiglu_top2_copies", "g4_gelu_top1_copy"])
+def test_upcycled_logits_equal_the_dense_models(tmp_path, source, target, g):
     dense = dense_run(tmp_path / "dense", **source)
-    out = upcycle(tmp_path / "dense", tmp_path / "up", target + EXACT)
+    out = upcycle(tmp_path / "dense", tmp_path / "up", target + EXACT, granularity=g)
     up = load_model(out)
     m = up.cfg.model
     assert m.n_experts == int(target[0].split("=")[1]) and m.router_weights == "renorm"
+    assert m.expert_hidden * g == source.get("expert_hidden", 40)
     assert all(m.is_moe_layer(i) for i in range(m.n_layers))
     assert UPCYCLED in read_extra(up.checkpoint)
     want, got = logits(dense), logits(up.model)
     assert want.abs().max() > 0.5
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    experts = up.model.layers["1"].feed_forward.experts
-    assert torch.equal(experts.w1[0], experts.w1[-1])  # copies
+    ff = up.model.layers["1"].feed_forward
+    assert torch.equal(ff.experts.w1[0], ff.experts.w1[-g])  # slice 0 of the first, last copy
+    if g > 1:  # each copy's slices chosen together: whole copies, top_k / g of them per token
+        chosen = ff.last_experts // g  # [T, k] the copy of each chosen expert
+        assert (chosen.view(-1, m.top_k // g, g) == chosen.view(-1, m.top_k // g, g)[..., :1]).all()
+        gate = ff.router.gate.weight
+        assert torch.equal(gate[0], gate[g - 1]) and not torch.equal(gate[0], gate[g])
 
 
 def test_noise_raw_weights_and_the_router(tmp_path):
@@ -92,12 +101,19 @@ def test_noise_raw_weights_and_the_router(tmp_path):
     (dict(moe_every=1), ["--model.n_experts=8"], "has 4 experts: upcycle a dense model"),
     (dict(), ["--model.n_experts=1", "--model.top_k=1"], "model.n_experts=1: upcycle to 2"),
     (dict(), ["--model.n_experts=4", "--model.expert_hidden=20"],
-     "model.expert_hidden=20: each expert is a copy of the dense FFN of 40 units"),
+     "model.expert_hidden=20: at granularity 1 each expert is 40 of the dense FFN's 40 units"),
+    (dict(), ["--model.n_experts=6", "--model.top_k=2", "granularity=4"],
+     "model.n_experts=6 is not a multiple of the granularity 4"),
+    (dict(), ["--model.n_experts=8", "--model.top_k=3", "granularity=2"],
+     "model.top_k=3 is not a multiple of the granularity 2"),
+    (dict(), ["--model.n_experts=6", "--model.top_k=3", "granularity=3"],
+     "granularity 3 must be a positive divisor of the dense FFN's 40 hidden units"),
 ])
 def test_what_cannot_be_upcycled_is_refused(tmp_path, source, target, match):
     dense_run(tmp_path / "dense", **source)
+    g = int(target.pop().split("=")[1]) if target[-1].startswith("granularity") else 1
     with pytest.raises(UpcycleError, match=match):
-        upcycle(tmp_path / "dense", tmp_path / "up", target)
+        upcycle(tmp_path / "dense", tmp_path / "up", target, granularity=g)
     assert not (tmp_path / "up").exists()
 
 

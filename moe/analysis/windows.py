@@ -5,10 +5,38 @@ consolidated file)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
-from moe.config import Config
+from moe.config import Config, ConfigError, apply_overrides
+
+DATA_PREFIX = "--data."
+
+
+def with_data(cfg: Config, tokenizer, overrides: list[str]) -> Config:
+    """``cfg`` (a loaded run's) with ``--data.key=value`` ``overrides``: the text an analysis
+    reads (an imported run's data section is a placeholder: point it at local files). The
+    model keeps its tokenizer whatever the data: ``data.tokenizer`` becomes the run's
+    (``tokenizer``, a tokenizer.json path) when the overrides change the data and the run
+    trained its own. ConfigError (one line) for any other key or a new tokenizer."""
+    others = [o for o in overrides if not o.startswith(DATA_PREFIX)]
+    if others:
+        raise ConfigError(f"unknown argument(s) {' '.join(others)}: an analysis overrides only "
+                          "--data.key=value (the text it reads)")
+    if any(o.startswith(DATA_PREFIX + "tokenizer=") for o in overrides):
+        raise ConfigError("--data.tokenizer: an analysis tokenises with the run's own "
+                          "tokenizer (the model's vocabulary)")
+    if not overrides:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    if cfg.data.tokenizer is None:
+        if tokenizer is None:
+            raise ConfigError("--data.*: the run has no tokenizer.json to read other data "
+                              "with")
+        cfg.data.tokenizer = str(tokenizer)
+    return apply_overrides(cfg, overrides).validate()
 
 
 def _windows(stream: np.ndarray, length: int, n: int) -> torch.Tensor:

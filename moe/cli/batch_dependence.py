@@ -6,6 +6,8 @@
 For each eval capacity factor and capacity-group size the prompt shares its group with random
 val windows; KL and top-1 disagreement between draws are exactly 0 when dropless or when the
 group is one sequence. See moe/analysis/batch.py. Writes batch_dependence.{json,md,png}.
+``--data.key=value`` draws the batch-mates from other text, tokenised with the run's tokenizer
+(e.g. an imported run's: ``--data.source=files --data.files=notes.txt``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moe.analysis import batch_dependence, val_windows
+from moe.analysis import batch_dependence, val_windows, with_data
 from moe.analysis.batch import plot_results, results_markdown
 from moe.checkpoint import load_model
 from moe.data import prepare_data
@@ -50,16 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: <run>/batch_dependence)")
     p.add_argument("--cache-dir", help="token cache folder (default: the run's data.cache_dir)")
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)
     if not args.run and not args.checkpoint:
         p.error("give --run or --checkpoint")
     try:
         groups = [int(g) for g in args.group_sizes.split(",")]
         run = load_model(args.checkpoint or args.run, cache_dir=args.cache_dir)
+        cfg = with_data(run.cfg, run.tokenizer, overrides)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = run.cfg
     data = prepare_data(cfg)
     text = Path(args.prompt_file).read_text() if args.prompt_file else (
         args.prompt if args.prompt is not None else cfg.train.sample_prompt)

@@ -10,8 +10,10 @@ loss is averaged per position, then over the buckets [0, l1), [l1, l2), ... Rota
 not weights, so the model runs at any length: ``model.max_seq_len`` is raised to the longest
 length when the checkpoint's is shorter (plain RoPE extrapolates, or the checkpoint's own
 rope_scaling applies), and ``--model.rope_scaling...`` / ``--model.max_seq_len=`` overrides
-evaluate the same weights with another scaling (``--model.rope_scaling=null``: none). Any
-other override is refused, as ``train.init_from`` refuses it (moe/train/init_from.py). MoE layers
+evaluate the same weights with another scaling (``--model.rope_scaling=null``: none);
+``--data.key=value`` reads other text with the run's tokenizer (e.g. an imported run's:
+``--data.source=files --data.files=notes.txt``). Any other override is refused, as
+``train.init_from`` refuses it (moe/train/init_from.py). MoE layers
 use the checkpoint's eval capacity factor; ``--dropless`` (none) keeps a position's loss from
 depending on which later tokens took the experts' slots (choice_major drops the later ones).
 ``--json`` adds each window's bucket losses (``window_losses``): the windows are the same for
@@ -27,7 +29,7 @@ import json
 import sys
 
 from moe.analysis.context import bucket_losses, token_losses
-from moe.analysis.windows import val_windows
+from moe.analysis.windows import DATA_PREFIX, val_windows, with_data
 from moe.checkpoint import CheckpointError, load_model
 from moe.config import ConfigError, apply_overrides
 from moe.data import prepare_data
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     try:
         loaded = load_model(args.checkpoint or args.run, cache_dir=args.cache_dir)
-        model, cfg = _model_for(loaded, overrides, edges[-1])
+        data = [o for o in overrides if o.startswith(DATA_PREFIX)]
+        model, cfg = _model_for(loaded, [o for o in overrides if o not in data], edges[-1])
+        cfg = with_data(cfg, loaded.tokenizer, data)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """Routing diagnostics for a trained checkpoint: load, drops, entropy, code/prose specialisation.
 
-    python scripts/routing_report.py --run runs/tiny --out runs/tiny/routing
+    python scripts/routing_report.py --run runs/tiny --out runs/tiny/routing [--data.key=value ...]
 
 Writes report.md, report.json and PNGs (load.png, specialisation.png, specialisation_diff.png,
 layers.png). Windows come from each source's held-out (val) documents; see moe/analysis/.
+``--data.key=value`` reads other text with the run's tokenizer (e.g. an imported run's:
+``--data.source=files --data.files=notes.txt``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moe.analysis import routing_report, source_windows, write_routing_report
+from moe.analysis import routing_report, source_windows, with_data, write_routing_report
 from moe.checkpoint import load_model
 from moe.data import prepare_data
 
@@ -27,15 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=0,
                    help="windows per forward (default: train.micro_batch_size)")
     p.add_argument("--cache-dir", help="token cache folder (default: the run's data.cache_dir)")
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)
     if not args.run and not args.checkpoint:
         p.error("give --run or --checkpoint")
     try:
         run = load_model(args.checkpoint or args.run, cache_dir=args.cache_dir)
+        cfg = with_data(run.cfg, run.tokenizer, overrides)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = run.cfg
     data = prepare_data(cfg)
     windows = source_windows(cfg, data, cfg.data.seq_len, args.windows)
     rep = routing_report(run.model, windows, args.batch_size or cfg.train.micro_batch_size)

@@ -46,7 +46,9 @@ class TrainConfig:
     # data.seq_len (and any train.* key) may differ from its config (moe/train/init_from.py). A
     # checkpoint already in run_dir wins: the run resumes from it instead. "hf:DIR": a Hugging
     # Face folder, imported once (moe/hf/import_hf.py); from an import only model.* keys are
-    # compared, and data.tokenizer must be set.
+    # compared, and data.tokenizer must be set. "upcycle:SOURCE": this run's MoE upcycled from
+    # a dense run or HF Llama / Qwen2 folder, made once (moe/upcycle/cached.py); only the MoE
+    # layer's model keys may differ from the source's.
     init_from: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16

@@ -443,20 +443,27 @@ def folder_fingerprint(folder: Path) -> str:
 def import_cached(folder: str | Path, cache_dir: str | Path) -> Path:
     """The run folder of ``folder``'s import under ``cache_dir`` (``hf-import-<fingerprint>``),
     imported on first use (``train.init_from: hf:DIR``); a changed folder gets a new one."""
-    from moe.checkpoint import latest_good_checkpoint
-
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
     run = Path(cache_dir) / f"hf-import-{folder_fingerprint(folder)}"
+    return build_once(run, lambda tmp: import_hf(folder, tmp, run_dir=run))
+
+
+def build_once(run: Path, write) -> Path:
+    """``run``, a cached weights-only run folder: kept if it holds a good checkpoint, else
+    made by ``write(tmp)`` (``tmp`` a new folder beside it, whose config names ``run``) and
+    renamed into place, so a reader never sees half of one."""
+    from moe.checkpoint import latest_good_checkpoint
+
     if run.is_dir() and latest_good_checkpoint(run) is not None:
         return run
     tmp = run.with_name(f".{run.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    import_hf(folder, tmp, run_dir=run)
-    shutil.rmtree(run, ignore_errors=True)  # a broken earlier import, if any
+    write(tmp)
+    shutil.rmtree(run, ignore_errors=True)  # a broken earlier one, if any
     try:
         os.rename(tmp, run)
-    except OSError:  # another process imported it meanwhile: theirs is as good
+    except OSError:  # another process made it meanwhile: theirs is as good
         shutil.rmtree(tmp, ignore_errors=True)
     return run

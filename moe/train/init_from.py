@@ -22,6 +22,12 @@ hf:DIR``, which imports DIR once into ``<data.cache_dir>/hf-import-<fingerprint>
 moe/hf/import_hf.py) was trained with its own tokenizer on its own data: only its ``model.*``
 keys are compared (the import's data section is a placeholder), and the run must tokenise with
 its tokenizer (``data.tokenizer``, e.g. ``RUN/tokenizer.json``).
+
+``init_from: upcycle:SOURCE`` (our dense run or step folder, or a Hugging Face Llama / Qwen2
+folder) starts an MoE run from the dense model's upcycle, made once into
+``<data.cache_dir>/upcycle-<fingerprint>`` (moe/upcycle/cached.py): this run's ``model.*``
+keys are the upcycled model's, and only the MoE layer's keys may differ from the source's
+(the experts' number and size, so the granularity, top-k, routing, capacity, balancing).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from moe.checkpoint import (
 from moe.config import Config, ConfigError, saved_differences
 
 HF_PREFIX = "hf:"  # train.init_from: hf:DIR, a Hugging Face folder (moe/hf/import_hf.py)
+UPCYCLE_PREFIX = "upcycle:"  # train.init_from: upcycle:SOURCE (moe/upcycle/cached.py)
 
 # The keys that may differ from the checkpoint's config (train.* always may).
 ALLOWED = ("model.max_seq_len", "model.rope_scaling", "data.seq_len", "data.cache_dir",
@@ -95,12 +102,18 @@ def resolve_init_from(cfg: Config, mesh=None) -> Path:
 
                 out[0] = ("ok", resolve_checkpoint(import_cached(init[len(HF_PREFIX):],
                                                                  cfg.data.cache_dir)))
+            elif init.startswith(UPCYCLE_PREFIX):  # upcycled once, then read from the cache
+                from moe.upcycle import upcycle_cached
+
+                model_keys = tuple(k for k in ALLOWED if k.startswith("model."))
+                out[0] = ("ok", resolve_checkpoint(upcycle_cached(init[len(UPCYCLE_PREFIX):],
+                                                                  cfg, model_keys)))
             else:
                 out[0] = ("ok", resolve_checkpoint(init))
         except (FileNotFoundError, CheckpointError) as e:
             out[0] = ("error", f"{e} (train that run first, or name a run folder or step_* "
                                "folder that has one)")
-        except ValueError as e:  # the import refused the folder (HFImportError, ConfigError)
+        except ValueError as e:  # the import or upcycle refused (HFImportError, UpcycleError)
             out[0] = ("error", str(e))
     if mesh is not None:
         dist.broadcast_object_list(out, src=0)
