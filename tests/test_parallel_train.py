@@ -244,3 +244,30 @@ def test_zero1_owner_assignment_balances_sizes():
     # largest first to the least loaded rank: 10->0, 7->1, 6->1 (7<10), 3->0 (10<13), 1->0
     assert assign_owners(params, 2) == [0, 1, 1, 0, 0]
     assert assign_owners(params, 1) == [0] * 5
+
+
+def test_grad_norm_matches_the_loop_and_torch_and_clip_scales_every_gradient():
+    from torch import nn
+
+    from moe.parallel.grads import clip_gradients, grad_norm, grad_norm_reference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    model.extra = nn.Parameter(torch.randn(3, 5, dtype=torch.bfloat16))  # a second dtype
+    (model(torch.randn(6, 8)).square().sum() + model.extra.float().sum() * 3).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = grad_norm([model], None)
+    torch.testing.assert_close(norm, grad_norm_reference(grads), rtol=1e-6, atol=0)
+    torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(
+        [g.float() for g in grads]), rtol=1e-6, atol=0)
+    # Clipping multiplies every gradient, of every dtype, by one fp32 factor (exactly).
+    scale = torch.clamp(0.5 / (norm + 1e-6), max=1.0)
+    assert scale < 1
+    assert clip_gradients([model], None, 0.5) == norm
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g * scale.to(g.dtype), rtol=0, atol=0)
+    # Non-finite gradients give a non-finite norm (the trainer's guard reads it).
+    model.extra.grad[0, 0] = float("inf")
+    assert grad_norm([model], None) == float("inf")
+    model.extra.grad[0, 0] = float("nan")
+    assert grad_norm([model], None).isnan()
