@@ -246,10 +246,20 @@ def test_zero1_owner_assignment_balances_sizes():
     assert assign_owners(params, 1) == [0] * 5
 
 
-def test_grad_norm_matches_the_loop_and_torch_and_clip_scales_every_gradient():
+def test_grad_norm_is_fp32_accurate_and_clip_scales_every_gradient():
     from torch import nn
 
-    from moe.parallel.grads import clip_gradients, grad_norm, grad_norm_reference
+    from moe.model import build_model, lm_loss
+    from moe.parallel.grads import clip_gradients, grad_norm
+
+    # The configs/ablate.yaml model's gradients: torch._foreach_norm was 2-4e-6 off here in
+    # fp32 (its head gradient 5e-6), the per-parameter sums 3-9e-8.
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ablate.yaml"), [])
+    model = build_model(cfg.model, seed=0)
+    x = torch.randint(0, cfg.model.vocab_size, (16, 65), generator=torch.Generator().manual_seed(0))
+    lm_loss(model(x[:, :-1]), x[:, 1:]).backward()
+    exact = torch.stack([p.grad.double().pow(2).sum() for p in model.parameters()]).sum().sqrt()
+    torch.testing.assert_close(grad_norm([model], None).double(), exact, rtol=5e-7, atol=0)
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
@@ -257,9 +267,6 @@ def test_grad_norm_matches_the_loop_and_torch_and_clip_scales_every_gradient():
     (model(torch.randn(6, 8)).square().sum() + model.extra.float().sum() * 3).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     norm = grad_norm([model], None)
-    torch.testing.assert_close(norm, grad_norm_reference(grads), rtol=1e-6, atol=0)
-    torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(
-        [g.float() for g in grads]), rtol=1e-6, atol=0)
     # Clipping multiplies every gradient, of every dtype, by one fp32 factor (exactly).
     scale = torch.clamp(0.5 / (norm + 1e-6), max=1.0)
     assert scale < 1
