@@ -83,7 +83,7 @@ def test_zero_check_reads_the_arm_alone_and_one_seed_refutes_it():
                             (1.25, 1): 0.025, (1.25, 2): 0.022}.items()]
     assert evaluate_check(r, "cf", higher)["verdict"] == "agrees"
     claim = next(c for c in CLAIMS if c.name == "capacity_batch_dependence")
-    assert [(ch.metric, ch.expect) for ch in claim.checks] == [("batch_kl", "higher"),
+    assert [(ch.metric, ch.expect) for ch in claim.checks] == [("batch_kl_log10", "higher"),
                                                                ("batch_kl", "zero")]
 
 
@@ -156,4 +156,5 @@ def test_quick_batch_dependence_claim_on_real_runs(tmp_path):
     assert not data["failed"], data["failed"]
     higher, zero = data["checks"]
     assert zero["verdict"] == "agrees" and zero["ci_high"] <= 1e-9
-    assert higher["arm_mean"] > 1e-4 and higher["base_mean"] == zero["arm_mean"]
+    # log10(KL + 1e-12): the float-noise floor dropless, orders of magnitude above it with drops
+    assert abs(higher["base_mean"] + 12) < 1e-3 and higher["arm_mean"] > -8
