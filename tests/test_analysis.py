@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moe.analysis import batch_dependence, group_forward
+from moe.analysis.batch import served_batch_kl
 from moe.analysis.plots import heatmaps, lines_vs_x
 from moe.analysis.routing import js_divergence
 from moe.checkpoint import load_model
@@ -98,6 +99,18 @@ def test_batch_dependence_exact_zero_cases_on_a_random_model():
     assert not any(r["capacity_is_minimum"] for r in res)
     low = batch_dependence(model, pool[0], pool[1:], [0.05], [1], trials=1)[0]
     assert low["capacity"] == 4 and low["capacity_is_minimum"]  # ceil(0.8) = 1 < 4
+
+
+def test_served_batch_kl_is_float_noise_dropless_and_positive_with_drops():
+    # The model's own batched forward: another prompt's logits, a batch-mate leaking into the
+    # prompt or a drop-free capacity would each break one side.
+    pool = torch.randint(0, 512, (24, 32), generator=torch.Generator().manual_seed(3))
+    kl = {cf: served_batch_kl(_random_model(capacity_group_seqs=4, eval_capacity_factor=cf,
+                                            init_std=0.2),
+                              pool[:2], pool[2:], draws=3) for cf in ("null", 0.5)}
+    assert 0.0 <= kl["null"] <= 1e-9 and kl[0.5] > 1e-6, kl
+    with pytest.raises(ValueError, match="batch-mates"):
+        served_batch_kl(_random_model(capacity_group_seqs=4), pool[:1], pool[1:3])
 
 
 @pytest.mark.slow

@@ -68,3 +68,34 @@ def test_bench_rejects_bad_override():
     cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--json", "--model.nope=1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "model.nope" in proc.stderr
+
+
+def test_op_cpu_timer_counts_every_operator_forward_and_backward():
+    import torch
+
+    from moe.bench.ops import OpCpuTimer
+
+    x = torch.randn(64, 64, requires_grad=True)
+    with OpCpuTimer() as timer:
+        (x @ x).relu().sum().backward()
+    # forward mm, relu, sum; backward: sum's expand, relu's threshold_backward, mm's two mm
+    assert timer.calls["mm"] == 3 and timer.calls["relu"] == 1 and timer.calls["sum"] == 1
+    assert timer.calls["threshold_backward"] == 1
+    assert set(timer.ns) == set(timer.calls) and all(v >= 0 for v in timer.ns.values())
+
+
+def test_profile_cpu_prints_the_operator_table():
+    import contextlib
+    import io
+
+    from moe.cli.bench import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--config", str(ROOT / "configs" / "bench.yaml"), "--profile-cpu", "--json",
+                     "--steps", "2", "--warmup", "1", *TINY]) == 0
+    r = json.loads(out.getvalue())
+    names = [o["op"] for o in r["ops"]]
+    assert "_grouped_mm" in names or "mm" in names  # the experts and the dense matmuls
+    assert r["calls_per_step"] > 100 and 0 < r["kernels_cpu_ms"]
+    assert all(o["calls"] > 0 and o["cpu_ms"] >= 0 for o in r["ops"])

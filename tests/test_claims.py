@@ -65,6 +65,28 @@ def test_evaluate_check_pairs_by_seed_and_handles_divergence(tmp_path):
     assert evaluate_check(spiky, "z", Check("spike", 0, 1, "higher"))["verdict"] == "disagrees"
 
 
+def test_zero_check_reads_the_arm_alone_and_one_seed_refutes_it():
+    zero = Check("kl", None, None, "zero", margin=1e-9)
+
+    def rows(values):
+        return [{"cf": cf, "seed_index": s, "status": "ok", "kl": v}
+                for s, v in enumerate(values) for cf in (None, 1.25)]
+
+    c = evaluate_check(rows([0.0, 1e-12, 0.0]), "cf", zero)
+    assert c["verdict"] == "agrees" and c["seeds"] == 3
+    assert c["ci_low"] == 0.0 and c["ci_high"] == 1e-12  # the range of the values
+    assert evaluate_check(rows([0.0, 2e-3, 0.0]), "cf", zero)["verdict"] == "disagrees"
+    assert evaluate_check([], "cf", zero)["verdict"] == "inconclusive"
+    higher = Check("kl", None, 1.25, "higher")
+    r = [{"cf": cf, "seed_index": s, "status": "ok", "kl": v}
+         for (cf, s), v in {(None, 0): 0.0, (None, 1): 0.0, (None, 2): 0.0, (1.25, 0): 0.020,
+                            (1.25, 1): 0.025, (1.25, 2): 0.022}.items()]
+    assert evaluate_check(r, "cf", higher)["verdict"] == "agrees"
+    claim = next(c for c in CLAIMS if c.name == "capacity_batch_dependence")
+    assert [(ch.metric, ch.expect) for ch in claim.checks] == [("batch_kl_log10", "higher"),
+                                                               ("batch_kl", "zero")]
+
+
 def test_loss_spike_is_the_largest_rise_above_the_running_minimum(tmp_path):
     rows = [{"step": 1, "lm_loss": 5.0}, {"step": 2, "lm_loss": 4.0}, {"step": 2, "val_loss": 9},
             {"step": 3, "lm_loss": 4.5}, {"step": 4, "lm_loss": 3.0}, {"step": 5, "lm_loss": 3.2}]
@@ -119,3 +141,20 @@ def test_quick_claims_write_report_and_json(tmp_path):
     assert report.count("## ") == 2 and "switch_more_experts" in report
     assert (out / "switch_more_experts" / "paired_deltas.png").stat().st_size > 1000
     assert main(["no_such_claim", "--out", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_quick_batch_dependence_claim_on_real_runs(tmp_path):
+    # The batch_kl metric on the runs the claim trains: dropless is float noise (the zero check
+    # agrees even at 24 steps), capacity 1.25 is not.
+    from moe.cli.claims import main
+
+    out = tmp_path / "claims"
+    assert main(["capacity_batch_dependence", "--quick", "--out", str(out), "--jobs", "2",
+                 "--threads-per-job", "1"]) == 0
+    (data,) = json.loads((out / "claims.json").read_text())
+    assert not data["failed"], data["failed"]
+    higher, zero = data["checks"]
+    assert zero["verdict"] == "agrees" and zero["ci_high"] <= 1e-9
+    # log10(KL + 1e-12): the float-noise floor dropless, orders of magnitude above it with drops
+    assert abs(higher["base_mean"] + 12) < 1e-3 and higher["arm_mean"] > -8

@@ -371,3 +371,33 @@ def test_compiled_model_gives_eager_gradients_router_losses_included():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_fp32_experts_do_not_recompile_per_routing():
+    # Traced in fp32 the experts took the loop, whose per-expert row counts (counts.tolist())
+    # made dynamo recompile for every new routing until its recompile limit; they run eagerly
+    # now (GroupedExperts.forward), so batches that route differently reuse the graphs.
+    from torch._dynamo.utils import counters
+
+    from moe.model.loss import lm_loss
+
+    torch._dynamo.reset()
+    cfg = tiny(n_layers=1, n_experts=16, expert_impl="auto")  # ~2 rows an expert: 0s and 1s
+    model = build_model(cfg, seed=0)
+    compiled = torch.compile(model, backend="aot_eager")
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        x, y = (torch.randint(0, cfg.vocab_size, (2, 8), generator=gen) for _ in range(2))
+        lm_loss(compiled(x), y).backward()
+
+    for _ in range(2):  # first compile, then dynamic shapes for the kept-assignment count
+        step()
+    frames = counters["frames"]["ok"]
+    counts = []
+    for _ in range(4):
+        step()
+        counts.append(tuple(model.moe_layers()[0].last_stats.kept_per_expert.tolist()))
+    assert len(set(counts)) > 1  # the routing did change from batch to batch
+    assert counters["frames"]["ok"] == frames  # and nothing was compiled again

@@ -244,3 +244,37 @@ def test_zero1_owner_assignment_balances_sizes():
     # largest first to the least loaded rank: 10->0, 7->1, 6->1 (7<10), 3->0 (10<13), 1->0
     assert assign_owners(params, 2) == [0, 1, 1, 0, 0]
     assert assign_owners(params, 1) == [0] * 5
+
+
+def test_grad_norm_is_fp32_accurate_and_clip_scales_every_gradient():
+    from torch import nn
+
+    from moe.model import build_model, lm_loss
+    from moe.parallel.grads import clip_gradients, grad_norm
+
+    # The configs/ablate.yaml model's gradients: torch._foreach_norm was 2-4e-6 off here in
+    # fp32 (its head gradient 5e-6), the per-parameter sums 3-9e-8.
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "ablate.yaml"), [])
+    model = build_model(cfg.model, seed=0)
+    x = torch.randint(0, cfg.model.vocab_size, (16, 65), generator=torch.Generator().manual_seed(0))
+    lm_loss(model(x[:, :-1]), x[:, 1:]).backward()
+    exact = torch.stack([p.grad.double().pow(2).sum() for p in model.parameters()]).sum().sqrt()
+    torch.testing.assert_close(grad_norm([model], None).double(), exact, rtol=5e-7, atol=0)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    model.extra = nn.Parameter(torch.randn(3, 5, dtype=torch.bfloat16))  # a second dtype
+    (model(torch.randn(6, 8)).square().sum() + model.extra.float().sum() * 3).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = grad_norm([model], None)
+    # Clipping multiplies every gradient, of every dtype, by one fp32 factor (exactly).
+    scale = torch.clamp(0.5 / (norm + 1e-6), max=1.0)
+    assert scale < 1
+    assert clip_gradients([model], None, 0.5) == norm
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g * scale.to(g.dtype), rtol=0, atol=0)
+    # Non-finite gradients give a non-finite norm (the trainer's guard reads it).
+    model.extra.grad[0, 0] = float("inf")
+    assert grad_norm([model], None) == float("inf")
+    model.extra.grad[0, 0] = float("nan")
+    assert grad_norm([model], None).isnan()

@@ -2,7 +2,7 @@
 metric and the direction it predicts), run as an ablation sweep (moe/ablate/sweep.py) and judged
 by paired differences with 95% intervals (moe/ablate/stats.py).
 
-    python scripts/claims.py --out runs/claims                 # every claim (about 1 h 15)
+    python scripts/claims.py --out runs/claims                 # every claim (about 1 h 20)
     python scripts/claims.py switch_more_experts --quick --out /tmp/c    # a smoke run
 
 A claim's checks compare two values of its one grid key, paired by seed (every arm of a seed
@@ -11,9 +11,11 @@ moe/model/init.py initialises by name). A check expects the arm's metric minus t
 be ``lower`` or ``higher`` than 0 (the interval must exclude 0 on that side: *agrees*; on the
 other side: *disagrees*), or ``no_worse`` / ``no_better`` within a ``margin`` (agrees when the
 whole interval is on the right side of the margin, disagrees when it excludes 0 on the wrong
-side). A claim agrees when every check agrees, disagrees when one disagrees, and is
-inconclusive otherwise. Outputs: ``<out>/<claim>/`` (the sweep), ``<out>/report.md`` and
-``<out>/claims.json`` (per claim: name, verdict, estimate, ci_low, ci_high, wall_s, checks).
+side). A ``zero`` check reads one arm alone: every seed's value within ``margin`` of 0
+(float noise) agrees, one beyond it disagrees. A claim agrees when every check agrees,
+disagrees when one disagrees, and is inconclusive otherwise. Outputs: ``<out>/<claim>/``
+(the sweep), ``<out>/report.md`` and ``<out>/claims.json`` (per claim: name, verdict,
+estimate, ci_low, ci_high, wall_s, checks).
 
 Claims are small-scale replications: a 64-wide, 2-layer model for 1-2 M tokens cannot show
 what a paper saw at billions of tokens, and an *inconclusive* or *disagrees* here says so about
@@ -56,8 +58,50 @@ def loss_spike(run_dir: str | Path) -> float:
     return worst
 
 
+def batch_kl(run_dir: str | Path, prompts: int = 4, draws: int = 6) -> float:
+    """How much a prompt's next-token distribution depends on its batch-mates when the run's
+    model serves a batch (``moe.analysis.batch.served_batch_kl``: its own batched forward at
+    its eval capacity factor, groups of ``model.capacity_group_seqs`` sequences; mean KL in
+    nats): ``prompts`` validation windows, each with ``draws`` draws of batch-mates from
+    other validation windows."""
+    from moe.analysis import val_windows
+    from moe.analysis.batch import served_batch_kl
+    from moe.checkpoint import load_model
+    from moe.data import prepare_data
+
+    run = load_model(run_dir)
+    windows = val_windows(prepare_data(run.cfg), run.cfg.data.seq_len, 512)
+    return served_batch_kl(run.model, windows[:prompts], windows[prompts:], draws)
+
+
+# The KL that counts as float noise in ``batch_kl_log10`` (dropless runs measured 1e-18 to
+# 1e-17 nats; capacity 1.25, 1e-4 to 1e-2).
+KL_FLOOR = 1e-12
+
+
+def batch_kl_log10(run_dir: str | Path) -> float:
+    """log10(``batch_kl`` + 1e-12): how many orders of magnitude the batch dependence is above
+    float noise (-12 for a dropless model). On this scale the seeds' values spread by tenths,
+    where the KL itself spreads by its own size, so a few seeds decide a paired difference."""
+    return math.log10(run_metric("batch_kl", run_dir) + KL_FLOOR)
+
+
 # A metric is a column of the sweep's rows, or a function of a run folder.
-RUN_METRICS: dict[str, Callable[[str | Path], float]] = {"loss_spike": loss_spike}
+RUN_METRICS: dict[str, Callable[[str | Path], float]] = {"loss_spike": loss_spike,
+                                                         "batch_kl": batch_kl,
+                                                         "batch_kl_log10": batch_kl_log10}
+_run_metric_cache: dict[tuple, float] = {}
+
+
+def run_metric(metric: str, run_dir: str | Path) -> float:
+    """``RUN_METRICS[metric](run_dir)``, computed once per run folder and metric (two checks
+    may read one metric; a folder's metric is a fixed function of its files, keyed here by
+    its metrics.jsonl's modification time)."""
+    log = Path(run_dir) / "metrics.jsonl"
+    key = (metric, str(Path(run_dir).resolve()), log.stat().st_mtime_ns if log.exists() else None)
+    if key not in _run_metric_cache:
+        _run_metric_cache[key] = RUN_METRICS[metric](run_dir)
+    return _run_metric_cache[key]
 
 
 @dataclass(frozen=True)
@@ -65,8 +109,9 @@ class Check:
     metric: str  # "final_val_loss", "max_over_mean_load", ... or a RUN_METRICS name
     base: object
     arm: object
-    expect: str  # lower | higher | no_worse | no_better (arm - base)
-    margin: float = 0.0  # for no_worse / no_better: how much is "no" (same unit as metric)
+    expect: str  # lower | higher | no_worse | no_better (arm - base) | zero (arm alone)
+    # no_worse / no_better: how much is "no"; zero: the float noise allowed (metric's unit)
+    margin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +189,23 @@ CLAIMS: tuple[Claim, ...] = (
           "model.n_shared_experts", (0, 1),
           (Check("final_val_loss", 0, 1, "no_better", margin=0.005),),
           config="configs/ablate_routing.yaml", budget_min=10),
+    Claim("capacity_batch_dependence",
+          "Puigcerver et al. 2023, From Sparse to Soft Mixtures of Experts (sparse MoE is "
+          "deterministic per batch, not per sequence); the public explanation of GPT-4's "
+          "non-determinism at temperature 0",
+          "Batch-dependent outputs come from capacity dropping: with a finite capacity factor "
+          "a prompt's next-token distribution depends on its batch-mates; dropless it does "
+          "not, to float noise.",
+          "capacity factor null (dropless) → 1.25 in training and evaluation, capacity groups "
+          "of 16 sequences, 500 steps; metric: KL between a prompt's next-token distributions "
+          "with different random batch-mates in the model's own batched forward (4 validation "
+          "prompts × 6 draws, every position), on a log10 scale above 1e-12 (float noise)",
+          "model.capacity_factor", (None, 1.25),
+          (Check("batch_kl_log10", None, 1.25, "higher"),
+           Check("batch_kl", None, None, "zero", margin=1e-9)),
+          overrides=("--model.eval_capacity_factor=train", "--train.max_steps=500",
+                     "--train.ckpt_every=500", "--train.eval_every=500"),
+          budget_min=5),
 )
 
 
@@ -166,7 +228,8 @@ def check_verdict(iv: Interval, check: Check) -> str:
         if iv.low > -check.margin:
             return "agrees"
         return "disagrees" if iv.high < 0 else "inconclusive"
-    raise ValueError(f"check.expect={check.expect!r}: lower, higher, no_worse or no_better")
+    raise ValueError(f"check.expect={check.expect!r}: lower, higher, no_worse or no_better "
+                     "(zero is judged on values, not an interval: evaluate_check)")
 
 
 def claim_verdict(verdicts: list[str]) -> str:
@@ -177,13 +240,15 @@ def claim_verdict(verdicts: list[str]) -> str:
 
 def metric_value(row: dict, metric: str) -> float | None:
     if metric in RUN_METRICS:
-        return RUN_METRICS[metric](row["run_dir"]) if row.get("status") == "ok" else None
+        return run_metric(metric, row["run_dir"]) if row.get("status") == "ok" else None
     v = row.get(metric)
     return None if v in (None, "") else float(v)
 
 
 def evaluate_check(rows: list[dict], key: str, check: Check) -> dict:
-    """The check's paired differences (arm - base, by seed index) and verdict."""
+    """The check's paired differences (arm - base, by seed index) and verdict; for ``zero``
+    the arm's own values: agrees when every seed's is within ``margin`` of 0, disagrees when
+    one is not (the estimate is their mean, the interval their range)."""
     by = {}
     for r in rows:
         if r.get("status") == "ok" and r.get(key) in (check.base, check.arm):
@@ -192,6 +257,8 @@ def evaluate_check(rows: list[dict], key: str, check: Check) -> dict:
                 by[(r[key], r["seed_index"])] = v
     seeds = sorted({s for (v, s) in by if v == check.base} & {s for (v, s) in by
                                                                if v == check.arm})
+    if check.expect == "zero":
+        return _zero_check(check, [by[(check.arm, s)] for s in seeds])
     diffs = [by[(check.arm, s)] - by[(check.base, s)] for s in seeds]
     finite = [d for d in diffs if math.isfinite(d)]
     if not finite or len(finite) < len(diffs):  # a diverged arm: its sign is all we know
@@ -210,6 +277,19 @@ def evaluate_check(rows: list[dict], key: str, check: Check) -> dict:
             "arm_mean": _mean([by[(check.arm, s)] for s in seeds]),
             "estimate": iv.estimate, "ci_low": iv.low, "ci_high": iv.high,
             "verdict": verdict}
+
+
+def _zero_check(check: Check, values: list[float]) -> dict:
+    """A ``zero`` check on the arm's values per seed (a single run is enough to refute it)."""
+    if not values:
+        verdict = "inconclusive"
+    else:
+        verdict = "agrees" if all(abs(v) <= check.margin for v in values) else "disagrees"
+    low, high = (min(values), max(values)) if values else (math.nan, math.nan)
+    return {"metric": check.metric, "base": check.base, "arm": check.arm,
+            "expect": check.expect, "margin": check.margin, "seeds": len(values),
+            "base_mean": _mean(values), "arm_mean": _mean(values),
+            "estimate": _mean(values), "ci_low": low, "ci_high": high, "verdict": verdict}
 
 
 def _mean(xs: list[float]) -> float:
@@ -308,6 +388,6 @@ def run_claims(names: list[str] | None, out: str | Path, quick: bool = False, jo
     return results
 
 
-__all__ = ["CLAIMS", "Check", "Claim", "check_verdict", "claim_verdict", "evaluate_check",
-           "loss_spike", "report_markdown", "run_claim", "run_claims"]
+__all__ = ["CLAIMS", "Check", "Claim", "batch_kl", "check_verdict", "claim_verdict",
+           "evaluate_check", "loss_spike", "report_markdown", "run_claim", "run_claims"]
 

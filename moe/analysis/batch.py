@@ -184,6 +184,42 @@ def batch_dependence(model, prompt: torch.Tensor, pool: torch.Tensor,
     return results
 
 
+@torch.no_grad()
+def served_batch_kl(model, prompts: torch.Tensor, pool: torch.Tensor, draws: int = 8,
+                    seed: int = 0) -> float:
+    """Batch dependence as the model serves a batch: each prompt [L] of ``prompts`` [P, L]
+    shares one batch of ``model.cfg.capacity_group_seqs`` sequences (one capacity group) with
+    batch-mates drawn from ``pool`` [N, >= L], at a random place, ``draws`` times; returns the
+    mean over prompts, ordered pairs of draws and positions of KL(draw i || draw j) of the
+    next-token distributions (nats, float64).
+
+    Unlike ``batch_dependence`` this is the model's own batched forward in eval mode (the
+    eval capacity factor), so floating-point differences between batches count too: dropless,
+    the number is the float noise of batched inference; with a finite capacity, the drops add
+    theirs. (The ``capacity_batch_dependence`` claim, moe/ablate/claims.py, compares the two.)
+    """
+    model.eval()
+    g = model.cfg.capacity_group_seqs
+    length = prompts.shape[1]
+    if draws < 2 or len(pool) < g - 1:
+        raise ValueError(f"need draws >= 2 (got {draws}) and {g - 1} batch-mates in the pool "
+                         f"(got {len(pool)})")
+    gen = torch.Generator().manual_seed(seed)
+    kls = []
+    for prompt in prompts:
+        lps = []
+        for _ in range(draws):
+            mates = pool[torch.randperm(len(pool), generator=gen)[:g - 1], :length]
+            pos = int(torch.randint(g, (1,), generator=gen))
+            batch = torch.cat([mates[:pos], prompt[None], mates[pos:]])
+            lps.append(torch.log_softmax(model(batch)[pos].double(), -1))  # [L, vocab]
+        lp = torch.stack(lps)  # [D, L, vocab]
+        for i in range(draws):  # the j == i term is exactly 0
+            kl = (lp[i].exp() * (lp[i] - lp)).sum(-1).clamp_min(0.0)  # [D, L]
+            kls.append(float(kl.sum()) / ((draws - 1) * length))
+    return _mean(kls)
+
+
 def _mean(xs: list[float]) -> float:
     return math.fsum(xs) / len(xs)
 

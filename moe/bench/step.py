@@ -48,6 +48,7 @@ from moe.model import build_model, lm_loss
 from moe.model.experts import resolve_impl
 from moe.optim import build_optimizer
 from moe.parallel.activation_checkpoint import apply_activation_checkpointing
+from moe.parallel.grads import clip_gradients
 
 IMPLS = ("grouped", "bmm", "loop")
 
@@ -179,7 +180,7 @@ class Stepper:
         sync(self.device)
         t1 = time.perf_counter()
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            clip_gradients([self.model], None, self.grad_clip)  # the trainer's (one process)
         sync(self.device)
         t2 = time.perf_counter()
         self.opt.step()
@@ -508,6 +509,20 @@ def _cpu_name() -> str:
     import platform
 
     return platform.processor() or "cpu"
+
+
+def profile_step_cpu(cfg: Config, steps: int = 20, warmup: int = 5, rows: int = 25) -> dict:
+    """Operator table in thread CPU time of ``steps`` MoE training steps after warm-up
+    (moe/bench/ops.py: robust to a busy machine, unlike the profiler's wall time)."""
+    from moe.bench.ops import op_cpu_table
+
+    set_threads(cfg.train.threads)
+    keep_freed_memory()  # as the trainer does (moe/device/malloc.py)
+    device = resolve_device(cfg.train.device)
+    s = Stepper(cfg, cfg.model, device, autocast_dtype(device, cfg.train.dtype))
+    for _ in range(warmup):
+        s.step()
+    return op_cpu_table(s.step, steps, rows)
 
 
 def profile_step(cfg: Config, steps: int = 3, warmup: int = 2, rows: int = 25) -> str:

@@ -5,6 +5,7 @@ parameters (every FFN dense, hidden = top_k * expert_hidden).
     python scripts/bench.py --config configs/bench.yaml --json          # one JSON object
     python scripts/bench.py --config configs/bench.yaml --impls         # + grouped / bmm / loop
     python scripts/bench.py --config configs/bench.yaml --profile       # torch.profiler table
+    python scripts/bench.py --config configs/ablate.yaml --profile-cpu  # operators, CPU time
     python scripts/bench.py --config configs/bench.yaml --ac            # activation checkpointing
     python scripts/bench.py --config configs/bench.yaml --model.n_experts=8 --steps 20
     python scripts/bench.py --config configs/bench.yaml --experts 8,16,64,256   # many experts
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the MoE with each expert implementation (grouped, bmm, loop)")
     p.add_argument("--profile", action="store_true",
                    help="print a torch.profiler table of MoE steps instead of benchmarking")
+    p.add_argument("--profile-cpu", action="store_true",
+                   help="print each aten operator's thread CPU time and calls per MoE step "
+                        "instead of benchmarking (moe/bench/ops.py; robust to machine load)")
     p.add_argument("--ac", action="store_true",
                    help="peak memory and fwd+bwd tokens/s under activation_checkpointing none, "
                         "full and selective, each in a fresh process (moe/bench/memory.py)")
@@ -62,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.profile:
         print(profile_step(cfg, steps=args.steps, warmup=args.warmup))
+        return 0
+    if args.profile_cpu:
+        from moe.bench.ops import format_table
+        from moe.bench.step import profile_step_cpu
+
+        r = profile_step_cpu(cfg, steps=args.steps, warmup=args.warmup)
+        print(json.dumps(r) if args.json else format_table(r))
         return 0
 
     log = None if args.json else (lambda s: print(s, flush=True))

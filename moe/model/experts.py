@@ -31,6 +31,8 @@ Mixtral's ``experts.{e}.w1.weight`` is ``w1[e].T`` (nn.Linear stores [out, in]).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -126,7 +128,19 @@ class GroupedExperts(nn.Module):
                 scale: torch.Tensor | None = None) -> torch.Tensor:
         """x: [M, dim] sorted by expert; counts: [E] rows per expert (sum M); capacity: an
         upper bound on counts (the bmm buffer size); scale: [M] or None, each row's output
-        multiplier (folded into the hidden activation). Returns [M, dim]."""
+        multiplier (folded into the hidden activation). Returns [M, dim].
+
+        Under ``torch.compile`` outside bf16 the experts run eagerly (a graph break, next to
+        the MoE layer's host sync): traced, ``torch._grouped_mm`` is refused there and the
+        loop's per-expert row counts (``counts.tolist()``) made dynamo recompile every step
+        until its recompile limit (configs/ablate.yaml, 1 thread: 231 tokens/s against
+        ~19,000 eager; docs/benchmarks.md)."""
+        if torch.compiler.is_compiling() and _compute_dtype(x) != torch.bfloat16:
+            return _eager_experts()(self, x, counts, capacity, scale)
+        return self._forward(x, counts, capacity, scale)
+
+    def _forward(self, x: torch.Tensor, counts: torch.Tensor, capacity: int,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
         impl = resolve_impl(self.impl, x, self.w1.shape[1], self.w1.shape[2])
         if torch.is_autocast_enabled(x.device.type):
             # Custom matmuls are not on autocast's lists: cast explicitly to its dtype.
@@ -196,3 +210,9 @@ class GroupedExperts(nn.Module):
                 n_experts, capacity, 1)
         out = torch.bmm(h, w2)
         return out.reshape(n_experts * capacity, -1).index_select(0, flat_slot)
+
+
+@functools.cache
+def _eager_experts():
+    # Built on first use: torch.compiler.disable imports torch._dynamo (~2 s a process).
+    return torch.compiler.disable(GroupedExperts._forward)

@@ -74,7 +74,12 @@ def _counts_here(rec: ShardRecord, mesh: DeviceMesh) -> bool:
 
 
 def grad_norm(parts: list[nn.Module], mesh: DeviceMesh | None) -> torch.Tensor:
-    """Global L2 norm of all gradients (after reduce_gradients), identical on every rank."""
+    """Global L2 norm of all gradients (after reduce_gradients), identical on every rank.
+
+    sqrt(sum over counted gradients g of sum(g.float()^2)). Not ``torch._foreach_norm`` (what
+    torch's ``get_total_norm`` uses): one kernel instead of a pow and a sum per parameter, but on
+    CPU its per-tensor norms were up to 5e-6 off in fp32 (the configs/ablate.yaml model's head
+    gradient; this sum: 4e-8), for ~0.1 ms of a ~45 ms step."""
     params = [p for _, p, rec in named_records(parts)
               if p.grad is not None and (mesh is None or _counts_here(rec, mesh))]
     if params:
@@ -90,13 +95,19 @@ def grad_norm(parts: list[nn.Module], mesh: DeviceMesh | None) -> torch.Tensor:
 
 def clip_gradients(parts: list[nn.Module], mesh: DeviceMesh | None,
                    max_norm: float) -> torch.Tensor:
-    """Clip to ``max_norm`` (0 disables) by the global norm; returns the norm before clipping."""
+    """Clip to ``max_norm`` (0 disables) by the global norm; returns the norm before clipping.
+    Every gradient is multiplied by the same fp32 factor, cast to its dtype (one foreach
+    multiply per dtype)."""
     norm = grad_norm(parts, mesh)
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for _, p, _ in named_records(parts):
             if p.grad is not None:
-                local_tensor(p.grad).mul_(scale.to(p.grad.dtype))
+                g = local_tensor(p.grad)
+                by_dtype.setdefault(g.dtype, []).append(g)
+        for dtype, grads in by_dtype.items():
+            torch._foreach_mul_(grads, scale.to(dtype))
     return norm
 
 
