@@ -46,6 +46,10 @@ the other absent. Nothing else in the text gives its answer away:
   answer: "what shape is the red one? a: circle" rules out a red square); it involves the
   objects carrying its colour or shape and, when that is one object of several, one more
   drawn at random, so that yes and no leave the same objects to the other questions;
+- ``DISTRACTOR_SHARE`` of the exists texts draw their negative from the distractors (1: all,
+  data format 3); the others from the one-absent pairs (``exists_questions(distractors=
+  False)``), which presence alone answers: an easier signal, measured without effect on
+  binding in docs/vision.md, so the default stays 1;
 - which exists question a text asks is chosen to balance yes and no per (pair, object count)
   over the split (``make_split`` keeps the counts): overall and for every seen pair as many
   yes as no, to within a few, so the question alone predicts nothing (``exists_balance``).
