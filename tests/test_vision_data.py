@@ -187,6 +187,15 @@ def test_exists_questions_of_hand_made_scenes():
     assert negatives[:2] == ["q: is there a red triangle? a:", "q: is there a red cross? a:"]
     assert "q: is there a yellow cross? a:" in negatives and len(negatives) == 11
     assert not {vd.exists_pair(q) for q in vd.exists_questions(apart)} & HELD_OUT
+    # Without distractors: the one-absent negatives, per object, even where distractors exist
+    # (the texts' easier negatives: presence alone answers them).
+    assert [(q.prompt, q.answer) for q in vd.exists_questions(two, distractors=False)] == [
+        ("q: is there a red square? a:", yes), ("q: is there a blue circle? a:", yes)] + [
+        (f"q: is there a {c} {s}? a:", no) for c, s in (
+            ("red", "triangle"), ("red", "cross"), ("green", "square"), ("purple", "square"),
+            ("white", "square"), ("blue", "cross"), ("green", "circle"), ("yellow", "circle"),
+            ("white", "circle"))]
+    assert vd.exists_questions(one, distractors=False) == vd.exists_questions(one)
     # A three-object scene: 3 yes, and the 6 cross pairs less the held-out ones.
     three = Scene((Shape("green", "square", 0), Shape("blue", "circle", 4),
                    Shape("white", "triangle", 8)))

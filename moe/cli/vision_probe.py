@@ -4,11 +4,16 @@
     python scripts/vision_probe.py --config configs/vision_tiny.yaml --features oracle --noise 0,0.3
     python scripts/vision_probe.py --run runs/vision_tiny --features latents    # a trained encoder
     python scripts/vision_probe.py --config configs/vision_tiny.yaml --encoder-pairs all
+    python scripts/vision_probe.py --config configs/vision_tiny.yaml --features oracle,latents \
+        --binding                                                      # "is there a red circle?"
 
 For each feature source (``--features``: oracle, patches, latents), trains a readout shaped as
 the model's cross-attention on the training images' frozen features, then prints its accuracy
 on the validation images, on the seen objects of the held-out images, and on the held-out
-pairs (moe/vision/probe.py says what is asked and why). The encoder is a fresh one
+pairs (moe/vision/probe.py says what is asked and why). ``--binding`` also trains a binding
+readout (one query per colour x shape pair, yes / no) on the same features and prints its
+accuracy on the validation images' seen-pair exists questions, a yes and a distractor no each
+(the model's ``val_exists_accuracy`` queries; chance 1/2). The encoder is a fresh one
 pre-trained as a vision run pre-trains it (vision.pretrain_steps on the training images;
 ``--encoder-pairs all``: on as many images in which every pair appears, held-out ones too), or
 the one of ``--run`` (after its language-model training). Chance is 1/4 for shapes and 1/6
@@ -47,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "images of every pair (all)")
     parser.add_argument("--noise", default="0", help="oracle feature noise std(s), comma-separated")
     parser.add_argument("--steps", type=int, default=1500, help="probe training steps")
+    parser.add_argument("--binding", action="store_true",
+                        help="also probe binding: is there a <colour> <shape>? on seen pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -124,16 +131,29 @@ def main(argv: list[str] | None = None) -> int:
                          "heldout_pair": asdict(vprobe.score_probe(probe, held, data.heldout,
                                                                    heldout_pairs=True)),
                          "seconds": time.perf_counter() - start})
+            if args.binding:
+                start = time.perf_counter()
+                bprobe, bloss = vprobe.train_binding_probe(
+                    feats(data.train, 0), vprobe.binding_queries(data.train, args.seed),
+                    **readout)
+                val_queries = vprobe.binding_queries(data.val)
+                rows[-1]["binding"] = {
+                    "probe_loss": bloss, "n_queries": len(val_queries),
+                    "val_exists": vprobe.score_binding(bprobe, feats(data.val, 1), val_queries),
+                    "seconds": time.perf_counter() - start}
     if args.json:
         print(json.dumps({"encoder": encoder_info, "encoder_pairs": args.encoder_pairs,
                           "readout": readout, "rows": rows}))
         return 0
+    binding = " val exists (chance 0.5) |" if args.binding else ""
     print("| features | val shape / colour | held-out images, seen objects | held-out pairs "
-          "(chance 0.25 / 0.17) |")
-    print("| --- | --- | --- | --- |")
+          "(chance 0.25 / 0.17) |" + binding)
+    print("| --- | --- | --- | --- |" + (" --- |" if args.binding else ""))
     for r in rows:
         name = r["features"] + (f" (noise {r['noise']:g})" if r["noise"] else "")
         cells = [f"{r[k]['shape']:.3f} / {r[k]['colour']:.3f}"
                  for k in ("val", "heldout_seen", "heldout_pair")]
+        if args.binding:
+            cells.append(f"{r['binding']['val_exists']:.3f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0

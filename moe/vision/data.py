@@ -46,6 +46,10 @@ the other absent. Nothing else in the text gives its answer away:
   answer: "what shape is the red one? a: circle" rules out a red square); it involves the
   objects carrying its colour or shape and, when that is one object of several, one more
   drawn at random, so that yes and no leave the same objects to the other questions;
+- ``DISTRACTOR_SHARE`` of the exists texts draw their negative from the distractors (1: all,
+  data format 3); the others from the one-absent pairs (``exists_questions(distractors=
+  False)``), which presence alone answers: an easier signal, measured without effect on
+  binding in docs/vision.md, so the default stays 1;
 - which exists question a text asks is chosen to balance yes and no per (pair, object count)
   over the split (``make_split`` keeps the counts): overall and for every seen pair as many
   yes as no, to within a few, so the question alone predicts nothing (``exists_balance``).
@@ -114,6 +118,7 @@ MAX_JITTER_PX = 2.0
 MAX_WORDS = 27  # the longest text: 3 position questions with 2-word positions, 9 words each
 CAPTION_SHARE = 0.5  # of the texts: the caption; the others are questions
 EXISTS_SHARE = 0.5  # of the question texts: one exists question and 1-2 others
+DISTRACTOR_SHARE = 1.0  # of the exists texts: negatives drawn from the distractors
 PROBE_STREAM = len(SPLITS)  # binding_probe's generator: (seed, PROBE_STREAM), apart from splits
 PREVIEWS = 4  # preview PNGs per split
 PREVIEW_SCALE = 4
@@ -333,17 +338,19 @@ class _ExistsOption:
     involved: tuple[Shape, ...]  # the objects carrying its colour or shape
 
 
-def _exists_options(scene: Scene) -> list[_ExistsOption]:
+def _exists_options(scene: Scene, distractors: bool = True) -> list[_ExistsOption]:
     """The exists questions a text may ask about the scene, seen pairs only: a positive per
-    seen object, then the seen distractors, or (none) the seen pairs with one attribute from
-    an object and the other absent from the scene."""
+    seen object, then the negatives: the seen distractors (``distractors`` and the scene has
+    one), else the seen *one-absent* pairs, one attribute from an object and the other absent
+    from the scene."""
     objs = sorted(scene.objects, key=lambda o: o.cell)
     out = [_ExistsOption(exists_question(o.colour, o.shape, True), (o.colour, o.shape), (o,))
            for o in objs if (o.colour, o.shape) not in HELD_OUT]
     negatives = [_ExistsOption(exists_question(a.colour, b.shape, False), (a.colour, b.shape),
                                (a, b))
                  for a, b in cross_pairs(scene) if (a.colour, b.shape) not in HELD_OUT]
-    if not negatives:
+    if not negatives or not distractors:
+        negatives = []
         colours, shapes = {o.colour for o in objs}, {o.shape for o in objs}
         for o in objs:
             pairs = [(o.colour, s) for s in SHAPES if s not in shapes]
@@ -353,9 +360,11 @@ def _exists_options(scene: Scene) -> list[_ExistsOption]:
     return out + negatives
 
 
-def exists_questions(scene: Scene) -> list[Question]:
-    """Every exists question a training text may ask about the scene (``training_text``)."""
-    return [opt.question for opt in _exists_options(scene)]
+def exists_questions(scene: Scene, distractors: bool = True) -> list[Question]:
+    """The exists questions a training text may ask about the scene (``training_text``):
+    with distractor negatives where the scene has some, or (``distractors=False``) with
+    one-absent negatives."""
+    return [opt.question for opt in _exists_options(scene, distractors)]
 
 
 def _balance_key(pair: tuple[str, str], scene: Scene) -> tuple[str, str, int]:
@@ -365,7 +374,8 @@ def _balance_key(pair: tuple[str, str], scene: Scene) -> tuple[str, str, int]:
 def _exists_text(scene: Scene, rng: np.random.Generator, balance: dict) -> list[Question]:
     """One exists question, the one whose answer its (pair, object count) lacks most in
     ``balance`` (ties by rng), with 1-2 questions that do not involve its objects."""
-    options = _exists_options(scene)
+    hard = DISTRACTOR_SHARE >= 1 or bool(rng.random() < DISTRACTOR_SHARE)
+    options = _exists_options(scene, distractors=hard)
 
     def need(opt: _ExistsOption) -> int:  # yes - no so far, signed for the answer it adds
         yes, no = balance.get(_balance_key(opt.pair, scene), (0, 0))

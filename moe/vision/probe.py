@@ -175,3 +175,76 @@ def score_probe(probe: ReadoutProbe, feats: torch.Tensor, split: vdata.VisionSpl
         return float(np.mean(xs)) if len(xs) else float("nan")
     return ProbeScores(mean(shape_ok), mean(colour_ok), mean(absent.float().tolist()),
                        len(shape_ok))
+
+
+# --- binding: "is there a <colour> <shape>?" -------------------------------------------------
+
+PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in vdata.COLOUR_NAMES
+                                           for s in vdata.SHAPES)
+
+
+def binding_queries(split: vdata.VisionSplit, seed: int | None = None) -> torch.Tensor:
+    """int64 [Q, 3] rows (image, index in PAIRS, answer 1 yes / 0 no) about seen pairs: per
+    image that has a seen distractor, a yes (an object's own pair) and a distractor no (the
+    colour of one object, the shape of another), so presence alone scores 1/2. ``seed``: the
+    object and the distractor drawn at random (training); None: ``data.exists_queries``'s
+    choice (the model's own ``val_exists_accuracy`` queries)."""
+    if seed is None:
+        rows = [(i, PAIRS.index(vdata.exists_pair(q)), int(q.answer == " yes"))
+                for i, q in vdata.exists_queries(split)]
+    else:
+        rng, rows = np.random.default_rng([seed, 3]), []
+        for i, scene in enumerate(split.scenes):
+            objs = [(o.colour, o.shape) for o in scene.objects
+                    if (o.colour, o.shape) not in vdata.HELD_OUT]
+            negs = [(a.colour, b.shape) for a, b in vdata.cross_pairs(scene)
+                    if (a.colour, b.shape) not in vdata.HELD_OUT]
+            if objs and negs:
+                rows += [(i, PAIRS.index(objs[rng.integers(len(objs))]), 1),
+                         (i, PAIRS.index(negs[rng.integers(len(negs))]), 0)]
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
+
+
+class BindingReadout(nn.Module):
+    """One learned query per colour x shape pair through one ``CrossAttention`` over the
+    features, then yes / no logits from the attention output: [B, M, d], pair [B] -> [B, 2].
+    It must find, in one attention, a place holding both the colour and the shape."""
+
+    def __init__(self, feature_dim: int, dim: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.queries = nn.Parameter(0.5 * torch.randn(len(PAIRS), dim))
+        self.attn = CrossAttention(dim, feature_dim, n_heads, n_kv_heads, head_dim)
+        self.out = nn.Linear(dim, 2)
+
+    def forward(self, feats: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(self.queries[pair][:, None], feats)[:, 0])
+
+
+def train_binding_probe(feats: torch.Tensor, queries: torch.Tensor, *, dim: int, n_heads: int,
+                        n_kv_heads: int, head_dim: int, steps: int = 1500, batch: int = 128,
+                        lr: float = 3e-3, seed: int = 0) -> tuple[BindingReadout, float]:
+    """AdamW on the yes / no cross-entropy of batches of ``queries`` (``binding_queries``)
+    over frozen ``feats``; returns the readout and the mean loss of the last 10% of steps."""
+    torch.manual_seed(seed)
+    probe = BindingReadout(feats.shape[-1], dim, n_heads, n_kv_heads, head_dim)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr)
+    rng = np.random.default_rng([seed, 4])
+    losses = []
+    for _ in range(steps):
+        b = queries[torch.from_numpy(rng.integers(0, len(queries), batch))]
+        loss = F.cross_entropy(probe(feats[b[:, 0]], b[:, 1]), b[:, 2])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    tail = losses[-max(1, steps // 10):]
+    return probe.eval(), float(np.mean(tail)) if tail else float("nan")
+
+
+@torch.no_grad()
+def score_binding(probe: nn.Module, feats: torch.Tensor, queries: torch.Tensor) -> float:
+    """Share of ``queries`` answered right (chance 1/2 on ``binding_queries``)."""
+    if not len(queries):
+        return float("nan")
+    pred = probe(feats[queries[:, 0]], queries[:, 1]).argmax(-1)
+    return float((pred == queries[:, 2]).float().mean())
