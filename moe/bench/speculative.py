@@ -33,12 +33,12 @@ import dataclasses
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from moe.inference.engine import Engine
-from moe.inference.sampling import SamplingParams
+from moe.inference.sampling import SamplingParams, sample
 from moe.inference.speculative import SpeculativeDecoder, predicted_tokens_per_call
 
 PROMPTS = ("def ", "import os\nimport sys\n\n\ndef main(", "class Node:\n    def __init__(self, ",
@@ -92,26 +92,59 @@ def forward_ms(engine: Engine, prefix: int, s: int, gen: torch.Generator,
     return 1e3 * statistics.median(times)
 
 
-def step_costs(target, draft, prompt: list[int], gamma: int, n: int = 40) -> dict:
-    """Median ms of one forward after ``prompt``: a decode step of each model and the
-    target's verify of gamma + 1 tokens (MoE: those tokens route to up to (gamma + 1) * top_k
-    distinct experts, so unlike a dense model's the verify reads more weights than a step)."""
+def step_costs(target, draft, prompt: list[int], gammas: Sequence[int], n: int = 40) -> dict:
+    """Median ms of one forward after ``prompt``: a decode step of each model, the target's
+    verify of gamma + 1 tokens for each gamma (MoE: those tokens route to up to
+    (gamma + 1) * top_k distinct experts, so unlike a dense model's the verify reads more
+    weights than a step), and one sampling draw (``sample`` at temperature 1 on the target's
+    vocabulary: filter, softmax, draw)."""
     g = torch.Generator().manual_seed(0)
     t, d = Engine(target, 1), Engine(draft, 1)
     t.prefill([0], [prompt])
     d.prefill([0], [prompt])
     forward_ms(t, len(prompt), 1, g, n), forward_ms(d, len(prompt), 1, g, n)  # warm-up
-    return {"target_step_ms": forward_ms(t, len(prompt), 1, g, n),
-            "draft_step_ms": forward_ms(d, len(prompt), 1, g, n),
-            "target_verify_ms": forward_ms(t, len(prompt), gamma + 1, g, n)}
+    out = {"target_step_ms": forward_ms(t, len(prompt), 1, g, n),
+           "draft_step_ms": forward_ms(d, len(prompt), 1, g, n),
+           "target_verify_ms": {gm: forward_ms(t, len(prompt), gm + 1, g, n) for gm in gammas}}
+    logits = torch.randn(1, target.cfg.vocab_size, generator=g)
+    params = SamplingParams(temperature=1.0)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        sample(logits, params, g)
+        times.append(time.perf_counter() - t0)
+    out["sample_ms"] = 1e3 * statistics.median(times)
+    return out
+
+
+def cost_model_speedup(alpha: float, gamma: int, step_ms: float, draft_ms: float,
+                       verify_ms: float, sample_ms: float = 0.0) -> float:
+    """Predicted speedup of speculative decoding over the target alone, from measured costs.
+
+    A token of the target alone costs a step t plus a sampling draw s; a speculative call
+    costs gamma draft steps d, each with a draw, a verify v(gamma) of gamma + 1 tokens, and
+    the accept / resample step (about one draw), and yields E = (1 - a^(g + 1)) / (1 - a)
+    tokens (Leviathan et al., eq. 1):
+
+        speedup = E (t + s) / (g (d + s) + v(g) + s)
+
+    Greedy: s = 0 (an argmax). With v = t and s = 0 this is Leviathan et al.'s
+    (1 - a^(g + 1)) / ((1 - a)(g c + 1)), c = d / t."""
+    per_call = predicted_tokens_per_call(alpha, gamma)
+    return per_call * (step_ms + sample_ms) / (
+        gamma * (draft_ms + sample_ms) + verify_ms + sample_ms)
 
 
 def speculative_bench(target, draft, prompts: list[list[int]], new_tokens: int,
-                      draft_tokens: int, repeats: int, seed: int = 0,
+                      draft_tokens: int | Sequence[int], repeats: int, seed: int = 0,
                       log: Callable[[str], None] = lambda s: None) -> dict:
-    """The section's keys (see the module docstring)."""
+    """The section's keys (see the module docstring); ``draft_tokens``: gamma, or several."""
+    gammas = [draft_tokens] if isinstance(draft_tokens, int) else list(draft_tokens)
+    if not gammas or any(isinstance(gm, bool) or not isinstance(gm, int) or gm < 1
+                         for gm in gammas):
+        raise ValueError(f"draft tokens {draft_tokens!r}: want integers >= 1")
     room = min(target.cfg.max_seq_len, draft.cfg.max_seq_len) - max(map(len, prompts))
-    new_tokens = min(new_tokens, room - draft_tokens - 1)  # room left for step_costs' verify
+    new_tokens = min(new_tokens, room - max(gammas) - 1)  # room left for step_costs' verify
     if new_tokens < 1:
         raise ValueError(f"prompts of up to {max(map(len, prompts))} tokens leave no room in "
                          f"max_seq_len={target.cfg.max_seq_len}")
@@ -119,48 +152,66 @@ def speculative_bench(target, draft, prompts: list[list[int]], new_tokens: int,
     plain = Engine(target, 1)
     modes = {"greedy": SamplingParams(max_new_tokens=new_tokens, temperature=0),
              "sampled": SamplingParams(max_new_tokens=new_tokens, temperature=1.0)}
-    out: dict = {"draft_tokens": draft_tokens, "new_tokens": new_tokens,
+    out: dict = {"draft_tokens": gammas, "new_tokens": new_tokens,
                  "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
                  "runs": repeats}
     with torch.no_grad():
-        out.update(step_costs(target, draft, prompts[0], draft_tokens))
-    out["cost_ratio"] = out["draft_step_ms"] / out["target_step_ms"]  # Leviathan et al.'s c
-    out["verify_cost_ratio"] = out["target_verify_ms"] / out["target_step_ms"]
-    for mode, params in modes.items():
-        dec = SpeculativeDecoder(target, draft, draft_tokens)
-        runs = _runs(plain, dec, prompts, params, seed)
-        with torch.no_grad():
-            for fn in runs.values():
-                fn()  # warm-up
-            dec.stats.reset()
-            walls: dict[str, list[float]] = {k: [] for k in runs}
-            tokens = {}
-            for i in range(repeats):
-                for name in list(runs) if i % 2 == 0 else list(reversed(runs)):
-                    t0 = time.perf_counter()
-                    tokens[name] = runs[name]()
-                    walls[name].append(time.perf_counter() - t0)
-                    log(f"  {mode} run {i + 1}/{repeats} {name:11s} "
-                        f"{total / walls[name][-1]:7.1f} tokens/s")
-        med = {k: statistics.median(v) for k, v in walls.items()}
-        st = dec.stats
-        a, g = st.acceptance_rate_predicted, draft_tokens
-        per_call = predicted_tokens_per_call(a, g)
-        entry = {"speedup": med["target"] / med["speculative"],
-                 "target_tokens_per_s": total / med["target"],
-                 "speculative_tokens_per_s": total / med["speculative"],
-                 **st.to_dict(),
-                 # Leviathan et al. eq. 2: a verify costs one target step.
-                 "speedup_predicted": per_call / (g * out["cost_ratio"] + 1),
-                 # The same with the measured verify: what the step costs allow.
-                 "speedup_predicted_measured_verify":
-                     per_call * out["target_step_ms"]
-                     / (g * out["draft_step_ms"] + out["target_verify_ms"]),
-                 "wall_s_target": walls["target"], "wall_s_speculative": walls["speculative"]}
-        if mode == "greedy":
-            entry["same_tokens"] = tokens["speculative"] == tokens["target"]
-        out[mode] = entry
+        costs = step_costs(target, draft, prompts[0], gammas)
+    verify_ms = costs.pop("target_verify_ms")
+    out.update(costs)
+    t_ms, d_ms, s_ms = out["target_step_ms"], out["draft_step_ms"], out["sample_ms"]
+    out["cost_ratio"] = d_ms / t_ms  # Leviathan et al.'s c
+    out["by_gamma"] = {}
+    for g in gammas:
+        row: dict = {"target_verify_ms": verify_ms[g], "verify_cost_ratio": verify_ms[g] / t_ms}
+        for mode, params in modes.items():
+            log(f"  gamma {g}, {mode}")
+            entry = _time_mode(plain, SpeculativeDecoder(target, draft, g), prompts, params,
+                               repeats, seed, total, log)
+            a = entry["acceptance_rate_predicted"]
+            entry["speedup_predicted"] = cost_model_speedup(a, g, 1.0, out["cost_ratio"], 1.0)
+            entry["speedup_predicted_measured_verify"] = cost_model_speedup(a, g, t_ms, d_ms,
+                                                                            verify_ms[g])
+            entry["speedup_predicted_cost_model"] = cost_model_speedup(
+                a, g, t_ms, d_ms, verify_ms[g], 0.0 if params.greedy else s_ms)
+            row[mode] = entry
+        out["by_gamma"][g] = row
+    for mode in modes:
+        by = {g: out["by_gamma"][g][mode] for g in gammas}
+        out[f"best_gamma_{mode}"] = max(gammas, key=lambda g: by[g]["speedup"])
+        out[f"best_gamma_{mode}_predicted"] = max(
+            gammas, key=lambda g: by[g]["speedup_predicted_cost_model"])
     return out
+
+
+def _time_mode(plain: Engine, dec: SpeculativeDecoder, prompts: list[list[int]],
+               params: SamplingParams, repeats: int, seed: int, total: int,
+               log: Callable[[str], None]) -> dict:
+    """One mode at one gamma: the target alone and the decoder in turns, after a warm-up;
+    medians, rates over the timed runs."""
+    runs = _runs(plain, dec, prompts, params, seed)
+    with torch.no_grad():
+        for fn in runs.values():
+            fn()  # warm-up
+        dec.stats.reset()
+        walls: dict[str, list[float]] = {k: [] for k in runs}
+        tokens = {}
+        for i in range(repeats):
+            for name in list(runs) if i % 2 == 0 else list(reversed(runs)):
+                t0 = time.perf_counter()
+                tokens[name] = runs[name]()
+                walls[name].append(time.perf_counter() - t0)
+                log(f"    run {i + 1}/{repeats} {name:11s} "
+                    f"{total / walls[name][-1]:7.1f} tokens/s")
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    entry = {"speedup": med["target"] / med["speculative"],
+             "target_tokens_per_s": total / med["target"],
+             "speculative_tokens_per_s": total / med["speculative"],
+             **dec.stats.to_dict(),
+             "wall_s_target": walls["target"], "wall_s_speculative": walls["speculative"]}
+    if params.greedy:
+        entry["same_tokens"] = tokens["speculative"] == tokens["target"]
+    return entry
 
 
 def _runs(plain: Engine, dec: SpeculativeDecoder, prompts: list[list[int]],
@@ -179,12 +230,19 @@ def _runs(plain: Engine, dec: SpeculativeDecoder, prompts: list[list[int]],
 
 
 def speculative_keys(section: dict) -> dict:
-    """The top-level keys of the benchmark's JSON: the sampled mode's (where 1 - TV(p, q) is
-    not trivially the measured rate, as it is under greedy), and the greedy speedup."""
-    s = section["sampled"]
-    return {"speculative_speedup": s["speedup"], "acceptance_rate": s["acceptance_rate"],
+    """The top-level keys of the benchmark's JSON: those of the gamma with the best measured
+    sampled speedup, in the sampled mode (where 1 - TV(p, q) is not trivially the measured
+    rate, as it is under greedy), and the best greedy speedup."""
+    best = section["by_gamma"][section["best_gamma_sampled"]]
+    s = best["sampled"]
+    greedy = section["by_gamma"][section["best_gamma_greedy"]]["greedy"]
+    return {"speculative_speedup": s["speedup"],
+            "speculative_speedup_predicted": s["speedup_predicted_cost_model"],
+            "speculative_draft_tokens": section["best_gamma_sampled"],
+            "acceptance_rate": s["acceptance_rate"],
             "acceptance_rate_predicted": s["acceptance_rate_predicted"],
             "tokens_per_target_call": s["tokens_per_target_call"],
             "tokens_per_target_call_predicted": s["tokens_per_target_call_predicted"],
-            "speculative_speedup_greedy": section["greedy"]["speedup"],
+            "speculative_speedup_greedy": greedy["speedup"],
+            "speculative_draft_tokens_greedy": section["best_gamma_greedy"],
             "speculative": section}
