@@ -9,7 +9,8 @@ on two random prompts. Random models' acceptance says nothing about trained ones
 measures the machinery (its overhead, the rates against their predictions), not a useful
 speedup. ``speculative.models`` says which ran.
 
-Timing. For each mode, greedy and sampled (temperature 1, no top-k / top-p: the models' own
+Timing. For each gamma asked for (``draft_tokens``: one, or several to find the best) and
+each mode, greedy and sampled (temperature 1, no top-k / top-p: the models' own
 distributions), every prompt is continued by ``new_tokens`` tokens (no stop token) by the
 target alone (an ``Engine``) and by a ``SpeculativeDecoder``, both reused across calls, taken
 in turns ``repeats`` times after an untimed warm-up; the speedup is the ratio of the median
@@ -17,14 +18,21 @@ wall times over all prompts. Greedy checks the tokens are the target's own. The 
 from the decoder's ``SpeculativeStats`` over the timed runs (fresh seeds each call, so the
 repeats are independent samples): acceptance measured (accepted / accept tests) beside
 1 - TV(p, q) averaged over the same positions, tokens per target call beside
-(1 - a^(g + 1)) / (1 - a). ``step_costs`` times one forward of each: ``cost_ratio`` c is the
-draft's decode step over the target's, ``verify_cost_ratio`` the target's verify of g + 1
-tokens over its decode step. ``speedup_predicted`` is Leviathan et al.'s
-(1 - a^(g + 1)) / ((1 - a)(g c + 1)), which takes a verify to cost one step (true of a
-bandwidth-bound dense model); ``speedup_predicted_measured_verify`` uses the measured verify
-instead. On an MoE target the verify's g + 1 tokens route to up to (g + 1) * top_k distinct
-experts, so it reads several times the expert weights of one step: that, and a draft whose
-per-step cost is mostly fixed overhead on a CPU, is most of the gap.
+(1 - a^(g + 1)) / (1 - a).
+
+The cost model. ``step_costs`` times one forward of each: the target's decode step t, the
+draft's d, the target's verify v(g) of g + 1 tokens for each gamma, and one sampling draw s
+(filter, softmax, draw at the vocabulary). ``cost_ratio`` is d / t (Leviathan et al.'s c),
+``verify_cost_ratio`` v(g) / t. Per gamma and mode, at the predicted acceptance a:
+``speedup_predicted`` is Leviathan et al.'s (1 - a^(g + 1)) / ((1 - a)(g c + 1)), which takes
+a verify to cost one step (true of a bandwidth-bound dense model);
+``speedup_predicted_measured_verify`` uses the measured v(g) instead; and
+``speedup_predicted_cost_model`` (``cost_model_speedup``) adds the sampled mode's draws:
+E (t + s) / (g (d + s) + v(g) + s), E the expected tokens per call. ``best_gamma_<mode>`` is
+the gamma with the best measured speedup, ``best_gamma_<mode>_predicted`` the cost model's.
+On an MoE target the verify's g + 1 tokens route to up to (g + 1) * top_k distinct experts,
+so it reads several times the expert weights of one step: that, and a draft whose per-step
+cost is mostly fixed overhead on a CPU, is what decides whether a draft pays.
 """
 
 from __future__ import annotations
