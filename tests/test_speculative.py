@@ -283,6 +283,10 @@ def test_speculative_bench_section_keys():
         assert row["greedy"]["same_tokens"] and row["sampled"]["target_calls"] >= 8 / (g + 1)
         assert row["greedy"]["speedup_predicted_cost_model"] == \
             row["greedy"]["speedup_predicted_measured_verify"]  # greedy draws nothing
+        for mode in ("greedy", "sampled"):  # the costs the runs paid, each seen
+            ir = row[mode]["in_run"]
+            assert min(ir["target_step_ms"], ir["draft_step_ms"], ir["verify_ms"]) > 0, ir
+            assert row[mode]["speedup_predicted_in_run"] > 0
     for mode in ("greedy", "sampled"):
         assert section[f"best_gamma_{mode}"] in (1, 3)
         assert section[f"best_gamma_{mode}_predicted"] in (1, 3)

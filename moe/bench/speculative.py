@@ -105,24 +105,80 @@ def step_costs(target, draft, prompt: list[int], gammas: Sequence[int], n: int =
     verify of gamma + 1 tokens for each gamma (MoE: those tokens route to up to
     (gamma + 1) * top_k distinct experts, so unlike a dense model's the verify reads more
     weights than a step), and one sampling draw (``sample`` at temperature 1 on the target's
-    vocabulary: filter, softmax, draw)."""
+    vocabulary: filter, softmax, draw). Taken in turns, one of each per round, so load that
+    drifts on a shared machine falls on every ratio alike."""
     g = torch.Generator().manual_seed(0)
     t, d = Engine(target, 1), Engine(draft, 1)
     t.prefill([0], [prompt])
     d.prefill([0], [prompt])
-    forward_ms(t, len(prompt), 1, g, n), forward_ms(d, len(prompt), 1, g, n)  # warm-up
-    out = {"target_step_ms": forward_ms(t, len(prompt), 1, g, n),
-           "draft_step_ms": forward_ms(d, len(prompt), 1, g, n),
-           "target_verify_ms": {gm: forward_ms(t, len(prompt), gm + 1, g, n) for gm in gammas}}
     logits = torch.randn(1, target.cfg.vocab_size, generator=g)
     params = SamplingParams(temperature=1.0)
-    times = []
-    for _ in range(n):
+
+    def draw() -> float:
         t0 = time.perf_counter()
         sample(logits, params, g)
-        times.append(time.perf_counter() - t0)
-    out["sample_ms"] = 1e3 * statistics.median(times)
-    return out
+        return 1e3 * (time.perf_counter() - t0)
+
+    kinds: dict = {"target_step_ms": lambda: forward_ms(t, len(prompt), 1, g, 1),
+                   "draft_step_ms": lambda: forward_ms(d, len(prompt), 1, g, 1),
+                   "sample_ms": draw}
+    for gm in gammas:
+        kinds[gm] = lambda gm=gm: forward_ms(t, len(prompt), gm + 1, g, 1)
+    times: dict = {k: [] for k in kinds}
+    for i in range(n + 2):  # the first two rounds warm up
+        for k, fn in kinds.items():
+            ms = fn()
+            if i >= 2:
+                times[k].append(ms)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"target_step_ms": med["target_step_ms"], "draft_step_ms": med["draft_step_ms"],
+            "sample_ms": med["sample_ms"],
+            "target_verify_ms": {gm: med[gm] for gm in gammas}}
+
+
+class ForwardTimer:
+    """Times an engine's forwards inside the real runs: wraps its ``forward`` and ``prefill``
+    (instance attributes, so every call the engine's own methods make is seen) and sums wall
+    ms by the tokens per row of each forward, prefills apart."""
+
+    def __init__(self, engine: Engine):
+        self.reset()
+        forward, prefill = engine.forward, engine.prefill
+        inside = []
+
+        def timed_forward(slots, tokens, n_valid=None):
+            t0 = time.perf_counter()
+            out = forward(slots, tokens, n_valid)
+            if not inside:
+                key = len(tokens[0])
+                self.ms[key] = self.ms.get(key, 0.0) + 1e3 * (time.perf_counter() - t0)
+                self.calls[key] = self.calls.get(key, 0) + 1
+            return out
+
+        def timed_prefill(*args, **kw):
+            t0 = time.perf_counter()
+            inside.append(1)
+            try:
+                return prefill(*args, **kw)
+            finally:
+                inside.pop()
+                self.prefill_ms += 1e3 * (time.perf_counter() - t0)
+
+        engine.forward, engine.prefill = timed_forward, timed_prefill
+
+    def reset(self) -> None:
+        self.ms: dict[int, float] = {}
+        self.calls: dict[int, int] = {}
+        self.prefill_ms = 0.0
+
+    def total_ms(self) -> float:
+        return sum(self.ms.values()) + self.prefill_ms
+
+    def mean_ms(self, tokens: int | None = None) -> float:
+        """Mean ms of a forward of ``tokens`` per row (None: every size but prefills)."""
+        keys = list(self.ms) if tokens is None else [tokens]
+        n = sum(self.calls.get(k, 0) for k in keys)
+        return sum(self.ms.get(k, 0.0) for k in keys) / n if n else float("nan")
 
 
 def cost_model_speedup(alpha: float, gamma: int, step_ms: float, draft_ms: float,
@@ -158,6 +214,7 @@ def speculative_bench(target, draft, prompts: list[list[int]], new_tokens: int,
                          f"max_seq_len={target.cfg.max_seq_len}")
     total = new_tokens * len(prompts)
     plain = Engine(target, 1)
+    plain_timer = ForwardTimer(plain)
     modes = {"greedy": SamplingParams(max_new_tokens=new_tokens, temperature=0),
              "sampled": SamplingParams(max_new_tokens=new_tokens, temperature=1.0)}
     out: dict = {"draft_tokens": gammas, "new_tokens": new_tokens,
@@ -174,14 +231,18 @@ def speculative_bench(target, draft, prompts: list[list[int]], new_tokens: int,
         row: dict = {"target_verify_ms": verify_ms[g], "verify_cost_ratio": verify_ms[g] / t_ms}
         for mode, params in modes.items():
             log(f"  gamma {g}, {mode}")
-            entry = _time_mode(plain, SpeculativeDecoder(target, draft, g), prompts, params,
-                               repeats, seed, total, log)
+            entry = _time_mode(plain, plain_timer, SpeculativeDecoder(target, draft, g),
+                               prompts, params, repeats, seed, total, log)
             a = entry["acceptance_rate_predicted"]
             entry["speedup_predicted"] = cost_model_speedup(a, g, 1.0, out["cost_ratio"], 1.0)
             entry["speedup_predicted_measured_verify"] = cost_model_speedup(a, g, t_ms, d_ms,
                                                                             verify_ms[g])
+            draw = 0.0 if params.greedy else s_ms
             entry["speedup_predicted_cost_model"] = cost_model_speedup(
-                a, g, t_ms, d_ms, verify_ms[g], 0.0 if params.greedy else s_ms)
+                a, g, t_ms, d_ms, verify_ms[g], draw)
+            ir = entry["in_run"]  # the same model on the costs the runs paid
+            entry["speedup_predicted_in_run"] = cost_model_speedup(
+                a, g, ir["target_step_ms"], ir["draft_step_ms"], ir["verify_ms"], draw)
             row[mode] = entry
         out["by_gamma"][g] = row
     for mode in modes:
@@ -192,16 +253,23 @@ def speculative_bench(target, draft, prompts: list[list[int]], new_tokens: int,
     return out
 
 
-def _time_mode(plain: Engine, dec: SpeculativeDecoder, prompts: list[list[int]],
-               params: SamplingParams, repeats: int, seed: int, total: int,
-               log: Callable[[str], None]) -> dict:
+def _time_mode(plain: Engine, plain_timer: ForwardTimer, dec: SpeculativeDecoder,
+               prompts: list[list[int]], params: SamplingParams, repeats: int, seed: int,
+               total: int, log: Callable[[str], None]) -> dict:
     """One mode at one gamma: the target alone and the decoder in turns, after a warm-up;
-    medians, rates over the timed runs."""
+    medians, rates over the timed runs, and ``in_run``: the step costs as the runs paid them
+    (``ForwardTimer``: the target's decode step, the draft's forward, the verify of
+    gamma + 1 tokens) and the rest of the wall time, per plain token and per target call
+    (sampling, filters, cache bookkeeping, Python)."""
     runs = _runs(plain, dec, prompts, params, seed)
+    timers = {"plain": plain_timer, "verify": ForwardTimer(dec.target),
+              "draft": ForwardTimer(dec.proposer.engine)}
     with torch.no_grad():
         for fn in runs.values():
             fn()  # warm-up
         dec.stats.reset()
+        for tm in timers.values():
+            tm.reset()
         walls: dict[str, list[float]] = {k: [] for k in runs}
         tokens = {}
         for i in range(repeats):
@@ -219,6 +287,15 @@ def _time_mode(plain: Engine, dec: SpeculativeDecoder, prompts: list[list[int]],
              "wall_s_target": walls["target"], "wall_s_speculative": walls["speculative"]}
     if params.greedy:
         entry["same_tokens"] = tokens["speculative"] == tokens["target"]
+    g, st = dec.draft_tokens, dec.stats
+    entry["in_run"] = {
+        "target_step_ms": timers["plain"].mean_ms(1),
+        "draft_step_ms": timers["draft"].mean_ms(),
+        "verify_ms": timers["verify"].mean_ms(g + 1),
+        "other_ms_per_plain_token": (1e3 * sum(walls["target"]) - timers["plain"].total_ms())
+        / (total * repeats),
+        "other_ms_per_call": (1e3 * sum(walls["speculative"]) - timers["verify"].total_ms()
+                              - timers["draft"].total_ms()) / max(st.target_calls, 1)}
     return entry
 
 

@@ -124,24 +124,19 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """probs [B, V], u [B, 1] in [0, 1] -> [B, 1]: the first id whose cumulative probability
     exceeds u * total, so id i is drawn for u * total in [cdf(i - 1), cdf(i)): with u uniform,
     with probability p_i / total. A zero-probability id has an empty interval (cdf(i) =
-    cdf(i - 1) exactly: the CPU cumsum accumulates in double), so it is never drawn; where
-    rounding makes u * total reach the total, the last id with positive probability is the
-    limit from below. Each interval is right to one fp32 ulp of the total (about 6e-8 of it),
-    the precision the probabilities themselves carry. ValueError on a negative, NaN or
-    infinite entry, or a row with no mass (torch.multinomial's refusals)."""
+    cdf(i - 1) exactly: the CPU cumsum accumulates in double), so it is never drawn; u * total
+    is kept below the total (rounding can reach it), where the last id with positive
+    probability is the limit from below. Each interval is right to one fp32 ulp of the total
+    (about 6e-8 of it), the precision the probabilities themselves carry. ValueError on a
+    negative, NaN or infinite entry, or a row with no mass (torch.multinomial's refusals)."""
     probs = probs.float()
     cdf = probs.cumsum(-1)  # [B, V]
     total = cdf[:, -1:]
-    if not bool((probs.min() >= 0) & torch.isfinite(total).all() & (total > 0).all()):
+    if bool((probs.min() < 0) | ~torch.isfinite(total).all() | (total <= 0).any()):
         raise ValueError("cannot sample: probabilities must be finite, >= 0, and each row's "
                          "sum > 0")
-    ids = torch.searchsorted(cdf, u.to(cdf.dtype) * total, right=True)  # [B, 1]
-    v = probs.shape[-1]
-    over = ids >= v
-    if bool(over.any()):
-        last = (probs > 0).cumsum(-1).argmax(-1, keepdim=True)  # first index of the max count
-        ids = torch.where(over, last, ids)
-    return ids
+    below = torch.nextafter(total, torch.zeros_like(total))  # the largest float < total
+    return torch.searchsorted(cdf, torch.minimum(u.to(cdf.dtype) * total, below), right=True)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,
