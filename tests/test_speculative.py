@@ -286,7 +286,8 @@ def test_speculative_bench_section_keys():
         for mode in ("greedy", "sampled"):  # the costs the runs paid, each seen
             ir = row[mode]["in_run"]
             assert min(ir["target_step_ms"], ir["draft_step_ms"], ir["verify_ms"]) > 0, ir
-            assert row[mode]["speedup_predicted_in_run"] > 0
+            assert row[mode]["speedup_predicted_in_run"] > 0 and row[mode]["speedup_cpu"] > 0
+            assert row[mode]["in_run_cpu"]["verify_ms"] > 0
     for mode in ("greedy", "sampled"):
         assert section[f"best_gamma_{mode}"] in (1, 3)
         assert section[f"best_gamma_{mode}_predicted"] in (1, 3)

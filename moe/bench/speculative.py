@@ -138,8 +138,10 @@ def step_costs(target, draft, prompt: list[int], gammas: Sequence[int], n: int =
 
 class ForwardTimer:
     """Times an engine's forwards inside the real runs: wraps its ``forward`` and ``prefill``
-    (instance attributes, so every call the engine's own methods make is seen) and sums wall
-    ms by the tokens per row of each forward, prefills apart."""
+    (instance attributes, so every call the engine's own methods make is seen) and sums, by
+    the tokens per row of each forward (prefills apart), wall ms and this thread's CPU ms. On
+    a shared machine the two differ: a forward's wall time includes the time the process
+    waited for a core, CPU time does not (one torch thread: the thread's time is the work)."""
 
     def __init__(self, engine: Engine):
         self.reset()
@@ -147,38 +149,44 @@ class ForwardTimer:
         inside = []
 
         def timed_forward(slots, tokens, n_valid=None):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = forward(slots, tokens, n_valid)
             if not inside:
                 key = len(tokens[0])
                 self.ms[key] = self.ms.get(key, 0.0) + 1e3 * (time.perf_counter() - t0)
+                self.cpu_ms[key] = self.cpu_ms.get(key, 0.0) + 1e3 * (time.thread_time() - c0)
                 self.calls[key] = self.calls.get(key, 0) + 1
             return out
 
         def timed_prefill(*args, **kw):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             inside.append(1)
             try:
                 return prefill(*args, **kw)
             finally:
                 inside.pop()
                 self.prefill_ms += 1e3 * (time.perf_counter() - t0)
+                self.prefill_cpu_ms += 1e3 * (time.thread_time() - c0)
 
         engine.forward, engine.prefill = timed_forward, timed_prefill
 
     def reset(self) -> None:
         self.ms: dict[int, float] = {}
+        self.cpu_ms: dict[int, float] = {}
         self.calls: dict[int, int] = {}
-        self.prefill_ms = 0.0
+        self.prefill_ms = self.prefill_cpu_ms = 0.0
 
-    def total_ms(self) -> float:
+    def total_ms(self, cpu: bool = False) -> float:
+        if cpu:
+            return sum(self.cpu_ms.values()) + self.prefill_cpu_ms
         return sum(self.ms.values()) + self.prefill_ms
 
-    def mean_ms(self, tokens: int | None = None) -> float:
+    def mean_ms(self, tokens: int | None = None, cpu: bool = False) -> float:
         """Mean ms of a forward of ``tokens`` per row (None: every size but prefills)."""
-        keys = list(self.ms) if tokens is None else [tokens]
+        ms = self.cpu_ms if cpu else self.ms
+        keys = list(ms) if tokens is None else [tokens]
         n = sum(self.calls.get(k, 0) for k in keys)
-        return sum(self.ms.get(k, 0.0) for k in keys) / n if n else float("nan")
+        return sum(ms.get(k, 0.0) for k in keys) / n if n else float("nan")
 
 
 def cost_model_speedup(alpha: float, gamma: int, step_ms: float, draft_ms: float,
@@ -240,9 +248,10 @@ def speculative_bench(target, draft, prompts: list[list[int]], new_tokens: int,
             draw = 0.0 if params.greedy else s_ms
             entry["speedup_predicted_cost_model"] = cost_model_speedup(
                 a, g, t_ms, d_ms, verify_ms[g], draw)
-            ir = entry["in_run"]  # the same model on the costs the runs paid
-            entry["speedup_predicted_in_run"] = cost_model_speedup(
-                a, g, ir["target_step_ms"], ir["draft_step_ms"], ir["verify_ms"], draw)
+            for key in ("in_run", "in_run_cpu"):  # the same model on the costs the runs paid
+                ir = entry[key]
+                entry[f"speedup_predicted_{key}"] = cost_model_speedup(
+                    a, g, ir["target_step_ms"], ir["draft_step_ms"], ir["verify_ms"], draw)
             row[mode] = entry
         out["by_gamma"][g] = row
     for mode in modes:
@@ -271,31 +280,40 @@ def _time_mode(plain: Engine, plain_timer: ForwardTimer, dec: SpeculativeDecoder
         for tm in timers.values():
             tm.reset()
         walls: dict[str, list[float]] = {k: [] for k in runs}
+        cpus: dict[str, list[float]] = {k: [] for k in runs}
         tokens = {}
         for i in range(repeats):
             for name in list(runs) if i % 2 == 0 else list(reversed(runs)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 tokens[name] = runs[name]()
                 walls[name].append(time.perf_counter() - t0)
+                cpus[name].append(time.thread_time() - c0)
                 log(f"    run {i + 1}/{repeats} {name:11s} "
                     f"{total / walls[name][-1]:7.1f} tokens/s")
     med = {k: statistics.median(v) for k, v in walls.items()}
     entry = {"speedup": med["target"] / med["speculative"],
+             # The same from this thread's CPU time: what the runs cost without the waits
+             # for a core that a shared machine adds (one torch thread).
+             "speedup_cpu": statistics.median(cpus["target"])
+             / statistics.median(cpus["speculative"]),
              "target_tokens_per_s": total / med["target"],
              "speculative_tokens_per_s": total / med["speculative"],
              **dec.stats.to_dict(),
-             "wall_s_target": walls["target"], "wall_s_speculative": walls["speculative"]}
+             "wall_s_target": walls["target"], "wall_s_speculative": walls["speculative"],
+             "cpu_s_target": cpus["target"], "cpu_s_speculative": cpus["speculative"]}
     if params.greedy:
         entry["same_tokens"] = tokens["speculative"] == tokens["target"]
-    g, st = dec.draft_tokens, dec.stats
-    entry["in_run"] = {
-        "target_step_ms": timers["plain"].mean_ms(1),
-        "draft_step_ms": timers["draft"].mean_ms(),
-        "verify_ms": timers["verify"].mean_ms(g + 1),
-        "other_ms_per_plain_token": (1e3 * sum(walls["target"]) - timers["plain"].total_ms())
-        / (total * repeats),
-        "other_ms_per_call": (1e3 * sum(walls["speculative"]) - timers["verify"].total_ms()
-                              - timers["draft"].total_ms()) / max(st.target_calls, 1)}
+    g, calls = dec.draft_tokens, max(dec.stats.target_calls, 1)
+    for key, cpu, spent in (("in_run", False, walls), ("in_run_cpu", True, cpus)):
+        entry[key] = {
+            "target_step_ms": timers["plain"].mean_ms(1, cpu),
+            "draft_step_ms": timers["draft"].mean_ms(None, cpu),
+            "verify_ms": timers["verify"].mean_ms(g + 1, cpu),
+            "other_ms_per_plain_token": (1e3 * sum(spent["target"])
+                                         - timers["plain"].total_ms(cpu)) / (total * repeats),
+            "other_ms_per_call": (1e3 * sum(spent["speculative"])
+                                  - timers["verify"].total_ms(cpu)
+                                  - timers["draft"].total_ms(cpu)) / calls}
     return entry
 
 

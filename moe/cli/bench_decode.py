@@ -197,12 +197,14 @@ def print_speculative(sp: dict) -> None:
                   f"({e['tokens_per_target_call_predicted']:.2f})  {e['speedup']:5.2f}x  "
                   f"{e['speedup_predicted_cost_model']:5.2f}x; "
                   f"{e['speedup_predicted']:.2f}x")
-            ir = e["in_run"]
-            print(f"{'':16s}in the runs: t {ir['target_step_ms']:.2f}, "
-                  f"d {ir['draft_step_ms']:.2f}, "
-                  f"v {ir['verify_ms']:.2f} ms, other {ir['other_ms_per_plain_token']:.2f} ms a "
-                  f"plain token, {ir['other_ms_per_call']:.2f} ms a call: predicted "
-                  f"{e['speedup_predicted_in_run']:.2f}x")
+            for key, what in (("in_run", "wall"), ("in_run_cpu", "CPU ")):
+                ir = e[key]
+                speedup = e["speedup_cpu"] if key == "in_run_cpu" else e["speedup"]
+                print(f"{'':16s}{what} in the runs: t {ir['target_step_ms']:.2f}, "
+                      f"d {ir['draft_step_ms']:.2f}, v {ir['verify_ms']:.2f} ms, other "
+                      f"{ir['other_ms_per_plain_token']:.2f} a plain token, "
+                      f"{ir['other_ms_per_call']:.2f} a call; speedup {speedup:.2f}x, "
+                      f"predicted {e[f'speedup_predicted_{key}']:.2f}x")
     for mode in ("greedy", "sampled"):
         print(f"  best gamma, {mode}: measured {sp[f'best_gamma_{mode}']}, predicted "
               f"{sp[f'best_gamma_{mode}_predicted']}")
