@@ -291,6 +291,7 @@ def test_speculative_bench_section_keys():
     for mode in ("greedy", "sampled"):
         assert section[f"best_gamma_{mode}"] in (1, 3)
         assert section[f"best_gamma_{mode}_predicted"] in (1, 3)
+        assert section[f"best_gamma_{mode}_predicted_in_run_cpu"] in (1, 3)
     assert keys["speculative_draft_tokens"] == section["best_gamma_sampled"]
     with pytest.raises(ValueError, match="draft tokens"):
         speculative_bench(*random_pair(target, prompt_len=4, seed=0, n_prompts=1),

@@ -30,6 +30,14 @@ a verify to cost one step (true of a bandwidth-bound dense model);
 ``speedup_predicted_cost_model`` (``cost_model_speedup``) adds the sampled mode's draws:
 E (t + s) / (g (d + s) + v(g) + s), E the expected tokens per call. ``best_gamma_<mode>`` is
 the gamma with the best measured speedup, ``best_gamma_<mode>_predicted`` the cost model's.
+
+In the runs. Timed alone, a short forward's median hides what a loaded machine makes it pay,
+so each entry also has ``in_run`` and ``in_run_cpu``: t, d and v(g) as the runs paid them
+(``ForwardTimer`` on the engines: wall ms, and this thread's CPU ms, which leaves out the waits
+for a core), the rest per plain token and per target call, and the cost model on those
+(``speedup_predicted_in_run[_cpu]``) beside ``speedup`` and ``speedup_cpu`` (from the runs'
+CPU time); ``best_gamma_<mode>_cpu`` and ``best_gamma_<mode>_predicted_in_run_cpu`` are the
+best gammas by those two.
 On an MoE target the verify's g + 1 tokens route to up to (g + 1) * top_k distinct experts,
 so it reads several times the expert weights of one step: that, and a draft whose per-step
 cost is mostly fixed overhead on a CPU, is what decides whether a draft pays.
@@ -259,6 +267,9 @@ def speculative_bench(target, draft, prompts: list[list[int]], new_tokens: int,
         out[f"best_gamma_{mode}"] = max(gammas, key=lambda g: by[g]["speedup"])
         out[f"best_gamma_{mode}_predicted"] = max(
             gammas, key=lambda g: by[g]["speedup_predicted_cost_model"])
+        out[f"best_gamma_{mode}_cpu"] = max(gammas, key=lambda g: by[g]["speedup_cpu"])
+        out[f"best_gamma_{mode}_predicted_in_run_cpu"] = max(
+            gammas, key=lambda g: by[g]["speedup_predicted_in_run_cpu"])
     return out
 
 

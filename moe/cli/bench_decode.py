@@ -207,7 +207,9 @@ def print_speculative(sp: dict) -> None:
                       f"predicted {e[f'speedup_predicted_{key}']:.2f}x")
     for mode in ("greedy", "sampled"):
         print(f"  best gamma, {mode}: measured {sp[f'best_gamma_{mode}']}, predicted "
-              f"{sp[f'best_gamma_{mode}_predicted']}")
+              f"{sp[f'best_gamma_{mode}_predicted']}; by CPU time measured "
+              f"{sp[f'best_gamma_{mode}_cpu']}, predicted from the runs' costs "
+              f"{sp[f'best_gamma_{mode}_predicted_in_run_cpu']}")
 
 
 def compile_main(args: argparse.Namespace, cfg: Config, log) -> int:
