@@ -141,3 +141,43 @@ def test_bench_decode_command_prints_one_json_object(capsys):
     assert bench_main(["--config", str(ROOT / "configs" / "bench.yaml"), "--new-tokens", "20",
                        *tiny]) == 2  # 32 + 20 > max_seq_len: one line
     assert "exceed" in capsys.readouterr().err
+
+
+def test_bench_decode_speculative_only_per_gamma(tmp_path, capsys):
+    """--speculative-only on two runs: one JSON object with each gamma's verify cost, both
+    modes' measured and predicted speedups and the best gammas; a bad --draft-tokens, or no
+    runs, is one line and exit 2."""
+    import json
+
+    from moe.cli.bench_decode import main as bench_main
+    from tests.helpers import tiny_run_folder
+
+    run = str(tiny_run_folder(tmp_path / "run"))
+    assert bench_main(["--speculative-only", "--target", run, "--draft", run, "--json",
+                       "--draft-tokens", "1,2", "--repeats", "1", "--spec-new-tokens", "4",
+                       "--train.threads=1"]) == 0
+    sp = json.loads(capsys.readouterr().out)["speculative"]
+    assert set(sp["by_gamma"]) == {"1", "2"} and sp["draft_tokens"] == [1, 2]
+    for row in sp["by_gamma"].values():
+        assert row["verify_cost_ratio"] > 0
+        for mode in ("greedy", "sampled"):
+            assert row[mode]["speedup"] > 0 and row[mode]["speedup_predicted_cost_model"] > 0
+        assert row["greedy"]["same_tokens"] and row["greedy"]["acceptance_rate"] == 1.0
+    assert sp["best_gamma_sampled_predicted"] in (1, 2)
+    for argv, msg in ((["--draft-tokens", "0"], "each must be >= 1"),
+                      (["--draft-tokens", "2,x"], "want integers"),
+                      (["--speculative-only"], "takes --target RUN and --draft RUN")):
+        code = None
+        try:
+            code = bench_main([*argv, "--json"])
+        except SystemExit as e:  # argparse's error
+            code = e.code
+        assert code == 2 and msg in capsys.readouterr().err, argv
+
+
+def test_bench_decode_compile_refuses_a_prompt_past_the_context(capsys):
+    from moe.cli.bench_decode import main as bench_main
+
+    assert bench_main(["--compile", "--config", str(ROOT / "configs" / "tiny.yaml"),
+                       "--prompt-tokens", "100", "--new-tokens", "100"]) == 2
+    assert "exceed model.max_seq_len=128" in capsys.readouterr().err

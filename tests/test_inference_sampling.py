@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from moe.inference import SamplingParams, filter_logits, probs, sample
+from moe.inference import SamplingParams, filter_logits, probs, sample, sample_from
+from moe.inference.sampling import inverse_cdf
+from tests.helpers import chi2_pvalue
 
 # Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 at ids 2, 0, 4, 1, 3.
 P = torch.tensor([0.3, 0.1, 0.4, 0.05, 0.15])
@@ -68,6 +70,37 @@ def test_sample_draws_only_kept_tokens_with_their_probabilities():
     # A batch: one draw per row, rows filtered independently.
     rows = torch.stack([LOGITS, LOGITS.flip(0)])
     assert sample(rows, SamplingParams(top_k=1), g).tolist() == [2, 2]
+
+
+def test_inverse_cdf_on_hand_computed_boundaries():
+    """Id i is drawn for u * total in [cdf(i - 1), cdf(i)); zero-probability ids never, even
+    at their (empty) interval's edge; u * total reaching the total gives the last id with
+    mass (not V, nor a zero-probability id after it)."""
+    p = torch.tensor([[0.0, 0.25, 0.0, 0.5, 0.25, 0.0]])  # cdf 0, .25, .25, .75, 1, 1
+    for u, want in ((0.0, 1), (0.2499, 1), (0.25, 3), (0.7499, 3), (0.75, 4), (0.9999, 4),
+                    (1.0, 4)):
+        assert int(inverse_cdf(p, torch.tensor([[u]]))) == want, u
+    # Unnormalised rows, one u each.
+    rows = torch.tensor([[2.0, 2.0, 0.0], [0.0, 0.0, 3.0]])
+    assert inverse_cdf(rows, torch.tensor([[0.6], [0.0]])).tolist() == [[1], [2]]
+    for bad in ([[0.5, float("nan")]], [[0.5, -0.1]], [[0.0, 0.0]], [[float("inf"), 1.0]]):
+        with pytest.raises(ValueError, match="cannot sample"):
+            sample_from(torch.tensor(bad))
+
+
+def test_sample_from_matches_the_distribution():
+    """20000 draws from a distribution with zeros, a tiny and a dominant mass, against the
+    exact probabilities by chi-square; the test has the power to see a one-id shift."""
+    p = torch.tensor([0.0, 0.05, 0.3, 0.0, 0.002, 0.448, 0.2, 0.0])
+    g = torch.Generator().manual_seed(0)
+    draws = sample_from(p.expand(20000, -1).contiguous(), g)
+    counts = torch.bincount(draws, minlength=len(p))
+    assert counts[p == 0].sum() == 0
+    assert chi2_pvalue(counts, p) > 1e-3
+    assert chi2_pvalue(counts, p.roll(1)) < 1e-6  # power: off by one id is rejected
+    # One row at a time (as the engine draws) gives the same distribution.
+    one = torch.tensor([int(sample_from(p[None], g)[0]) for _ in range(4000)])
+    assert chi2_pvalue(torch.bincount(one, minlength=len(p)), p) > 1e-3
 
 
 @pytest.mark.parametrize("kw, field", [

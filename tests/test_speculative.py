@@ -250,19 +250,52 @@ def test_bad_input():
     assert dec.generate([1, 2], SamplingParams(max_new_tokens=0)) == []
 
 
+def test_cost_model_speedup_hand_computed():
+    """E (t + s) / (g (d + s) + v + s), E = (1 - a^(g + 1)) / (1 - a)."""
+    from moe.bench.speculative import cost_model_speedup
+
+    # a = 0.5, g = 2: E = 1 + .5 + .25 = 1.75.
+    assert cost_model_speedup(0.5, 2, 2.0, 0.5, 3.0) == pytest.approx(1.75 * 2 / (2 * 0.5 + 3))
+    assert cost_model_speedup(0.5, 2, 2.0, 0.5, 3.0, 0.5) == pytest.approx(4.375 / 5.5)
+    # v = t, s = 0: Leviathan et al.'s E / (g c + 1), c = d / t = 0.25.
+    assert cost_model_speedup(0.5, 2, 4.0, 1.0, 4.0) == pytest.approx(1.75 / 1.5)
+    assert cost_model_speedup(1.0, 4, 1.0, 0.0, 1.0) == 5  # every draft accepted, free draft
+    assert cost_model_speedup(0.0, 3, 1.0, 0.1, 1.0) == pytest.approx(1 / 1.3)  # all rejected
+
+
 def test_speculative_bench_section_keys():
-    """The benchmark's section on random tiny models (what it runs without trained runs)."""
+    """The benchmark's section on random tiny models (what it runs without trained runs),
+    at two gammas: each with its verify cost and both modes, and the best gammas."""
     from moe.bench.speculative import random_pair, speculative_bench, speculative_keys
 
     target = target_model()
     section = speculative_bench(*random_pair(target, prompt_len=4, seed=0, n_prompts=1),
-                                new_tokens=8, draft_tokens=3, repeats=1)
+                                new_tokens=8, draft_tokens=[1, 3], repeats=1)
     keys = speculative_keys(section)
-    for key in ("speculative_speedup", "acceptance_rate", "acceptance_rate_predicted",
-                "tokens_per_target_call", "tokens_per_target_call_predicted"):
+    for key in ("speculative_speedup", "speculative_speedup_predicted", "acceptance_rate",
+                "acceptance_rate_predicted", "tokens_per_target_call",
+                "tokens_per_target_call_predicted"):
         assert keys[key] > 0 or key.startswith("acceptance"), key
-    assert section["greedy"]["same_tokens"] and section["cost_ratio"] > 0
-    assert section["sampled"]["target_calls"] >= 8 / 4
+    assert section["cost_ratio"] > 0 and section["sample_ms"] > 0
+    assert set(section["by_gamma"]) == {1, 3}
+    for g, row in section["by_gamma"].items():
+        assert row["verify_cost_ratio"] > 0
+        assert row["greedy"]["same_tokens"] and row["sampled"]["target_calls"] >= 8 / (g + 1)
+        assert row["greedy"]["speedup_predicted_cost_model"] == \
+            row["greedy"]["speedup_predicted_measured_verify"]  # greedy draws nothing
+        for mode in ("greedy", "sampled"):  # the costs the runs paid, each seen
+            ir = row[mode]["in_run"]
+            assert min(ir["target_step_ms"], ir["draft_step_ms"], ir["verify_ms"]) > 0, ir
+            assert row[mode]["speedup_predicted_in_run"] > 0 and row[mode]["speedup_cpu"] > 0
+            assert row[mode]["in_run_cpu"]["verify_ms"] > 0
+    for mode in ("greedy", "sampled"):
+        assert section[f"best_gamma_{mode}"] in (1, 3)
+        assert section[f"best_gamma_{mode}_predicted"] in (1, 3)
+        assert section[f"best_gamma_{mode}_predicted_in_run_cpu"] in (1, 3)
+    assert keys["speculative_draft_tokens"] == section["best_gamma_sampled"]
+    with pytest.raises(ValueError, match="draft tokens"):
+        speculative_bench(*random_pair(target, prompt_len=4, seed=0, n_prompts=1),
+                          new_tokens=8, draft_tokens=[0], repeats=1)
 
 
 def test_generate_command_with_draft(tmp_path, capsys):

@@ -22,6 +22,17 @@ and 160 there. ``--scheduler-slots 1,4`` runs instead the same workload through 
 continuous-batching scheduler, plain and with every request speculating by prompt lookup, at
 each number of slots (moe/bench/spec_serving.py).
 
+    python scripts/bench_decode.py --speculative-only --target RUN --draft RUN --draft-tokens 1,2,4
+
+``--speculative-only`` runs only the draft-model section, for each listed gamma: the measured
+speedup beside the cost model's prediction from the measured step, draft, verify and
+sampling costs and the acceptance rate (moe/bench/speculative.py).
+
+    python scripts/bench_decode.py --compile --config configs/tiny.yaml --new-tokens 96
+
+``--compile`` runs only compiled against eager decode at batch 1 on the config's model
+(moe/bench/compiled.py; the first compiled call, which compiles, is timed apart).
+
     python scripts/bench_decode.py --quality RUN [RUN ...] [--windows 256] [--dtypes bf16,int8]
 
 ``--quality`` runs, instead, the quality cost of the serving dtypes on trained runs: validation
@@ -64,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="speculative decoding: the target's run (with --draft)")
     p.add_argument("--draft", default=None, metavar="RUN",
                    help="speculative decoding: the draft's run (with --target)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per target call")
+    p.add_argument("--draft-tokens", default="4",
+                   help="tokens drafted per target call (gamma); several, comma-separated "
+                        "(e.g. 1,2,3,4,5,6), are each timed and the cost model picks the best")
     p.add_argument("--spec-new-tokens", type=int, default=64,
                    help="new tokens per prompt in the speculative section")
     p.add_argument("--no-speculative", action="store_true", help="skip speculative decoding")
+    p.add_argument("--compile", action="store_true",
+                   help="only compiled against eager decode at batch 1 (torch.compile)")
+    p.add_argument("--speculative-only", action="store_true",
+                   help="only the speculative section (with --target and --draft)")
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="only prompt lookup on code completion, N tokens per target call "
                         "(with --target)")
@@ -88,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [d for d in dtypes if d not in SERVING_DTYPES]
     if unknown:
         p.error(f"--dtypes {','.join(unknown)}: choose from {','.join(SERVING_DTYPES)}")
+    try:
+        args.draft_tokens = [int(g) for g in args.draft_tokens.split(",")]
+    except ValueError:
+        p.error(f"--draft-tokens {args.draft_tokens}: want integers, comma-separated")
+    if min(args.draft_tokens) < 1:
+        p.error(f"--draft-tokens {','.join(map(str, args.draft_tokens))}: each must be >= 1")
     lookup = args.prompt_lookup > 0
     if args.prompt_tokens is None:
         args.prompt_tokens = 256 if lookup else 32
@@ -117,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         return quality_main(args, cfg, dtypes or SERVING_DTYPES, log)
     if lookup:
         return prompt_lookup_main(args, cfg, log)
+    if args.speculative_only:
+        return speculative_main(args, cfg, log)
+    if args.compile:
+        return compile_main(args, cfg, log)
     try:
         r = run_decode_bench(cfg, prompt_len=args.prompt_tokens, new_tokens=args.new_tokens,
                              repeats=args.repeats, stat_steps=args.stat_steps,
@@ -160,21 +187,109 @@ def main(argv: list[str] | None = None) -> int:
               f"with 0 tokens {st['frac_experts_0_tokens']:.0%}, "
               f"with 0-1 {st['frac_experts_0_or_1']:.0%}")
     if "speculative" in r:
-        sp = r["speculative"]
-        models = "random models" if sp["models"] == "random" else f"{sp['target']} / {sp['draft']}"
-        print(f"speculative decoding ({models}, {sp['draft_tokens']} draft tokens, "
-              f"{sp['prompts']} prompts x {sp['new_tokens']} tokens, median of {sp['runs']}; "
-              f"draft/target step c = {sp['cost_ratio']:.2f}, verify/step "
-              f"{sp['verify_cost_ratio']:.2f}):")
+        print_speculative(r["speculative"])
+    return 0
+
+
+def print_speculative(sp: dict) -> None:
+    """The speculative section: the step costs, then per gamma and mode the measured speedup
+    beside the cost model's."""
+    models = "random models" if sp["models"] == "random" else f"{sp['target']} / {sp['draft']}"
+    print(f"speculative decoding ({models}, {sp['prompts']} prompts x {sp['new_tokens']} "
+          f"tokens, median of {sp['runs']}): target step t {sp['target_step_ms']:.3f} ms, "
+          f"draft step d {sp['draft_step_ms']:.3f} ms (d/t {sp['cost_ratio']:.2f}), a sampling "
+          f"draw s {sp['sample_ms']:.3f} ms")
+    print("  gamma mode     v/t   accept (1-TV)  tokens/call  speedup  predicted "
+          "(cost model; verify = 1 step)")
+    for g, row in sp["by_gamma"].items():
         for mode in ("greedy", "sampled"):
-            e = sp[mode]
-            print(f"  {mode:8s} speedup {e['speedup']:.2f}x (predicted "
-                  f"{e['speedup_predicted']:.2f}x; with the measured verify "
-                  f"{e['speedup_predicted_measured_verify']:.2f}x), acceptance "
-                  f"{e['acceptance_rate']:.3f} "
-                  f"(predicted {e['acceptance_rate_predicted']:.3f}), tokens per target call "
-                  f"{e['tokens_per_target_call']:.2f} (predicted "
-                  f"{e['tokens_per_target_call_predicted']:.2f})")
+            e = row[mode]
+            print(f"  {int(g):5d} {mode:8s} {row['verify_cost_ratio']:4.2f}  "
+                  f"{e['acceptance_rate']:.3f} ({e['acceptance_rate_predicted']:.3f})  "
+                  f"{e['tokens_per_target_call']:5.2f} "
+                  f"({e['tokens_per_target_call_predicted']:.2f})  {e['speedup']:5.2f}x  "
+                  f"{e['speedup_predicted_cost_model']:5.2f}x; "
+                  f"{e['speedup_predicted']:.2f}x")
+            for key, what in (("in_run", "wall"), ("in_run_cpu", "CPU ")):
+                ir = e[key]
+                speedup = e["speedup_cpu"] if key == "in_run_cpu" else e["speedup"]
+                print(f"{'':16s}{what} in the runs: t {ir['target_step_ms']:.2f}, "
+                      f"d {ir['draft_step_ms']:.2f}, v {ir['verify_ms']:.2f} ms, other "
+                      f"{ir['other_ms_per_plain_token']:.2f} a plain token, "
+                      f"{ir['other_ms_per_call']:.2f} a call; speedup {speedup:.2f}x, "
+                      f"predicted {e[f'speedup_predicted_{key}']:.2f}x")
+    for mode in ("greedy", "sampled"):
+        print(f"  best gamma, {mode}: measured {sp[f'best_gamma_{mode}']}, predicted "
+              f"{sp[f'best_gamma_{mode}_predicted']}; by CPU time measured "
+              f"{sp[f'best_gamma_{mode}_cpu']}, predicted from the runs' costs "
+              f"{sp[f'best_gamma_{mode}_predicted_in_run_cpu']}")
+
+
+def compile_main(args: argparse.Namespace, cfg: Config, log) -> int:
+    """--compile: the compiled-decode section alone, on the config's model (random weights
+    from train.seed, a random prompt)."""
+    import torch
+
+    from moe.bench.compiled import compiled_speed
+    from moe.bench.decode import _loadavg, _machine
+    from moe.device import set_threads
+    from moe.model import build_model
+
+    m = cfg.model
+    if args.prompt_tokens + args.new_tokens > m.max_seq_len:
+        print(f"error: prompt {args.prompt_tokens} + {args.new_tokens} new tokens exceed "
+              f"model.max_seq_len={m.max_seq_len}", file=sys.stderr)
+        return 2
+    threads = set_threads(cfg.train.threads)
+    r = {"machine": _machine(), "threads": threads, "loadavg_start": _loadavg(),
+         "config": args.config}
+    model = build_model(m, seed=cfg.train.seed).eval()
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    prompt = torch.randint(1, m.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+    if log:
+        log(f"compiled decode, batch 1: {args.config}, prompt {args.prompt_tokens}, "
+            f"{args.new_tokens} new tokens, {args.repeats} runs each, {threads} threads")
+    r.update(compiled_speed(model, prompt, args.new_tokens, args.repeats, log))
+    r["loadavg_end"] = _loadavg()
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(_machine_line(r) + f"; median of {r['runs']} runs")
+    print(f"  eager    {r['eager_tokens_per_s']:8.1f} tokens/s (first call "
+          f"{r['eager_first_s']:.1f} s)")
+    print(f"  compiled {r['compiled_tokens_per_s']:8.1f} tokens/s (first call, compiling: "
+          f"{r['compile_s']:.1f} s); {r['compiled_over_eager']:.2f}x eager; same tokens: "
+          f"{r['same_tokens']}, logits within {r['max_abs_logit_diff']:.1e}")
+    return 0
+
+
+def speculative_main(args: argparse.Namespace, cfg: Config, log) -> int:
+    """--speculative-only: the draft-model section alone, on two trained runs."""
+    from moe.bench.decode import _loadavg, _machine
+    from moe.bench.speculative import load_pair, speculative_bench
+    from moe.device import set_threads
+
+    try:
+        if args.target is None or args.draft is None:
+            raise ValueError("--speculative-only takes --target RUN and --draft RUN")
+        threads = set_threads(cfg.train.threads)
+        r = {"machine": _machine(), "threads": threads, "loadavg_start": _loadavg()}
+        if log:
+            log(f"speculative decoding: {args.target} / {args.draft}, gamma "
+                f"{','.join(map(str, args.draft_tokens))}, {threads} threads")
+        section = speculative_bench(*load_pair(args.target, args.draft), args.spec_new_tokens,
+                                    args.draft_tokens, args.repeats, cfg.train.seed,
+                                    log or (lambda s: None))
+        section.update(models="runs", target=args.target, draft=args.draft)
+        r.update(speculative=section, loadavg_end=_loadavg())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(_machine_line(r))
+    print_speculative(section)
     return 0
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from moe.inference.cache import KVCache
+from moe.inference.compiled import CompiledDecode
 from moe.inference.sampling import SamplingParams, sample, suppress_stops
 from moe.model.router import check_causal
 
@@ -47,11 +48,17 @@ from moe.model.router import check_causal
 class Engine:
     def __init__(self, model: nn.Module, n_slots: int = 1, max_len: int | None = None, *,
                  capacity_factor: float | None = None, decode_path: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, compile: bool | str = False):
         """``model``: a ``Transformer`` (put in eval mode). ``decode_path=False`` runs the
-        MoE layers' sorted reference path even for a few tokens (for tests and profiles)."""
+        MoE layers' sorted reference path even for a few tokens (for tests and profiles).
+        ``compile``: decode steps (one token per row) run ``torch.compile``d with static shapes
+        (moe/inference/compiled.py; a string names the backend, True is inductor); dropless
+        routing only."""
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor={capacity_factor} must be > 0 or None (dropless)")
+        if compile and (capacity_factor is not None or not decode_path):
+            raise ValueError("compile=True runs the dropless few-token decode path: not with "
+                             "a capacity_factor or decode_path=False")
         check_causal(model, "KV-cached decoding (the inference engine)")
         self.model = model.eval()
         self.cfg = model.cfg
@@ -59,6 +66,10 @@ class Engine:
         self.capacity_factor = capacity_factor
         self.decode_path = decode_path
         self.device = self.cache.device
+        self.compiled = None
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.compiled = CompiledDecode(model, self.cache, backend=backend)
 
     @property
     def n_slots(self) -> int:
@@ -94,6 +105,8 @@ class Engine:
         if tokens.dim() != 2 or tokens.shape[0] != len(slots):
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} for {len(slots)} slots: "
                              "want [len(slots), S]")
+        if self.compiled is not None and tokens.shape[1] == 1 and n_valid is None:
+            return self.compiled(slots, tokens)
         view = self.cache.view(slots, tokens.shape[1])
         logits = self.model(tokens, kv_cache=view, capacity_factor=self.capacity_factor,
                             decode_path=self.decode_path)

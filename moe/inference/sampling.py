@@ -109,10 +109,34 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of probs [B, V] -> [B] ids (torch.multinomial, on the generator's
-    device: a CPU generator draws the same tokens whatever device the model is on)."""
+    """One draw per row of probs [B, V] (non-negative, any positive total) -> [B] ids, by
+    inverse CDF: one uniform per row from the generator, on the generator's device (a CPU
+    generator draws the same tokens whatever device the model is on); ``inverse_cdf`` says
+    why it is exact. ``torch.multinomial`` draws the same distribution from V exponentials a
+    row (its one-sample path), 6-12x slower at V = 4096-8192 on a CPU
+    (docs/benchmarks.md)."""
     dev = generator.device if generator is not None else probs.device
-    return torch.multinomial(probs.to(dev), 1, generator=generator).squeeze(-1).to(probs.device)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=dev)
+    return inverse_cdf(probs.to(dev), u)[:, 0].to(probs.device)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs [B, V], u [B, 1] in [0, 1] -> [B, 1]: the first id whose cumulative probability
+    exceeds u * total, so id i is drawn for u * total in [cdf(i - 1), cdf(i)): with u uniform,
+    with probability p_i / total. A zero-probability id has an empty interval (cdf(i) =
+    cdf(i - 1) exactly: the CPU cumsum accumulates in double), so it is never drawn; u * total
+    is kept below the total (rounding can reach it), where the last id with positive
+    probability is the limit from below. Each interval is right to one fp32 ulp of the total
+    (about 6e-8 of it), the precision the probabilities themselves carry. ValueError on a
+    negative, NaN or infinite entry, or a row with no mass (torch.multinomial's refusals)."""
+    probs = probs.float()
+    cdf = probs.cumsum(-1)  # [B, V]
+    total = cdf[:, -1:]
+    if bool((probs.min() < 0) | ~torch.isfinite(total).all() | (total <= 0).any()):
+        raise ValueError("cannot sample: probabilities must be finite, >= 0, and each row's "
+                         "sum > 0")
+    below = torch.nextafter(total, torch.zeros_like(total))  # the largest float < total
+    return torch.searchsorted(cdf, torch.minimum(u.to(cdf.dtype) * total, below), right=True)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,

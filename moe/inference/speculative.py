@@ -84,7 +84,7 @@ def verify(tokens: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
     q [B, G + 1, V]: the target's at the same positions and one more. Returns (n [B], next
     [B]): row b keeps ``tokens[b, :n[b]]`` followed by ``next[b]``, drawn from
     norm(max(0, q - p)) at position n if n < G, else from q at position G (the bonus).
-    Random numbers: G uniforms per row, then one multinomial draw per row.
+    Random numbers: G uniforms per row, then one inverse-CDF draw per row.
     """
     b, g = tokens.shape
     if p.shape[:2] != (b, g) or q.shape[:2] != (b, g + 1) or p.shape[-1] != q.shape[-1]:

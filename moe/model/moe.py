@@ -37,7 +37,7 @@ from moe.config import ModelConfig
 from moe.model.experts import GroupedExperts
 from moe.model.init import ZEROS, Init, init_parameters, prefixed, trunc_normal
 from moe.model.int8 import Int8Experts
-from moe.model.layers import FeedForward
+from moe.model.layers import FeedForward, activate
 from moe.model.router import (
     ROUTERS,
     RoutingPlan,
@@ -276,6 +276,8 @@ class MoE(nn.Module):
         costs as much as the matmul. Combined as the sorted path does: fp32, each token's
         terms added in expert order from zero.
         """
+        if torch.compiler.is_compiling():
+            return self._forward_few_gathered(flat)
         _, _, weights, experts = self.router(flat)
         self.last_experts, self.last_stats = experts, None
         expert = self.experts.expert  # fp32 / bf16 views, or int8 (moe/model/int8.py)
@@ -302,6 +304,21 @@ class MoE(nn.Module):
                 out = y.new_zeros(t, flat.shape[1])
             out.index_add_(0, idx, y)
         return out.to(flat.dtype)
+
+    def _forward_few_gathered(self, flat: torch.Tensor) -> torch.Tensor:
+        """The decode path with no host sync, what ``torch.compile`` traces (the expert ids
+        read to the host above are a graph break per layer): each token's top_k experts'
+        weights are gathered, [T, k, dim, hidden], as gpt-fast's MoE, and combined in fp32 in
+        the router's order (``_forward_few`` is its reference, equal to float rounding). The
+        gather copies 3 * k expert matrices a token, which eager on a CPU does not pay for;
+        compiled, it runs inside the generated kernels. Plain ``GroupedExperts`` only."""
+        _, _, weights, experts = self.router(flat)  # weights, experts [T, k]
+        self.last_experts, self.last_stats = experts, None
+        e = self.experts
+        h = torch.einsum("td,tkdh->tkh", flat, e.w1[experts])
+        up = torch.einsum("td,tkdh->tkh", flat, e.w3[experts]) if e.w3 is not None else None
+        y = torch.einsum("tkh,tkhd->tkd", activate(h, up), e.w2[experts])  # [T, k, dim]
+        return (y.float() * weights.unsqueeze(-1)).sum(1).to(flat.dtype)
 
     def router_loss(self) -> torch.Tensor:
         """This layer's weighted contribution to the total loss, from the last forward."""
