@@ -46,6 +46,18 @@ def dropless_model(seed: int = 0, **kw):
     return build_model(cfg, seed=seed).eval()
 
 
+def noisy_copy(model, std: float, seed: int = 2):
+    """``model`` with Gaussian noise of ``std`` on every weight: a draft that is often right."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return draft
+
+
 def tiny_run_folder(path: Path) -> Path:
     """A run folder at ``path``: one checkpoint of a tiny random MoE (vocab 320, context 48)
     and a BPE tokenizer, what the commands taking ``--run`` load."""

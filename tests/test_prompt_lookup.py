@@ -16,18 +16,9 @@ from moe.inference import Engine, SamplingParams, probs
 from moe.inference.ngram import NgramProposer, propose_ngram
 from moe.inference.speculative import SpeculativeDecoder, verify
 from moe.model import build_model
-from tests.helpers import chi2_pvalue, tiny_model_config
+from tests.helpers import chi2_pvalue, dropless_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-DROPLESS = dict(capacity_factor=None, eval_capacity_factor=None, min_capacity=0)
-
-
-def target_model(seed: int = 0, **kw):
-    """A dropless MoE target; init_std 0.2 spreads the logits (greedy is not decided by float
-    noise between near-equal tokens)."""
-    cfg = tiny_model_config(**{**DROPLESS, "max_seq_len": 24, "init_std": 0.2, **kw})
-    return build_model(cfg, seed=seed).eval()
 
 
 # --- the proposer ------------------------------------------------------------------------------
@@ -56,14 +47,14 @@ def test_proposer_bad_sizes():
         with pytest.raises(ValueError, match=match):
             NgramProposer(**kw)
     with pytest.raises(ValueError, match="draft_tokens"):
-        SpeculativeDecoder(target_model(), NgramProposer(), 0)
+        SpeculativeDecoder(dropless_model(), NgramProposer(), 0)
 
 
 # --- greedy: the target's own tokens ---------------------------------------------------------
 
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 def test_greedy_equals_target_alone(gamma):
-    target = target_model()
+    target = dropless_model()
     dec = SpeculativeDecoder(target, NgramProposer(), gamma)
     prompts = ([3], [1, 2, 3, 4, 5], list(range(10, 21)),  # no repeats
                [7, 8, 9, 7, 8, 9, 7, 8], [5, 5, 5, 5], [1, 2, 3, 1, 2, 4, 1, 2])  # repeats
@@ -100,7 +91,7 @@ def test_sampled_tokens_distributed_as_target():
     b; gamma = 1) against the target's filtered distributions, by chi-square at p > 1e-3;
     on the same counts, resampling from q instead of q without b is rejected at p < 1e-6."""
     kw = dict(vocab_size=12, d_model=16, n_heads=2, max_seq_len=8, init_std=0.5)
-    target = target_model(0, n_layers=1, expert_hidden=16, **kw)
+    target = dropless_model(0, n_layers=1, expert_hidden=16, **kw)
     params = SamplingParams(max_new_tokens=2, temperature=0.8, top_k=8, top_p=0.9)
     with torch.no_grad():
         def q_after(prompts: list[list[int]]) -> torch.Tensor:
@@ -137,7 +128,7 @@ def test_prompt_lookup_bench_section():
     from moe.bench.prompt_lookup import prompt_lookup_bench
     from moe.hf.export import to_mixtral_model
 
-    target = target_model(max_seq_len=32)
+    target = dropless_model(max_seq_len=32)
     hf = to_mixtral_model(target)
     prompts = [[7, 8, 9, 7, 8, 9, 7, 8], [1, 2, 3, 4]]
     r = prompt_lookup_bench(target, prompts, new_tokens=12, draft_tokens=3, repeats=1,

@@ -9,7 +9,6 @@ bug (resampling from q instead of norm(max(0, q - p))) shown on the same counts.
 after every step both caches equal a fresh prefill of the tokens kept. Bad input.
 """
 
-import copy
 
 import pytest
 import torch
@@ -23,40 +22,21 @@ from moe.inference.speculative import (
     verify,
 )
 from moe.model import build_model
-from tests.helpers import chi2_pvalue, tiny_model_config
+from tests.helpers import chi2_pvalue, dropless_model, noisy_copy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-DROPLESS = dict(capacity_factor=None, eval_capacity_factor=None, min_capacity=0)
-
-
-def target_model(seed: int = 0, **kw):
-    """A dropless MoE target; init_std 0.2 spreads the logits (greedy is not decided by float
-    noise between near-equal tokens)."""
-    cfg = tiny_model_config(**{**DROPLESS, "max_seq_len": 24, "init_std": 0.2, **kw})
-    return build_model(cfg, seed=seed).eval()
 
 
 def dense_draft(seed: int = 1, **kw):
     """A one-layer dense draft (layer 0 is dense with moe_every=2), as configs/draft.yaml."""
-    return target_model(seed, n_layers=1, moe_every=2, **kw)
-
-
-def noisy_copy(model, std: float, seed: int = 2):
-    """The target with Gaussian noise on every weight: a draft that is often right."""
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return draft
+    return dropless_model(seed, n_layers=1, moe_every=2, **kw)
 
 
 # --- greedy: the target's own tokens ---------------------------------------------------------
 
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_greedy_equals_target_alone(gamma):
-    target = target_model()
+    target = dropless_model()
     drafts = {"self": target, "noisy": noisy_copy(target, 0.1), "dense": dense_draft()}
     accepted = rejected = 0
     for name, draft in drafts.items():
@@ -78,7 +58,7 @@ def test_greedy_equals_target_alone(gamma):
 
 def test_generate_with_draft_equals_generate_alone():
     """The one-call API: a tensor prompt and stop tokens, greedy."""
-    target = target_model()
+    target = dropless_model()
     draft = noisy_copy(target, 0.1)
     prompt = torch.tensor([[5, 6, 7]])
     alone = generate(target, prompt, max_new_tokens=12, temperature=0)
@@ -161,7 +141,7 @@ def test_sampled_tokens_distributed_as_target():
     has power: on the same counts the draft's distribution, and the output of resampling from
     q (a classic bug), are rejected at p < 1e-6; the draft's TV from the target is >= 0.2."""
     kw = dict(vocab_size=12, d_model=16, n_heads=2, max_seq_len=8, init_std=0.5)
-    target = target_model(0, n_layers=1, expert_hidden=16, **kw)
+    target = dropless_model(0, n_layers=1, expert_hidden=16, **kw)
     draft = dense_draft(1, ffn_hidden=16, **kw)
     params = SamplingParams(max_new_tokens=2, temperature=0.8, top_k=8, top_p=0.9)
     prompt, n_runs = [1], 1200
@@ -205,7 +185,7 @@ def assert_cache_holds(engine: Engine, tokens: list[int]):
 
 
 def test_rollback_leaves_caches_as_if_only_kept_tokens_were_fed():
-    target = target_model(max_seq_len=48)
+    target = dropless_model(max_seq_len=48)
     draft = noisy_copy(target, 0.05)
     dec = SpeculativeDecoder(target, draft, draft_tokens=3)
     prompt = [4, 8, 15, 16]
@@ -229,7 +209,7 @@ def test_rollback_leaves_caches_as_if_only_kept_tokens_were_fed():
 # --- bad input ------------------------------------------------------------------------------
 
 def test_bad_input():
-    target = target_model()
+    target = dropless_model()
     with pytest.raises(ValueError, match="vocab_size=32 differs from the target's vocab_size=64"
                        ) as e:
         SpeculativeDecoder(target, dense_draft(vocab_size=32))
@@ -268,7 +248,7 @@ def test_speculative_bench_section_keys():
     at two gammas: each with its verify cost and both modes, and the best gammas."""
     from moe.bench.speculative import random_pair, speculative_bench, speculative_keys
 
-    target = target_model()
+    target = dropless_model()
     section = speculative_bench(*random_pair(target, prompt_len=4, seed=0, n_prompts=1),
                                 new_tokens=8, draft_tokens=[1, 3], repeats=1)
     keys = speculative_keys(section)

@@ -14,7 +14,6 @@ or not; bad ``speculative`` fields get a 400; /metrics counts proposed and accep
 a speculating request past the timeout frees its slot in both engines.
 """
 
-import copy
 
 import httpx
 import openai
@@ -23,19 +22,9 @@ import torch
 
 from moe.inference import Engine, Request, SamplingParams, Scheduler, probs
 from moe.inference.spec_batch import Speculation
-from tests.helpers import chi2_pvalue, dropless_model, serving
+from tests.helpers import chi2_pvalue, dropless_model, noisy_copy, serving
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def noisy_copy(model, std: float, seed: int = 2):
-    """The target with Gaussian noise on every weight: a draft that is often right."""
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return draft
 
 
 def detok(ids):  # one character per token: text positions are token positions

@@ -63,6 +63,20 @@ def model_source(args: argparse.Namespace) -> str:
     return checkpoint if checkpoint is not None else run
 
 
+
+def refuse_across_ranks(args: argparse.Namespace) -> None:
+    """ValueError (one line) for what moe-generate / moe-serve run in one process only:
+    ``--draft``, ``--prompt-lookup``, ``--image`` and ``--dtype int8``."""
+    for flag, given in (("--draft", args.draft), ("--image", getattr(args, "image", None)),
+                        ("--prompt-lookup", args.prompt_lookup is not None)):
+        if given:
+            raise ValueError(f"{flag} runs in one process: drop it, or the --parallel.* "
+                             "layout and torchrun")
+    if args.dtype == "int8":
+        raise ValueError("--dtype int8 runs in one process (its per-channel scales are "
+                         "the whole matrix's): use fp32 or bf16 across ranks")
+
+
 def add_speculation(parser: argparse.ArgumentParser) -> None:
     """``--draft RUN``, ``--draft-tokens N`` and ``--prompt-lookup N``: speculative decoding
     (moe/inference/spec_batch.py) for moe-generate and moe-serve."""

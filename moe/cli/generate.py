@@ -52,7 +52,14 @@ import torch
 import torch.distributed as dist
 
 from moe.checkpoint import CheckpointError, load_model
-from moe.cli import add_model_source, add_speculation, load_draft, model_source, speculation_of
+from moe.cli import (
+    add_model_source,
+    add_speculation,
+    load_draft,
+    model_source,
+    refuse_across_ranks,
+    speculation_of,
+)
 from moe.data import BPETokenizer
 from moe.device import resolve_device, set_threads
 from moe.inference import Engine, Request, SamplingParams, Scheduler
@@ -230,14 +237,7 @@ def sharded_main(args: argparse.Namespace, source: str, parallel, params: Sampli
     and prints exactly what one process prints, the others follow (moe/inference/
     distributed.py)."""
     try:
-        for flag, given in (("--draft", args.draft), ("--image", args.image),
-                            ("--prompt-lookup", args.prompt_lookup is not None)):
-            if given:
-                raise ValueError(f"{flag} runs in one process: drop it, or the --parallel.* "
-                                 "layout and torchrun")
-        if args.dtype == "int8":
-            raise ValueError("--dtype int8 runs in one process (its per-channel scales are "
-                             "the whole matrix's): use fp32 or bf16 across ranks")
+        refuse_across_ranks(args)
         set_threads(args.threads)
         sharded = load_sharded(source, parallel, args.device, "scripts/generate.py")
     except (ValueError, OSError, CheckpointError) as e:

@@ -38,7 +38,14 @@ from pathlib import Path
 import torch.distributed as dist
 
 from moe.checkpoint import CheckpointError, load_model
-from moe.cli import add_model_source, add_speculation, load_draft, model_source, speculation_of
+from moe.cli import (
+    add_model_source,
+    add_speculation,
+    load_draft,
+    model_source,
+    refuse_across_ranks,
+    speculation_of,
+)
 from moe.data import BPETokenizer
 from moe.data.chat import load_chat_template
 from moe.device import resolve_device, set_threads
@@ -134,14 +141,7 @@ def sharded_main(args: argparse.Namespace, source: str, parallel) -> int:
     from moe.inference.server import build_app
 
     try:
-        for flag, given in (("--draft", args.draft),
-                            ("--prompt-lookup", args.prompt_lookup is not None)):
-            if given:
-                raise ValueError(f"{flag} runs in one process: drop it, or the --parallel.* "
-                                 "layout and torchrun")
-        if args.dtype == "int8":
-            raise ValueError("--dtype int8 runs in one process (its per-channel scales are "
-                             "the whole matrix's): use fp32 or bf16 across ranks")
+        refuse_across_ranks(args)
         set_threads(args.threads)
         sharded = load_sharded(source, parallel, args.device, "scripts/serve.py")
     except (ValueError, OSError, CheckpointError) as e:
