@@ -4,6 +4,7 @@ exact resume, frozen text, init_from a text run, refused layouts, metrics)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from dist_utils import run_ranks
@@ -235,6 +236,7 @@ def test_freeze_text_and_init_from_a_text_run(workdir):
     ("--vision.max_objects=4", "vision.max_objects=4 must be 1, 2 or 3"),
     ("--vision.pretrain_head=mlp",
      "vision.pretrain_head=.mlp. must be one of linear, attention, both"),
+    ("--vision.answer_loss_weight=0", "vision.answer_loss_weight"),
 ])
 def test_bad_vision_settings_are_one_line(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -412,3 +414,77 @@ def test_freeze_encoder_trains_it_in_pretraining_only(workdir):
     assert not torch.equal(start["perceiver.latents"], trained["perceiver.latents"])
     for name in ("cross_attn.0.attn_gate", "layers.0.attention.wq.weight"):
         assert not torch.equal(start[name], trained[name]), name
+
+
+def test_answer_token_mask_hand_made_texts():
+    """vision.answer_loss_weight's mask: exactly the answer tokens of each question (after
+    "a:", up to its "."), nothing of the prompt, the full stop or a caption; the weights are
+    answer_weight there, 1 on the other targets, 0 on padding."""
+    from moe.data.tokenizer import train_bpe
+    from moe.vision import data as vd
+    from moe.vision.task import answer_token_mask, encode_texts, loss_weights
+
+    corpus = [vd.caption(vd.Scene((vd.Shape("red", "square", 0), vd.Shape("blue", "circle", 8))))]
+    corpus += ["q: is there a red circle? a: yes. q: how many shapes? a: two.",
+               "q: where is the blue square? a: top left. q: what colour is the cross? a: green."]
+    tok = train_bpe(corpus * 20, 300)
+    texts = ["q: is there a red circle? a: yes. q: where is the blue square? a: top left.",
+             "q: what colour is the cross? a: no.", corpus[0]]
+    x, y = encode_texts(tok, texts, 40)
+    mask = answer_token_mask(tok, texts, 40)
+    answers = ["".join(tok.decode([int(t)]) for t, m in zip(y[i], mask[i]) if m)
+               for i in range(3)]
+    assert answers == [" yes top left", " no", ""]
+    # each answer's tokens are contiguous and end right before its "."
+    for i in range(2):
+        pos = np.flatnonzero(mask[i])
+        assert all(tok.decode([int(y[i, p + 1])]) == "." for p in pos if not mask[i, p + 1])
+    w = loss_weights(mask, y, 4.0)
+    assert set(w[mask].tolist()) == {4.0}
+    assert (w[~mask & (y != -100)] == 1).all() and (w[y == -100] == 0).all()
+
+
+@pytest.mark.parametrize("answer_weight", [1.0, 5.0])
+def test_weighted_targets_give_the_weighted_mean_gradient(answer_weight):
+    """forward_backward with target_weights (two micro-batches) gives the gradient of
+    sum(w * ce) / sum(w) over the whole batch, computed here in one forward, and returns the
+    UNWEIGHTED mean loss; weights of 1 are the plain n_targets path's gradient."""
+    from moe.config import Config
+    from moe.parallel.sharded_model import ShardedModel, moe_layer_names
+    from moe.train.metrics import RoutingAccumulator
+
+    mc = tiny_model_config(capacity_factor=None, eval_capacity_factor=None, aux_loss_coef=0.0,
+                           z_loss_coef=0.0)
+    cfg = Config(model=mc)
+    cfg.train.batch_size, cfg.train.micro_batch_size, cfg.data.seq_len = 4, 2, 12
+    g = torch.Generator().manual_seed(3)
+    xy = torch.randint(1, mc.vocab_size, (4, 13), generator=g)
+    x, y = xy[:, :-1], xy[:, 1:].clone()
+    y[0, 8:] = -100  # padding
+    y[3, 5:] = -100
+    w = torch.where(y == -100, 0.0, 1.0)
+    w[1, 2:4] = w[2, 7] = answer_weight  # "answers"
+    n_targets = int((y != -100).sum())
+
+    ref = build_model(mc, seed=0)
+    ce = torch.nn.functional.cross_entropy(ref(x).flatten(0, 1), y.flatten(),
+                                           ignore_index=-100, reduction="none")
+    (ce @ w.flatten() / w.sum()).backward()
+
+    model = build_model(mc, seed=0)
+    rt = ShardedModel(cfg, model)
+    rt.train(True)
+    routing = RoutingAccumulator(moe_layer_names(cfg), mc.n_experts)
+    loss = rt.forward_backward(x, y, routing, n_targets=n_targets, target_weights=w)
+    assert loss == pytest.approx(float(ce.detach().sum()) / n_targets, rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    if answer_weight == 1.0:
+        return
+    plain = build_model(mc, seed=0)
+    rt = ShardedModel(cfg, plain)
+    rt.train(True)
+    rt.forward_backward(x, y, RoutingAccumulator(moe_layer_names(cfg), mc.n_experts),
+                        n_targets=n_targets)
+    assert not torch.allclose(plain.output.weight.grad, model.output.weight.grad)

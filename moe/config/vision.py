@@ -54,6 +54,10 @@ class VisionConfig:
     n_heldout: int = 256
     max_objects: int = 3
     data_seed: int = 0
+    # Weight in the training loss of each answer token of a question text (what follows
+    # "a:" up to its "."; moe/vision/task.py answer_token_mask) against 1 for every other
+    # token; the loss stays a weighted mean per token. The validation losses stay unweighted.
+    answer_loss_weight: float = 1.0
 
     def validate(self) -> None:
         positive(self, "image_size", "patch_size", "d_vision", "encoder_layers",
@@ -62,7 +66,7 @@ class VisionConfig:
         choice(self, "attend", ("last", "all"))
         choice(self, "pretrain_head", ("linear", "attention", "both"))
         nonnegative(self, "pretrain_steps")
-        positive(self, "pretrain_lr")
+        positive(self, "pretrain_lr", "answer_loss_weight")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size={self.image_size} is not a multiple of "
                               f"vision.patch_size={self.patch_size}")

@@ -110,7 +110,8 @@ class ShardedModel:
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, routing: RoutingAccumulator,
                          inputs: dict[str, torch.Tensor] | None = None,
-                         n_targets: int | None = None) -> float:
+                         n_targets: int | None = None,
+                         target_weights: torch.Tensor | None = None) -> float:
         """Forward and backward of one global batch; gradients accumulate in the parts.
 
         ``inputs``: further model inputs batched like ``x`` (the vision model's ``images`` and
@@ -118,16 +119,24 @@ class ShardedModel:
         in the GLOBAL batch that count (the rest are ``IGNORE_INDEX``): the loss is the sum of
         their cross-entropies over it, so a token weighs the same in any micro-batch on any
         layout; None: every target counts and each micro-batch's mean weighs its share of
-        sequences (the text LM, where the two are the same).
+        sequences (the text LM, where the two are the same). ``target_weights`` (float
+        [batch, seq], with ``n_targets``; 0 on ignored targets): the gradient is that of
+        the weighted mean, sum(w * ce) / sum(w) over the global batch, while the returned
+        loss stays the unweighted one (so logged losses compare with unweighted runs).
         Returns this rank's share-weighted LM loss (0 on ranks without the last stage).
         """
         batch = x.shape[0]
+        weight_total = None if target_weights is None else float(target_weights.sum())
+        if target_weights is not None:
+            if n_targets is None:
+                raise ValueError("target_weights need n_targets")
+            target_weights = self.local_batch(target_weights)
         x, y = self.local_batch(x), self.local_batch(y)
         inputs = {k: self.local_batch(v) for k, v in (inputs or {}).items()}
         self._routing = routing
         total = 0.0
         if self.pipeline is not None:
-            if inputs or n_targets is not None:
+            if inputs or n_targets is not None or target_weights is not None:
                 raise ValueError("pipeline parallelism runs the text LM only")
             share = (x.shape[0] // self.n_micro) / batch
             self.set_loss_scale(share)
@@ -144,6 +153,13 @@ class ShardedModel:
                 self.set_loss_scale(share)
                 with self.autocast():
                     logits = self._forward(xb, **extra)
+                if target_weights is not None:
+                    wb = target_weights[lo:lo + mb].to(self.device).flatten()
+                    ce = lm_loss(logits, yb, reduction="none")  # [mb * seq], 0 where ignored
+                    (ce @ wb / max(weight_total, 1e-12)).backward()
+                    total += float(ce.detach().sum()) / max(n_targets, 1)
+                    routing.add(layers, share)
+                    continue
                 if n_targets is None:
                     loss, weight = lm_loss(logits, yb), share
                 else:

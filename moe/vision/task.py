@@ -39,6 +39,7 @@ absent where no query can be made (vision.max_objects=1: no distractor exists).
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -77,6 +78,30 @@ def encode_texts(tok: BPETokenizer, texts: list[str], seq_len: int) -> tuple[np.
         x[i, :len(seq) - 1] = seq[:-1]
         y[i, :len(seq) - 1] = seq[1:]
     return x, y
+
+
+ANSWER = re.compile(r"a:( [^.]*)\.")  # an answer: after "a:", up to its full stop
+
+
+def answer_token_mask(tok: BPETokenizer, texts: list[str], seq_len: int) -> np.ndarray:
+    """bool [N, seq_len], aligned with ``encode_texts``' y: True where the target is a token
+    of an answer (" yes" in "q: is there a red square? a: yes."; not the "." after it, not
+    the prompt, nothing in a caption). A token counts if its characters lie inside the
+    answer's (its leading space included)."""
+    mask = np.zeros((len(texts), seq_len), dtype=bool)
+    for i, (text, enc) in enumerate(zip(texts, tok.tok.encode_batch(list(texts)))):
+        spans = [m.span(1) for m in ANSWER.finditer(text)]
+        for j, (lo, hi) in enumerate(enc.offsets[:seq_len]):
+            # y[j] is token j of the text: encode_texts puts the marker before it in x
+            mask[i, j] = any(a <= lo and hi <= b for a, b in spans)
+    return mask
+
+
+def loss_weights(mask: np.ndarray, y: np.ndarray, answer_weight: float) -> np.ndarray:
+    """float32 [N, seq_len]: answer_weight on the answer tokens, 1 on every other counted
+    target, 0 on padding."""
+    w = np.where(mask, np.float32(answer_weight), np.float32(1.0))
+    return np.where(y == IGNORE_INDEX, np.float32(0.0), w).astype(np.float32)
 
 
 class ImageTextLoader:
@@ -127,6 +152,10 @@ class VisionTask:
         self.train_x, self.train_y = encode_texts(self.tokenizer, self.data.train.texts,
                                                   self.seq_len)
         self.val_x, self.val_y = encode_texts(self.tokenizer, self.data.val.texts, self.seq_len)
+        self.train_w = None  # vision.answer_loss_weight: None when every token weighs 1
+        if vc.answer_loss_weight != 1:
+            mask = answer_token_mask(self.tokenizer, self.data.train.texts, self.seq_len)
+            self.train_w = loss_weights(mask, self.train_y, vc.answer_loss_weight)
         self.val_queries = _val_queries(self.data.val, ACCURACY_IMAGES)
         self.heldout_queries = vdata.composition_queries(self.data.heldout)
         self.val_exists_queries = vdata.exists_queries(self.data.val, ACCURACY_IMAGES)
@@ -190,8 +219,9 @@ class VisionTask:
         idx = loader.next_indices(batch)  # the global batch, identical on every rank
         x, y = torch.from_numpy(self.train_x[idx]), torch.from_numpy(self.train_y[idx])
         n_targets = int((y != IGNORE_INDEX).sum())
+        weights = None if self.train_w is None else torch.from_numpy(self.train_w[idx])
         return runtime.forward_backward(x, y, routing, self._inputs(self.data.train, idx),
-                                        n_targets=n_targets)
+                                        n_targets=n_targets, target_weights=weights)
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
