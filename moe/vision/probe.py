@@ -124,21 +124,31 @@ def train_probe(feats: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor], 
     returns the probe and the mean loss of the last 10% of steps."""
     torch.manual_seed(seed)
     probe = ReadoutProbe(feats.shape[-1], dim, n_heads, n_kv_heads, head_dim)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr)
     shape_of, colour_of = labels
     rng = np.random.default_rng([seed, 2])
-    losses = []
-    for _ in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.from_numpy(rng.integers(0, len(feats), batch))
         shape_logits, colour_logits = probe(feats[idx])
-        loss = (F.cross_entropy(shape_logits.flatten(0, 1), shape_of[idx].flatten())
+        return (F.cross_entropy(shape_logits.flatten(0, 1), shape_of[idx].flatten())
                 + F.cross_entropy(colour_logits.flatten(0, 1), colour_of[idx].flatten()))
+
+    return probe.eval(), _fit(probe, batch_loss, steps, lr)
+
+
+def _fit(probe: nn.Module, batch_loss, steps: int, lr: float) -> float:
+    """``steps`` AdamW steps on ``batch_loss()`` (a fresh batch each call); returns the mean
+    loss of the last 10% of steps (nan for none)."""
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
     tail = losses[-max(1, steps // 10):]
-    return probe.eval(), float(np.mean(tail)) if tail else float("nan")
+    return float(np.mean(tail)) if tail else float("nan")
 
 
 @dataclass
@@ -227,18 +237,13 @@ def train_binding_probe(feats: torch.Tensor, queries: torch.Tensor, *, dim: int,
     over frozen ``feats``; returns the readout and the mean loss of the last 10% of steps."""
     torch.manual_seed(seed)
     probe = BindingReadout(feats.shape[-1], dim, n_heads, n_kv_heads, head_dim)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr)
     rng = np.random.default_rng([seed, 4])
-    losses = []
-    for _ in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         b = queries[torch.from_numpy(rng.integers(0, len(queries), batch))]
-        loss = F.cross_entropy(probe(feats[b[:, 0]], b[:, 1]), b[:, 2])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    tail = losses[-max(1, steps // 10):]
-    return probe.eval(), float(np.mean(tail)) if tail else float("nan")
+        return F.cross_entropy(probe(feats[b[:, 0]], b[:, 1]), b[:, 2])
+
+    return probe.eval(), _fit(probe, batch_loss, steps, lr)
 
 
 @torch.no_grad()
