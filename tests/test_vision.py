@@ -488,3 +488,104 @@ def test_weighted_targets_give_the_weighted_mean_gradient(answer_weight):
     rt.forward_backward(x, y, RoutingAccumulator(moe_layer_names(cfg), mc.n_experts),
                         n_targets=n_targets)
     assert not torch.allclose(plain.output.weight.grad, model.output.weight.grad)
+
+
+# -- binding questions alone (moe/vision/binding_lm.py, scripts/vision_binding.py) -----------
+
+def _binding_setup(workdir):
+    from moe.checkpoint import load_model
+    from moe.data.tokenizer import BPETokenizer
+    from moe.vision import binding_lm as blm
+    from moe.vision import data as vd
+
+    loaded = load_model(workdir / "single")
+    vc = loaded.cfg.vision
+    data = vd.load_or_build(loaded.cfg.data.cache_dir, vc.n_train, vc.n_val, vc.n_heldout,
+                            vc.data_seed, vc.image_size, vc.max_objects)
+    return loaded.model, BPETokenizer.load(loaded.tokenizer), data, blm, vd
+
+
+def test_binding_rows_and_answer_logits(workdir, single):
+    """A row per exists query (a yes and a distractor no per image), ending at "a:", its
+    answer the first token of " yes" / " no"; dropless, the logits picked from a right-padded
+    batch are each question's own forward at its last token (with capacity the padding takes
+    expert slots, as in training)."""
+    model, tok, data, blm, vd = _binding_setup(workdir)
+    rows = blm.binding_rows(tok, data.val)
+    queries = vd.exists_queries(data.val)
+    assert len(rows) == len(queries) > 0
+    for row, (image, q) in zip(rows, queries):
+        assert row.image == image and row.ids == (tok.eot_id, *tok.encode(q.prompt))
+        assert tok.decode(list(row.ids[-2:])).endswith("a:")
+        assert row.answer == tok.encode(q.answer)[0]
+    assert {r.answer for r in rows} == {tok.encode(" yes")[0], tok.encode(" no")[0]}
+    media = blm.encode_split(model, data.val)
+    assert media.shape == (len(data.val.images), model.vcfg.n_latents, model.vcfg.d_vision)
+    picked = [rows[0], *[r for r in rows if len(r.ids) != len(rows[0].ids)][:1], rows[1]]
+    assert len({len(r.ids) for r in picked}) == 2  # ragged: padding is exercised
+    with torch.no_grad():
+        logits, answers = blm.answer_logits(model.eval(), picked, media, tok.eot_id, None)
+        for i, r in enumerate(picked):
+            alone = model(torch.tensor([r.ids]), media=media[[r.image]], capacity_factor=None,
+                          media_pos=torch.zeros(1, 1, dtype=torch.long))[0, -1]
+            torch.testing.assert_close(logits[i], alone.float(), rtol=1e-5, atol=1e-5)
+    assert answers.tolist() == [r.answer for r in picked]
+
+
+def test_train_on_binding_freezes_the_encoder_and_records_a_curve(workdir, single):
+    model, tok, data, blm, vd = _binding_setup(workdir)
+    rows = blm.binding_rows(tok, data.train)
+    media = blm.encode_split(model, data.train)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    yes, no = tok.encode(" yes")[0], tok.encode(" no")[0]
+    curve = blm.train_on_binding(model, rows, media, rows, media, pad=tok.eot_id, yes=yes,
+                                 no=no, steps=5, batch=4, lr=1e-2, eval_every=2)
+    assert [r["step"] for r in curve] == [0, 2, 4, 5]
+    assert [r["questions"] for r in curve] == [0, 8, 16, 20]
+    assert all(0 <= r["val_exists"] <= 1 for r in curve) and curve[1]["loss"] > 0
+    after = model.state_dict()
+    for name, value in before.items():
+        frozen = name.split(".", 1)[0] in ("vision_encoder", "perceiver")
+        assert torch.equal(after[name], value) == frozen or "norm" in name, name
+    assert not torch.equal(after["cross_attn.0.attn.wq.weight"],
+                           before["cross_attn.0.attn.wq.weight"])
+    # The accuracy counts the first answer token's yes-vs-no logit, hand-checked.
+    with torch.no_grad():
+        logits, answers = blm.answer_logits(model.eval(), rows, media, tok.eot_id, "config")
+    expect = float(((logits[:, yes] > logits[:, no]) == (answers == yes)).float().mean())
+    assert blm.binding_accuracy(model, rows, media, tok.eot_id, yes, no) == expect
+
+
+def test_oracle_media_is_the_probes_features_padded():
+    from moe.vision import binding_lm as blm
+    from moe.vision import data as vd
+    from moe.vision.probe import ORACLE_DIM, oracle_features
+
+    split = vd.make_split("val", 3, seed=2, size=16)
+    media = blm.oracle_media(split, 16, 64)
+    assert media.shape == (3, 16, 64)
+    assert torch.equal(media[:, :9, :ORACLE_DIM], blm.ORACLE_SCALE * oracle_features(split))
+    assert not media[:, 9:].any() and not media[:, :, ORACLE_DIM:].any()
+    with pytest.raises(ValueError, match="do not fit"):
+        blm.oracle_media(split, 4, 64)
+
+
+def test_vision_binding_command(workdir, single, capsys):
+    import json
+
+    from moe.cli import vision_binding
+
+    run = str(workdir / "single")
+    assert vision_binding.main(["--run", run, "--steps=2", "--eval-every=1", "--batch=2,4",
+                                "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert list(out["curves"]) == ["2", "4"] and out["features"] == "latents"
+    assert [r["questions"] for r in out["curves"]["4"]] == [0, 4, 8]
+    assert vision_binding.main(["--run", run, "--steps=1"]) == 0
+    assert "| batch | 0 | 1 |" in capsys.readouterr().out
+    for bad, message in ((["--batch=0"], "must be positive"),
+                         (["--features=oracle"], "do not fit")):
+        assert vision_binding.main(["--run", run, *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert vision_binding.main(["--run", str(workdir / "nothing-here")]) == 2
+    assert "error:" in capsys.readouterr().err
