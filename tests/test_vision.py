@@ -551,7 +551,7 @@ def test_train_on_binding_freezes_the_encoder_and_records_a_curve(workdir, singl
                            before["cross_attn.0.attn.wq.weight"])
     # The accuracy counts the first answer token's yes-vs-no logit, hand-checked.
     with torch.no_grad():
-        logits, answers = blm.answer_logits(model.eval(), rows, media, tok.eot_id, "config")
+        logits, answers = blm.answer_logits(model.eval(), rows, media, tok.eot_id)
     expect = float(((logits[:, yes] > logits[:, no]) == (answers == yes)).float().mean())
     assert blm.binding_accuracy(model, rows, media, tok.eot_id, yes, no) == expect
 

@@ -23,6 +23,7 @@ import torch
 
 from moe.checkpoint import CheckpointError, load_model
 from moe.data.tokenizer import BPETokenizer
+from moe.model.moe import CONFIGURED_CAPACITY
 from moe.vision import binding_lm as blm
 from moe.vision import data as vdata
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[batch] = blm.train_on_binding(
             model, train_rows, media[0], val_rows, media[1], pad=tok.eot_id, yes=yes, no=no,
             steps=args.steps, batch=batch, lr=args.lr, eval_every=args.eval_every,
-            seed=args.seed, capacity_factor=None if args.dropless else "config", log=log)
+            seed=args.seed, capacity_factor=None if args.dropless else CONFIGURED_CAPACITY, log=log)
     if args.json:
         print(json.dumps({"run": str(loaded.checkpoint), "step": loaded.step,
                           "features": args.features, "lr": args.lr, "dropless": args.dropless,

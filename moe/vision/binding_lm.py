@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe.data.tokenizer import BPETokenizer
+from moe.model.moe import CONFIGURED_CAPACITY
 from moe.vision import data as vdata
 from moe.vision.caption import image_tensor
 from moe.vision.pretrain import PRETRAINED_MODULES
@@ -85,17 +86,19 @@ def _batch(rows: list[BindingRow], media: torch.Tensor, pad: int):
 
 
 def answer_logits(model: nn.Module, rows: list[BindingRow], media: torch.Tensor, pad: int,
-                  capacity_factor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at each question's last token [B, V] (the answer's prediction), answers [B]."""
+                  capacity_factor=CONFIGURED_CAPACITY) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at each question's last token [B, V] (the answer's prediction), answers [B].
+    ``capacity_factor``: the run's own (the default) or None (dropless)."""
     x, last, answers, m = _batch(rows, media, pad)
-    kw = {} if capacity_factor == "config" else {"capacity_factor": capacity_factor}
-    logits = model(x, media=m, media_pos=torch.zeros(len(rows), 1, dtype=torch.long), **kw)
+    logits = model(x, media=m, media_pos=torch.zeros(len(rows), 1, dtype=torch.long),
+                   capacity_factor=capacity_factor)
     return logits[torch.arange(len(rows)), last].float(), answers
 
 
 @torch.no_grad()
 def binding_accuracy(model: nn.Module, rows: list[BindingRow], media: torch.Tensor, pad: int,
-                     yes: int, no: int, capacity_factor="config", batch: int = 256) -> float:
+                     yes: int, no: int, capacity_factor=CONFIGURED_CAPACITY,
+                     batch: int = 256) -> float:
     """Share of rows whose answer's first token has the higher logit of yes / no."""
     was_training = model.training
     model.eval()
@@ -114,14 +117,16 @@ def binding_accuracy(model: nn.Module, rows: list[BindingRow], media: torch.Tens
 def train_on_binding(model: nn.Module, train_rows: list[BindingRow], train_media: torch.Tensor,
                      val_rows: list[BindingRow], val_media: torch.Tensor, *, pad: int, yes: int,
                      no: int, steps: int, batch: int, lr: float, eval_every: int,
-                     seed: int = 0, capacity_factor="config", log=None) -> list[dict]:
+                     seed: int = 0, capacity_factor=CONFIGURED_CAPACITY,
+                     log=None) -> list[dict]:
     """Train every parameter but the encoder's and resampler's (frozen, as in the config) on
     batches of ``train_rows``; returns {step, questions, loss, val_exists, seconds} at step 0
     and every ``eval_every`` steps (loss: the mean of the steps since the last record)."""
-    params = [p for name, p in model.named_parameters()
-              if name.split(".", 1)[0] not in PRETRAINED_MODULES]
+    params = []
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".", 1)[0] not in PRETRAINED_MODULES)
+        if p.requires_grad:
+            params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     rng = np.random.default_rng([seed, 25])
     model.train()
@@ -139,7 +144,7 @@ def train_on_binding(model: nn.Module, train_rows: list[BindingRow], train_media
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % eval_every == 0 or step == steps:
             curve.append({"step": step, "questions": step * batch,
                           "loss": float(np.mean(losses)),
