@@ -16,6 +16,7 @@ from moe.model import build_model
 from moe.train.loop import train
 from moe.vision.attention import GatedCrossAttentionBlock, media_mask
 from moe.vision.model import build_vision_model, is_vision_param
+from moe.vision.probe import encoder_features
 
 VC = VisionConfig(enabled=True, image_size=16, patch_size=4, d_vision=32, encoder_layers=1,
                   encoder_heads=2, n_latents=4, resampler_layers=1, cross_attn_every=1)
@@ -519,7 +520,7 @@ def test_binding_rows_and_answer_logits(workdir, single):
         assert tok.decode(list(row.ids[-2:])).endswith("a:")
         assert row.answer == tok.encode(q.answer)[0]
     assert {r.answer for r in rows} == {tok.encode(" yes")[0], tok.encode(" no")[0]}
-    media = blm.encode_split(model, data.val)
+    media = encoder_features(model, data.val, "latents")
     assert media.shape == (len(data.val.images), model.vcfg.n_latents, model.vcfg.d_vision)
     picked = [rows[0], *[r for r in rows if len(r.ids) != len(rows[0].ids)][:1], rows[1]]
     assert len({len(r.ids) for r in picked}) == 2  # ragged: padding is exercised
@@ -535,7 +536,7 @@ def test_binding_rows_and_answer_logits(workdir, single):
 def test_train_on_binding_freezes_the_encoder_and_records_a_curve(workdir, single):
     model, tok, data, blm, vd = _binding_setup(workdir)
     rows = blm.binding_rows(tok, data.train)
-    media = blm.encode_split(model, data.train)
+    media = encoder_features(model, data.train, "latents")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     yes, no = tok.encode(" yes")[0], tok.encode(" no")[0]
     curve = blm.train_on_binding(model, rows, media, rows, media, pad=tok.eot_id, yes=yes,

@@ -26,6 +26,7 @@ from moe.data.tokenizer import BPETokenizer
 from moe.model.moe import CONFIGURED_CAPACITY
 from moe.vision import binding_lm as blm
 from moe.vision import data as vdata
+from moe.vision.probe import encoder_features
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             media = [blm.oracle_media(s, vc.n_latents, vc.d_vision)
                      for s in (data.train, data.val)]
         else:
-            media = [blm.encode_split(model, s) for s in (data.train, data.val)]
+            media = [encoder_features(model, s, "latents") for s in (data.train, data.val)]
     except (ValueError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ constant answer (loss ln 2) is its sample cost, to set against what a training r
 
     rows     (image index, [<|endoftext|>, question tokens...], first answer token): a yes
              and a distractor no per image (data.exists_queries), as the model's metric asks
-    latents  the run's frozen encoder and resampler, once per image (``encode_split``)
+    latents  the run's frozen encoder and resampler, once per image
+             (``probe.encoder_features(model, split, "latents")``)
     step     AdamW (weight decay 0.1, betas 0.9 / 0.95), linear warm-up then constant lr,
              gradient clip 1; cross-entropy of the first answer token (" y" of " yes", or
              " no") at the question's last token, over the whole vocabulary
@@ -35,7 +36,6 @@ from torch import nn
 from moe.data.tokenizer import BPETokenizer
 from moe.model.moe import CONFIGURED_CAPACITY
 from moe.vision import data as vdata
-from moe.vision.caption import image_tensor
 from moe.vision.pretrain import PRETRAINED_MODULES
 from moe.vision.probe import oracle_features
 
@@ -55,13 +55,6 @@ def binding_rows(tok: BPETokenizer, split: vdata.VisionSplit,
     """A yes and a distractor no per image (``data.exists_queries``), tokenised."""
     return [BindingRow(i, (tok.eot_id, *tok.encode(q.prompt)), tok.encode(q.answer)[0])
             for i, q in vdata.exists_queries(split, n_images)]
-
-
-@torch.no_grad()
-def encode_split(model: nn.Module, split: vdata.VisionSplit, batch: int = 500) -> torch.Tensor:
-    """The frozen latents of every image: [N, n_latents, d_vision]."""
-    return torch.cat([model.encode_images(image_tensor(split.images[i:i + batch])[:, None])
-                      for i in range(0, len(split.images), batch)])
 
 
 def oracle_media(split: vdata.VisionSplit, n_latents: int, width: int) -> torch.Tensor:
