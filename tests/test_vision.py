@@ -590,3 +590,124 @@ def test_vision_binding_command(workdir, single, capsys):
         assert message in capsys.readouterr().err
     assert vision_binding.main(["--run", str(workdir / "nothing-here")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+# -- the run's phases: text steps first, binding rows late (vision.text_steps, binding_*) ---
+
+def _phase_loader(text_steps=2, binding_from=3, share=0.5, n_text=10, n_bind=6):
+    from moe.data import PackedLoader
+    from moe.vision.task import ImageTextLoader, VisionLoader
+
+    tokens = {"code": np.arange(200, dtype=np.uint16)}
+    lm = PackedLoader(tokens, {"code": 1.0}, 8, 0) if text_steps else None
+    return VisionLoader(ImageTextLoader(n_text, 0), lm,
+                        ImageTextLoader(n_bind, 1) if share else None,
+                        text_steps, binding_from, share)
+
+
+def test_vision_loader_phases_hand_counted():
+    """text_steps=2, binding_from=3, share 1/2, batches of 4: steps 1-2 are corpus windows,
+    step 3 four texts, steps 4-5 two texts and two binding rows; every source's draws are
+    its own loader's, in order."""
+    from moe.vision.task import ImageTextLoader
+
+    loader = _phase_loader()
+    batches = [loader.next_batch(4) for _ in range(5)]
+    for b in batches[:2]:
+        x, y = b.lm
+        assert x.shape == (4, 8) and torch.equal(x[:, 1:], y[:, :-1])  # windows, shifted
+        assert len(b.texts) == len(b.binding) == 0
+    assert batches[2].lm is None and len(batches[2].texts) == 4 and len(batches[2].binding) == 0
+    assert [(len(b.texts), len(b.binding)) for b in batches[3:]] == [(2, 2), (2, 2)]
+    texts, bind = ImageTextLoader(10, 0), ImageTextLoader(6, 1)
+    assert np.array_equal(np.concatenate([b.texts for b in batches[2:]]),
+                          texts.next_indices(8))
+    assert np.array_equal(np.concatenate([b.binding for b in batches[3:]]),
+                          bind.next_indices(4))
+    assert _phase_loader(share=0.9).n_binding(4) == 3  # a text row always stays
+    with pytest.raises(ValueError, match="exactly when"):
+        _phase_loader(text_steps=0).__class__(ImageTextLoader(4, 0), None, None, 1)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4])
+def test_vision_loader_resumes_in_every_phase(cut):
+    """A loader rebuilt from the state after ``cut`` batches draws what the unbroken one
+    draws next (across both phase boundaries)."""
+    ref = _phase_loader()
+    want = [ref.next_batch(4) for _ in range(6)]
+    first = _phase_loader()
+    for _ in range(cut):
+        first.next_batch(4)
+    resumed = _phase_loader()
+    resumed.load_state_dict(first.state_dict())
+    for got, exp in zip([resumed.next_batch(4) for _ in range(6 - cut)], want[cut:]):
+        assert (got.lm is None) == (exp.lm is None)
+        if got.lm is not None:
+            assert all(torch.equal(a, b) for a, b in zip(got.lm, exp.lm))
+        assert np.array_equal(got.texts, exp.texts)
+        assert np.array_equal(got.binding, exp.binding)
+    with pytest.raises(ConfigError, match="vision.text_steps and vision.binding_share"):
+        _phase_loader(text_steps=0).load_state_dict(first.state_dict())
+
+
+def test_binding_rows_are_the_training_images_exists_questions(workdir, single):
+    """One row per exists query of the training images (a yes and a distractor no each):
+    its image, its text with the answer and full stop, laid out as the texts' rows."""
+    from moe.vision import data as vd
+    from moe.vision.task import VisionTask, encode_texts
+
+    cfg = load_config(None, _vision_args(workdir, "bind_rows", "--vision.binding_share=0.5",
+                                         "--vision.answer_loss_weight=3"))
+    task = VisionTask(cfg)
+    queries = vd.exists_queries(task.data.train)
+    assert len(task.bind_x) == len(queries) > 0
+    assert task.bind_image.tolist() == [i for i, _ in queries]
+    texts = [q.prompt + q.answer + "." for _, q in queries]
+    assert texts[0].startswith("q: is there a ") and texts[0].endswith(("? a: yes.", "? a: no."))
+    x, y = encode_texts(task.tokenizer, texts, cfg.data.seq_len)
+    assert np.array_equal(task.bind_x, x) and np.array_equal(task.bind_y, y)
+    answers = [task.tokenizer.decode(y[r][task.bind_w[r] == 3].tolist()) for r in range(4)]
+    assert answers == [q.answer for _, q in queries[:4]]  # the answer alone weighs 3
+
+
+def test_phased_run_trains_and_resumes_exactly(workdir):
+    """A run with a text step, then texts, then binding rows (from step 3): stopped after
+    the text phase and after the first binding step, and resumed, it logs exactly the
+    unbroken run's numbers."""
+    phases = ["--vision.text_steps=1", "--vision.binding_share=0.5",
+              "--vision.binding_from=2", "--train.max_steps=4", "--train.eval_every=4",
+              "--train.ckpt_every=1"]
+    train(load_config(None, _vision_args(workdir, "phased", *phases)))
+    ref = read_rows(workdir / "phased")
+    steps = [r for r in ref if "lm_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["lm_loss"]) for r in steps)
+    args = _vision_args(workdir, "phased_resumed", *phases)
+    for stop in (2, 3):  # after the text step; after the first binding step
+        train(load_config(None, args + [f"--train.max_steps={stop}"]))
+    train(load_config(None, args))
+    rows = [r for r in read_rows(workdir / "phased_resumed")
+            if not ("val_loss" in r and r["step"] in (2, 3))]
+    assert_same_rows(ref, rows, KEYS, tag="phased resume")
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("--vision.binding_share=1", r"vision.binding_share=1.0 must be in \[0, 1\)"),
+    ("--vision.text_steps=-1", "vision.text_steps=-1 must be >= 0"),
+])
+def test_bad_phase_settings_are_one_line(tmp_path, bad, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, _vision_args(tmp_path, "bad", bad))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--vision.text_steps=3"], "vision.text_steps=3 leaves no image step"),
+    (["--vision.text_steps=1", "--vision.freeze_text=true"], "freeze_text=true freezes"),
+    (["--vision.binding_share=0.5", "--vision.max_objects=1"], "raise vision.max_objects"),
+])
+def test_impossible_phases_are_refused_before_anything_is_written(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        train(load_config(None, _vision_args(tmp_path, "bad", *extra)))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "bad").exists()

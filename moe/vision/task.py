@@ -42,6 +42,7 @@ from __future__ import annotations
 import re
 import sys
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from torch import nn
 
 from moe.checkpoint import read_extra
 from moe.config import Config, ConfigError
-from moe.data import load_data
+from moe.data import PackedLoader, load_data
 from moe.data.tokenizer import BPETokenizer
 from moe.device import autocast_context
 from moe.inference.sampling import SamplingParams
@@ -144,9 +145,17 @@ class VisionTask:
         self.cfg = cfg
         vc = cfg.vision
         self.seq_len = cfg.data.seq_len
-        # The tokenizer of data.* (the text run's, so a text checkpoint's embeddings fit).
-        self.tokenizer = load_data(cfg).tokenizer
+        # The tokenizer of data.* (the text run's, so a text checkpoint's embeddings fit),
+        # whose token streams the first vision.text_steps train on.
+        self.text = load_data(cfg)
+        self.tokenizer = self.text.tokenizer
         self.trains_text = not vc.freeze_text
+        if vc.text_steps and vc.freeze_text:
+            raise ConfigError(f"vision.text_steps={vc.text_steps} trains the text model, which "
+                              "vision.freeze_text=true freezes: set one of them off")
+        if vc.text_steps >= cfg.train.max_steps:
+            raise ConfigError(f"vision.text_steps={vc.text_steps} leaves no image step of "
+                              f"train.max_steps={cfg.train.max_steps}: lower it")
         self.data = vdata.load_or_build(cfg.data.cache_dir, vc.n_train, vc.n_val, vc.n_heldout,
                                         vc.data_seed, vc.image_size, vc.max_objects)
         self.train_x, self.train_y = encode_texts(self.tokenizer, self.data.train.texts,
@@ -156,6 +165,9 @@ class VisionTask:
         if vc.answer_loss_weight != 1:
             mask = answer_token_mask(self.tokenizer, self.data.train.texts, self.seq_len)
             self.train_w = loss_weights(mask, self.train_y, vc.answer_loss_weight)
+        # vision.binding_share: single binding questions on training images, their own rows.
+        self.bind_image, self.bind_x, self.bind_y, self.bind_w = _binding_rows(
+            self, cfg) if vc.binding_share else (None, None, None, None)
         self.val_queries = _val_queries(self.data.val, ACCURACY_IMAGES)
         self.heldout_queries = vdata.composition_queries(self.data.heldout)
         self.val_exists_queries = vdata.exists_queries(self.data.val, ACCURACY_IMAGES)
@@ -207,20 +219,36 @@ class VisionTask:
                   f"{loss:.3f}, {time.perf_counter() - start:.1f}s", file=sys.stderr)
         return {"vision_pretrain_loss": loss}
 
-    def loader(self) -> ImageTextLoader:
-        return ImageTextLoader(len(self.train_x), self.cfg.train.seed)
+    def loader(self) -> VisionLoader:
+        vc, seed = self.cfg.vision, self.cfg.train.seed
+        return VisionLoader(
+            ImageTextLoader(len(self.train_x), seed),
+            PackedLoader(self.text.train, self.text.epochs, self.seq_len, seed)
+            if vc.text_steps else None,
+            ImageTextLoader(len(self.bind_x), seed + 1) if vc.binding_share else None,
+            vc.text_steps, vc.binding_from, vc.binding_share)
 
     def _inputs(self, split: vdata.VisionSplit, idx: np.ndarray) -> dict[str, torch.Tensor]:
         images = image_tensor(split.images[idx])[:, None]  # [B, 1, 3, H, W]
         return {"images": images, "media_pos": torch.zeros(len(idx), 1, dtype=torch.long)}
 
-    def step(self, runtime, loader: ImageTextLoader, batch: int,
+    def step(self, runtime, loader: VisionLoader, batch: int,
              routing: RoutingAccumulator) -> float:
-        idx = loader.next_indices(batch)  # the global batch, identical on every rank
-        x, y = torch.from_numpy(self.train_x[idx]), torch.from_numpy(self.train_y[idx])
+        b = loader.next_batch(batch)  # the global batch, identical on every rank
+        if b.lm is not None:  # vision.text_steps: the text model alone, a language model
+            return runtime.forward_backward(*b.lm, routing)
+        rows = [(self.train_x, self.train_y, self.train_w, b.texts)]
+        images = [b.texts]
+        if len(b.binding):
+            rows.append((self.bind_x, self.bind_y, self.bind_w, b.binding))
+            images.append(self.bind_image[b.binding])
+        x = torch.from_numpy(np.concatenate([x[i] for x, _, _, i in rows]))
+        y = torch.from_numpy(np.concatenate([y[i] for _, y, _, i in rows]))
+        weights = None if self.train_w is None else torch.from_numpy(
+            np.concatenate([w[i] for _, _, w, i in rows]))
         n_targets = int((y != IGNORE_INDEX).sum())
-        weights = None if self.train_w is None else torch.from_numpy(self.train_w[idx])
-        return runtime.forward_backward(x, y, routing, self._inputs(self.data.train, idx),
+        return runtime.forward_backward(x, y, routing,
+                                        self._inputs(self.data.train, np.concatenate(images)),
                                         n_targets=n_targets, target_weights=weights)
 
     # -- evaluation ----------------------------------------------------------------------
@@ -339,6 +367,87 @@ class VisionTask:
             truth = vdata.caption(self.data.heldout.scenes[0])
             print(f"held-out image 0: {truth!r}\nmodel caption:    {text!r}", file=sys.stderr)
         return text
+
+
+def _binding_rows(task: VisionTask, cfg: Config) -> tuple[np.ndarray, ...]:
+    """image int64 [N], x, y [N, seq_len] (``encode_texts``) and the loss weights (None
+    unless vision.answer_loss_weight) of the binding rows: "q: is there a <pair>? a: yes."
+    and a distractor "no." per training image that has one (``data.exists_queries``)."""
+    if cfg.vision.max_objects < 2:
+        raise ConfigError(f"vision.binding_share={cfg.vision.binding_share} needs scenes of "
+                          "two objects or more (a binding question's no is a distractor): "
+                          "raise vision.max_objects or set vision.binding_share=0")
+    queries = vdata.exists_queries(task.data.train)
+    texts = [q.prompt + q.answer + "." for _, q in queries]
+    x, y = encode_texts(task.tokenizer, texts, task.seq_len)
+    w = None
+    if task.train_w is not None:
+        w = loss_weights(answer_token_mask(task.tokenizer, texts, task.seq_len), y,
+                         cfg.vision.answer_loss_weight)
+    return np.array([i for i, _ in queries], dtype=np.int64), x, y, w
+
+
+@dataclass
+class VisionBatch:
+    """One global batch: ``lm`` (x, y) of the text corpus in a text step, else row indices
+    into the training texts and into the binding rows."""
+    lm: tuple[torch.Tensor, torch.Tensor] | None = None
+    texts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    binding: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+class VisionLoader:
+    """The batches of a vision run by step (vision.text_steps, binding_share, binding_from):
+    steps 1..text_steps draw windows of the text corpus (``lm``, the text run's own loader),
+    the later ones images with their texts; from step binding_from + 1 on,
+    ``n_binding(batch)`` rows of each are binding questions, the rest texts. Each source
+    keeps its own shuffled passes, so a resumed run draws what the unbroken one would."""
+
+    def __init__(self, texts: ImageTextLoader, lm: PackedLoader | None,
+                 binding: ImageTextLoader | None, text_steps: int = 0, binding_from: int = 0,
+                 binding_share: float = 0.0):
+        if (lm is None) != (text_steps == 0) or (binding is None) != (binding_share == 0):
+            raise ValueError("a text (binding) loader is needed exactly when text_steps "
+                             "(binding_share) is set")
+        self.texts, self.lm, self.binding = texts, lm, binding
+        self.text_steps, self.binding_from, self.share = text_steps, binding_from, binding_share
+        self.served = 0  # batches drawn so far: the step the next batch is for, minus one
+
+    def n_binding(self, batch: int) -> int:
+        """Binding rows in a batch of ``batch`` (at least one text row stays)."""
+        return min(batch - 1, round(self.share * batch))
+
+    def next_batch(self, batch: int) -> VisionBatch:
+        step = self.served + 1
+        self.served += 1
+        if step <= self.text_steps:
+            return VisionBatch(lm=self.lm.next_batch(batch))
+        k = self.n_binding(batch) if self.binding is not None and step > self.binding_from \
+            else 0
+        out = VisionBatch(texts=self.texts.next_indices(batch - k))
+        if k:
+            out.binding = self.binding.next_indices(k)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"served": self.served, "texts": self.texts.state_dict(),
+                "lm": None if self.lm is None else self.lm.state_dict(),
+                "binding": None if self.binding is None else self.binding.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "served" not in state:  # a checkpoint from before the phases: texts only
+            state = {"served": 0, "texts": state, "lm": None, "binding": None}
+        for name in ("lm", "binding"):
+            if (getattr(self, name) is None) != (state[name] is None):
+                raise ConfigError(f"the checkpoint's run {'had' if state[name] else 'had no'} "
+                                  f"{'text steps' if name == 'lm' else 'binding rows'}: resume "
+                                  "with its vision.text_steps and vision.binding_share")
+        self.texts.load_state_dict(state["texts"])
+        if self.lm is not None:
+            self.lm.load_state_dict(state["lm"])
+        if self.binding is not None:
+            self.binding.load_state_dict(state["binding"])
+        self.served = state["served"]
 
 
 def _val_queries(split: vdata.VisionSplit, n_images: int) -> list:
