@@ -711,3 +711,33 @@ def test_impossible_phases_are_refused_before_anything_is_written(tmp_path, extr
         train(load_config(None, _vision_args(tmp_path, "bad", *extra)))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "bad").exists()
+
+
+def test_binding_rows_of_hand_made_scenes():
+    """Hand-made scenes: image i asks about its object i % count (yes, objects in reading
+    order) and its seen distractor i % count (no; red circle is held out, so scene 0 has
+    one); a one-object scene has no distractor and gives no row."""
+    from types import SimpleNamespace
+
+    from moe.data.tokenizer import train_bpe
+    from moe.vision import data as vd
+    from moe.vision.task import _binding_rows
+
+    scenes = [vd.Scene((vd.Shape("blue", "circle", 7), vd.Shape("red", "square", 0))),
+              vd.Scene((vd.Shape("green", "cross", 4),)),
+              vd.Scene((vd.Shape("green", "square", 0), vd.Shape("white", "triangle", 8)))]
+    split = vd.VisionSplit(np.zeros((3, 16, 16, 3), np.uint8), scenes, [""] * 3)
+    tok = train_bpe(["q: is there a red square? a: yes. no."] * 4, 300)
+    task = SimpleNamespace(data=SimpleNamespace(train=split), tokenizer=tok, seq_len=64,
+                           train_w=None)
+    cfg = SimpleNamespace(vision=VisionConfig(enabled=True, binding_share=0.5))
+    image, x, y, w = _binding_rows(task, cfg)
+    assert image.tolist() == [0, 0, 2, 2] and w is None
+    assert (x[:, 0] == tok.eot_id).all()  # the image marker, as the texts' rows
+    assert [tok.decode(row[row != -100].tolist()) for row in y] == [
+        f"{t}<|endoftext|>" for t in (
+            "q: is there a red square? a: yes.", "q: is there a blue square? a: no.",
+            "q: is there a green square? a: yes.", "q: is there a green triangle? a: no.")]
+    with pytest.raises(ConfigError, match="raise vision.max_objects"):
+        _binding_rows(task, SimpleNamespace(vision=VisionConfig(enabled=True, max_objects=1,
+                                                               binding_share=0.5)))
