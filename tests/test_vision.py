@@ -670,25 +670,36 @@ def test_binding_rows_are_the_training_images_exists_questions(workdir, single):
     assert answers == [q.answer for _, q in queries[:4]]  # the answer alone weighs 3
 
 
-def test_phased_run_trains_and_resumes_exactly(workdir):
-    """A run with a text step, then texts, then binding rows (from step 3): stopped after
-    the text phase and after the first binding step, and resumed, it logs exactly the
-    unbroken run's numbers."""
-    phases = ["--vision.text_steps=1", "--vision.binding_share=0.5",
-              "--vision.binding_from=2", "--train.max_steps=4", "--train.eval_every=4",
-              "--train.ckpt_every=1"]
-    train(load_config(None, _vision_args(workdir, "phased", *phases)))
-    ref = read_rows(workdir / "phased")
-    steps = [r for r in ref if "lm_loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["lm_loss"]) for r in steps)
-    args = _vision_args(workdir, "phased_resumed", *phases)
-    for stop in (2, 3):  # after the text step; after the first binding step
+PHASES = ["--vision.text_steps=1", "--vision.binding_share=0.5", "--vision.binding_from=2",
+          "--train.max_steps=4", "--train.eval_every=4", "--train.ckpt_every=1"]
+
+
+@pytest.fixture(scope="module")
+def phased(workdir):
+    """One process, a text step, a step of texts, two with binding rows: the reference."""
+    train(load_config(None, _vision_args(workdir, "phased", *PHASES)))
+    return read_rows(workdir / "phased")
+
+
+def test_phased_run_resumes_exactly(workdir, phased):
+    """Stopped after the text phase and after the first binding step, and resumed, the
+    phased run logs exactly the unbroken run's numbers."""
+    assert [r["step"] for r in phased if "lm_loss" in r] == [1, 2, 3, 4]
+    args = _vision_args(workdir, "phased_resumed", *PHASES)
+    for stop in (2, 3):
         train(load_config(None, args + [f"--train.max_steps={stop}"]))
     train(load_config(None, args))
     rows = [r for r in read_rows(workdir / "phased_resumed")
             if not ("val_loss" in r and r["step"] in (2, 3))]
-    assert_same_rows(ref, rows, KEYS, tag="phased resume")
+    assert_same_rows(phased, rows, KEYS, tag="phased resume")
+
+
+@pytest.mark.slow
+def test_phased_run_data_parallel_matches_one_process(workdir, phased):
+    """The text step's windows and the binding rows split over two ranks like any batch."""
+    run_ranks(_train_rank, 2, _vision_args(workdir, "phased_dp2", *PHASES,
+                                           "--parallel.dp=2"), timeout_s=300)
+    assert_same_rows(phased, read_rows(workdir / "phased_dp2"), KEYS, tag="phased dp2")
 
 
 @pytest.mark.parametrize("bad,message", [
