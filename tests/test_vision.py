@@ -128,8 +128,8 @@ VISION = ["--vision.enabled=true", "--vision.image_size=16", "--vision.d_vision=
           "--train.batch_size=8",
           "--train.micro_batch_size=4", "--train.max_steps=3", "--train.eval_every=3",
           "--train.decay_steps=4"]
-KEYS = ("vision_pretrain_loss", "loss", "lm_loss", "aux_loss", "z_loss", "drop_frac",
-        "grad_norm", "val_loss",
+KEYS = ("vision_pretrain_loss", "text_pretrain_loss", "loss", "lm_loss", "aux_loss", "z_loss",
+        "drop_frac", "grad_norm", "val_loss",
         "val_loss_shuffled_images", "val_loss_no_images", "heldout_accuracy", "val_accuracy",
         "heldout_accuracy_calibrated", "val_exists_accuracy", "heldout_exists_accuracy",
         "heldout_exists_accuracy_calibrated",
@@ -592,62 +592,83 @@ def test_vision_binding_command(workdir, single, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-# -- the run's phases: text steps first, binding rows late (vision.text_steps, binding_*) ---
+# -- the text model's pre-training and the binding rows (vision.text_pretrain_steps,
+#    binding_share, binding_from) ----------------------------------------------------------
 
-def _phase_loader(text_steps=2, binding_from=3, share=0.5, n_text=10, n_bind=6):
-    from moe.data import PackedLoader
+def _phase_loader(binding_from=1, share=0.5, n_text=10, n_bind=6):
     from moe.vision.task import ImageTextLoader, VisionLoader
 
-    tokens = {"code": np.arange(200, dtype=np.uint16)}
-    lm = PackedLoader(tokens, {"code": 1.0}, 8, 0) if text_steps else None
-    return VisionLoader(ImageTextLoader(n_text, 0), lm,
-                        ImageTextLoader(n_bind, 1) if share else None,
-                        text_steps, binding_from, share)
+    return VisionLoader(ImageTextLoader(n_text, 0),
+                        ImageTextLoader(n_bind, 1) if share else None, binding_from, share)
 
 
 def test_vision_loader_phases_hand_counted():
-    """text_steps=2, binding_from=3, share 1/2, batches of 4: steps 1-2 are corpus windows,
-    step 3 four texts, steps 4-5 two texts and two binding rows; every source's draws are
-    its own loader's, in order."""
+    """binding_from=1, share 1/2, batches of 4: step 1 four texts, steps 2-3 two texts and
+    two binding rows; each source's draws are its own loader's, in order."""
     from moe.vision.task import ImageTextLoader
 
     loader = _phase_loader()
-    batches = [loader.next_batch(4) for _ in range(5)]
-    for b in batches[:2]:
-        x, y = b.lm
-        assert x.shape == (4, 8) and torch.equal(x[:, 1:], y[:, :-1])  # windows, shifted
-        assert len(b.texts) == len(b.binding) == 0
-    assert batches[2].lm is None and len(batches[2].texts) == 4 and len(batches[2].binding) == 0
-    assert [(len(b.texts), len(b.binding)) for b in batches[3:]] == [(2, 2), (2, 2)]
+    batches = [loader.next_batch(4) for _ in range(3)]
+    assert [(len(b.texts), len(b.binding)) for b in batches] == [(4, 0), (2, 2), (2, 2)]
     texts, bind = ImageTextLoader(10, 0), ImageTextLoader(6, 1)
-    assert np.array_equal(np.concatenate([b.texts for b in batches[2:]]),
-                          texts.next_indices(8))
-    assert np.array_equal(np.concatenate([b.binding for b in batches[3:]]),
-                          bind.next_indices(4))
+    assert np.array_equal(np.concatenate([b.texts for b in batches]), texts.next_indices(8))
+    assert np.array_equal(np.concatenate([b.binding for b in batches]), bind.next_indices(4))
     assert _phase_loader(share=0.9).n_binding(4) == 3  # a text row always stays
     with pytest.raises(ValueError, match="exactly when"):
-        _phase_loader(text_steps=0).__class__(ImageTextLoader(4, 0), None, None, 1)
+        _phase_loader().__class__(ImageTextLoader(4, 0), None, 0, 0.5)
 
 
-@pytest.mark.parametrize("cut", [1, 2, 3, 4])
+@pytest.mark.parametrize("cut", [1, 2, 3])
 def test_vision_loader_resumes_in_every_phase(cut):
     """A loader rebuilt from the state after ``cut`` batches draws what the unbroken one
-    draws next (across both phase boundaries)."""
+    draws next (across the phase boundary); a state without binding rows is refused."""
     ref = _phase_loader()
-    want = [ref.next_batch(4) for _ in range(6)]
+    want = [ref.next_batch(4) for _ in range(5)]
     first = _phase_loader()
     for _ in range(cut):
         first.next_batch(4)
     resumed = _phase_loader()
     resumed.load_state_dict(first.state_dict())
-    for got, exp in zip([resumed.next_batch(4) for _ in range(6 - cut)], want[cut:]):
-        assert (got.lm is None) == (exp.lm is None)
-        if got.lm is not None:
-            assert all(torch.equal(a, b) for a, b in zip(got.lm, exp.lm))
+    for got, exp in zip([resumed.next_batch(4) for _ in range(5 - cut)], want[cut:]):
         assert np.array_equal(got.texts, exp.texts)
         assert np.array_equal(got.binding, exp.binding)
-    with pytest.raises(ConfigError, match="vision.text_steps and vision.binding_share"):
-        _phase_loader(text_steps=0).load_state_dict(first.state_dict())
+    with pytest.raises(ConfigError, match="resume with its vision.binding_share"):
+        _phase_loader(share=0).load_state_dict(first.state_dict())
+    texts_only = _phase_loader(share=0)  # a checkpoint from before the binding rows
+    texts_only.load_state_dict(first.texts.state_dict())
+    assert np.array_equal(texts_only.next_batch(4).texts, first.texts.next_indices(4))
+
+
+def _with_text_steps(cfg, steps):
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.vision.text_pretrain_steps = steps
+    return out
+
+
+def test_text_pretraining_trains_the_text_model_alone(workdir):
+    """pretrain_text: the text weights move and the loss falls; every vision parameter
+    (encoder, resampler, cross-attention) is bitwise what it was."""
+    from moe.parallel.sharded_model import ShardedModel
+    from moe.vision.task import VisionTask
+    from moe.vision.text_pretrain import pretrain_text, text_pretrain_batch
+
+    cfg = load_config(None, _vision_args(workdir, "text_pre", "--vision.text_pretrain_steps=12",
+                                         "--vision.text_pretrain_lr=1e-2"))
+    assert text_pretrain_batch(cfg) == 8 * 112 // 128 == 7
+    task = VisionTask(cfg)
+    model = build_vision_model(cfg.model, cfg.vision, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rt = ShardedModel(cfg, model)
+    rt.train(True)
+    first = pretrain_text(rt, _with_text_steps(cfg, 1), task.text)
+    model.load_state_dict(before)
+    last = pretrain_text(rt, cfg, task.text)
+    assert last < first
+    after = model.state_dict()
+    for name, value in before.items():
+        assert torch.equal(after[name], value) == is_vision_param(name), name
 
 
 def test_binding_rows_are_the_training_images_exists_questions(workdir, single):
@@ -670,21 +691,24 @@ def test_binding_rows_are_the_training_images_exists_questions(workdir, single):
     assert answers == [q.answer for _, q in queries[:4]]  # the answer alone weighs 3
 
 
-PHASES = ["--vision.text_steps=1", "--vision.binding_share=0.5", "--vision.binding_from=2",
-          "--train.max_steps=4", "--train.eval_every=4", "--train.ckpt_every=1"]
+PHASES = ["--vision.text_pretrain_steps=2", "--vision.binding_share=0.5",
+          "--vision.binding_from=2", "--train.max_steps=4", "--train.eval_every=4",
+          "--train.ckpt_every=1", "--data.seq_len=128"]  # 8 windows of 128 a text step
 
 
 @pytest.fixture(scope="module")
 def phased(workdir):
-    """One process, a text step, a step of texts, two with binding rows: the reference."""
+    """One process: two text pre-training steps, two steps of texts, two with binding rows
+    (the reference)."""
     train(load_config(None, _vision_args(workdir, "phased", *PHASES)))
     return read_rows(workdir / "phased")
 
 
 def test_phased_run_resumes_exactly(workdir, phased):
-    """Stopped after the text phase and after the first binding step, and resumed, the
-    phased run logs exactly the unbroken run's numbers."""
+    """Stopped before the binding rows and after the first binding step, and resumed, the
+    run logs exactly the unbroken run's numbers (the pre-training runs once, at step 0)."""
     assert [r["step"] for r in phased if "lm_loss" in r] == [1, 2, 3, 4]
+    assert phased[0]["step"] == 0 and phased[0]["text_pretrain_loss"] > 0
     args = _vision_args(workdir, "phased_resumed", *PHASES)
     for stop in (2, 3):
         train(load_config(None, args + [f"--train.max_steps={stop}"]))
@@ -696,7 +720,8 @@ def test_phased_run_resumes_exactly(workdir, phased):
 
 @pytest.mark.slow
 def test_phased_run_data_parallel_matches_one_process(workdir, phased):
-    """The text step's windows and the binding rows split over two ranks like any batch."""
+    """The text pre-training's windows and the binding rows split over two ranks like any
+    batch."""
     run_ranks(_train_rank, 2, _vision_args(workdir, "phased_dp2", *PHASES,
                                            "--parallel.dp=2"), timeout_s=300)
     assert_same_rows(phased, read_rows(workdir / "phased_dp2"), KEYS, tag="phased dp2")
@@ -704,7 +729,8 @@ def test_phased_run_data_parallel_matches_one_process(workdir, phased):
 
 @pytest.mark.parametrize("bad,message", [
     ("--vision.binding_share=1", r"vision.binding_share=1.0 must be in \[0, 1\)"),
-    ("--vision.text_steps=-1", "vision.text_steps=-1 must be >= 0"),
+    ("--vision.text_pretrain_steps=-1", "vision.text_pretrain_steps=-1 must be >= 0"),
+    ("--vision.text_pretrain_lr=0", "vision.text_pretrain_lr"),
 ])
 def test_bad_phase_settings_are_one_line(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -713,8 +739,9 @@ def test_bad_phase_settings_are_one_line(tmp_path, bad, message):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--vision.text_steps=3"], "vision.text_steps=3 leaves no image step"),
-    (["--vision.text_steps=1", "--vision.freeze_text=true"], "freeze_text=true freezes"),
+    (["--vision.text_pretrain_steps=1", "--train.batch_size=2", "--train.micro_batch_size=2"],
+     "= 1.75 windows a step"),
+    (["--vision.text_pretrain_steps=1", "--vision.freeze_text=true"], "freeze_text=true freezes"),
     (["--vision.binding_share=0.5", "--vision.max_objects=1"], "raise vision.max_objects"),
 ])
 def test_impossible_phases_are_refused_before_anything_is_written(tmp_path, extra, message):

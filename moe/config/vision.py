@@ -58,13 +58,16 @@ class VisionConfig:
     # "a:" up to its "."; moe/vision/task.py answer_token_mask) against 1 for every other
     # token; the loss stays a weighted mean per token. The validation losses stay unweighted.
     answer_loss_weight: float = 1.0
-    # A run's steps in phases (moe/vision/task.py VisionLoader; docs/vision.md "Binding"): the
-    # first text_steps train the text model alone as a language model on data.* (no images:
-    # Flamingo joins its vision side to a pretrained LM), the rest on images and their texts;
-    # from step binding_from on, binding_share of each batch's rows are single binding
+    # The text model's own language-model pre-training before step 1 of a new run, as the
+    # encoder's (moe/vision/text_pretrain.py): text_pretrain_steps AdamW steps on data.*
+    # windows of model.max_seq_len tokens at text_pretrain_lr, a fresh optimizer after.
+    # Flamingo starts from a pretrained LM; here binding needs it (docs/vision.md). 0: none.
+    text_pretrain_steps: int = 0
+    text_pretrain_lr: float = 3e-3
+    # From step binding_from on, binding_share of each batch's rows are single binding
     # questions on training images ("q: is there a red circle? a: yes.", a yes and a
-    # distractor no per image), asked once the colour and shape reading has formed.
-    text_steps: int = 0
+    # distractor no per image; moe/vision/task.py VisionLoader), asked once the colour and
+    # shape reading has formed: from the start they are not learnt (docs/vision.md).
     binding_share: float = 0.0
     binding_from: int = 0
 
@@ -74,11 +77,11 @@ class VisionConfig:
                   "cross_attn_ffn_mult", "n_train", "n_val", "n_heldout", "max_objects")
         choice(self, "attend", ("last", "all"))
         choice(self, "pretrain_head", ("linear", "attention", "both"))
-        nonnegative(self, "pretrain_steps", "text_steps", "binding_from")
+        nonnegative(self, "pretrain_steps", "text_pretrain_steps", "binding_from")
         if not 0 <= self.binding_share < 1:
             raise ConfigError(f"vision.binding_share={self.binding_share} must be in [0, 1): "
                               "the share of each batch's rows that are binding questions")
-        positive(self, "pretrain_lr", "answer_loss_weight")
+        positive(self, "pretrain_lr", "text_pretrain_lr", "answer_loss_weight")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size={self.image_size} is not a multiple of "
                               f"vision.patch_size={self.patch_size}")

@@ -50,7 +50,7 @@ from torch import nn
 
 from moe.checkpoint import read_extra
 from moe.config import Config, ConfigError
-from moe.data import PackedLoader, load_data
+from moe.data import load_data
 from moe.data.tokenizer import BPETokenizer
 from moe.device import autocast_context
 from moe.inference.sampling import SamplingParams
@@ -60,6 +60,7 @@ from moe.vision import data as vdata
 from moe.vision.caption import answer_logprobs, caption_image, image_tensor
 from moe.vision.model import build_vision_model, is_vision_param
 from moe.vision.pretrain import PRETRAINED_MODULES, pretrain_encoder
+from moe.vision.text_pretrain import pretrain_text
 
 ACCURACY_IMAGES = 256  # validation images asked about for val_accuracy
 
@@ -146,16 +147,20 @@ class VisionTask:
         vc = cfg.vision
         self.seq_len = cfg.data.seq_len
         # The tokenizer of data.* (the text run's, so a text checkpoint's embeddings fit),
-        # whose token streams the first vision.text_steps train on.
+        # whose token streams vision.text_pretrain_steps train on.
         self.text = load_data(cfg)
         self.tokenizer = self.text.tokenizer
         self.trains_text = not vc.freeze_text
-        if vc.text_steps and vc.freeze_text:
-            raise ConfigError(f"vision.text_steps={vc.text_steps} trains the text model, which "
-                              "vision.freeze_text=true freezes: set one of them off")
-        if vc.text_steps >= cfg.train.max_steps:
-            raise ConfigError(f"vision.text_steps={vc.text_steps} leaves no image step of "
-                              f"train.max_steps={cfg.train.max_steps}: lower it")
+        if vc.text_pretrain_steps and vc.freeze_text:
+            raise ConfigError(f"vision.text_pretrain_steps={vc.text_pretrain_steps} trains the "
+                              "text model, which vision.freeze_text=true freezes: set one off")
+        shards = cfg.parallel.dp * cfg.parallel.ep
+        windows = cfg.train.batch_size * cfg.data.seq_len / cfg.model.max_seq_len
+        if vc.text_pretrain_steps and (windows < 1 or windows != int(windows)
+                                       or int(windows) % shards):
+            raise ConfigError(f"vision.text_pretrain_steps: train.batch_size * data.seq_len / "
+                              f"model.max_seq_len = {windows:g} windows a step, not a multiple "
+                              f"of the {shards} data ranks: change train.batch_size")
         self.data = vdata.load_or_build(cfg.data.cache_dir, vc.n_train, vc.n_val, vc.n_heldout,
                                         vc.data_seed, vc.image_size, vc.max_objects)
         self.train_x, self.train_y = encode_texts(self.tokenizer, self.data.train.texts,
@@ -203,30 +208,36 @@ class VisionTask:
                     p.requires_grad_(False)
 
     def start(self, runtime, init_source) -> dict | None:
-        """Pre-train the vision encoder (vision.pretrain_steps) unless its weights came from
-        ``train.init_from`` (a vision run's checkpoint)."""
+        """A new run's pre-training, unless ``train.init_from`` brought trained weights: the
+        text model's (vision.text_pretrain_steps; not from any checkpoint: a text run's
+        weights are pretrained already) and the vision encoder's (vision.pretrain_steps;
+        not from a vision run's checkpoint)."""
         vc, tc = self.cfg.vision, self.cfg.train
-        if not vc.pretrain_steps:
-            return None
-        if init_source is not None and read_extra(init_source)["config"].get(
-                "vision", {}).get("enabled"):
-            return None
-        start = time.perf_counter()
-        loss = pretrain_encoder(runtime.parts[0], self.data.train, vc.pretrain_steps,
-                                tc.batch_size, vc.pretrain_lr, tc.seed, vc.pretrain_head)
-        if runtime.is_main:
-            print(f"vision encoder pre-trained: {vc.pretrain_steps} steps, what-is-where loss "
-                  f"{loss:.3f}, {time.perf_counter() - start:.1f}s", file=sys.stderr)
-        return {"vision_pretrain_loss": loss}
+        out = {}
+        if vc.text_pretrain_steps and init_source is None:
+            start = time.perf_counter()
+            out["text_pretrain_loss"] = pretrain_text(runtime, self.cfg, self.text)
+            if runtime.is_main:
+                print(f"text model pre-trained: {vc.text_pretrain_steps} steps, loss "
+                      f"{out['text_pretrain_loss']:.3f}, {time.perf_counter() - start:.1f}s",
+                      file=sys.stderr)
+        if vc.pretrain_steps and not (init_source is not None and read_extra(init_source)[
+                "config"].get("vision", {}).get("enabled")):
+            start = time.perf_counter()
+            loss = pretrain_encoder(runtime.parts[0], self.data.train, vc.pretrain_steps,
+                                    tc.batch_size, vc.pretrain_lr, tc.seed, vc.pretrain_head)
+            out["vision_pretrain_loss"] = loss
+            if runtime.is_main:
+                print(f"vision encoder pre-trained: {vc.pretrain_steps} steps, what-is-where "
+                      f"loss {loss:.3f}, {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        return out or None
 
     def loader(self) -> VisionLoader:
         vc, seed = self.cfg.vision, self.cfg.train.seed
         return VisionLoader(
             ImageTextLoader(len(self.train_x), seed),
-            PackedLoader(self.text.train, self.text.epochs, self.seq_len, seed)
-            if vc.text_steps else None,
             ImageTextLoader(len(self.bind_x), seed + 1) if vc.binding_share else None,
-            vc.text_steps, vc.binding_from, vc.binding_share)
+            vc.binding_from, vc.binding_share)
 
     def _inputs(self, split: vdata.VisionSplit, idx: np.ndarray) -> dict[str, torch.Tensor]:
         images = image_tensor(split.images[idx])[:, None]  # [B, 1, 3, H, W]
@@ -235,8 +246,6 @@ class VisionTask:
     def step(self, runtime, loader: VisionLoader, batch: int,
              routing: RoutingAccumulator) -> float:
         b = loader.next_batch(batch)  # the global batch, identical on every rank
-        if b.lm is not None:  # vision.text_steps: the text model alone, a language model
-            return runtime.forward_backward(*b.lm, routing)
         rows = [(self.train_x, self.train_y, self.train_w, b.texts)]
         images = [b.texts]
         if len(b.binding):
@@ -389,28 +398,23 @@ def _binding_rows(task: VisionTask, cfg: Config) -> tuple[np.ndarray, ...]:
 
 @dataclass
 class VisionBatch:
-    """One global batch: ``lm`` (x, y) of the text corpus in a text step, else row indices
-    into the training texts and into the binding rows."""
-    lm: tuple[torch.Tensor, torch.Tensor] | None = None
-    texts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """One global batch: row indices into the training texts and into the binding rows."""
+    texts: np.ndarray
     binding: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 class VisionLoader:
-    """The batches of a vision run by step (vision.text_steps, binding_share, binding_from):
-    steps 1..text_steps draw windows of the text corpus (``lm``, the text run's own loader),
-    the later ones images with their texts; from step binding_from + 1 on,
-    ``n_binding(batch)`` rows of each are binding questions, the rest texts. Each source
-    keeps its own shuffled passes, so a resumed run draws what the unbroken one would."""
+    """The batches of a vision run by step: images with their texts; from step
+    ``binding_from + 1`` on (vision.binding_from, binding_share), ``n_binding(batch)`` rows
+    of each batch are binding questions and the rest texts. Each source keeps its own
+    shuffled passes, so a resumed run draws what the unbroken one would."""
 
-    def __init__(self, texts: ImageTextLoader, lm: PackedLoader | None,
-                 binding: ImageTextLoader | None, text_steps: int = 0, binding_from: int = 0,
-                 binding_share: float = 0.0):
-        if (lm is None) != (text_steps == 0) or (binding is None) != (binding_share == 0):
-            raise ValueError("a text (binding) loader is needed exactly when text_steps "
-                             "(binding_share) is set")
-        self.texts, self.lm, self.binding = texts, lm, binding
-        self.text_steps, self.binding_from, self.share = text_steps, binding_from, binding_share
+    def __init__(self, texts: ImageTextLoader, binding: ImageTextLoader | None = None,
+                 binding_from: int = 0, binding_share: float = 0.0):
+        if (binding is None) != (binding_share == 0):
+            raise ValueError("a binding loader is needed exactly when binding_share is set")
+        self.texts, self.binding = texts, binding
+        self.binding_from, self.share = binding_from, binding_share
         self.served = 0  # batches drawn so far: the step the next batch is for, minus one
 
     def n_binding(self, batch: int) -> int:
@@ -418,12 +422,9 @@ class VisionLoader:
         return min(batch - 1, round(self.share * batch))
 
     def next_batch(self, batch: int) -> VisionBatch:
-        step = self.served + 1
         self.served += 1
-        if step <= self.text_steps:
-            return VisionBatch(lm=self.lm.next_batch(batch))
-        k = self.n_binding(batch) if self.binding is not None and step > self.binding_from \
-            else 0
+        k = self.n_binding(batch) if self.binding is not None and \
+            self.served > self.binding_from else 0
         out = VisionBatch(texts=self.texts.next_indices(batch - k))
         if k:
             out.binding = self.binding.next_indices(k)
@@ -431,20 +432,15 @@ class VisionLoader:
 
     def state_dict(self) -> dict:
         return {"served": self.served, "texts": self.texts.state_dict(),
-                "lm": None if self.lm is None else self.lm.state_dict(),
                 "binding": None if self.binding is None else self.binding.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if "served" not in state:  # a checkpoint from before the phases: texts only
-            state = {"served": 0, "texts": state, "lm": None, "binding": None}
-        for name in ("lm", "binding"):
-            if (getattr(self, name) is None) != (state[name] is None):
-                raise ConfigError(f"the checkpoint's run {'had' if state[name] else 'had no'} "
-                                  f"{'text steps' if name == 'lm' else 'binding rows'}: resume "
-                                  "with its vision.text_steps and vision.binding_share")
+        if "served" not in state:  # a checkpoint from before binding rows: texts only
+            state = {"served": 0, "texts": state, "binding": None}
+        if (self.binding is None) != (state["binding"] is None):
+            raise ConfigError(f"the checkpoint's run had {'' if state['binding'] else 'no '}"
+                              "binding rows: resume with its vision.binding_share")
         self.texts.load_state_dict(state["texts"])
-        if self.lm is not None:
-            self.lm.load_state_dict(state["lm"])
         if self.binding is not None:
             self.binding.load_state_dict(state["binding"])
         self.served = state["served"]
