@@ -779,3 +779,50 @@ def test_binding_rows_of_hand_made_scenes():
     with pytest.raises(ConfigError, match="raise vision.max_objects"):
         _binding_rows(task, SimpleNamespace(vision=VisionConfig(enabled=True, max_objects=1,
                                                                binding_share=0.5)))
+
+
+def test_padding_columns_cut_from_a_step_change_nothing_dropless(workdir):
+    """A training step cuts the columns past its longest text; dropless (no expert capacity
+    for padding to share) and without router losses (which count every token, padding too)
+    its loss and every gradient are the full-width step's."""
+    from moe.parallel.sharded_model import ShardedModel, moe_layer_names
+    from moe.train.metrics import RoutingAccumulator
+    from moe.vision.task import IGNORE_INDEX, VisionTask
+
+    cfg = load_config(None, _vision_args(workdir, "trim", "--model.capacity_factor=null",
+                                         "--model.aux_loss_coef=0", "--model.z_loss_coef=0",
+                                         "--vision.binding_share=0.25"))
+    task = VisionTask(cfg)
+    runs = []
+    for cut in (True, False):
+        model = build_vision_model(cfg.model, cfg.vision, seed=0)
+        rt = ShardedModel(cfg, model)
+        rt.train(True)
+        routing = RoutingAccumulator(moe_layer_names(cfg), cfg.model.n_experts)
+        loader = task.loader()
+        if cut:
+            widths = []
+
+            def spy(x, *a, inner=rt.forward_backward, seen=widths, **k):
+                seen.append(x.shape[1])
+                return inner(x, *a, **k)
+
+            rt.forward_backward = spy
+            loss = task.step(rt, loader, 8, routing)
+            assert widths[0] < cfg.data.seq_len  # the step did cut
+        else:  # the same rows at full width, by hand
+            b = loader.next_batch(8)
+            x = np.concatenate([task.train_x[b.texts], task.bind_x[b.binding]])
+            y = torch.from_numpy(np.concatenate([task.train_y[b.texts], task.bind_y[b.binding]]))
+            images = np.concatenate([b.texts, task.bind_image[b.binding]])
+            assert int((y != IGNORE_INDEX).sum(1).max()) < y.shape[1]  # there is padding to cut
+            loss = rt.forward_backward(torch.from_numpy(x), y, routing,
+                                       task._inputs(task.data.train, images),
+                                       n_targets=int((y != IGNORE_INDEX).sum()))
+        runs.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()
+                            if p.grad is not None}))
+    (cut_loss, cut_grads), (full_loss, full_grads) = runs
+    assert cut_loss == pytest.approx(full_loss, rel=1e-6)
+    assert cut_grads.keys() == full_grads.keys()
+    for name, g in cut_grads.items():
+        torch.testing.assert_close(g, full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
