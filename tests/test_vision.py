@@ -776,12 +776,20 @@ def test_binding_rows_of_hand_made_scenes():
         f"{t}<|endoftext|>" for t in (
             "q: is there a red square? a: yes.", "q: is there a blue square? a: no.",
             "q: is there a green square? a: yes.", "q: is there a green triangle? a: no.")]
+    # binding_answer_weight: the answer alone is a target (" yes" / " no", not the "."), at it
+    weighted = SimpleNamespace(vision=VisionConfig(enabled=True, binding_share=0.5,
+                                                   binding_answer_weight=5.0))
+    _, x5, y5, w5 = _binding_rows(task, weighted)
+    assert np.array_equal(x5, x)
+    assert [tok.decode(row[row != -100].tolist()) for row in y5] == [" yes", " no"] * 2
+    assert np.array_equal(w5, np.where(y5 != -100, 5.0, 0.0))
     with pytest.raises(ConfigError, match="raise vision.max_objects"):
         _binding_rows(task, SimpleNamespace(vision=VisionConfig(enabled=True, max_objects=1,
                                                                binding_share=0.5)))
 
 
-def test_padding_columns_cut_from_a_step_change_nothing_dropless(workdir):
+@pytest.mark.parametrize("answer_weight", [None, 5.0])
+def test_padding_columns_cut_from_a_step_change_nothing_dropless(workdir, answer_weight):
     """A training step cuts the columns past its longest text; dropless (no expert capacity
     for padding to share) and without router losses (which count every token, padding too)
     its loss and every gradient are the full-width step's."""
@@ -791,7 +799,9 @@ def test_padding_columns_cut_from_a_step_change_nothing_dropless(workdir):
 
     cfg = load_config(None, _vision_args(workdir, "trim", "--model.capacity_factor=null",
                                          "--model.aux_loss_coef=0", "--model.z_loss_coef=0",
-                                         "--vision.binding_share=0.25"))
+                                         "--vision.binding_share=0.25",
+                                         "--vision.binding_answer_weight="
+                                         f"{'null' if answer_weight is None else answer_weight}"))
     task = VisionTask(cfg)
     runs = []
     for cut in (True, False):
@@ -816,9 +826,15 @@ def test_padding_columns_cut_from_a_step_change_nothing_dropless(workdir):
             y = torch.from_numpy(np.concatenate([task.train_y[b.texts], task.bind_y[b.binding]]))
             images = np.concatenate([b.texts, task.bind_image[b.binding]])
             assert int((y != IGNORE_INDEX).sum(1).max()) < y.shape[1]  # there is padding to cut
+            w = None
+            if answer_weight is not None:  # texts 1 a token, binding answers answer_weight
+                w = torch.from_numpy(np.concatenate([
+                    (task.train_y[b.texts] != IGNORE_INDEX).astype(np.float32),
+                    task.bind_w[b.binding]]))
             loss = rt.forward_backward(torch.from_numpy(x), y, routing,
                                        task._inputs(task.data.train, images),
-                                       n_targets=int((y != IGNORE_INDEX).sum()))
+                                       n_targets=int((y != IGNORE_INDEX).sum()),
+                                       target_weights=w)
         runs.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()
                             if p.grad is not None}))
     (cut_loss, cut_grads), (full_loss, full_grads) = runs

@@ -70,6 +70,10 @@ class VisionConfig:
     # shape reading has formed: from the start they are not learnt (docs/vision.md).
     binding_share: float = 0.0
     binding_from: int = 0
+    # null: a binding row's tokens weigh as a text's (answer_loss_weight on its answer); a
+    # number: its answer alone is a target, at this weight (the question's tokens are not:
+    # they say nothing about binding), so the answers keep a share of each step's loss.
+    binding_answer_weight: float | None = None
 
     def validate(self) -> None:
         positive(self, "image_size", "patch_size", "d_vision", "encoder_layers",
@@ -82,6 +86,8 @@ class VisionConfig:
             raise ConfigError(f"vision.binding_share={self.binding_share} must be in [0, 1): "
                               "the share of each batch's rows that are binding questions")
         positive(self, "pretrain_lr", "text_pretrain_lr", "answer_loss_weight")
+        if self.binding_answer_weight is not None:
+            positive(self, "binding_answer_weight")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size={self.image_size} is not a multiple of "
                               f"vision.patch_size={self.patch_size}")

@@ -256,11 +256,14 @@ class VisionTask:
         # (~16% of a step's tokens in configs/vision_tiny.yaml) and are cut. Each token's
         # logits are the same (causal attention); only the expert capacity and the router
         # losses, which padding shared with text, see fewer tokens.
-        width = int((y != IGNORE_INDEX).sum(1).max())
+        width = int(np.nonzero((y != IGNORE_INDEX).any(0))[0][-1]) + 1
         x = torch.from_numpy(np.concatenate([x[i, :width] for x, _, _, i in rows]))
         y = torch.from_numpy(np.ascontiguousarray(y[:, :width]))
-        weights = None if self.train_w is None else torch.from_numpy(
-            np.concatenate([w[i, :width] for _, _, w, i in rows]))
+        weights = None
+        if any(w is not None for _, _, w, _ in rows):  # a text's token weighs 1 by default
+            weights = torch.from_numpy(np.concatenate([
+                (ys[i] != IGNORE_INDEX).astype(np.float32) if w is None else w[i]
+                for _, ys, w, i in rows])[:, :width])
         n_targets = int((y != IGNORE_INDEX).sum())
         return runtime.forward_backward(x, y, routing,
                                         self._inputs(self.data.train, np.concatenate(images)),
@@ -385,9 +388,11 @@ class VisionTask:
 
 
 def _binding_rows(task: VisionTask, cfg: Config) -> tuple[np.ndarray, ...]:
-    """image int64 [N], x, y [N, seq_len] (``encode_texts``) and the loss weights (None
-    unless vision.answer_loss_weight) of the binding rows: "q: is there a <pair>? a: yes."
-    and a distractor "no." per training image that has one (``data.exists_queries``)."""
+    """image int64 [N], x, y [N, seq_len] (``encode_texts``) and the loss weights of the
+    binding rows: "q: is there a <pair>? a: yes." and a distractor "no." per training image
+    that has one (``data.exists_queries``). With vision.binding_answer_weight only the
+    answer's tokens are targets, at that weight; else every token is, weighted as a text's
+    (None: all 1)."""
     if cfg.vision.max_objects < 2:
         raise ConfigError(f"vision.binding_share={cfg.vision.binding_share} needs scenes of "
                           "two objects or more (a binding question's no is a distractor): "
@@ -395,8 +400,11 @@ def _binding_rows(task: VisionTask, cfg: Config) -> tuple[np.ndarray, ...]:
     queries = vdata.exists_queries(task.data.train)
     texts = [q.prompt + q.answer + "." for _, q in queries]
     x, y = encode_texts(task.tokenizer, texts, task.seq_len)
-    w = None
-    if task.train_w is not None:
+    w, weight = None, cfg.vision.binding_answer_weight
+    if weight is not None:
+        y[~answer_token_mask(task.tokenizer, texts, task.seq_len)] = IGNORE_INDEX
+        w = np.where(y == IGNORE_INDEX, 0.0, weight).astype(np.float32)
+    elif task.train_w is not None:
         w = loss_weights(answer_token_mask(task.tokenizer, texts, task.seq_len), y,
                          cfg.vision.answer_loss_weight)
     return np.array([i for i, _ in queries], dtype=np.int64), x, y, w
