@@ -60,7 +60,7 @@ from moe.vision import data as vdata
 from moe.vision.caption import answer_logprobs, caption_image, image_tensor
 from moe.vision.model import build_vision_model, is_vision_param
 from moe.vision.pretrain import PRETRAINED_MODULES, pretrain_encoder
-from moe.vision.text_pretrain import pretrain_text
+from moe.vision.text_pretrain import check_text_pretrain, pretrain_text
 
 ACCURACY_IMAGES = 256  # validation images asked about for val_accuracy
 
@@ -151,16 +151,7 @@ class VisionTask:
         self.text = load_data(cfg)
         self.tokenizer = self.text.tokenizer
         self.trains_text = not vc.freeze_text
-        if vc.text_pretrain_steps and vc.freeze_text:
-            raise ConfigError(f"vision.text_pretrain_steps={vc.text_pretrain_steps} trains the "
-                              "text model, which vision.freeze_text=true freezes: set one off")
-        shards = cfg.parallel.dp * cfg.parallel.ep
-        windows = cfg.train.batch_size * cfg.data.seq_len / cfg.model.max_seq_len
-        if vc.text_pretrain_steps and (windows < 1 or windows != int(windows)
-                                       or int(windows) % shards):
-            raise ConfigError(f"vision.text_pretrain_steps: train.batch_size * data.seq_len / "
-                              f"model.max_seq_len = {windows:g} windows a step, not a multiple "
-                              f"of the {shards} data ranks: change train.batch_size")
+        check_text_pretrain(cfg)
         self.data = vdata.load_or_build(cfg.data.cache_dir, vc.n_train, vc.n_val, vc.n_heldout,
                                         vc.data_seed, vc.image_size, vc.max_objects)
         self.train_x, self.train_y = encode_texts(self.tokenizer, self.data.train.texts,

@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-from moe.config import Config
+from moe.config import Config, ConfigError
 from moe.data import PackedLoader
 from moe.optim import build_optimizer, lr_at
 from moe.parallel.sharded_model import moe_layer_names
@@ -38,6 +38,25 @@ def text_pretrain_batch(cfg: Config) -> int:
     """Windows a step: ``train.batch_size * data.seq_len`` tokens in ``model.max_seq_len``
     windows."""
     return cfg.train.batch_size * cfg.data.seq_len // cfg.model.max_seq_len
+
+
+def check_text_pretrain(cfg: Config) -> None:
+    """ConfigError (one line) for pre-training a frozen text model, or for a step's windows
+    that are not a whole multiple of the data ranks (each rank takes an equal share)."""
+    vc = cfg.vision
+    if not vc.text_pretrain_steps:
+        return
+    if vc.freeze_text:
+        raise ConfigError(f"vision.text_pretrain_steps={vc.text_pretrain_steps} trains the "
+                          "text model, which vision.freeze_text=true freezes: set one off")
+    shards = cfg.parallel.dp * cfg.parallel.ep
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    windows = text_pretrain_batch(cfg)
+    if windows < 1 or windows * cfg.model.max_seq_len != tokens or windows % shards:
+        raise ConfigError(f"vision.text_pretrain_steps: train.batch_size * data.seq_len / "
+                          f"model.max_seq_len = {tokens / cfg.model.max_seq_len:g} windows a "
+                          f"step, not a multiple of the {shards} data ranks: change "
+                          "train.batch_size")
 
 
 def pretrain_text(runtime, cfg: Config, text) -> float:
