@@ -605,7 +605,7 @@ def _phase_loader(binding_from=1, share=0.5, n_text=10, n_bind=6):
 def test_vision_loader_phases_hand_counted():
     """binding_from=1, share 1/2, batches of 4: step 1 four texts, steps 2-3 two texts and
     two binding rows; each source's draws are its own loader's, in order."""
-    from moe.vision.task import ImageTextLoader
+    from moe.vision.task import ImageTextLoader, VisionLoader
 
     loader = _phase_loader()
     batches = [loader.next_batch(4) for _ in range(3)]
@@ -615,7 +615,7 @@ def test_vision_loader_phases_hand_counted():
     assert np.array_equal(np.concatenate([b.binding for b in batches]), bind.next_indices(4))
     assert _phase_loader(share=0.9).n_binding(4) == 3  # a text row always stays
     with pytest.raises(ValueError, match="exactly when"):
-        _phase_loader().__class__(ImageTextLoader(4, 0), None, 0, 0.5)
+        VisionLoader(ImageTextLoader(4, 0), None, 0, 0.5)
 
 
 @pytest.mark.parametrize("cut", [1, 2, 3])

@@ -242,13 +242,13 @@ class VisionTask:
         if len(b.binding):
             rows.append((self.bind_x, self.bind_y, self.bind_w, b.binding))
             images.append(self.bind_image[b.binding])
-        y = np.concatenate([y[i] for _, y, _, i in rows])
-        # Rows are left-aligned: the columns past the batch's longest text are padding alone
+        y = np.concatenate([ys[i] for _, ys, _, i in rows])
+        # Rows are left-aligned: the columns past the batch's last target are padding alone
         # (~16% of a step's tokens in configs/vision_tiny.yaml) and are cut. Each token's
         # logits are the same (causal attention); only the expert capacity and the router
         # losses, which padding shared with text, see fewer tokens.
         width = int(np.nonzero((y != IGNORE_INDEX).any(0))[0][-1]) + 1
-        x = torch.from_numpy(np.concatenate([x[i, :width] for x, _, _, i in rows]))
+        x = torch.from_numpy(np.concatenate([xs[i, :width] for xs, _, _, i in rows]))
         y = torch.from_numpy(np.ascontiguousarray(y[:, :width]))
         weights = None
         if any(w is not None for _, _, w, _ in rows):  # a text's token weighs 1 by default
